@@ -1,0 +1,28 @@
+# The two commands of the README. Each one creates .venv on first use (Python 3.11),
+# installing torch/torchvision from the machine's local wheels and medfold in editable mode.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+CORES ?= 2
+
+.PHONY: demo test lint clean-results
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the whole workflow on the bundled demo data
+	$(VENV)/bin/snakemake --cores $(CORES)
+
+test: $(STAMP)  ## the test suite
+	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/snakemake --lint
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+
+clean-results:
+	rm -rf results resources .snakemake

@@ -1,0 +1,19 @@
+# medfold: patient-level cross-validated deep learning on medical images.
+# This file is the table of contents; each stage lives in workflow/rules/.
+from snakemake.utils import min_version
+
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,106 @@
+"""Index + split the real NIH ChestX-ray14 metadata (112,120 images, 30,805 patients) in
+metadata-only mode; print wall time and the worst per-label prevalence deviation of any fold.
+
+Targets (issue 2): under 10 s on 2 cores; for the 13 labels with more than 1,000 images, worst
+deviation of a fold's prevalence (by image) from the whole dataset under 0.5 percentage point
+absolute and under 8 % relative. Baseline in the same run: plain iterative stratification on
+per-patient 0/1 label vectors (what most multi-label splitters do).
+
+The table ships inside the PyPI package torchxrayvision (data/Data_Entry_2017_v2020.csv.gz);
+this script fetches that wheel once with pip (no code from it runs) into bench/.cache/.
+Run: .venv/bin/python bench/index_split_nih.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from medfold.index import build_index
+from medfold.split import iterative_stratification, label_matrix, make_splits
+
+CACHE = Path(__file__).parent / ".cache"
+WHEEL_VERSION = "1.5.7"
+NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+              "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+
+
+def nih_table() -> Path:
+    target = CACHE / "Data_Entry_2017_v2020.csv.gz"
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(CACHE),
+                    f"torchxrayvision=={WHEEL_VERSION}"], check=True)
+    wheel = next(CACHE.glob(f"torchxrayvision-{WHEEL_VERSION}-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        target.write_bytes(zf.read("torchxrayvision/data/Data_Entry_2017_v2020.csv.gz"))
+    wheel.unlink()
+    return target
+
+
+def nih_dataset(table: Path) -> dict:
+    return {
+        "name": "nih_cxr14", "format": "csv", "task": "multilabel", "root": "images", "table": str(table),
+        "npz": None, "path_column": "Image Index", "label_column": "Finding Labels", "label_separator": "|",
+        "label_columns": [], "no_finding_label": "No Finding", "labels": NIH_LABELS, "patient_column": "Patient ID",
+        "patient_regex": None, "source_split_column": None, "image_extensions": [".png"], "exclude_folders": [],
+        "recursive_lookup": False, "metadata_only": True,
+        "metadata_width_column": "OriginalImage[Width", "metadata_height_column": "Height]",
+    }
+
+
+def worst_deviation(labels: np.ndarray, fold: np.ndarray, eligible: np.ndarray) -> tuple[float, float]:
+    overall = labels[:, eligible].mean(0)
+    worst_abs = worst_rel = 0.0
+    for k in np.unique(fold[fold >= 0]):
+        prevalence = labels[fold == k][:, eligible].mean(0)
+        worst_abs = max(worst_abs, float(np.max(np.abs(prevalence - overall))))
+        worst_rel = max(worst_rel, float(np.max(np.abs(prevalence - overall) / overall)))
+    return 100 * worst_abs, 100 * worst_rel
+
+
+def main() -> None:
+    table = nih_table()
+    split_cfg = {"seed": 0, "folds": 5, "test_fraction": 0.2, "test_from_source": False,
+                 "source_test_names": ["test"], "on_source_leak": "resplit"}
+    start = time.perf_counter()
+    index, report = build_index(nih_dataset(table), threads=2)
+    indexed = time.perf_counter()
+    splits, _ = make_splits(index, report["classes"], split_cfg)
+    done = time.perf_counter()
+    labels = label_matrix(index, report["classes"])
+    eligible = labels.sum(0) > 1000
+    fold = splits["fold"].to_numpy()
+    ours = worst_deviation(labels, fold, eligible)
+
+    # baseline: per-patient 0/1 vectors, same algorithm, same folds count, on the same cv patients
+    cv = fold >= 0
+    patients, codes = np.unique(index["patient_id"].to_numpy()[cv], return_inverse=True)
+    binary = np.zeros((len(patients), labels.shape[1] + 1), np.int64)
+    np.maximum.at(binary, codes, np.hstack([labels[cv], (labels[cv].sum(1) == 0)[:, None]]))
+    base_start = time.perf_counter()
+    base_fold_patient = iterative_stratification(binary, [1.0] * 5, 1)
+    base_time = time.perf_counter() - base_start
+    base_fold = np.full(len(index), -1)
+    base_fold[cv] = base_fold_patient[codes]
+    base = worst_deviation(labels, base_fold, eligible)
+
+    print(f"images {len(index):,}  patients {index['patient_id'].nunique():,}  labels with >1000 images {int(eligible.sum())}")
+    sizes = {("test" if k < 0 else f"fold_{k}"): int((fold == k).sum()) for k in np.unique(fold)}
+    print(f"images per set: {sizes}")
+    print(f"index {indexed - start:.2f} s + split {done - indexed:.2f} s = {done - start:.2f} s   (target < 10 s)")
+    print(f"worst fold deviation, image-count vectors: {ours[0]:.3f} pp abs, {ours[1]:.2f} % rel  (targets < 0.5 pp, < 8 %)")
+    print(f"worst fold deviation, baseline 0/1 patient vectors: {base[0]:.3f} pp abs, {base[1]:.2f} % rel ({base_time:.2f} s)")
+    print(f"ratio ours/baseline: abs {ours[0] / base[0]:.2f}x  rel {ours[1] / base[1]:.2f}x")
+    ok = done - start < 10 and ours[0] < 0.5 and ours[1] < 8
+    print("TARGETS MET" if ok else "TARGETS MISSED")
+
+
+if __name__ == "__main__":
+    main()

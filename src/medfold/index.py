@@ -1,0 +1,401 @@
+"""Index a dataset into one validated table: image, patient, labels, size, content hash.
+
+Three adapters read what users have (a folder-per-class tree, a CSV such as NIH's
+``Data_Entry_2017.csv``, a MedMNIST ``.npz``) into the same candidate table; the rest
+(patient IDs, label checks, decoding every image, duplicates) is shared. A bad image never
+aborts indexing: it is listed in the report with its reason and left out of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError
+from .images import IMAGE_EXTENSIONS, ImageCheck, check_image, content_hash
+
+log = logging.getLogger(__name__)
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("patient_id", pa.string()),
+        ("labels", pa.list_(pa.string())),
+        ("source_split", pa.string()),
+        ("npz_index", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("mode", pa.string()),
+        ("file_bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("present", pa.bool_()),
+    ]
+)
+META_KEY = b"medfold"
+NPZ_SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- adapters
+def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+    """root/[split dirs...]/<class>/<file>: the parent folder is the class, folders above it
+    (``train``, ``Fold3/valid``...) are the dataset's own split."""
+    root = Path(ds["root"])
+    if not root.is_dir():
+        raise ConfigError(f"dataset.root: folder {root} does not exist (format 'folders' needs the class folders' parent)")
+    extensions = tuple(e.lower() for e in ds["image_extensions"])
+    exclude = set(ds["exclude_folders"])
+    rows, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in exclude and not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in sorted(filenames):
+            rel = (rel_dir / name).as_posix()
+            if not name.lower().endswith(extensions):
+                ignored.append({"path": str(root / rel), "reason": f"extension not in dataset.image_extensions {list(extensions)}"})
+                continue
+            if rel_dir == Path("."):
+                ignored.append({"path": str(root / rel), "reason": "file directly under dataset.root has no class folder"})
+                continue
+            parts = rel_dir.parts
+            rows.append({
+                "image_id": rel,
+                "path": str(root / rel),
+                "labels": [parts[-1]],
+                "patient_id": None,
+                "source_split": "/".join(parts[:-1]) or None,
+            })
+    return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored
+
+
+def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+    table = Path(ds["table"] or "")
+    if not ds["table"] or not table.is_file():
+        raise ConfigError(f"dataset.table: CSV file {ds['table']!r} does not exist (format 'csv' needs it)")
+    try:
+        frame = pd.read_csv(table, dtype=str, keep_default_na=False, compression="infer")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{table}: cannot be read as CSV: {exc}") from exc
+    frame.columns = [c.strip() for c in frame.columns]
+
+    def need(key: str, column: str | None) -> None:
+        if column and column not in frame.columns:
+            raise ConfigError(f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}")
+
+    need("path_column", ds["path_column"])
+    need("patient_column", ds["patient_column"])
+    need("source_split_column", ds["source_split_column"])
+    if ds["label_columns"]:
+        for column in ds["label_columns"]:
+            need("label_columns", column)
+        onehot = frame[ds["label_columns"]].apply(lambda col: col.str.strip().isin(["1", "1.0", "True", "true"]))
+        names = np.array(ds["label_columns"], dtype=object)
+        labels = [list(names[row]) for row in onehot.to_numpy()]
+    else:
+        need("label_column", ds["label_column"])
+        raw = frame[ds["label_column"]].str.strip()
+        sep = ds["label_separator"]
+        labels = [[part.strip() for part in value.split(sep)] if sep else [value] for value in raw]
+        labels = [[part for part in parts if part] for parts in labels]
+    image_ids = frame[ds["path_column"]].str.strip()
+    if image_ids.duplicated().any():
+        dup = image_ids[image_ids.duplicated()].iloc[0]
+        raise ConfigError(f"{table}: column {ds['path_column']!r} (dataset.path_column) lists {dup!r} more than once")
+    root = Path(ds["root"]) if ds["root"] else table.parent
+    if ds["metadata_only"]:
+        paths = [str(root / i) for i in image_ids]
+        unlisted: list[dict] = []
+    else:
+        paths, unlisted = _locate(root, image_ids, ds)
+    out = pd.DataFrame({
+        "image_id": image_ids,
+        "path": paths,
+        "labels": labels,
+        "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
+        "source_split": frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None,
+    })
+    if ds["metadata_only"]:
+        for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):
+            need(key.replace("meta_", "metadata_") + "_column", column)
+            out[key] = pd.to_numeric(frame[column], errors="coerce").astype("Int64") if column else None
+    if ds["patient_column"]:
+        empty = out["patient_id"] == ""
+        if empty.any():
+            raise ConfigError(f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for {int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}")
+    return out, unlisted
+
+
+def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list[dict]]:
+    """Paths of the listed images; with ``recursive_lookup`` (NIH ships them in images_001..012/)
+    they are found by file name anywhere under root. Image files under root that the table does
+    not list are reported, not indexed."""
+    if not root.is_dir():
+        raise ConfigError(f"dataset.root: folder {root} does not exist (the CSV's paths are relative to it)")
+    on_disk = {}
+    extensions = tuple(e.lower() for e in ds["image_extensions"])
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.lower().endswith(extensions):
+                full = Path(dirpath) / name
+                on_disk[full.relative_to(root).as_posix()] = full
+    by_name = {}
+    if ds["recursive_lookup"]:
+        for rel, full in on_disk.items():
+            by_name.setdefault(Path(rel).name, full)
+    paths, used = [], set()
+    for image_id in image_ids:
+        full = on_disk.get(image_id) or by_name.get(Path(image_id).name) or (root / image_id)
+        used.add(full)
+        paths.append(str(full))
+    unlisted = [{"path": str(p), "reason": "image file under dataset.root is not listed in dataset.table"}
+                for p in sorted(set(on_disk.values()) - used)]
+    return paths, unlisted
+
+
+def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+    path = Path(ds["npz"] or "")
+    if not ds["npz"] or not path.is_file():
+        raise ConfigError(f"dataset.npz: file {ds['npz']!r} does not exist (format 'npz' needs a MedMNIST .npz)")
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        rows = []
+        for split in NPZ_SPLITS:
+            if f"{split}_images" not in keys:
+                continue
+            if f"{split}_labels" not in keys:
+                raise ConfigError(f"{path}: has '{split}_images' but no '{split}_labels' (MedMNIST layout expected)")
+            labels = archive[f"{split}_labels"]
+            labels = labels.reshape(len(labels), -1)
+            n = len(labels)
+            if ds["task"] == "multilabel":
+                names = _npz_names(ds, labels.shape[1], path)
+                label_lists = [[names[j] for j in np.flatnonzero(row)] for row in labels]
+            else:
+                names = _npz_names(ds, int(labels.max()) + 1, path)
+                label_lists = [[names[int(row[0])]] for row in labels]
+            rows.append(pd.DataFrame({
+                "image_id": [f"{split}/{i:06d}" for i in range(n)],
+                "path": str(path),
+                "labels": label_lists,
+                "patient_id": None,
+                "source_split": split,
+                "npz_index": np.arange(n),
+            }))
+        if not rows:
+            raise ConfigError(f"{path}: no '<split>_images' arrays (expected train_images/val_images/test_images); found {sorted(keys)}")
+    return pd.concat(rows, ignore_index=True), []
+
+
+def _npz_names(ds: dict, count: int, path: Path) -> list[str]:
+    if ds["labels"]:
+        if len(ds["labels"]) < count:
+            raise ConfigError(f"{path}: labels need {count} class names but dataset.labels has {len(ds['labels'])}")
+        return list(ds["labels"])
+    return [str(i) for i in range(count)]
+
+
+def _check_npz(path: str, indices: np.ndarray, source_splits: pd.Series) -> list[ImageCheck]:
+    checks = []
+    with np.load(path, allow_pickle=False) as archive:
+        for split in source_splits.unique():
+            images = archive[f"{split}_images"]
+            for i in indices[(source_splits == split).to_numpy()]:
+                pixels = images[i]
+                if pixels.dtype != np.uint8:
+                    checks.append(ImageCheck(reason=f"array dtype {pixels.dtype} is not uint8"))
+                    continue
+                mode = "L" if pixels.ndim == 2 else "RGB"
+                checks.append(ImageCheck(pixels.shape[1], pixels.shape[0], mode, pixels.nbytes, content_hash(pixels)))
+    return checks
+
+
+ADAPTERS = {"folders": _folder_candidates, "csv": _csv_candidates, "npz": _npz_candidates}
+
+
+# ----------------------------------------------------------------------------- patients
+def _patient_regex(pattern: str) -> re.Pattern:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"dataset.patient_regex: {pattern!r} is not a valid regular expression: {exc}") from exc
+    return regex
+
+
+def patient_from_name(names: pd.Series, pattern: str) -> pd.Series:
+    """Patient IDs from file names: the named group ``patient``, else group 1, else the match.
+    NIH ``00000001_000.png`` with ``^(\\d+)_`` gives ``00000001``; Kermany
+    ``person1_bacteria_1.jpeg`` with ``^(person\\d+)_`` gives ``person1``. No match gives None."""
+    regex = _patient_regex(pattern)
+    group = "patient" if "patient" in regex.groupindex else (1 if regex.groups else 0)
+
+    def one(name: str):
+        match = regex.search(name)
+        return match.group(group) if match else None
+
+    return names.map(lambda p: one(Path(p).name))
+
+
+def _resolve_patients(cand: pd.DataFrame, ds: dict, warnings: list[str]) -> str:
+    if ds["patient_column"] and cand["patient_id"].notna().all():
+        return "column"
+    if ds["patient_regex"]:
+        found = patient_from_name(cand["image_id"], ds["patient_regex"])
+        missing = found.isna()
+        if missing.all():
+            raise ConfigError(
+                f"dataset.patient_regex: {ds['patient_regex']!r} matches none of the {len(cand)} file names, "
+                f"e.g. {Path(cand['image_id'].iloc[0]).name!r}"
+            )
+        if missing.any():
+            examples = [Path(p).name for p in cand.loc[missing, "image_id"].head(5)]
+            warnings.append(
+                f"dataset.patient_regex {ds['patient_regex']!r} does not match {int(missing.sum())} file names "
+                f"(e.g. {examples}); each of those images is treated as its own patient"
+            )
+        cand["patient_id"] = found.where(~missing, "image:" + cand["image_id"])
+        return "regex"
+    warnings.append(
+        "NO PATIENT IDS: neither dataset.patient_column nor dataset.patient_regex gives a patient; "
+        "every image is treated as its own patient, so follow-up images of one patient may land in "
+        "different sets and cross-validation may be optimistic"
+    )
+    cand["patient_id"] = "image:" + cand["image_id"]
+    return "none (each image is its own patient)"
+
+
+# ----------------------------------------------------------------------------- labels
+def _check_labels(cand: pd.DataFrame, ds: dict, source: str) -> list[str]:
+    task = ds["task"]
+    if task == "multilabel" and ds["no_finding_label"]:
+        nf = ds["no_finding_label"]
+        cand["labels"] = [[label for label in labels if label != nf] for labels in cand["labels"]]
+    found = Counter(label for labels in cand["labels"] for label in labels)
+    if ds["labels"]:
+        unknown = sorted(set(found) - set(ds["labels"]))
+        if unknown:
+            first = unknown[0]
+            example = cand.loc[[first in labels for labels in cand["labels"]], "image_id"].iloc[0]
+            raise ConfigError(
+                f"{source}: label {first!r} (image {example!r}) is not in dataset.labels {list(ds['labels'])}"
+                + (f"; {len(unknown) - 1} more unknown labels: {unknown[1:6]}" if len(unknown) > 1 else "")
+            )
+        classes = list(ds["labels"])
+    else:
+        classes = sorted(found)
+    if task != "multilabel":
+        counts = cand["labels"].map(len)
+        bad = counts != 1
+        if bad.any():
+            example = cand.loc[bad].iloc[0]
+            raise ConfigError(
+                f"{source}: dataset.task is {task!r}, so every image needs exactly one label, but "
+                f"{int(bad.sum())} images have another number, e.g. {example['image_id']!r} with {list(example['labels'])}"
+            )
+        if task == "binary" and len(classes) != 2:
+            raise ConfigError(f"{source}: dataset.task is 'binary' but there are {len(classes)} classes: {classes}")
+    if len(classes) < (1 if task == "multilabel" else 2):
+        raise ConfigError(f"{source}: found classes {classes}; a {task} task needs more")
+    return classes
+
+
+# ----------------------------------------------------------------------------- main entry
+def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
+    """Return (index table, report). ``ds`` is the validated ``dataset`` config section."""
+    fmt = ds["format"]
+    source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
+    cand, ignored = ADAPTERS[fmt](ds)
+    if cand.empty:
+        raise ConfigError(f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})")
+    if "npz_index" not in cand:
+        cand["npz_index"] = None
+    warnings: list[str] = []
+    patient_source = _resolve_patients(cand, ds, warnings)
+    classes = _check_labels(cand, ds, str(source))
+
+    if ds["metadata_only"]:
+        # no files to open: sizes come from the table when it has them (NIH does)
+        checks = [ImageCheck(width=w, height=h) for w, h in zip(cand.pop("meta_width"), cand.pop("meta_height"))]
+    elif fmt == "npz":
+        checks = _check_npz(ds["npz"], cand["npz_index"].to_numpy(), cand["source_split"])
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            checks = list(pool.map(check_image, cand["path"], chunksize=64))
+    cand["present"] = not ds["metadata_only"]
+    for field in ("width", "height", "mode", "file_bytes", "content_hash"):
+        cand[field] = [getattr(c, field) for c in checks]
+    reasons = pd.Series([c.reason for c in checks], index=cand.index)
+    bad = reasons.notna()
+    skipped = [{"image_id": i, "path": p, "reason": r} for i, p, r in zip(cand.loc[bad, "image_id"], cand.loc[bad, "path"], reasons[bad])]
+    for item in skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    table = cand.loc[~bad].reset_index(drop=True)
+    if table.empty:
+        raise ConfigError(f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}")
+    for message in warnings:
+        log.warning(message)
+    table = table[INDEX_SCHEMA.names]
+    report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
+    return table, report
+
+
+def _report(table, ds, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
+    hashes = table["content_hash"].dropna()
+    dup_groups = table.loc[hashes.index][hashes.duplicated(keep=False)].groupby("content_hash")["image_id"].apply(sorted)
+    per_class = Counter(label for labels in table["labels"] for label in labels)
+    unlabeled = int((table["labels"].map(len) == 0).sum())
+    return {
+        "dataset": ds["name"],
+        "format": ds["format"],
+        "task": ds["task"],
+        "classes": classes,
+        "images_listed": int(candidates),
+        "images_indexed": int(len(table)),
+        "images_skipped": len(skipped),
+        "skipped": skipped,
+        "ignored_files": ignored,
+        "patients": int(table["patient_id"].nunique()),
+        "patient_id_source": patient_source,
+        "images_per_class": {c: int(per_class.get(c, 0)) for c in classes},
+        "images_without_finding": unlabeled,
+        "source_splits": {str(k): int(v) for k, v in table["source_split"].value_counts(dropna=False).sort_index().items()},
+        "duplicates": {
+            "groups": int(len(dup_groups)),
+            "images": int(sum(len(g) for g in dup_groups)),
+            "examples": [list(g) for g in dup_groups.head(20)],
+        },
+        "modes": {str(k): int(v) for k, v in table["mode"].value_counts(dropna=False).items()},
+        "metadata_only": bool(ds["metadata_only"]),
+        "warnings": warnings,
+    }
+
+
+def write_index(table: pd.DataFrame, report: dict, parquet_path, report_path) -> None:
+    meta = {"classes": report["classes"], "task": report["task"], "dataset": report["dataset"]}
+    arrow = pa.Table.from_pandas(table, schema=INDEX_SCHEMA, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    Path(parquet_path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(arrow, parquet_path)
+    Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_index(path) -> tuple[pd.DataFrame, dict]:
+    """The index table and its metadata (classes in order, task), checked against the schema."""
+    arrow = pq.read_table(path)
+    missing = [name for name in INDEX_SCHEMA.names if name not in arrow.schema.names]
+    if missing or META_KEY not in (arrow.schema.metadata or {}):
+        raise ConfigError(f"{path}: not a medfold index (missing columns {missing} or metadata); rebuild it with the index rule")
+    meta = json.loads(arrow.schema.metadata[META_KEY])
+    table = arrow.to_pandas()
+    table["labels"] = table["labels"].map(list)
+    return table, meta

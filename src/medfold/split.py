@@ -1,0 +1,247 @@
+"""Patient-level split: a held-out test set and K folds, and the check that proves it leak-free.
+
+Images are first joined into groups: images of one patient, and images with the same content
+hash (a duplicate filed under two patients joins them). Groups, never images, are assigned.
+
+Assignment is iterative stratification (Sechidis, Tsoumakas & Vlahavas, ECML PKDD 2011) run on
+per-group *image counts* per label rather than 0/1 vectors: a patient with ten Effusion images
+moves the fold's Effusion prevalence ten times as much as a patient with one, and the algorithm
+should know it. An extra column counts images without any finding, so normals are balanced too.
+For single-label tasks the count vector is one class column, so the same code gives a
+stratified group split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .errors import ConfigError, LeakageError
+
+TEST = "test"
+CV = "cv"
+
+
+def image_groups(index: pd.DataFrame) -> np.ndarray:
+    """Group number per image: connected components of 'same patient' and 'same content hash'."""
+    n = len(index)
+    patient_codes, _ = pd.factorize(index["patient_id"])
+    hash_codes, _ = pd.factorize(index["content_hash"])  # None -> -1
+    # bipartite graph: images 0..n-1, patients n.., hashes n+P..
+    n_patients = patient_codes.max() + 1
+    has_hash = hash_codes >= 0
+    rows = np.concatenate([np.arange(n), np.arange(n)[has_hash]])
+    cols = np.concatenate([n + patient_codes, n + n_patients + hash_codes[has_hash]])
+    size = n + n_patients + (hash_codes.max() + 1 if has_hash.any() else 0)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(size, size))
+    _, labels = connected_components(graph, directed=False)
+    # renumber by first appearance in image_id order so group numbers do not depend on row order
+    order = np.argsort(index["image_id"].to_numpy(), kind="stable")
+    _, first = np.unique(labels[:n][order], return_index=True)
+    renumber = np.empty(labels.max() + 1, np.int64)
+    renumber[labels[:n][order][np.sort(first)]] = np.arange(len(first))
+    return renumber[labels[:n]]
+
+
+def label_matrix(index: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """(images, classes) 0/1 matrix in class order."""
+    position = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(index), len(classes)), np.int64)
+    for row, labels in enumerate(index["labels"]):
+        for label in labels:
+            matrix[row, position[label]] = 1
+    return matrix
+
+
+def iterative_stratification(counts: np.ndarray, ratios, seed: int) -> np.ndarray:
+    """Assign each row (a group) of ``counts`` (groups x labels, image counts) to one of
+    ``len(ratios)`` parts so that every label's images are spread in proportion to ``ratios``.
+
+    The rarest remaining label is handled first; its groups, largest first, go to the part that
+    still wants most of that label (ties: the part that wants most images overall, then random).
+    Returns the part number per group.
+    """
+    counts = np.asarray(counts, np.float64)
+    ratios = np.asarray(ratios, np.float64) / np.sum(ratios)
+    rng = np.random.default_rng(seed)
+    n_groups, _ = counts.shape
+    sizes = counts.sum(1)
+    # an image without findings still counts towards its part's size
+    wanted = ratios[:, None] * counts.sum(0)[None, :]
+    wanted_size = ratios * sizes.sum()
+    part = np.full(n_groups, -1, np.int64)
+    remaining = counts.sum(0)
+    shuffle = rng.permutation(n_groups)  # random order among equal-sized groups
+
+    def choose(scores: np.ndarray) -> int:
+        best = np.flatnonzero(scores == scores.max())
+        if len(best) > 1:
+            sub = wanted_size[best]
+            best = best[sub == sub.max()]
+        return int(best[0] if len(best) == 1 else rng.choice(best))
+
+    while True:
+        active = remaining > 0
+        if not active.any():
+            break
+        label = int(np.flatnonzero(active)[np.argmin(remaining[active])])
+        members = shuffle[(counts[shuffle, label] > 0) & (part[shuffle] < 0)]
+        members = members[np.argsort(-counts[members, label], kind="stable")]
+        for g in members:
+            p = choose(wanted[:, label])
+            part[g] = p
+            wanted[p] -= counts[g]
+            wanted_size[p] -= sizes[g]
+            remaining -= counts[g]
+    # groups with no counts at all (should not occur: every image counts somewhere)
+    for g in shuffle[part[shuffle] < 0]:
+        p = choose(wanted_size.copy())
+        part[g] = p
+        wanted_size[p] -= sizes[g]
+    return part
+
+
+def _group_counts(index: pd.DataFrame, groups: np.ndarray, classes: list[str]) -> np.ndarray:
+    labels = label_matrix(index, classes)
+    no_finding = (labels.sum(1) == 0).astype(np.int64)[:, None]
+    per_image = np.hstack([labels, no_finding])
+    counts = np.zeros((groups.max() + 1, per_image.shape[1]), np.int64)
+    np.add.at(counts, groups, per_image)
+    return counts
+
+
+def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
+    """Return (splits table, summary). ``cfg`` is the validated ``split`` config section."""
+    groups = image_groups(index)
+    counts = _group_counts(index, groups, classes)
+    n_groups = len(counts)
+    source_leaks: list[dict] = []
+    test_method = "stratified by patient"
+    is_test = None
+    if cfg["test_from_source"]:
+        source = index["source_split"].fillna("")
+        if (source == "").all():
+            raise ConfigError("split.test_from_source is true but the index has no source split (folder or dataset.source_split_column)")
+        image_test = source.isin(cfg["source_test_names"]).to_numpy()
+        if not image_test.any():
+            raise ConfigError(
+                f"split.test_from_source: no image's source split is in split.source_test_names {cfg['source_test_names']}; "
+                f"source splits are {sorted(source.unique())}"
+            )
+        per_group = pd.Series(image_test).groupby(groups).agg(["min", "max"])
+        mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
+        source_leaks = _describe_groups(index, groups, mixed, image_test)
+        if len(mixed) and cfg["on_source_leak"] == "stop":
+            raise LeakageError(
+                f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
+                f"training sets (split.on_source_leak is 'stop'): "
+                + "; ".join(f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}" for leak in source_leaks[:5])
+            )
+        if len(mixed):
+            test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
+        else:
+            is_test = per_group["max"].to_numpy().astype(bool)
+            test_method = f"the dataset's own split {cfg['source_test_names']}"
+    if is_test is None:
+        ratios = [cfg["test_fraction"], 1 - cfg["test_fraction"]]
+        is_test = iterative_stratification(counts, ratios, cfg["seed"]) == 0
+    cv_groups = np.flatnonzero(~is_test)
+    if len(cv_groups) < cfg["folds"]:
+        raise ConfigError(f"split.folds is {cfg['folds']} but only {len(cv_groups)} patients remain outside the test set")
+    group_fold = np.full(n_groups, -1, np.int64)
+    group_fold[cv_groups] = iterative_stratification(counts[cv_groups], [1.0] * cfg["folds"], cfg["seed"] + 1)
+    fold = group_fold[groups]
+    splits = pd.DataFrame({
+        "image_id": index["image_id"].to_numpy(),
+        "patient_id": index["patient_id"].to_numpy(),
+        "group": groups,
+        "set": np.where(fold < 0, TEST, CV),
+        "fold": fold,
+    })
+    summary = summarize(index, splits, classes)
+    summary.update({"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks})
+    return splits, summary
+
+
+def _describe_groups(index, groups, which, image_test) -> list[dict]:
+    out = []
+    for g in which[:50]:
+        rows = np.flatnonzero(groups == g)
+        out.append({
+            "patients": sorted(index["patient_id"].iloc[rows].unique().tolist()),
+            "test_images": index["image_id"].iloc[rows[image_test[rows]]].tolist(),
+            "other_images": index["image_id"].iloc[rows[~image_test[rows]]].tolist(),
+        })
+    return out
+
+
+def partition_names(splits: pd.DataFrame) -> pd.Series:
+    """'test' or 'fold_k' per image: the sets that must not share a patient."""
+    return pd.Series(np.where(splits["fold"] < 0, TEST, "fold_" + splits["fold"].astype(str)), index=splits.index)
+
+
+def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> dict:
+    labels = label_matrix(index, classes)
+    parts = partition_names(splits)
+    overall = labels.mean(0)
+    out = {"classes": classes, "images": int(len(index)), "patients": int(index["patient_id"].nunique()), "sets": {}}
+    for name in sorted(parts.unique(), key=lambda s: (s != TEST, s)):
+        mask = (parts == name).to_numpy()
+        prevalence = labels[mask].mean(0)
+        out["sets"][name] = {
+            "images": int(mask.sum()),
+            "patients": int(index.loc[mask, "patient_id"].nunique()),
+            "images_per_class": {c: int(v) for c, v in zip(classes, labels[mask].sum(0))},
+            "images_without_finding": int((labels[mask].sum(1) == 0).sum()),
+            "prevalence_minus_overall_pp": {c: round(float(100 * (p - o)), 3) for c, p, o in zip(classes, prevalence, overall)},
+        }
+    return out
+
+
+def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
+    """Prove the split leak-free: every indexed image once, and no patient or duplicate content
+    hash in two of {test, fold_0, ..., fold_K-1}. Raises LeakageError naming what crosses."""
+    problems = []
+    ids = splits["image_id"]
+    if ids.duplicated().any():
+        problems.append(f"images listed twice in the split: {ids[ids.duplicated()].head(5).tolist()}")
+    missing = sorted(set(index["image_id"]) - set(ids))
+    extra = sorted(set(ids) - set(index["image_id"]))
+    if missing:
+        problems.append(f"{len(missing)} indexed images are in no set, e.g. {missing[:5]}")
+    if extra:
+        problems.append(f"{len(extra)} images in the split are not in the index, e.g. {extra[:5]}")
+    merged = splits[["image_id"]].assign(part=partition_names(splits)).merge(
+        index[["image_id", "patient_id", "content_hash"]], on="image_id", how="inner")
+    crossings = {}
+    for key, what in (("patient_id", "patients"), ("content_hash", "duplicate images (same content hash)")):
+        parts_per = merged.dropna(subset=[key]).groupby(key)["part"].unique()
+        crossing = parts_per[parts_per.map(len) > 1]
+        crossings[key] = int(len(crossing))
+        if len(crossing):
+            examples = []
+            for value, parts in crossing.head(5).items():
+                images = merged.loc[merged[key] == value, ["image_id", "part"]].values.tolist()
+                examples.append(f"{value} in {sorted(parts)} ({images[:4]})")
+            problems.append(f"{len(crossing)} {what} cross sets: " + "; ".join(examples))
+    report = {
+        "verdict": "leak-free" if not problems else "LEAKAGE",
+        "images_checked": int(len(merged)),
+        "patients_crossing_sets": crossings["patient_id"],
+        "duplicate_hashes_crossing_sets": crossings["content_hash"],
+        "sets": sorted(merged["part"].unique().tolist()),
+        "problems": problems,
+    }
+    if problems:
+        raise LeakageError("split check failed: " + " | ".join(problems))
+    return report
+
+
+def write_json(obj: dict, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,78 @@
+# Demo data, indexing, patient-level splitting and the leakage check.
+
+
+rule demo_data:
+    output:
+        table=f"{config['demo']['output']}/cxr14/Data_Entry.csv",
+        images=directory(f"{config['demo']['output']}/cxr14/images"),
+        folders=directory(f"{config['demo']['output']}/chest_xray"),
+    params:
+        out=lambda wildcards, output: Path(output.table).parent.parent,
+        seed=config["demo"]["seed"],
+        cxr14_patients=config["demo"]["cxr14_patients"],
+        folder_patients=config["demo"]["folder_patients"],
+    log:
+        "logs/demo_data.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/demo_data.py"
+
+
+rule index:
+    input:
+        unpack(dataset_inputs),
+    output:
+        table=f"{RESULTS}/{{dataset}}/index.parquet",
+        report=f"{RESULTS}/{{dataset}}/index_report.json",
+    params:
+        dataset=config["dataset"],
+    log:
+        f"{RESULTS}/{{dataset}}/logs/index.log",
+    conda:
+        "../../envs/medfold.yaml"
+    threads: config["resources"]["index_threads"]
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    script:
+        "../scripts/index.py"
+
+
+rule split:
+    input:
+        index=rules.index.output.table,
+    output:
+        splits=f"{RESULTS}/{{dataset}}/splits.parquet",
+        summary=f"{RESULTS}/{{dataset}}/split_summary.json",
+    params:
+        split=config["split"],
+    log:
+        f"{RESULTS}/{{dataset}}/logs/split.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/split.py"
+
+
+rule check_split:
+    input:
+        index=rules.index.output.table,
+        splits=rules.split.output.splits,
+    output:
+        check=f"{RESULTS}/{{dataset}}/split_check.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/check_split.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/check_split.py"
