@@ -2,7 +2,6 @@
 # This file is the table of contents; each stage lives in workflow/rules/.
 from snakemake.utils import min_version
 
-
 min_version("9.0")
 
 
@@ -14,6 +13,6 @@ include: "workflow/rules/data.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

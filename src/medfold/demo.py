@@ -128,15 +128,17 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     sixteen_bit_done = False
     for patient in range(1, patients + 1):
         anatomy = _patient_anatomy(rng)
-        carried = {f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]}
+        # lists in FINDINGS order, never sets: set order varies with PYTHONHASHSEED and would
+        # change which random draw goes to which finding from one process to the next
+        carried = [f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]]
         for followup in range(int(rng.integers(1, 6))):
             # a follow-up shows each of the patient's findings with high probability
-            shown = {f for f in carried if rng.random() < 0.85}
+            shown = [f for f in carried if rng.random() < 0.85]
             name = f"{patient:08d}_{followup:03d}.png"
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
-            _save(render_radiograph(anatomy, shown, rng), out / "images" / name, mode)
-            labels = "|".join(sorted(shown)) or "No Finding"
+            _save(render_radiograph(anatomy, set(shown), rng), out / "images" / name, mode)
+            labels = "|".join(shown) or "No Finding"
             rows.append((name, labels, followup, patient))
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:

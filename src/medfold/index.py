@@ -344,14 +344,14 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
         raise ConfigError(f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}")
     for message in warnings:
         log.warning(message)
-    table = table[INDEX_SCHEMA.names]
+    # through the Arrow schema: a wrong type fails here, not in a later rule
+    table = _frame(pa.Table.from_pandas(table[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False))
     report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
     return table, report
 
 
 def _report(table, ds, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
-    hashes = table["content_hash"].dropna()
-    dup_groups = table.loc[hashes.index][hashes.duplicated(keep=False)].groupby("content_hash")["image_id"].apply(sorted)
+    dup_groups = table[table["content_hash"].notna() & table["content_hash"].duplicated(keep=False)].groupby("content_hash")["image_id"].apply(sorted)
     per_class = Counter(label for labels in table["labels"] for label in labels)
     unlabeled = int((table["labels"].map(len) == 0).sum())
     return {
@@ -396,6 +396,11 @@ def read_index(path) -> tuple[pd.DataFrame, dict]:
     if missing or META_KEY not in (arrow.schema.metadata or {}):
         raise ConfigError(f"{path}: not a medfold index (missing columns {missing} or metadata); rebuild it with the index rule")
     meta = json.loads(arrow.schema.metadata[META_KEY])
-    table = arrow.to_pandas()
+    return _frame(arrow), meta
+
+
+def _frame(arrow: pa.Table) -> pd.DataFrame:
+    """The one pandas form of an index table: nullable integers, labels as Python lists."""
+    table = arrow.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     table["labels"] = table["labels"].map(list)
-    return table, meta
+    return table

@@ -3,7 +3,6 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
@@ -19,7 +18,9 @@ def dataset_inputs(wildcards):
     """The source files the index reads; the demo_data rule makes them when they point into it."""
     ds = config["dataset"]
     if ds["format"] == "csv":
-        return {"table": ds["table"]} | ({"root": ds["root"]} if ds["root"] and not ds["metadata_only"] else {})
+        return {"table": ds["table"]} | (
+            {"root": ds["root"]} if ds["root"] and not ds["metadata_only"] else {}
+        )
     if ds["format"] == "npz":
         return {"npz": ds["npz"]}
     return {"root": ds["root"]}

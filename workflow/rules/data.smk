@@ -6,11 +6,6 @@ rule demo_data:
         table=f"{config['demo']['output']}/cxr14/Data_Entry.csv",
         images=directory(f"{config['demo']['output']}/cxr14/images"),
         folders=directory(f"{config['demo']['output']}/chest_xray"),
-    params:
-        out=lambda wildcards, output: Path(output.table).parent.parent,
-        seed=config["demo"]["seed"],
-        cxr14_patients=config["demo"]["cxr14_patients"],
-        folder_patients=config["demo"]["folder_patients"],
     log:
         "logs/demo_data.log",
     conda:
@@ -18,6 +13,11 @@ rule demo_data:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        out=lambda wildcards, output: Path(output.table).parent.parent,
+        seed=config["demo"]["seed"],
+        cxr14_patients=config["demo"]["cxr14_patients"],
+        folder_patients=config["demo"]["folder_patients"],
     script:
         "../scripts/demo_data.py"
 
@@ -28,8 +28,6 @@ rule index:
     output:
         table=f"{RESULTS}/{{dataset}}/index.parquet",
         report=f"{RESULTS}/{{dataset}}/index_report.json",
-    params:
-        dataset=config["dataset"],
     log:
         f"{RESULTS}/{{dataset}}/logs/index.log",
     conda:
@@ -38,6 +36,8 @@ rule index:
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        dataset=config["dataset"],
     script:
         "../scripts/index.py"
 
@@ -48,8 +48,6 @@ rule split:
     output:
         splits=f"{RESULTS}/{{dataset}}/splits.parquet",
         summary=f"{RESULTS}/{{dataset}}/split_summary.json",
-    params:
-        split=config["split"],
     log:
         f"{RESULTS}/{{dataset}}/logs/split.log",
     conda:
@@ -57,6 +55,8 @@ rule split:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        split=config["split"],
     script:
         "../scripts/split.py"
 

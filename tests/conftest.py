@@ -1,0 +1,80 @@
+"""Shared fixtures: the validated default config, generated demo data, a runner for the real snakemake."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def resolved_config(overrides: dict | None = None, base: Path | None = REPO / "config" / "config.yaml") -> dict:
+    """The config as the workflow sees it: base file, overrides merged, schema defaults filled."""
+    config = yaml.safe_load(base.read_text()) if base else {}
+    merge(config, overrides or {})
+    validate(config, str(SCHEMA))
+    return config
+
+
+def merge(into: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from medfold.demo import generate_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo(out, cxr14_patients=150, folder_patients=90, seed=0)
+    return out
+
+
+def csv_dataset(demo_dir: Path, **overrides) -> dict:
+    return resolved_config({"dataset": {"table": str(demo_dir / "cxr14" / "Data_Entry.csv"),
+                                        "root": str(demo_dir / "cxr14" / "images"), **overrides}})["dataset"]
+
+
+def folder_dataset(root: Path, **overrides) -> dict:
+    base = {"format": "folders", "task": "multiclass", "root": str(root), "table": None, "labels": [],
+            "patient_column": None, "patient_regex": r"^(person\d+)_"}
+    return resolved_config({"dataset": {**base, **overrides}})["dataset"]
+
+
+def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path = REPO / "config" / "config.yaml") -> Path:
+    """A working directory for a real snakemake run: the repo's Snakefile, a config built from
+    ``base`` and ``overrides``; results and demo data are written under ``tmp_path``."""
+    config = yaml.safe_load(base.read_text())
+    merge(config, overrides or {})
+    (tmp_path / "config").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config" / "config.yaml"), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,42 @@
+import shutil
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from conftest import REPO, SCHEMA, resolved_config
+from medfold.schema_doc import render, schema_keys, update
+
+
+def test_every_key_has_a_description_and_a_default():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    missing = [key for key, prop in schema_keys(schema) if "description" not in prop or "default" not in prop]
+    assert missing == []
+
+
+def test_config_readme_documents_the_current_schema(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "config" / "README.md", readme)
+    assert not update(SCHEMA, readme), "config/README.md is stale: run python -m medfold.schema_doc " \
+        "workflow/schemas/config.schema.yaml config/README.md"
+    text = readme.read_text()
+    for key, _ in schema_keys(yaml.safe_load(SCHEMA.read_text())):
+        assert f"`{key}`" in text
+
+
+def test_empty_config_gets_every_default():
+    config = resolved_config(base=None)
+    assert config["split"]["folds"] == 3 and config["dataset"]["format"] == "csv"
+    assert config["dataset"]["labels"] == ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"split": {"folds": 1}}, "1 is less than the minimum of 2"),
+    ({"dataset": {"format": "dicom"}}, "'dicom' is not one of"),
+    ({"dataset": {"patient_colum": "x"}}, "Additional properties are not allowed ('patient_colum'"),
+    ({"split": {"test_fraction": 1.5}}, "greater than or equal to the maximum of 1"),
+])
+def test_schema_rejects_bad_values_with_the_key(overrides, fragment):
+    with pytest.raises(WorkflowError) as err:
+        resolved_config(overrides)
+    assert fragment in str(err.value)

@@ -1,0 +1,202 @@
+import json
+import shutil
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO, csv_dataset, folder_dataset, resolved_config
+from medfold.errors import ConfigError
+from medfold.images import check_image, pixels_to_uint8
+from medfold.index import INDEX_SCHEMA, build_index, patient_from_name, read_index, write_index
+
+
+def test_csv_adapter_indexes_every_row_with_patients_and_multilabels(demo_dir):
+    table, report = build_index(csv_dataset(demo_dir), threads=2)
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str)
+    assert len(table) == len(rows) == report["images_indexed"] and report["images_skipped"] == 0
+    assert report["patient_id_source"] == "column" and report["patients"] == rows["Patient ID"].nunique()
+    first = table.set_index("image_id").loc["00000002_000.png"]
+    assert sorted(first["labels"]) == ["Cardiomegaly", "Effusion"] and first["patient_id"] == "2"
+    assert (table["labels"].map(len) == 0).sum() == (rows["Finding Labels"] == "No Finding").sum()
+    assert table["present"].all() and table["content_hash"].str.len().eq(32).all()
+    assert set(table["mode"]) == {"L", "RGB", "I;16"}
+
+
+def test_index_round_trips_through_parquet_and_matches_the_documented_schema(tmp_path, demo_dir):
+    table, report = build_index(csv_dataset(demo_dir), threads=2)
+    write_index(table, report, tmp_path / "index.parquet", tmp_path / "report.json")
+    back, meta = read_index(tmp_path / "index.parquet")
+    assert meta["classes"] == ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"] and meta["task"] == "multilabel"
+    pd.testing.assert_frame_equal(back, table)
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "index.schema.yaml").read_text())
+    assert list(schema["properties"]) == INDEX_SCHEMA.names
+    for record in back.head(50).to_dict("records"):
+        record = {k: (v if isinstance(v, list) else None if pd.isna(v) else v) for k, v in record.items()}
+        jsonschema.validate(record, schema)
+
+
+def test_folder_adapter_reads_classes_split_folders_and_patient_regex(demo_dir):
+    table, report = build_index(folder_dataset(demo_dir / "chest_xray"), threads=2)
+    assert report["classes"] == ["Effusion", "Normal", "Pneumonia"]
+    assert set(table["source_split"]) == {"train", "test"}
+    row = table[table["image_id"].str.startswith("train/Normal/")].iloc[0]
+    assert row["labels"] == ["Normal"] and row["patient_id"] == row["image_id"].split("/")[-1].split("_")[0]
+    assert report["patient_id_source"] == "regex" and not report["warnings"]
+
+
+def test_folder_adapter_reads_nested_fold_folders(tmp_path, demo_dir):
+    src = next((demo_dir / "chest_xray" / "train" / "Normal").glob("*.png"))
+    for fold in ("Fold0", "Fold1"):
+        for part in ("train", "valid"):
+            for cls in ("normal", "abnormal"):
+                (tmp_path / fold / part / cls).mkdir(parents=True)
+                shutil.copy(src, tmp_path / fold / part / cls / f"person{len(fold + part + cls)}_{fold}_{part}.png")
+    (tmp_path / "README.txt").write_text("not an image")
+    table, report = build_index(folder_dataset(tmp_path), threads=1)
+    assert set(table["source_split"]) == {"Fold0/train", "Fold0/valid", "Fold1/train", "Fold1/valid"}
+    assert report["classes"] == ["abnormal", "normal"]
+    assert [f["path"].endswith("README.txt") for f in report["ignored_files"]] == [True]
+    assert report["duplicates"]["groups"] == 1 and report["duplicates"]["images"] == 8
+
+
+@pytest.mark.parametrize("name,pattern,expected", [
+    ("00000001_000.png", r"^(\d+)_", "00000001"),
+    ("00030805_000.png", r"^(\d+)_", "00030805"),
+    ("person1_bacteria_1.jpeg", r"^(person\d+)_", "person1"),
+    ("person1490_virus_2589.jpeg", r"^(person\d+)_", "person1490"),
+    ("NORMAL2-IM-1427-0001.jpeg", r"^(?P<patient>NORMAL2-IM-\d+)-", "NORMAL2-IM-1427"),
+    ("IM-0115-0001.jpeg", r"^(person\d+)_", None),
+])
+def test_patient_regex(name, pattern, expected):
+    assert patient_from_name(pd.Series([f"train/NORMAL/{name}"]), pattern).iloc[0] == expected
+
+
+def test_images_without_patient_ids_are_their_own_patients_and_the_report_says_so_loudly(demo_dir):
+    table, report = build_index(folder_dataset(demo_dir / "chest_xray", patient_regex=None), threads=2)
+    assert table["patient_id"].nunique() == len(table)
+    assert report["patient_id_source"].startswith("none") and "NO PATIENT IDS" in report["warnings"][0]
+
+
+def test_regex_missing_some_files_warns_and_names_them(tmp_path, demo_dir):
+    root = tmp_path / "tree"
+    shutil.copytree(demo_dir / "chest_xray", root)
+    shutil.copy(next(root.rglob("*.png")), root / "train" / "Normal" / "IM-0001-0001.png")
+    table, report = build_index(folder_dataset(root), threads=2)
+    assert "does not match 1 file names" in report["warnings"][0] and "IM-0001-0001.png" in report["warnings"][0]
+    assert table.set_index("image_id").loc["train/Normal/IM-0001-0001.png", "patient_id"].startswith("image:")
+
+
+def _png_bytes(demo_dir):
+    return (demo_dir / "cxr14" / "images" / "00000002_000.png").read_bytes()
+
+
+def test_bad_files_are_reported_with_their_reason_and_the_rest_is_indexed(tmp_path, demo_dir):
+    root = tmp_path / "tree" / "Normal"
+    root.mkdir(parents=True)
+    good = sorted((demo_dir / "chest_xray" / "train" / "Normal").glob("*.png"))[:5]
+    for f in good:
+        shutil.copy(f, root / f.name)
+    data = bytearray(_png_bytes(demo_dir))
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damage the compressed pixel data
+    (root / "person901_corrupt_0.png").write_bytes(bytes(data))
+    buffer = tmp_path / "x.jpg"
+    Image.open(good[0]).convert("L").save(buffer, "JPEG")
+    (root / "person902_truncated_0.jpg").write_bytes(buffer.read_bytes()[: buffer.stat().st_size // 2])
+    (root / "person903_empty_0.png").write_bytes(b"")
+    (root / "person904_text_0.png").write_text("this is a text file named like an image\n")
+    table, report = build_index(folder_dataset(tmp_path / "tree", task="multilabel", labels=["Normal"]), threads=2)
+    reasons = {s["image_id"].split("/")[-1]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"person901_corrupt_0.png", "person902_truncated_0.jpg", "person903_empty_0.png", "person904_text_0.png"}
+    assert reasons["person901_corrupt_0.png"].startswith("corrupt image")
+    assert reasons["person902_truncated_0.jpg"].startswith("truncated image")
+    assert reasons["person903_empty_0.png"] == "empty file (0 bytes)"
+    assert reasons["person904_text_0.png"].startswith("not an image")
+    assert sorted(table["image_id"]) == sorted(f"Normal/{f.name}" for f in good)
+    assert report["images_listed"] == 9 and report["images_skipped"] == 4
+
+
+def test_sixteen_bit_images_keep_their_contrast():
+    ramp = (np.linspace(0, 65535, 256).astype(np.uint16)[None, :]).repeat(4, 0)
+    pixels = pixels_to_uint8(Image.fromarray(ramp))
+    assert pixels.dtype == np.uint8 and pixels.min() == 0 and pixels.max() == 255
+    assert np.all(np.diff(pixels[0].astype(int)) >= 0) and len(np.unique(pixels)) > 200
+
+
+def test_duplicate_content_is_found_even_when_reencoded(tmp_path, demo_dir):
+    src = demo_dir / "cxr14" / "images" / "00000002_000.png"
+    Image.open(src).save(tmp_path / "copy.png", compress_level=1)  # other bytes, same pixels
+    assert (tmp_path / "copy.png").read_bytes() != src.read_bytes()
+    assert check_image(tmp_path / "copy.png").content_hash == check_image(src).content_hash
+
+
+def _npz(path, multilabel=False):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 30), ("val", 10), ("test", 12)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, 3)) if multilabel else rng.integers(0, 4, (n, 1))).astype(np.uint8)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_npz_adapter_keeps_official_splits_and_flags_missing_patients(tmp_path):
+    arrays = _npz(tmp_path / "organsmnist.npz")
+    ds = resolved_config({"dataset": {"format": "npz", "task": "multiclass", "npz": str(tmp_path / "organsmnist.npz"),
+                                      "labels": ["liver", "kidney", "spleen", "bladder"], "patient_column": None}})["dataset"]
+    table, report = build_index(ds)
+    assert report["source_splits"] == {"test": 12, "train": 30, "val": 10}
+    row = table.set_index("image_id").loc["val/000003"]
+    assert row["labels"] == [ds["labels"][int(arrays["val_labels"][3, 0])]] and row["npz_index"] == 3
+    assert "NO PATIENT IDS" in report["warnings"][0] and table["patient_id"].nunique() == 52
+
+
+def test_npz_adapter_multilabel(tmp_path):
+    arrays = _npz(tmp_path / "chestmnist.npz", multilabel=True)
+    ds = resolved_config({"dataset": {"format": "npz", "task": "multilabel", "npz": str(tmp_path / "chestmnist.npz"),
+                                      "labels": ["a", "b", "c"], "patient_column": None}})["dataset"]
+    table, _ = build_index(ds)
+    expected = [[n for n, v in zip("abc", row) if v] for row in arrays["train_labels"]]
+    assert table[table["source_split"] == "train"]["labels"].tolist() == expected
+
+
+def test_no_images_is_a_config_error_naming_the_folder(tmp_path):
+    (tmp_path / "empty" / "Normal").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"empty: no images found"):
+        build_index(folder_dataset(tmp_path / "empty"))
+
+
+def test_missing_column_names_the_file_the_key_and_the_columns_present(demo_dir):
+    with pytest.raises(ConfigError) as err:
+        build_index(csv_dataset(demo_dir, patient_column="PatientID"))
+    message = str(err.value)
+    assert "Data_Entry.csv" in message and "dataset.patient_column" in message and "'Patient ID'" in message
+
+
+def test_unknown_label_names_the_label_the_image_and_the_key(demo_dir):
+    with pytest.raises(ConfigError, match=r"label 'Pneumonia' \(image '\d+_\d+\.png'\) is not in dataset\.labels"):
+        build_index(csv_dataset(demo_dir, labels=["Cardiomegaly", "Effusion", "Nodule"]))
+
+
+def test_regex_matching_nothing_is_a_config_error(demo_dir):
+    with pytest.raises(ConfigError, match=r"dataset\.patient_regex: '\^patient_\(\\\\d\+\)' matches none of the \d+ file names"):
+        build_index(folder_dataset(demo_dir / "chest_xray", patient_regex=r"^patient_(\d+)"))
+
+
+def test_single_label_task_refuses_multilabel_rows(demo_dir):
+    with pytest.raises(ConfigError, match=r"dataset.task is 'multiclass', so every image needs exactly one label"):
+        build_index(csv_dataset(demo_dir, task="multiclass", labels=[], no_finding_label=None))
+
+
+def test_metadata_only_index_opens_no_files(tmp_path, demo_dir):
+    table_path = tmp_path / "entries.csv"
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").assign(W=1024, H=1024)
+    rows.to_csv(table_path, index=False)
+    ds = csv_dataset(demo_dir, table=str(table_path), root=str(tmp_path / "nowhere"), metadata_only=True,
+                     metadata_width_column="W", metadata_height_column="H")
+    table, report = build_index(ds)
+    assert len(table) == len(rows) and not table["present"].any() and table["content_hash"].isna().all()
+    assert (table["width"] == 1024).all() and report["metadata_only"]

@@ -1,0 +1,74 @@
+"""The real snakemake on the demo data, up to the leakage check."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, SNAKEMAKE, run_snakemake, workflow_dir
+
+pytestmark = pytest.mark.workflow
+TARGET = "results/{name}/split_check.json"
+
+
+def test_demo_workflow_indexes_splits_and_proves_the_split_leak_free(tmp_path):
+    work = workflow_dir(tmp_path)
+    run_snakemake(work, "--cores", "2", TARGET.format(name="demo_cxr14"))
+    out = work / "results" / "demo_cxr14"
+    check = json.loads((out / "split_check.json").read_text())
+    report = json.loads((out / "index_report.json").read_text())
+    rows = pd.read_csv(work / "resources" / "demo" / "cxr14" / "Data_Entry.csv")
+    assert check["verdict"] == "leak-free" and check["images_checked"] == len(rows) == report["images_indexed"]
+    assert check["sets"] == ["fold_0", "fold_1", "fold_2", "test"]
+    splits = pd.read_parquet(out / "splits.parquet")
+    assert splits.groupby("patient_id")["fold"].nunique().max() == 1
+    # a second run has nothing to do
+    again = run_snakemake(work, "--cores", "2", "--dry-run", TARGET.format(name="demo_cxr14"))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
+    work = workflow_dir(tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()))
+    run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"))
+    summary = json.loads((work / "results" / "demo_folders" / "split_summary.json").read_text())
+    assert [leak["patients"] for leak in summary["source_leaks"]] == [["person1"]]
+    assert json.loads((work / "results" / "demo_folders" / "split_check.json").read_text())["verdict"] == "leak-free"
+
+
+def test_source_leak_with_stop_fails_the_workflow_naming_the_patient(tmp_path):
+    overrides = yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text())
+    overrides["split"]["on_source_leak"] = "stop"
+    work = workflow_dir(tmp_path, overrides)
+    proc = run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"), check=False)
+    assert proc.returncode != 0
+    log = (work / "results" / "demo_folders" / "logs" / "split.log").read_text()
+    assert "split failed" in log and "person1" in log and "Traceback" not in log
+    assert "person1" in proc.stderr and "split.on_source_leak is 'stop'" in proc.stderr
+
+
+def test_config_errors_are_caught_by_the_schema_before_any_job_runs(tmp_path):
+    work = workflow_dir(tmp_path, {"split": {"folds": 1}, "dataset": {"task": "multi-label"}})
+    proc = run_snakemake(work, "--cores", "2", check=False)
+    assert proc.returncode != 0
+    # the schema reports the first violation it meets, naming the value and the rule it breaks
+    assert "1 is less than the minimum of 2" in proc.stderr or "'multi-label' is not one of" in proc.stderr
+    assert not (work / "results").exists() and not (work / "resources").exists()
+
+
+def test_a_missing_column_stops_the_index_with_the_file_and_key(tmp_path):
+    work = workflow_dir(tmp_path, {"dataset": {"patient_column": "PatientID"}})
+    proc = run_snakemake(work, "--cores", "2", check=False)
+    assert proc.returncode != 0
+    assert "column 'PatientID' (dataset.patient_column) not found" in proc.stderr and "Data_Entry.csv" in proc.stderr
+
+
+def test_lint_is_clean_and_rules_are_snakefmt_formatted():
+    proc = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    snakefmt = Path(sys.executable).with_name("snakefmt")
+    fmt = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
