@@ -1,17 +1,35 @@
 # Helpers shared by the rules: config validation (before any job runs), paths, resources.
 from pathlib import Path
 
+import re
+
 from snakemake.utils import validate
+
+from medfold.settings import experiment_settings
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
 DATASET = config["dataset"]["name"]
 DATASET_DIR = f"{RESULTS}/{DATASET}"
+EXPERIMENTS = list(config["experiments"])
+FOLDS = list(range(config["split"]["folds"]))
+# every experiment's merged settings, checked now: a bad override stops before any job runs
+SETTINGS = {
+    name: experiment_settings(
+        config, name, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    )
+    for name in EXPERIMENTS
+}
+FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
+CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
 
 
 wildcard_constraints:
-    dataset=DATASET,
+    dataset=re.escape(DATASET),
+    experiment="|".join(re.escape(name) for name in EXPERIMENTS),
+    fold=r"\d+",
+    size=r"\d+",
 
 
 def dataset_inputs(wildcards):
@@ -26,5 +44,20 @@ def dataset_inputs(wildcards):
     return {"root": ds["root"]}
 
 
+def cache_of(experiment):
+    size = SETTINGS[experiment]["image_size"]
+    return [
+        f"{DATASET_DIR}/cache/{size}/images.npy",
+        f"{DATASET_DIR}/cache/{size}/image_ids.txt",
+    ]
+
+
+def fold_files(experiment, name):
+    return [f"{DATASET_DIR}/{experiment}/fold_{k}/{name}" for k in FOLDS]
+
+
 def all_outputs():
-    return [f"{DATASET_DIR}/split_check.json"]
+    return [
+        f"{DATASET_DIR}/split_check.json",
+        f"{DATASET_DIR}/experiments.csv",
+    ]

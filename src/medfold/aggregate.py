@@ -1,0 +1,184 @@
+"""Cross-validation aggregation of one experiment's folds, and the comparison of experiments.
+
+* per-fold table of every scalar metric (validation and test), and its summary: count, mean,
+  std, min, quartiles, max;
+* per-class AUROC, mean and std across folds;
+* metrics of the pooled out-of-fold (validation) predictions, thresholds chosen on them;
+* the fold ensemble on the held-out test set (mean probability of the K models), with those
+  out-of-fold thresholds and bootstrap 95 % intervals. The bootstrap resamples *patients*, not
+  images: a patient's follow-ups are correlated, and resampling images would give intervals
+  that are too narrow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from .metrics import choose_thresholds, evaluate, predict, scalar_metrics
+
+
+def _load(metrics_paths) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in metrics_paths]
+
+
+def per_fold_table(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        row = {"fold": r["fold"], "best_epoch": r["best_epoch"], "epochs_trained": r["epochs_trained"],
+               "train_seconds": r["train_seconds"]}
+        for part in ("val", "test"):
+            if part in r:
+                row.update({f"{part}.{k}": v for k, v in scalar_metrics(r[part]).items()})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("fold").reset_index(drop=True)
+
+
+def summary_table(per_fold: pd.DataFrame) -> pd.DataFrame:
+    """count, mean, std, min, 25%, 50%, 75%, max of every metric column (rows: statistics)."""
+    return per_fold.drop(columns=["fold"]).astype(float).describe()
+
+
+def truth_matrix(labels: pd.Series, classes: list[str], task: str) -> np.ndarray:
+    position = {c: i for i, c in enumerate(classes)}
+    if task == "multilabel":
+        y = np.zeros((len(labels), len(classes)), np.int64)
+        for row, names in enumerate(labels):
+            for name in names:
+                y[row, position[name]] = 1
+        return y
+    return np.array([position[names[0]] for names in labels], np.int64)
+
+
+def _probs(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return frame[[f"prob:{c}" for c in classes]].to_numpy(np.float64)
+
+
+def bootstrap_intervals(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, patients: np.ndarray,
+                        thresholds, n: int, seed: int) -> dict:
+    """95 % percentile intervals of AUROC (macro and per class), accuracy and balanced accuracy,
+    resampling patients with replacement."""
+    rng = np.random.default_rng(seed)
+    codes, inverse = np.unique(patients, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(codes))]
+    onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
+    scored = [1] if task == "binary" else list(range(len(classes)))
+    pred = predict(task, probs, thresholds)
+    draws: dict[str, list[float]] = {"auroc_macro": [], "accuracy": [], "balanced_accuracy": [],
+                                     **{f"auroc.{classes[j]}": [] for j in scored}}
+    for _ in range(n):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(codes), len(codes))])
+        aurocs = []
+        for j in scored:
+            col = onehot[rows, j]
+            value = skm.roc_auc_score(col, probs[rows, j]) if 0 < col.sum() < len(col) else np.nan
+            draws[f"auroc.{classes[j]}"].append(value)
+            aurocs.append(value)
+        draws["auroc_macro"].append(np.nanmean(aurocs) if not np.all(np.isnan(aurocs)) else np.nan)
+        if task == "multilabel":
+            draws["accuracy"].append(float(np.all(y[rows] == pred[rows], axis=1).mean()))
+            draws["balanced_accuracy"].append(float(np.mean([
+                _balanced(y[rows, j], pred[rows, j]) for j in range(len(classes))])))
+        else:
+            draws["accuracy"].append(float((y[rows] == pred[rows]).mean()))
+            draws["balanced_accuracy"].append(_balanced(y[rows], pred[rows]))
+    out = {}
+    for key, values in draws.items():
+        values = np.asarray(values, dtype=np.float64)
+        values = values[~np.isnan(values)]
+        out[key] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+    return out
+
+
+def _balanced(y: np.ndarray, pred: np.ndarray) -> float:
+    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
+    return float(np.mean(recalls))
+
+
+def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed: int) -> dict:
+    """Everything ``cv/`` holds, as frames and dicts."""
+    results = _load(metrics_paths)
+    classes, task = results[0]["classes"], results[0]["task"]
+    per_fold = per_fold_table(results)
+    summary = summary_table(per_fold)
+    per_class = {}
+    for part in ("val", "test"):
+        cols = [c for c in per_fold.columns if c.startswith(f"{part}.auroc.")]
+        per_class[part] = {c.split(".", 2)[2]: {"mean": _num(per_fold[c].mean()), "std": _num(per_fold[c].std())}
+                           for c in cols}
+    predictions = pd.concat([pd.read_parquet(p) for p in prediction_paths], ignore_index=True)
+    oof = predictions[predictions["set"] == "val"]
+    y_oof = truth_matrix(oof["labels"], classes, task)
+    oof_probs = _probs(oof, classes)
+    thresholds = choose_thresholds(task, y_oof, oof_probs)
+    pooled = evaluate(task, classes, y_oof, oof_probs, thresholds)
+    out = {"task": task, "classes": classes, "folds": int(len(results)), "per_fold": per_fold, "summary": summary,
+           "per_class_auroc": per_class, "oof": pooled}
+    test = predictions[predictions["set"] == "test"]
+    if len(test):
+        mean_probs = test.groupby("image_id", sort=True)[[f"prob:{c}" for c in classes]].mean()
+        first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
+        y_test = truth_matrix(first["labels"], classes, task)
+        probs = mean_probs.to_numpy(np.float64)
+        ensemble = evaluate(task, classes, y_test, probs, thresholds)
+        ensemble["models"] = int(test["fold"].nunique())
+        ensemble["threshold_source"] = "pooled out-of-fold predictions"
+        ensemble["ci95"] = bootstrap_intervals(task, classes, y_test, probs, first["patient_id"].to_numpy(),
+                                               thresholds, n_bootstrap, seed)
+        ensemble["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
+        out["ensemble_test"] = ensemble
+        out["ensemble_predictions"] = mean_probs.reset_index().assign(
+            patient_id=first["patient_id"].to_numpy(), labels=first["labels"].to_list())
+    return out
+
+
+def _num(value) -> float | None:
+    return None if pd.isna(value) else float(value)
+
+
+def write_experiment(agg: dict, out_dir) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    agg["per_fold"].to_csv(out / "per_fold.csv", index=False)
+    agg["summary"].to_csv(out / "summary.csv", index_label="statistic")
+    summary = {"task": agg["task"], "classes": agg["classes"], "folds": agg["folds"],
+               "statistics": {col: {stat: _num(v) for stat, v in agg["summary"][col].items()}
+                              for col in agg["summary"].columns},
+               "per_class_auroc": agg["per_class_auroc"], "oof": agg["oof"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "ensemble_test.json").write_text(json.dumps(agg.get("ensemble_test"), indent=2) + "\n")
+
+
+COMPARED = ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
+
+
+def compare_experiments(summary_paths: dict[str, str], ensemble_paths: dict[str, str], select_on: str = "val.auroc_macro") -> pd.DataFrame:
+    """One row per experiment: mean and std across folds of the main metrics, the test-set
+    ensemble's AUROC with its interval, and ``best`` marking the experiment with the highest
+    mean ``select_on`` (validation, so the test set plays no part in choosing)."""
+    rows = []
+    for name, path in summary_paths.items():
+        stats = json.loads(Path(path).read_text())["statistics"]
+        ensemble = json.loads(Path(ensemble_paths[name]).read_text()) or {}
+        row = {"experiment": name}
+        for part in ("val", "test"):
+            for metric in COMPARED:
+                col = stats.get(f"{part}.{metric}")
+                if col:
+                    row[f"{part}.{metric}.mean"] = col["mean"]
+                    row[f"{part}.{metric}.std"] = col["std"]
+        row["ensemble_test.auroc_macro"] = ensemble.get("auroc_macro")
+        ci = (ensemble.get("ci95") or {}).get("auroc_macro")
+        row["ensemble_test.auroc_macro.ci_low"], row["ensemble_test.auroc_macro.ci_high"] = ci or (None, None)
+        row["train_seconds.mean"] = (stats.get("train_seconds") or {}).get("mean")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    key = f"{select_on}.mean"
+    table["best"] = False
+    if key in table and table[key].notna().any():
+        table.loc[table[key].idxmax(), "best"] = True
+    return table

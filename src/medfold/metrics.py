@@ -1,0 +1,105 @@
+"""Classification metrics from scikit-learn, for binary, multi-class and multi-label tasks.
+
+``y`` is a class index per image (binary, multiclass) or a 0/1 matrix (multilabel); ``probs``
+is (images, classes). Binary tasks score the second class as positive. Thresholds for binary
+and multi-label decisions are chosen on validation by Youden's J (max TPR - FPR) and applied
+unchanged to test.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity - 1; 0.5 if y has one class."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = skm.roc_curve(y, score)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
+
+
+def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray) -> list[float] | None:
+    if task == "binary":
+        return [youden_threshold(y, probs[:, 1])]
+    if task == "multilabel":
+        return [youden_threshold(y[:, j], probs[:, j]) for j in range(probs.shape[1])]
+    return None
+
+
+def _auroc(y01: np.ndarray, score: np.ndarray) -> float | None:
+    if len(np.unique(y01)) < 2:
+        return None  # undefined with one class present
+    return float(skm.roc_auc_score(y01, score))
+
+
+def predict(task: str, probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    if task == "binary":
+        return (probs[:, 1] >= (thresholds or [0.5])[0]).astype(int)
+    if task == "multilabel":
+        return (probs >= np.asarray(thresholds if thresholds else [0.5] * probs.shape[1])[None, :]).astype(int)
+    return probs.argmax(1)
+
+
+def evaluate(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray,
+             thresholds: list[float] | None = None) -> dict:
+    """Every metric of one set of predictions; None where a metric is undefined."""
+    y = np.asarray(y)
+    probs = np.asarray(probs, dtype=np.float64)
+    out: dict = {"images": int(len(probs))}
+    pred = predict(task, probs, thresholds)
+    onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
+    per_class = {c: _auroc(onehot[:, j], probs[:, j]) for j, c in enumerate(classes)}
+    if task == "binary":
+        out["auroc"] = {classes[1]: per_class[classes[1]]}
+        out["auroc_macro"] = per_class[classes[1]]
+    else:
+        out["auroc"] = per_class
+        defined = [v for v in per_class.values() if v is not None]
+        out["auroc_macro"] = float(np.mean(defined)) if defined else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero_division is set; undefined cases report 0
+        if task == "multilabel":
+            out["accuracy"] = float(skm.accuracy_score(y, pred))  # exact match of the whole label set
+            out["label_accuracy"] = float((y == pred).mean())
+            out["balanced_accuracy"] = float(np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j])
+                                                      for j in range(len(classes))]))
+            out["confusion"] = {c: skm.confusion_matrix(y[:, j], pred[:, j], labels=[0, 1]).tolist()
+                                for j, c in enumerate(classes)}
+        else:
+            labels = list(range(len(classes)))
+            out["accuracy"] = float(skm.accuracy_score(y, pred))
+            out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
+            out["confusion"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
+        for average in ("macro", "weighted"):
+            p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=average, zero_division=0,
+                                                             labels=None if task == "multilabel" else list(range(len(classes))))
+            out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"] = float(p), float(r), float(f)
+        report = skm.classification_report(y, pred, target_names=classes, zero_division=0, output_dict=True,
+                                           labels=None if task == "multilabel" else list(range(len(classes))))
+    out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in classes}
+    if task == "binary":
+        tn, fp, fn, tp = np.asarray(out["confusion"]).ravel()
+        out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else None
+        out["specificity"] = float(tn / (tn + fp)) if tn + fp else None
+    if thresholds is not None:
+        out["thresholds"] = thresholds
+    return out
+
+
+SCALARS = ("auroc_macro", "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
+           "precision_weighted", "recall_weighted", "f1_weighted")
+
+
+def scalar_metrics(result: dict) -> dict:
+    """The single-number metrics of an ``evaluate`` result, per-class AUROC as ``auroc.<class>``."""
+    out = {k: result[k] for k in SCALARS if k in result}
+    out.update({f"auroc.{c}": v for c, v in result["auroc"].items()})
+    for key in ("sensitivity", "specificity", "label_accuracy"):
+        if key in result:
+            out[key] = result[key]
+    return out

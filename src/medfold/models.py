@@ -1,0 +1,153 @@
+"""Models by name, for any number of input channels and classes.
+
+torchvision: ``densenet121`` (CheXNet: DenseNet121 with a new linear head, Rajpurkar et al.
+2017), ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``vgg16``. The coursework models of the
+source studies: ``lenet`` (two conv-pool blocks and two dense layers), ``lenet_wide`` (the same,
+four times the filters, and a third block), ``vgg16_dws`` (VGG16's layout with depthwise-separable
+convolutions, as in the pneumonia study). Small models take ``batch_norm`` and ``dropout``.
+
+Pretrained weights come only from a local file (``pretrained: path``), loaded with
+``weights_only=True``; the classifier is skipped when its shape differs, and a 3-channel first
+convolution is summed over its input channels for grayscale input.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tv
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _conv_block(cin: int, cout: int, batch_norm: bool, convs: int = 1, separable: bool = False) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        c = cin if i == 0 else cout
+        if separable:
+            layers += [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.Conv2d(c, cout, 1, bias=not batch_norm)]
+        else:
+            layers.append(nn.Conv2d(c, cout, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+    return layers + [nn.MaxPool2d(2)]
+
+
+class SmallCNN(nn.Module):
+    """Conv blocks, pooling to a 4x4 grid, a dense hidden layer, the classifier.
+
+    The 4x4 grid (rather than global pooling) keeps where a feature is, which is what several
+    findings are about (a wide heart shadow, fluid at a lung's base), at any input size."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs_per_block: int = 1,
+                 hidden: int = 64, batch_norm: bool = False, dropout: float = 0.0, separable: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, width in enumerate(widths):
+            # the first convolution stays a plain one: a depthwise conv over 1-3 channels learns little
+            layers += _conv_block(cin, width, batch_norm, convs_per_block, separable and i > 0)
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * 16, hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+def _small(widths, convs=1, hidden=64, separable=False):
+    def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
+        return SmallCNN(in_channels, num_classes, widths, convs, hidden, batch_norm, dropout, separable)
+    return build
+
+
+def _first_conv(module: nn.Module, attr_path: str, in_channels: int) -> None:
+    parent = module
+    *path, last = attr_path.split(".")
+    for name in path:
+        parent = getattr(parent, name) if not name.isdigit() else parent[int(name)]
+    conv = parent[int(last)] if last.isdigit() else getattr(parent, last)
+    if conv.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+
+
+def _torchvision(builder, first_conv: str, head: str):
+    def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
+        model = builder(weights=None)
+        _first_conv(model, first_conv, in_channels)
+        parent = model
+        *path, last = head.split(".")
+        for name in path:
+            parent = getattr(parent, name)
+        old = parent[int(last)] if last.isdigit() else getattr(parent, last)
+        new = nn.Linear(old.in_features, num_classes)
+        if last.isdigit():
+            parent[int(last)] = new
+        else:
+            setattr(parent, last, new)
+        return model
+    return build
+
+
+ARCHITECTURES = {
+    "lenet": _small([16, 32], hidden=64),
+    "lenet_wide": _small([64, 128, 128], hidden=128),
+    "vgg16_dws": _small([64, 128, 256, 512, 512], convs=2, hidden=256, separable=True),
+    "densenet121": _torchvision(tv.densenet121, "features.conv0", "classifier"),
+    "resnet18": _torchvision(tv.resnet18, "conv1", "fc"),
+    "resnet50": _torchvision(tv.resnet50, "conv1", "fc"),
+    "efficientnet_b0": _torchvision(tv.efficientnet_b0, "features.0.0", "classifier.1"),
+    "vgg16": _torchvision(tv.vgg16, "features.0", "classifier.6"),
+}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, init_seed: int = 0, pretrained: str | None = None,
+                batch_norm: bool = False, dropout: float = 0.0) -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"training.model: {name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)  # two experiments with one init_seed start from the same weights
+        model = ARCHITECTURES[name](in_channels, num_classes, batch_norm=batch_norm, dropout=dropout)
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"training.pretrained: weights file {path} does not exist (weights load only from local files)")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    usable, skipped = {}, []
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key not in own:
+            skipped.append(key)
+        elif value.shape == own[key].shape:
+            usable[key] = value
+        elif value.ndim == 4 and own[key].ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1 \
+                and value.shape[0] == own[key].shape[0]:
+            usable[key] = value.sum(1, keepdim=True)  # RGB filters onto one gray channel
+        else:
+            skipped.append(key)
+    if not usable:
+        raise ConfigError(f"training.pretrained: {path} has no tensor that fits this model (keys like {list(state)[:3]})")
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s; kept initial values for %d (e.g. the classifier): %s",
+             len(usable), path, len(own) - len(usable), skipped[:5])

@@ -1,0 +1,389 @@
+"""Train and evaluate one model on one cross-validation fold.
+
+One function, ``run_fold``, driven by the resolved experiment settings (``training`` defaults
+with the experiment's overrides), which are stored in every checkpoint and in metrics.json.
+A checkpoint written after every epoch holds model, optimizer, scheduler, epoch, early-stopping
+state, best weights, history and RNG state, so a killed run continues where it stopped and, on
+CPU, ends with the same numbers as one that was never interrupted: every epoch draws its data
+order and augmentation from generators seeded by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .cache import open_cache
+from .errors import ConfigError, DataError
+from .index import read_index
+from .metrics import choose_thresholds, evaluate
+from .models import build_model
+from .split import label_matrix
+from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+# ----------------------------------------------------------------------------- data
+def targets_for(index: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
+    """Class index per image (binary, multiclass) or a float 0/1 matrix (multilabel)."""
+    matrix = label_matrix(index, classes)
+    if task == "multilabel":
+        return matrix.astype(np.float32)
+    return matrix.argmax(1)
+
+
+def fold_rows(splits: pd.DataFrame, index: pd.DataFrame, fold: int) -> dict[str, np.ndarray]:
+    position = pd.Series(np.arange(len(index)), index=index["image_id"].to_numpy())
+    by_set = {
+        "train": splits.loc[(splits["set"] == "cv") & (splits["fold"] != fold), "image_id"],
+        "val": splits.loc[splits["fold"] == fold, "image_id"],
+        "test": splits.loc[splits["set"] == "test", "image_id"],
+    }
+    return {name: np.sort(position.loc[ids].to_numpy()) for name, ids in by_set.items()}
+
+
+def check_fold(rows: dict[str, np.ndarray], targets: np.ndarray, classes: list[str], task: str, fold: int) -> None:
+    for name in ("train", "val"):
+        if len(rows[name]) == 0:
+            raise DataError(f"fold {fold}: the {name} set is empty; use fewer split.folds or more data")
+    train = targets[rows["train"]]
+    present = train.sum(0) > 0 if task == "multilabel" else np.bincount(train, minlength=len(classes)) > 0
+    missing = [c for c, ok in zip(classes, present) if not ok]
+    if missing:
+        raise DataError(f"fold {fold}: class(es) {missing} have no image in the training set, so the model cannot "
+                        f"learn them; use fewer split.folds, drop the class from dataset.labels, or add data")
+
+
+def sample_weights(targets: np.ndarray, task: str, classes: list[str], mode: str, target: dict) -> np.ndarray | None:
+    """Per-image weights for oversampling: 'balanced' gives every class (and, for multi-label,
+    'no finding') the same expected share; 'target' matches the given class fractions."""
+    if mode == "none":
+        return None
+    if task == "multilabel":
+        member = np.hstack([targets, (targets.sum(1) == 0)[:, None]]).astype(bool)
+        names = [*classes, "no finding"]
+    else:
+        member = np.eye(len(classes), dtype=bool)[targets]
+        names = list(classes)
+    counts = np.maximum(member.sum(0), 1)
+    if mode == "balanced":
+        share = np.ones(len(names)) / len(names)
+    else:
+        unknown = sorted(set(target) - set(names))
+        if unknown:
+            raise ConfigError(f"training.oversample.target: {unknown} are not classes ({names})")
+        share = np.array([target.get(n, 0.0) for n in names], dtype=np.float64)
+    per_class = share / counts
+    return np.array([per_class[m].mean() for m in member])
+
+
+# ----------------------------------------------------------------------------- model pieces
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"training.device is {name!r} but no CUDA device is visible")
+    return torch.device(name)
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd, nesterov=cfg["momentum"] > 0)
+
+
+class Criterion:
+    """Cross-entropy for single-label tasks; BCE for multi-label. With class weights: CE weights
+    N / (C * N_c); BCE weighs positives by w+ = |N| / (|P| + |N|) and negatives by
+    w- = |P| / (|P| + |N|) per class, as in CheXNet (Rajpurkar et al. 2017)."""
+
+    def __init__(self, task: str, train_targets: np.ndarray, n_classes: int, class_weights: bool, device):
+        self.task = task
+        self.weight = self.pos = self.neg = None
+        if class_weights and task == "multilabel":
+            p = train_targets.mean(0)
+            self.pos = torch.tensor(1 - p, dtype=torch.float32, device=device)
+            self.neg = torch.tensor(p, dtype=torch.float32, device=device)
+        elif class_weights:
+            counts = np.bincount(train_targets, minlength=n_classes).astype(np.float64)
+            self.weight = torch.tensor(len(train_targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.task == "multilabel":
+            weight = None if self.pos is None else y * self.pos + (1 - y) * self.neg
+            return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+        return F.cross_entropy(logits, y, weight=self.weight)
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), 1)
+
+
+class Runner:
+    """What a fold's training needs at hand: model, data, device switches."""
+
+    def __init__(self, cfg: dict, cache: np.ndarray, targets: np.ndarray, task: str, device: torch.device, model):
+        self.cfg, self.cache, self.targets, self.task, self.device, self.model = cfg, cache, targets, task, device, model
+        self.cuda = device.type == "cuda"
+        self.amp = self.cuda and cfg["amp"]
+        self.channels_last = self.cuda and cfg["channels_last"]
+
+    def prepare(self, images: torch.Tensor, augment: AugmentConfig | None, gen) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        if augment is not None:
+            x = augment_batch(x, augment, gen)
+        x = normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model(x)
+
+    def target(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.targets[rows.numpy()], device=self.device)
+
+    @torch.no_grad()
+    def predict(self, rows: np.ndarray, criterion: Criterion | None = None) -> tuple[np.ndarray, float | None]:
+        self.model.eval()
+        probs, total, seen = [], 0.0, 0
+        for images, batch_rows in CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False):
+            logits = self.forward(self.prepare(images, None, None))
+            if criterion is not None:
+                total += float(criterion(logits, self.target(batch_rows))) * len(batch_rows)
+                seen += len(batch_rows)
+            probs.append(probabilities(logits, self.task).cpu().numpy())
+        return np.concatenate(probs), (total / seen if seen else None)
+
+
+# ----------------------------------------------------------------------------- the run
+def monitor_mode(metric: str) -> str:
+    return "min" if metric == "loss" else "max"
+
+
+def settings_digest(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
+    """Train on the fold's training folds, select on its validation fold, evaluate on both and
+    on the held-out test set. Writes model.pt, history.csv, predictions.parquet, metrics.json
+    and tensorboard/ under ``out_dir``; returns the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, threads))
+    index, meta = read_index(index_path)
+    classes, task = meta["classes"], meta["task"]
+    splits = pd.read_parquet(splits_path).set_index("image_id").loc[index["image_id"]].reset_index()
+    cache = open_cache(cache_dir, index)
+    targets = targets_for(index, classes, task)
+    rows = fold_rows(splits, index, fold)
+    check_fold(rows, targets, classes, task, fold)
+    device = resolve_device(cfg["device"])
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    model = build_model(cfg["model"], cache.shape[1], len(classes), cfg["init_seed"], cfg["pretrained"],
+                        cfg["batch_norm"], cfg["dropout"]).to(device)
+    runner = Runner(cfg, cache, targets, task, device, model)
+    if runner.channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if cfg["compile"] else model
+    optimizer = make_optimizer(model.parameters(), cfg)
+    metric = cfg["early_stopping"]["metric"]
+    mode = monitor_mode(metric)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=cfg["plateau"]["factor"], patience=cfg["plateau"]["patience"],
+        min_lr=cfg["plateau"]["min_lr"])
+    criterion = Criterion(task, targets[rows["train"]], len(classes), cfg["class_weights"], device)
+    weights = sample_weights(targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"])
+    batches = CachedBatches(cache, rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * fold,
+                            weights=weights)
+    augment = AugmentConfig.from_config(cfg["augment"])
+
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None,
+             "stopped_early": False, "train_seconds": 0.0}
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            state = ckpt["state"]
+            torch.set_rng_state(ckpt["rng_cpu"])
+            log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state["epoch"])
+        else:
+            log.warning("%s was written with other settings; training fold %d from the start", ckpt_path, fold)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+    for row in state["history"]:  # a resumed run's event files hold the whole run
+        _log_scalars(writer, row)
+    log.info("fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max", fold, len(rows["train"]),
+             len(rows["val"]), len(rows["test"]), cfg["model"], device, cfg["epochs"])
+
+    while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
+        epoch = state["epoch"]
+        torch.manual_seed(cfg["seed"] * 100003 + epoch)  # dropout and the like: same draws after resume
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch)
+        batches.set_epoch(epoch)
+        model.train()
+        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step, (images, batch_rows) in enumerate(batches):
+            x = runner.prepare(images, augment, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runner.amp):
+                logits = step_model(x)
+            loss = criterion(logits, runner.target(batch_rows))
+            if not torch.isfinite(loss):
+                raise DataError(f"fold {fold}: the training loss became {float(loss)} at epoch {epoch + 1}, batch "
+                                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower training.lr or check the inputs")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(batch_rows)
+            seen += len(batch_rows)
+        seconds = time.perf_counter() - start
+        val_probs, val_loss = runner.predict(rows["val"], criterion)
+        val = evaluate(task, classes, targets[rows["val"]], val_probs)
+        value = val_loss if metric == "loss" else val.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = -math.inf if mode == "max" else math.inf
+        scheduler.step(value)
+        improved = state["best"] is None or (
+            value > state["best"] + cfg["early_stopping"]["min_delta"] if mode == "max"
+            else value < state["best"] - cfg["early_stopping"]["min_delta"])
+        if improved:
+            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / seen,
+               "val_loss": val_loss, "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"],
+               "val_balanced_accuracy": val["balanced_accuracy"], "images_per_s": seen / seconds, "seconds": seconds}
+        state["history"].append(row)
+        state["train_seconds"] += seconds
+        _log_scalars(writer, row)
+        log.info("fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s", fold, epoch + 1,
+                 cfg["epochs"], row["train_loss"], val_loss, _fmt(val["auroc_macro"]), row["lr"], row["images_per_s"],
+                 "  *best*" if improved else "")
+        if cfg["early_stopping"]["enabled"] and state["bad_epochs"] >= cfg["early_stopping"]["patience"]:
+            state["stopped_early"] = True
+            log.info("fold %d: early stop after epoch %d (no %s improvement for %d epochs)", fold, epoch + 1, metric,
+                     state["bad_epochs"])
+        state["epoch"] = epoch + 1
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "state": state, "rng_cpu": torch.get_rng_state(),
+                      "settings": settings_digest(cfg), "fold": fold}, ckpt_path)
+    writer.close()
+
+    model.load_state_dict(state["best_state"])
+    result = _evaluate_and_write(runner, criterion, rows, index, splits, classes, task, cfg, fold, state, out)
+    ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
+    return result
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _log_scalars(writer, row: dict) -> None:
+    for key, value in row.items():
+        if key != "epoch" and value is not None:
+            writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["epoch"])
+
+
+def _evaluate_and_write(runner, criterion, rows, index, splits, classes, task, cfg, fold, state, out: Path) -> dict:
+    labels_of = runner.targets.__getitem__
+    val_probs, val_loss = runner.predict(rows["val"], criterion)
+    thresholds = choose_thresholds(task, labels_of(rows["val"]), val_probs)
+    result = {"fold": fold, "task": task, "classes": classes,
+              "val": evaluate(task, classes, labels_of(rows["val"]), val_probs, thresholds)}
+    result["val"]["loss"] = val_loss
+    frames = [_prediction_frame(index, rows["val"], val_probs, classes, "val", fold)]
+    if len(rows["test"]):
+        test_probs, test_loss = runner.predict(rows["test"], criterion)
+        result["test"] = evaluate(task, classes, labels_of(rows["test"]), test_probs, thresholds)
+        result["test"]["loss"] = test_loss
+        frames.append(_prediction_frame(index, rows["test"], test_probs, classes, "test", fold))
+    result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
+                   "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
+                   "monitor": cfg["early_stopping"]["metric"], "settings": cfg})
+    pd.concat(frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    pd.DataFrame(state["history"]).to_csv(out / "history.csv", index=False)
+    torch.save({"state_dict": runner.model.state_dict(), "model": cfg["model"], "in_channels": runner.cache.shape[1],
+                "num_classes": len(classes), "classes": classes, "task": task, "image_size": cfg["image_size"],
+                "batch_norm": cfg["batch_norm"], "dropout": cfg["dropout"], "thresholds": thresholds,
+                "settings": json.dumps(cfg)}, out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", fold, state["best_epoch"],
+             _fmt(result["val"]["auroc_macro"]), _fmt(result.get("test", {}).get("auroc_macro")))
+    return result
+
+
+def _prediction_frame(index, rows, probs, classes, set_name, fold) -> pd.DataFrame:
+    frame = pd.DataFrame({"image_id": index["image_id"].to_numpy()[rows],
+                          "patient_id": index["patient_id"].to_numpy()[rows],
+                          "labels": index["labels"].iloc[rows].to_list(), "set": set_name, "fold": fold})
+    for j, c in enumerate(classes):
+        frame[f"prob:{c}"] = probs[:, j]
+    return frame
+
+
+def load_model(path) -> tuple[torch.nn.Module, dict]:
+    """A fold's model.pt back as a model in eval mode (weights_only: never unpickles code)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(saved["model"], saved["in_channels"], saved["num_classes"], batch_norm=saved["batch_norm"],
+                        dropout=saved["dropout"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line for launchers (torchrun, horovodrun, srun) and for tests."""
+    from .errors import MedfoldError
+    from .step import setup_logging
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", required=True, help="JSON file with the resolved experiment settings")
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--splits", required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    try:
+        run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits, args.cache, args.fold, args.out,
+                 args.threads)
+    except MedfoldError as exc:
+        log.error("training failed: %s", exc)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

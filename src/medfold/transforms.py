@@ -1,0 +1,141 @@
+"""The training data path: shuffled uint8 batches out of the cache, then augmentation and
+normalisation done on whole batches on the training device, each image with its own random
+parameters.
+
+torchvision.transforms.v2 draws one set of parameters per call, so applied to a batch tensor it
+would flip or rotate every image of the batch the same way; calling it per image costs a Python
+loop per sample. The batched versions here give every image its own draw from one seeded
+``torch.Generator`` (deterministic on CPU), and use v2's functional kernels where an operation
+has no batched form (perspective).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.0  # probability
+    rotation: float = 0.0  # max degrees, uniform in [-rotation, rotation]
+    brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
+    contrast: float = 0.0  # factor uniform in [1 - c, 1 + c]
+    erasing: float = 0.0  # probability of erasing one rectangle (2-33 % of the area)
+    perspective: float = 0.0  # probability of a random perspective warp (distortion 0.3)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "AugmentConfig":
+        return cls(**{k: float(v) for k, v in cfg.items()})
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """``x``: float (B, C, H, W) in [0, 1] on any device; ``gen`` lives on the same device."""
+    n, device = x.shape[0], x.device
+    if cfg.hflip > 0:
+        flip = torch.rand(n, generator=gen, device=device) < cfg.hflip
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.rotation > 0:
+        angle = _uniform(n, -cfg.rotation, cfg.rotation, gen, device) * (math.pi / 180)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.perspective > 0:
+        chosen = torch.flatnonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).tolist()
+        if chosen:
+            x = x.clone()
+            h, w = x.shape[-2:]
+            for i in chosen:
+                jitter = (torch.rand(4, 2, generator=gen, device=device) * 0.3 * torch.tensor([w, h], device=device) / 2).tolist()
+                start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
+                sx, sy = [1, -1, -1, 1], [1, 1, -1, -1]
+                end = [[int(px + sx[k] * jitter[k][0]), int(py + sy[k] * jitter[k][1])] for k, (px, py) in enumerate(start)]
+                x[i] = TF.perspective(x[i], startpoints=start, endpoints=end)
+    if cfg.brightness > 0:
+        x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device)[:, None, None, None]
+    if cfg.contrast > 0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device)[:, None, None, None] + mean
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        x = x.clamp(0, 1)
+    if cfg.erasing > 0:
+        x = _erase(x, cfg.erasing, gen)
+    return x
+
+
+def _erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020): one rectangle of 2-33 % of the area, aspect 0.3-3.3, set to 0."""
+    n, _, h, w = x.shape
+    device = x.device
+    area = _uniform(n, 0.02, 0.33, gen, device) * h * w
+    log_ratio = _uniform(n, math.log(0.3), math.log(3.3), gen, device)
+    eh = torch.sqrt(area * torch.exp(log_ratio)).clamp(1, h)
+    ew = torch.sqrt(area / torch.exp(log_ratio)).clamp(1, w)
+    top = torch.rand(n, generator=gen, device=device) * (h - eh)
+    left = torch.rand(n, generator=gen, device=device) * (w - ew)
+    rows = torch.arange(h, device=device)[None, :, None]
+    cols = torch.arange(w, device=device)[None, None, :]
+    box = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+           & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))
+    box &= (torch.rand(n, generator=gen, device=device) < p)[:, None, None]
+    return x.masked_fill(box[:, None], 0.0)
+
+
+def normalize(x: torch.Tensor, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
+    return (x - mean) / std
+
+
+class CachedBatches:
+    """Batches of (uint8 images, row numbers) from the memory-mapped cache.
+
+    Rows are drawn per epoch from a generator seeded by (seed, epoch), so epoch e's order is the
+    same whether or not training was interrupted before it. ``weights`` (one per row) switch to
+    sampling with replacement in proportion to them (oversampling).
+    """
+
+    def __init__(self, cache: np.ndarray, rows: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                 weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+        self.cache, self.rows, self.batch_size = cache, np.asarray(rows), batch_size
+        self.shuffle, self.seed, self.weights = shuffle, seed, weights
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_rows(self) -> np.ndarray:
+        rows = self.rows
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            if self.weights is not None:
+                p = self.weights / self.weights.sum()
+                rows = rows[rng.choice(len(rows), size=len(rows), replace=True, p=p)]
+            else:
+                rows = rows[rng.permutation(len(rows))]
+        if self.world > 1:  # every rank gets the same number of batches; the tail wraps around
+            per_rank = math.ceil(len(rows) / self.world)
+            rows = np.resize(rows, per_rank * self.world)[self.rank::self.world]
+        return rows
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.epoch_rows()) / self.batch_size)
+
+    def __iter__(self):
+        rows = self.epoch_rows()
+        for start in range(0, len(rows), self.batch_size):
+            batch_rows = rows[start:start + self.batch_size]
+            order = np.argsort(batch_rows)  # sorted reads are faster on a memory map
+            images = np.empty((len(batch_rows), *self.cache.shape[1:]), np.uint8)
+            images[order] = self.cache[batch_rows[order]]
+            yield torch.from_numpy(images), torch.from_numpy(batch_rows)

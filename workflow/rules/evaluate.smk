@@ -1,0 +1,50 @@
+# Cross-validation aggregation per experiment, and the comparison of experiments.
+
+
+rule aggregate:
+    input:
+        metrics=lambda w: fold_files(w.experiment, "metrics.json"),
+        predictions=lambda w: fold_files(w.experiment, "predictions.parquet"),
+    output:
+        per_fold=f"{CV_DIR}/per_fold.csv",
+        summary_table=f"{CV_DIR}/summary.csv",
+        summary=f"{CV_DIR}/summary.json",
+        ensemble=f"{CV_DIR}/ensemble_test.json",
+        ensemble_predictions=f"{CV_DIR}/ensemble_test_predictions.parquet",
+    log:
+        f"{CV_DIR}/aggregate.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        bootstrap=config["evaluation"]["bootstrap"],
+        seed=config["evaluation"]["bootstrap_seed"],
+    script:
+        "../scripts/aggregate.py"
+
+
+rule compare_experiments:
+    input:
+        summaries=expand(
+            f"{RESULTS}/{{{{dataset}}}}/{{experiment}}/cv/summary.json",
+            experiment=EXPERIMENTS,
+        ),
+        ensembles=expand(
+            f"{RESULTS}/{{{{dataset}}}}/{{experiment}}/cv/ensemble_test.json",
+            experiment=EXPERIMENTS,
+        ),
+    output:
+        table=f"{RESULTS}/{{dataset}}/experiments.csv",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/compare_experiments.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        experiments=EXPERIMENTS,
+    script:
+        "../scripts/compare_experiments.py"

@@ -1,0 +1,47 @@
+# Image cache, one training job per experiment and fold.
+
+
+rule cache:
+    input:
+        index=rules.index.output.table,
+    output:
+        images=f"{RESULTS}/{{dataset}}/cache/{{size}}/images.npy",
+        ids=f"{RESULTS}/{{dataset}}/cache/{{size}}/image_ids.txt",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/cache_{{size}}.log",
+    conda:
+        "../../envs/medfold.yaml"
+    threads: config["resources"]["cache_threads"]
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    params:
+        channels=config["images"]["channels"],
+    script:
+        "../scripts/cache.py"
+
+
+rule train:
+    input:
+        index=rules.index.output.table,
+        splits=rules.split.output.splits,
+        split_check=rules.check_split.output.check,
+        cache=lambda w: cache_of(w.experiment),
+    output:
+        model=f"{FOLD_DIR}/model.pt",
+        history=f"{FOLD_DIR}/history.csv",
+        predictions=f"{FOLD_DIR}/predictions.parquet",
+        metrics=f"{FOLD_DIR}/metrics.json",
+        tensorboard=directory(f"{FOLD_DIR}/tensorboard"),
+    log:
+        f"{FOLD_DIR}/train.log",
+    conda:
+        "../../envs/medfold.yaml"
+    threads: lambda w: SETTINGS[w.experiment]["threads"]
+    resources:
+        mem_mb=lambda w: SETTINGS[w.experiment]["mem_mb"],
+        runtime=lambda w: SETTINGS[w.experiment]["runtime"],
+    params:
+        settings=lambda w: SETTINGS[w.experiment],
+    script:
+        "../scripts/train.py"
