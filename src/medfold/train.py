@@ -258,7 +258,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
                 logits = step_model(x)
             loss = criterion(logits, runner.target(batch_rows))
             if not torch.isfinite(loss):
-                raise DataError(f"fold {fold}: the training loss became {float(loss)} at epoch {epoch + 1}, batch "
+                raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
                                 f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower training.lr or check the inputs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

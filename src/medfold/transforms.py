@@ -52,7 +52,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.perspective > 0:
-        chosen = torch.flatnonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).tolist()
+        chosen = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).flatten().tolist()
         if chosen:
             x = x.clone()
             h, w = x.shape[-2:]
