@@ -13,18 +13,18 @@ def _batch(n=64, size=16):
 
 def test_each_image_gets_its_own_flip_and_the_draw_is_seeded():
     x = _batch()
-    out = augment_batch(x, AugmentConfig(hflip=0.5), torch.Generator().manual_seed(0))
+    out = augment_batch(x.clone(), AugmentConfig(hflip=0.5), torch.Generator().manual_seed(0))
     flipped = out[:, 0, 0, -1] == 1.0
     assert 10 < int(flipped.sum()) < 54  # a mix, not all or none
     assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(out[~flipped], x[~flipped])
-    again = augment_batch(x, AugmentConfig(hflip=0.5), torch.Generator().manual_seed(0))
+    again = augment_batch(x.clone(), AugmentConfig(hflip=0.5), torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
 
 def test_rotation_brightness_contrast_erasing_keep_shape_and_range_and_differ_per_image():
     x = torch.rand(32, 1, 24, 24)
     cfg = AugmentConfig(rotation=15, brightness=0.2, contrast=0.2, erasing=1.0, perspective=0.5)
-    out = augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    out = augment_batch(x.clone(), cfg, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     erased = (out == 0).flatten(1).float().mean(1)
     assert (erased > 0.015).all()  # every image lost a rectangle of >= 2 % of its area

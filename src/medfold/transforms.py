@@ -39,11 +39,14 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> t
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """``x``: float (B, C, H, W) in [0, 1] on any device; ``gen`` lives on the same device."""
+    """``x``: float (B, C, H, W) in [0, 1] on any device; ``gen`` lives on the same device.
+
+    Works in place where it can (the data path hands over a fresh batch): pass a copy to keep ``x``."""
     n, device = x.shape[0], x.device
     if cfg.hflip > 0:
-        flip = torch.rand(n, generator=gen, device=device) < cfg.hflip
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        flip = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.hflip).flatten()
+        if len(flip):
+            x[flip] = x[flip].flip(-1)
     if cfg.rotation > 0:
         angle = _uniform(n, -cfg.rotation, cfg.rotation, gen, device) * (math.pi / 180)
         cos, sin = torch.cos(angle), torch.sin(angle)
@@ -54,7 +57,6 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     if cfg.perspective > 0:
         chosen = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).flatten().tolist()
         if chosen:
-            x = x.clone()
             h, w = x.shape[-2:]
             for i in chosen:
                 jitter = (torch.rand(4, 2, generator=gen, device=device) * 0.3 * torch.tensor([w, h], device=device) / 2).tolist()
@@ -93,7 +95,8 @@ def _erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
-    return (x - mean) / std
+    """In place: the batch is a fresh float tensor made by the data path."""
+    return x.sub_(mean).div_(std)
 
 
 class CachedBatches:
@@ -134,8 +137,7 @@ class CachedBatches:
     def __iter__(self):
         rows = self.epoch_rows()
         for start in range(0, len(rows), self.batch_size):
-            batch_rows = rows[start:start + self.batch_size]
-            order = np.argsort(batch_rows)  # sorted reads are faster on a memory map
-            images = np.empty((len(batch_rows), *self.cache.shape[1:]), np.uint8)
-            images[order] = self.cache[batch_rows[order]]
-            yield torch.from_numpy(images), torch.from_numpy(batch_rows)
+            # which images form a batch is random; their order inside it does not matter, and
+            # sorted reads from the memory map are one sequential pass and one copy
+            batch_rows = np.sort(rows[start:start + self.batch_size])
+            yield torch.from_numpy(self.cache[batch_rows]), torch.from_numpy(batch_rows)
