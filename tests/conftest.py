@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +75,25 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     return proc
 
 
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
+def planned(proc) -> dict[str, int]:
+    """Job counts per rule from a dry run's 'Job stats' table ({} when nothing is to be done)."""
+    text = proc.stdout + proc.stderr
+    if "Job stats:" not in text:
+        assert "Nothing to be done" in text, text[-3000:]
+        return {}
+    table = text[text.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
+
+
+# tiny training: the tests that use it are about what runs, not how well (test_train.py checks learning)
+QUICK = {"training": {"epochs": 3, "early_stopping": {"enabled": False}},
+         "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
+         "evaluation": {"bootstrap": 200}}
+
+
+@pytest.fixture(scope="session")
+def trained_workflow(tmp_path_factory) -> Path:
+    """The whole workflow, report included, run once with QUICK training."""
+    work = workflow_dir(tmp_path_factory.mktemp("trained_workflow"), QUICK)
+    run_snakemake(work, "--cores", "2")
+    return work

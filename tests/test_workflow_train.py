@@ -6,32 +6,19 @@ import re
 import pandas as pd
 import pytest
 
-from conftest import run_snakemake, workflow_dir
+from conftest import QUICK, planned, run_snakemake, workflow_dir
 
 pytestmark = pytest.mark.workflow
 DS = "results/demo_cxr14"
-# tiny training: these tests are about what runs, not how well (test_train.py checks learning)
-QUICK = {"training": {"epochs": 3, "early_stopping": {"enabled": False}},
-         "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
-         "evaluation": {"bootstrap": 200}}
-
-
-def planned(proc) -> dict[str, int]:
-    """Job counts per rule from a dry run's 'Job stats' table."""
-    text = proc.stdout + proc.stderr
-    table = text[text.index("Job stats:"):]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
 
 
 def planned_folds(proc) -> list[str]:
     return sorted(set(re.findall(r"experiment=(\w+), fold=(\d+)", proc.stdout + proc.stderr)))
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    work = workflow_dir(tmp_path_factory.mktemp("train_wf"), QUICK)
-    run_snakemake(work, "--cores", "2")
-    return work
+@pytest.fixture
+def finished(trained_workflow):
+    return trained_workflow
 
 
 def test_asking_for_one_folds_file_plans_only_that_fold(tmp_path):
@@ -73,8 +60,13 @@ def test_forcing_one_fold_retrains_only_that_fold(finished):
 
 
 def test_changing_one_experiments_settings_reruns_only_its_folds(finished):
-    changed = workflow_dir(finished, {**QUICK, "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True, "lr": 0.002}}})
-    proc = run_snakemake(changed, "--cores", "2", "--dry-run")
+    config = finished / "config" / "config.yaml"
+    original = config.read_text()
+    try:
+        workflow_dir(finished, {**QUICK, "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True, "lr": 0.002}}})
+        proc = run_snakemake(finished, "--cores", "2", "--dry-run")
+    finally:
+        config.write_text(original)
     assert planned(proc)["train"] == 3
     assert planned_folds(proc) == [("batchnorm", "0"), ("batchnorm", "1"), ("batchnorm", "2")]
 

@@ -30,6 +30,8 @@ rule index:
         report=f"{RESULTS}/{{dataset}}/index_report.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/index.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/index.tsv"
     conda:
         "../../envs/medfold.yaml"
     threads: config["resources"]["index_threads"]
@@ -50,6 +52,8 @@ rule split:
         summary=f"{RESULTS}/{{dataset}}/split_summary.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/split.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/split.tsv"
     conda:
         "../../envs/medfold.yaml"
     resources:
@@ -69,6 +73,8 @@ rule check_split:
         check=f"{RESULTS}/{{dataset}}/split_check.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/check_split.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/check_split.tsv"
     conda:
         "../../envs/medfold.yaml"
     resources:

@@ -13,6 +13,8 @@ rule aggregate:
         ensemble_predictions=f"{CV_DIR}/ensemble_test_predictions.parquet",
     log:
         f"{CV_DIR}/aggregate.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/aggregate_{{experiment}}.tsv"
     conda:
         "../../envs/medfold.yaml"
     resources:

@@ -9,6 +9,8 @@ rule cache:
         ids=f"{RESULTS}/{{dataset}}/cache/{{size}}/image_ids.txt",
     log:
         f"{RESULTS}/{{dataset}}/logs/cache_{{size}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/cache_{{size}}.tsv"
     conda:
         "../../envs/medfold.yaml"
     threads: config["resources"]["cache_threads"]
@@ -35,6 +37,8 @@ rule train:
         tensorboard=directory(f"{FOLD_DIR}/tensorboard"),
     log:
         f"{FOLD_DIR}/train.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/train_{{experiment}}_fold_{{fold}}.tsv"
     conda:
         "../../envs/medfold.yaml"
     threads: lambda w: SETTINGS[w.experiment]["threads"]

@@ -1,0 +1,343 @@
+"""One self-contained HTML page from the result files alone: no training, no model loading.
+
+Figures are inline SVG (matplotlib) or PNG data URLs, styles are inline, and the page asks no
+other host for anything, so it reads the same offline or mailed as one file. Every string that
+comes from a dataset (file names, class names, patient IDs, config values) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .aggregate import truth_matrix  # noqa: E402
+
+# Okabe & Ito (2008), a palette that colour-blind readers can tell apart.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+# CheXNet's test-set AUROC per finding (Rajpurkar et al. 2017, arXiv:1711.05225, Table 1).
+CHEXNET_AUROC = {
+    "Atelectasis": 0.8094, "Cardiomegaly": 0.9248, "Consolidation": 0.7901, "Edema": 0.8878, "Effusion": 0.8638,
+    "Emphysema": 0.9371, "Fibrosis": 0.8047, "Hernia": 0.9164, "Infiltration": 0.7345, "Mass": 0.8676,
+    "Nodule": 0.7802, "Pleural_Thickening": 0.8062, "Pneumonia": 0.7680, "Pneumothorax": 0.8887,
+}
+STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif;margin:0 auto;max-width:1180px;
+padding:0 24px 48px;color:#1b1b1b;line-height:1.45}
+h1{border-bottom:3px solid #0072B2;padding-bottom:6px}h2{margin-top:40px;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:10px 0 18px;font-size:13px}th,td{border:1px solid #d0d0d0;padding:3px 8px;
+text-align:right}th{background:#f2f4f7}td.l,th.l{text-align:left}tr.best td{background:#e3f1e6;font-weight:600}
+.verdict-ok{color:#00704a;font-weight:700}.verdict-bad{color:#b00020;font-weight:700}
+.figs{display:flex;flex-wrap:wrap;gap:12px}.thumbs img{width:96px;height:96px;margin:2px;image-rendering:auto}
+pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12px}nav a{margin-right:12px}
+.note{color:#555;font-size:13px}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return esc(value)
+
+
+def table(headers: list[str], rows: list[list], left: int = 1, classes: list[str] | None = None) -> str:
+    """An HTML table; the first ``left`` columns are left-aligned text. Every cell is escaped."""
+    head = "".join(f'<th class="l">{esc(h)}</th>' if i < left else f"<th>{esc(h)}</th>" for i, h in enumerate(headers))
+    body = []
+    for r, row in enumerate(rows):
+        cells = "".join(f'<td class="l">{fmt(v)}</td>' if i < left else f"<td>{fmt(v)}</td>" for i, v in enumerate(row))
+        cls = f' class="{classes[r]}"' if classes and classes[r] else ""
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def svg(fig) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG needs neither
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# ----------------------------------------------------------------------------- sections
+def dataset_section(index_report: dict, split_summary: dict, index: pd.DataFrame, cache: np.ndarray | None) -> str:
+    r = index_report
+    parts = [f'<h2 id="dataset">Dataset</h2><p>{esc(r["dataset"])}: {esc(r["format"])}, {esc(r["task"])} task, '
+             f'{len(r["classes"])} classes.</p>']
+    parts.append(table(["", "count"], [
+        ["images listed", r["images_listed"]], ["images indexed", r["images_indexed"]],
+        ["images skipped", r["images_skipped"]], ["other files ignored", len(r["ignored_files"])],
+        ["patients", r["patients"]], ["patient ID from", r["patient_id_source"]],
+        ["duplicate groups (identical pixels)", r["duplicates"]["groups"]],
+        ["images in duplicate groups", r["duplicates"]["images"]]]))
+    for warning in r["warnings"]:
+        parts.append(f'<p class="verdict-bad">{esc(warning)}</p>')
+    if r["skipped"]:
+        parts.append("<h3>Skipped images</h3>" + table(["file", "reason"], [[s["path"], s["reason"]] for s in r["skipped"]], left=2))
+    sets = split_summary["sets"]
+    names = list(sets)
+    rows = [[c, *[sets[n]["images_per_class"][c] for n in names]] for c in split_summary["classes"]]
+    rows.append(["(no finding)", *[sets[n]["images_without_finding"] for n in names]])
+    rows.append(["images", *[sets[n]["images"] for n in names]])
+    rows.append(["patients", *[sets[n]["patients"] for n in names]])
+    parts.append("<h3>Images per class per set</h3>" + table(["class", *names], rows))
+    if cache is not None:
+        parts.append("<h3>Examples</h3>" + thumbnails(index, r["classes"], cache))
+    return "".join(parts)
+
+
+def thumbnails(index: pd.DataFrame, classes: list[str], cache: np.ndarray, per_class: int = 4) -> str:
+    out = ['<div class="thumbs">']
+    for c in classes:
+        rows = np.flatnonzero([c in labels for labels in index["labels"]])[:per_class]
+        imgs = "".join(f'<img alt="{esc(c)}: {esc(index["image_id"].iat[i])}" title="{esc(index["image_id"].iat[i])}" '
+                       f'src="{png_data_url(cache[i][0] if cache.shape[1] == 1 else np.moveaxis(cache[i], 0, 2))}">'
+                       for i in rows)
+        out.append(f"<p><b>{esc(c)}</b><br>{imgs}</p>")
+    return "".join(out) + "</div>"
+
+
+def split_section(split_summary: dict, check: dict) -> str:
+    ok = check["verdict"] == "leak-free"
+    parts = ['<h2 id="split">Split</h2>',
+             f'<p>{esc(split_summary["test_method"])}; {split_summary["folds"]} folds by patient, seed {split_summary["seed"]}.</p>',
+             f'<p>Leakage check: <span class="{"verdict-ok" if ok else "verdict-bad"}">{esc(check["verdict"])}</span> — '
+             f'{check["images_checked"]} images, {check["patients_crossing_sets"]} patients and '
+             f'{check["duplicate_hashes_crossing_sets"]} duplicate images crossing sets.</p>']
+    sets = split_summary["sets"]
+    rows = [[n, s["images"], s["patients"], max(abs(v) for v in s["prevalence_minus_overall_pp"].values())]
+            for n, s in sets.items()]
+    parts.append(table(["set", "images", "patients", "largest prevalence deviation (pp)"], rows))
+    if split_summary["source_leaks"]:
+        parts.append("<p>The dataset's own split put these patients on both sides:</p>" + table(
+            ["patients", "test images", "other images"],
+            [[", ".join(x["patients"]), ", ".join(x["test_images"]), ", ".join(x["other_images"])]
+             for x in split_summary["source_leaks"]], left=3))
+    return "".join(parts)
+
+
+def experiments_section(comparison: pd.DataFrame) -> str:
+    metrics = ["val.auroc_macro", "test.auroc_macro", "test.balanced_accuracy", "test.f1_macro"]
+    headers = ["experiment", *[f"{m} (mean ± std)" for m in metrics], "ensemble test AUROC [95% CI]", "train s/fold"]
+    rows, marks = [], []
+    for _, r in comparison.iterrows():
+        cells = [r["experiment"] + (" ★" if r["best"] else "")]
+        cells += [f"{r[f'{m}.mean']:.3f} ± {r[f'{m}.std']:.3f}" if pd.notna(r.get(f"{m}.mean")) else "–" for m in metrics]
+        ci = (f" [{r['ensemble_test.auroc_macro.ci_low']:.3f}, {r['ensemble_test.auroc_macro.ci_high']:.3f}]"
+              if pd.notna(r.get("ensemble_test.auroc_macro.ci_low")) else "")
+        cells.append(f"{r['ensemble_test.auroc_macro']:.3f}{ci}" if pd.notna(r["ensemble_test.auroc_macro"]) else "–")
+        cells.append(r.get("train_seconds.mean"))
+        rows.append(cells)
+        marks.append("best" if r["best"] else "")
+    return ('<h2 id="experiments">Experiments</h2><p class="note">★ best mean validation AUROC (the test set plays no '
+            'part in choosing).</p>' + table(headers, rows, left=6, classes=marks))
+
+
+def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, classes: list[str], task: str) -> str:
+    scored = [classes[1]] if task == "binary" else classes
+    cols = min(4, len(scored))
+    nrows = int(np.ceil(len(scored) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.3 * nrows), squeeze=False, layout="constrained")
+    test = predictions[predictions["set"] == "test"]
+    for ax, c in zip(axes.ravel(), scored):
+        j = classes.index(c)
+        for k, (fold, part) in enumerate(test.groupby("fold")):
+            y = truth_matrix(part["labels"], classes, task)
+            y01 = y[:, j] if task == "multilabel" else (y == j).astype(int)
+            if 0 < y01.sum() < len(y01):
+                fpr, tpr, _ = roc_curve(y01, part[f"prob:{c}"])
+                ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], lw=1, alpha=0.8, label=f"fold {fold}")
+        y = truth_matrix(ensemble["labels"], classes, task)
+        y01 = y[:, j] if task == "multilabel" else (y == j).astype(int)
+        if 0 < y01.sum() < len(y01):
+            fpr, tpr, _ = roc_curve(y01, ensemble[f"prob:{c}"])
+            ax.plot(fpr, tpr, color="black", lw=2, label="ensemble")
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+        ax.set(title=c, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.ravel()[len(scored):]:
+        ax.axis("off")
+    fig.suptitle(f"{name}: ROC on the held-out test set")
+    return svg(fig)
+
+
+def curves_figure(name: str, histories: dict[int, pd.DataFrame]) -> str:
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for k, (fold, h) in enumerate(sorted(histories.items())):
+        color = PALETTE[k % len(PALETTE)]
+        loss_ax.plot(h["epoch"], h["train_loss"], color=color, lw=1.2, label=f"fold {fold} train")
+        loss_ax.plot(h["epoch"], h["val_loss"], color=color, lw=1.2, ls="--", label=f"fold {fold} validation")
+        auc_ax.plot(h["epoch"], h["val_auroc_macro"], color=color, lw=1.2, label=f"fold {fold}")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: validation)")
+    auc_ax.set(xlabel="epoch", ylabel="macro AUROC", title="validation macro AUROC")
+    loss_ax.legend(fontsize=7, ncol=2)
+    auc_ax.legend(fontsize=7)
+    fig.suptitle(f"{name}: training curves")
+    return svg(fig)
+
+
+def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensemble: dict | None,
+                       predictions: pd.DataFrame, ensemble_predictions: pd.DataFrame | None,
+                       histories: dict[int, pd.DataFrame]) -> str:
+    classes, task = summary["classes"], summary["task"]
+    parts = [f'<h2 id="exp-{esc(name)}">Experiment: {esc(name)}</h2>']
+    headline = [f"{part}.{m}" for part in ("val", "test") for m in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
+                if f"{part}.{m}" in per_fold.columns]
+    parts.append("<h3>Per fold</h3>" + table(["fold", *headline, "best epoch", "train s"],
+                                              [[int(r["fold"]), *[r[c] for c in headline], int(r["best_epoch"]), r["train_seconds"]]
+                                               for _, r in per_fold.iterrows()]))
+    shown = [c for c in per_fold.columns if c.startswith(("val.", "test.")) and ".auroc." not in c]
+    stats = summary["statistics"]
+    order = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    parts.append("<h3>Across folds</h3>" + table(["metric", *order], [[c, *[stats[c][s] for s in order]] for c in shown]))
+    reference = set(classes) <= set(CHEXNET_AUROC) and len(classes) >= 10
+    heads = ["class", "validation AUROC (mean ± std)", "test AUROC (mean ± std)", "ensemble test AUROC", "95% CI"]
+    if reference:
+        heads.append("CheXNet (Rajpurkar 2017)")
+    rows = []
+    for c in ([classes[1]] if task == "binary" else classes):
+        v, t = summary["per_class_auroc"]["val"].get(c, {}), summary["per_class_auroc"]["test"].get(c, {})
+        ci = (ensemble or {}).get("ci95", {}).get(f"auroc.{c}")
+        row = [c, _pm(v), _pm(t), (ensemble or {}).get("auroc", {}).get(c), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–"]
+        if reference:
+            row.append(CHEXNET_AUROC.get(c))
+        rows.append(row)
+    parts.append("<h3>AUROC per class</h3>" + table(heads, rows, left=3))
+    if ensemble:
+        ci = ensemble["ci95"]
+        parts.append(f"<h3>Ensemble of the {ensemble['models']} fold models on the held-out test set</h3>" + table(
+            ["metric", "value", "95% CI (patient bootstrap)"],
+            [[m, ensemble.get(m), f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if ci.get(m) else "–"]
+             for m in ("auroc_macro", "accuracy", "balanced_accuracy")]
+            + [[m, ensemble.get(m), "–"] for m in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro")]))
+        parts.append("<h4>Classification report</h4>" + table(
+            ["class", "precision", "recall", "f1-score", "support"],
+            [[c, *[ensemble["per_class"][c][k] for k in ("precision", "recall", "f1-score")], int(ensemble["per_class"][c]["support"])]
+             for c in classes]))
+        parts.append("<h4>Confusion matrices (rows: truth, columns: prediction)</h4>" + confusion_tables(ensemble, classes, task))
+    parts.append('<div class="figs">' + roc_figure(name, predictions, ensemble_predictions if ensemble_predictions is not None
+                                                   else predictions.iloc[:0], classes, task) + "</div>")
+    parts.append('<div class="figs">' + curves_figure(name, histories) + "</div>")
+    return "".join(parts)
+
+
+def _pm(stat: dict) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat.get("std") is not None else f"{stat['mean']:.3f}"
+
+
+def confusion_tables(result: dict, classes: list[str], task: str) -> str:
+    if task == "multilabel":
+        return '<div class="figs">' + "".join(
+            f"<div><b>{esc(c)}</b>" + table(["", "predicted no", "predicted yes"],
+                                           [["no", *result["confusion"][c][0]], ["yes", *result["confusion"][c][1]]]) + "</div>"
+            for c in classes) + "</div>"
+    return table(["truth \\ prediction", *classes], [[c, *row] for c, row in zip(classes, result["confusion"])])
+
+
+def provenance_section(config: dict, timings: pd.DataFrame, repo: Path | None) -> str:
+    import snakemake
+    import torch
+    import torchvision
+
+    commit = "unknown"
+    if repo is not None:
+        try:
+            commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout
+            commit += " (with uncommitted changes)" if dirty.strip() else ""
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    rows = [["date", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
+            ["workflow commit", commit], ["python", sys.version.split()[0]], ["torch", torch.__version__],
+            ["torchvision", torchvision.__version__], ["snakemake", snakemake.__version__],
+            ["cpu", _cpu_name()], ["gpu", gpu], ["platform", platform.platform()]]
+    parts = ['<h2 id="provenance">Provenance</h2>', table(["", ""], rows, left=2)]
+    if len(timings):
+        parts.append("<h3>Wall time per job</h3>" + table(["job", "seconds", "max RSS (MB)"],
+                                                         timings[["job", "s", "max_rss"]].values.tolist()))
+    parts.append("<h3>Resolved configuration</h3><pre>" + esc(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
+    return "".join(parts)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def read_timings(paths) -> pd.DataFrame:
+    rows = []
+    for p in paths:
+        frame = pd.read_csv(p, sep="\t")
+        rows.append({"job": Path(p).stem, "s": float(frame["s"].iloc[0]),
+                     "max_rss": pd.to_numeric(frame["max_rss"], errors="coerce").iloc[0]})
+    return pd.DataFrame(rows, columns=["job", "s", "max_rss"])
+
+
+def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
+    """``inputs``: paths of index, index_report, split_summary, split_check, cache (optional),
+    comparison, and per experiment its per_fold, summary, ensemble, predictions (per fold),
+    ensemble_predictions, histories (per fold), plus benchmark files."""
+    from .index import read_index
+
+    index, _ = read_index(inputs["index"])
+    index_report = json.loads(Path(inputs["index_report"]).read_text())
+    split_summary = json.loads(Path(inputs["split_summary"]).read_text())
+    check = json.loads(Path(inputs["split_check"]).read_text())
+    cache = np.load(inputs["cache"], mmap_mode="r") if inputs.get("cache") else None
+    body = [dataset_section(index_report, split_summary, index, cache), split_section(split_summary, check)]
+    nav = ['<a href="#dataset">Dataset</a>', '<a href="#split">Split</a>']
+    if inputs.get("comparison"):
+        body.append(experiments_section(pd.read_csv(inputs["comparison"])))
+        nav.append('<a href="#experiments">Experiments</a>')
+    for name, files in inputs.get("experiments", {}).items():
+        summary = json.loads(Path(files["summary"]).read_text())
+        ensemble = json.loads(Path(files["ensemble"]).read_text())
+        predictions = pd.concat([pd.read_parquet(p) for p in files["predictions"]], ignore_index=True)
+        ens_pred = pd.read_parquet(files["ensemble_predictions"]) if files.get("ensemble_predictions") else None
+        histories = {int(Path(p).parent.name.split("_")[1]): pd.read_csv(p) for p in files["histories"]}
+        body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred, histories))
+        nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
+    body.append(provenance_section(config, read_timings(inputs.get("benchmarks", [])), repo))
+    nav.append('<a href="#provenance">Provenance</a>')
+    title = f"medfold report: {esc(index_report['dataset'])}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{title}</h1><nav>{''.join(nav)}</nav>{''.join(body)}</body></html>\n")

@@ -1,0 +1,25 @@
+# The HTML report, rendered from result files alone.
+
+
+rule report:
+    input:
+        flat_files(report_inputs()),
+    output:
+        html=report(
+            f"{RESULTS}/{{dataset}}/report/index.html",
+            caption="../report/medfold_report.rst",
+            category="Report",
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/report.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        files=report_inputs(),
+        config=config,
+        repo=workflow.basedir,
+    script:
+        "../scripts/report.py"
