@@ -109,3 +109,13 @@ def test_dataset_strings_are_escaped(tmp_path, demo_dir):
     seen = open_in_chromium(page, tmp_path / "escaped.png")
     assert seen["dialogs"] == [] and seen["errors"] == []
     assert EVIL_CLASS in seen["text"] and EVIL_FILE in seen["text"]
+
+
+def test_snakemakes_native_report_holds_the_labelled_results(trained_workflow):
+    import zipfile
+
+    run_snakemake(trained_workflow, "--report", "native_report.zip")
+    with zipfile.ZipFile(trained_workflow / "native_report.zip") as archive:
+        names = archive.namelist()
+    for part in ("experiments.csv", "per_fold.csv", "summary.csv", "history.csv", "index.html"):
+        assert any(n.endswith(part) for n in names), part

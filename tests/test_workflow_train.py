@@ -49,7 +49,7 @@ def test_a_deleted_fold_is_rebuilt_alone_and_only_its_downstream_follows(finishe
     assert planned(proc) == {"train": 1} and planned_folds(proc) == [("baseline", "1")]
     run_snakemake(finished, "--cores", "2", fold)
     after = run_snakemake(finished, "--cores", "2", "--dry-run")
-    assert planned(after) == {"aggregate": 1, "compare_experiments": 1, "all": 1}
+    assert planned(after) == {"aggregate": 1, "compare_experiments": 1, "report": 1, "all": 1}
     assert "experiment=baseline" in after.stdout and "experiment=batchnorm" not in after.stdout
 
 

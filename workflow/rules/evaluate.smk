@@ -6,8 +6,18 @@ rule aggregate:
         metrics=lambda w: fold_files(w.experiment, "metrics.json"),
         predictions=lambda w: fold_files(w.experiment, "predictions.parquet"),
     output:
-        per_fold=f"{CV_DIR}/per_fold.csv",
-        summary_table=f"{CV_DIR}/summary.csv",
+        per_fold=report(
+            f"{CV_DIR}/per_fold.csv",
+            caption="../report/per_fold.rst",
+            category="Cross-validation",
+            labels={"experiment": "{experiment}", "table": "per fold"},
+        ),
+        summary_table=report(
+            f"{CV_DIR}/summary.csv",
+            caption="../report/summary.rst",
+            category="Cross-validation",
+            labels={"experiment": "{experiment}", "table": "summary"},
+        ),
         summary=f"{CV_DIR}/summary.json",
         ensemble=f"{CV_DIR}/ensemble_test.json",
         ensemble_predictions=f"{CV_DIR}/ensemble_test_predictions.parquet",
@@ -38,7 +48,11 @@ rule compare_experiments:
             experiment=EXPERIMENTS,
         ),
     output:
-        table=f"{RESULTS}/{{dataset}}/experiments.csv",
+        table=report(
+            f"{RESULTS}/{{dataset}}/experiments.csv",
+            caption="../report/experiments.rst",
+            category="Experiments",
+        ),
     log:
         f"{RESULTS}/{{dataset}}/logs/compare_experiments.log",
     conda:

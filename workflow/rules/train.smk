@@ -31,7 +31,12 @@ rule train:
         cache=lambda w: cache_of(w.experiment),
     output:
         model=f"{FOLD_DIR}/model.pt",
-        history=f"{FOLD_DIR}/history.csv",
+        history=report(
+            f"{FOLD_DIR}/history.csv",
+            caption="../report/history.rst",
+            category="Training",
+            labels={"experiment": "{experiment}", "fold": "{fold}"},
+        ),
         predictions=f"{FOLD_DIR}/predictions.parquet",
         metrics=f"{FOLD_DIR}/metrics.json",
         tensorboard=directory(f"{FOLD_DIR}/tensorboard"),
