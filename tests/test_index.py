@@ -200,3 +200,8 @@ def test_metadata_only_index_opens_no_files(tmp_path, demo_dir):
     table, report = build_index(ds)
     assert len(table) == len(rows) and not table["present"].any() and table["content_hash"].isna().all()
     assert (table["width"] == 1024).all() and report["metadata_only"]
+
+
+def test_metadata_only_needs_a_table(demo_dir):
+    with pytest.raises(ConfigError, match="dataset.metadata_only works with dataset.format 'csv'"):
+        build_index(folder_dataset(demo_dir / "chest_xray", metadata_only=True))

@@ -314,6 +314,8 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     """Return (index table, report). ``ds`` is the validated ``dataset`` config section."""
     fmt = ds["format"]
     source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
+    if ds["metadata_only"] and fmt != "csv":
+        raise ConfigError(f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}")
     cand, ignored = ADAPTERS[fmt](ds)
     if cand.empty:
         raise ConfigError(f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})")
