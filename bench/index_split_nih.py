@@ -74,7 +74,7 @@ def main() -> None:
     indexed = time.perf_counter()
     splits, _ = make_splits(index, report["classes"], split_cfg)
     done = time.perf_counter()
-    labels = label_matrix(index, report["classes"])
+    labels = label_matrix(index["labels"], report["classes"])
     eligible = labels.sum(0) > 1000
     fold = splits["fold"].to_numpy()
     ours = worst_deviation(labels, fold, eligible)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .metrics import choose_thresholds, evaluate, predict, scalar_metrics
+from .metrics import choose_thresholds, evaluate, predict, scalar_metrics, targets_for
 
 
 def _load(metrics_paths) -> list[dict]:
@@ -41,17 +41,6 @@ def per_fold_table(results: list[dict]) -> pd.DataFrame:
 def summary_table(per_fold: pd.DataFrame) -> pd.DataFrame:
     """count, mean, std, min, 25%, 50%, 75%, max of every metric column (rows: statistics)."""
     return per_fold.drop(columns=["fold"]).astype(float).describe()
-
-
-def truth_matrix(labels: pd.Series, classes: list[str], task: str) -> np.ndarray:
-    position = {c: i for i, c in enumerate(classes)}
-    if task == "multilabel":
-        y = np.zeros((len(labels), len(classes)), np.int64)
-        for row, names in enumerate(labels):
-            for name in names:
-                y[row, position[name]] = 1
-        return y
-    return np.array([position[names[0]] for names in labels], np.int64)
 
 
 def _probs(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
@@ -112,7 +101,7 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
                            for c in cols}
     predictions = pd.concat([pd.read_parquet(p) for p in prediction_paths], ignore_index=True)
     oof = predictions[predictions["set"] == "val"]
-    y_oof = truth_matrix(oof["labels"], classes, task)
+    y_oof = targets_for(oof["labels"], classes, task)
     oof_probs = _probs(oof, classes)
     thresholds = choose_thresholds(task, y_oof, oof_probs)
     pooled = evaluate(task, classes, y_oof, oof_probs, thresholds)
@@ -122,7 +111,7 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     if len(test):
         mean_probs = test.groupby("image_id", sort=True)[[f"prob:{c}" for c in classes]].mean()
         first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
-        y_test = truth_matrix(first["labels"], classes, task)
+        y_test = targets_for(first["labels"], classes, task)
         probs = mean_probs.to_numpy(np.float64)
         ensemble = evaluate(task, classes, y_test, probs, thresholds)
         ensemble["models"] = int(test["fold"].nunique())

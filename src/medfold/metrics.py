@@ -13,6 +13,17 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
+from .split import label_matrix
+
+
+def targets_for(labels_per_image, classes: list[str], task: str) -> np.ndarray:
+    """The ``y`` of this module from each image's label list: a class index per image (binary,
+    multiclass) or a float 0/1 matrix (multilabel, ready for BCE)."""
+    matrix = label_matrix(labels_per_image, classes)
+    if task == "multilabel":
+        return matrix.astype(np.float32)
+    return matrix.argmax(1)
+
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
     """The score threshold maximising sensitivity + specificity - 1; 0.5 if y has one class."""

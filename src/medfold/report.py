@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .aggregate import truth_matrix  # noqa: E402
+from .metrics import targets_for  # noqa: E402
 
 # Okabe & Ito (2008), a palette that colour-blind readers can tell apart.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -170,12 +170,12 @@ def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, cla
     for ax, c in zip(axes.ravel(), scored):
         j = classes.index(c)
         for k, (fold, part) in enumerate(test.groupby("fold")):
-            y = truth_matrix(part["labels"], classes, task)
+            y = targets_for(part["labels"], classes, task)
             y01 = y[:, j] if task == "multilabel" else (y == j).astype(int)
             if 0 < y01.sum() < len(y01):
                 fpr, tpr, _ = roc_curve(y01, part[f"prob:{c}"])
                 ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], lw=1, alpha=0.8, label=f"fold {fold}")
-        y = truth_matrix(ensemble["labels"], classes, task)
+        y = targets_for(ensemble["labels"], classes, task)
         y01 = y[:, j] if task == "multilabel" else (y == j).astype(int)
         if 0 < y01.sum() < len(y01):
             fpr, tpr, _ = roc_curve(y01, ensemble[f"prob:{c}"])

@@ -48,11 +48,11 @@ def image_groups(index: pd.DataFrame) -> np.ndarray:
     return renumber[labels[:n]]
 
 
-def label_matrix(index: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """(images, classes) 0/1 matrix in class order."""
+def label_matrix(labels_per_image, classes: list[str]) -> np.ndarray:
+    """(images, classes) 0/1 matrix in class order, from each image's list of labels."""
     position = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(index), len(classes)), np.int64)
-    for row, labels in enumerate(index["labels"]):
+    matrix = np.zeros((len(labels_per_image), len(classes)), np.int64)
+    for row, labels in enumerate(labels_per_image):
         for label in labels:
             matrix[row, position[label]] = 1
     return matrix
@@ -107,7 +107,7 @@ def iterative_stratification(counts: np.ndarray, ratios, seed: int) -> np.ndarra
 
 
 def _group_counts(index: pd.DataFrame, groups: np.ndarray, classes: list[str]) -> np.ndarray:
-    labels = label_matrix(index, classes)
+    labels = label_matrix(index["labels"], classes)
     no_finding = (labels.sum(1) == 0).astype(np.int64)[:, None]
     per_image = np.hstack([labels, no_finding])
     counts = np.zeros((groups.max() + 1, per_image.shape[1]), np.int64)
@@ -186,7 +186,7 @@ def partition_names(splits: pd.DataFrame) -> pd.Series:
 
 
 def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> dict:
-    labels = label_matrix(index, classes)
+    labels = label_matrix(index["labels"], classes)
     parts = partition_names(splits)
     overall = labels.mean(0)
     out = {"classes": classes, "images": int(len(index)), "patients": int(index["patient_id"].nunique()), "sets": {}}

@@ -18,13 +18,18 @@ def setup_logging(log_path: str | None = None) -> None:
                         handlers=handlers, force=True)
 
 
-def run(smk: Any, work: Callable[[Any], None]) -> None:
-    """Run ``work(snakemake)``; a MedfoldError ends the job with its message and exit status 1."""
-    setup_logging(smk.log[0] if len(smk.log) else None)
+def guarded(name: str, log_path: str | None, work: Callable[[], None]) -> None:
+    """Run ``work()`` with logging set up; a MedfoldError ends the process with its message
+    and exit status 1, no traceback."""
+    setup_logging(log_path)
     try:
-        work(smk)
+        work()
     except MedfoldError as exc:
-        name = getattr(smk, "rule", "step")
         logging.getLogger("medfold").error("%s failed: %s", name, exc)
         logging.shutdown()
         sys.exit(1)
+
+
+def run(smk: Any, work: Callable[[Any], None]) -> None:
+    """A rule's script: ``work(snakemake)`` under ``guarded``, logging to the rule's log."""
+    guarded(getattr(smk, "rule", "step"), smk.log[0] if len(smk.log) else None, lambda: work(smk))

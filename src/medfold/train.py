@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from .cache import open_cache
 from .errors import ConfigError, DataError
 from .index import read_index
-from .metrics import choose_thresholds, evaluate
+from .metrics import choose_thresholds, evaluate, targets_for
 from .models import build_model
-from .split import label_matrix
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,6 @@ CHECKPOINT = "checkpoint.pt"
 
 
 # ----------------------------------------------------------------------------- data
-def targets_for(index: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
-    """Class index per image (binary, multiclass) or a float 0/1 matrix (multilabel)."""
-    matrix = label_matrix(index, classes)
-    if task == "multilabel":
-        return matrix.astype(np.float32)
-    return matrix.argmax(1)
-
-
 def fold_rows(splits: pd.DataFrame, index: pd.DataFrame, fold: int) -> dict[str, np.ndarray]:
     position = pd.Series(np.arange(len(index)), index=index["image_id"].to_numpy())
     by_set = {
@@ -151,9 +142,10 @@ class Runner:
         x = normalize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, model=None) -> torch.Tensor:
+        """``model`` defaults to the plain model; training passes the compiled one when compiling."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model(x)
+            return (model or self.model)(x)
 
     def target(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.targets[rows.numpy()], device=self.device)
@@ -195,9 +187,9 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     torch.set_num_threads(max(1, threads))
     index, meta = read_index(index_path)
     classes, task = meta["classes"], meta["task"]
-    splits = pd.read_parquet(splits_path).set_index("image_id").loc[index["image_id"]].reset_index()
+    splits = pd.read_parquet(splits_path)
     cache = open_cache(cache_dir, index)
-    targets = targets_for(index, classes, task)
+    targets = targets_for(index["labels"], classes, task)
     rows = fold_rows(splits, index, fold)
     check_fold(rows, targets, classes, task, fold)
     device = resolve_device(cfg["device"])
@@ -253,9 +245,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         model.train()
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, (images, batch_rows) in enumerate(batches):
-            x = runner.prepare(images, augment, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runner.amp):
-                logits = step_model(x)
+            logits = runner.forward(runner.prepare(images, augment, gen), step_model)
             loss = criterion(logits, runner.target(batch_rows))
             if not torch.isfinite(loss):
                 raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
@@ -300,7 +290,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     writer.close()
 
     model.load_state_dict(state["best_state"])
-    result = _evaluate_and_write(runner, criterion, rows, index, splits, classes, task, cfg, fold, state, out)
+    result = _evaluate_and_write(runner, criterion, rows, index, classes, task, cfg, fold, state, out)
     ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
     return result
 
@@ -315,17 +305,17 @@ def _log_scalars(writer, row: dict) -> None:
             writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["epoch"])
 
 
-def _evaluate_and_write(runner, criterion, rows, index, splits, classes, task, cfg, fold, state, out: Path) -> dict:
-    labels_of = runner.targets.__getitem__
+def _evaluate_and_write(runner, criterion, rows, index, classes, task, cfg, fold, state, out: Path) -> dict:
+    y = runner.targets
     val_probs, val_loss = runner.predict(rows["val"], criterion)
-    thresholds = choose_thresholds(task, labels_of(rows["val"]), val_probs)
+    thresholds = choose_thresholds(task, y[rows["val"]], val_probs)
     result = {"fold": fold, "task": task, "classes": classes,
-              "val": evaluate(task, classes, labels_of(rows["val"]), val_probs, thresholds)}
+              "val": evaluate(task, classes, y[rows["val"]], val_probs, thresholds)}
     result["val"]["loss"] = val_loss
     frames = [_prediction_frame(index, rows["val"], val_probs, classes, "val", fold)]
     if len(rows["test"]):
         test_probs, test_loss = runner.predict(rows["test"], criterion)
-        result["test"] = evaluate(task, classes, labels_of(rows["test"]), test_probs, thresholds)
+        result["test"] = evaluate(task, classes, y[rows["test"]], test_probs, thresholds)
         result["test"]["loss"] = test_loss
         frames.append(_prediction_frame(index, rows["test"], test_probs, classes, "test", fold))
     result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
@@ -363,8 +353,7 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line for launchers (torchrun, horovodrun, srun) and for tests."""
-    from .errors import MedfoldError
-    from .step import setup_logging
+    from .step import guarded
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", required=True, help="JSON file with the resolved experiment settings")
@@ -376,13 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
-    setup_logging(args.log)
-    try:
-        run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits, args.cache, args.fold, args.out,
-                 args.threads)
-    except MedfoldError as exc:
-        log.error("training failed: %s", exc)
-        raise SystemExit(1) from None
+    guarded("training", args.log, lambda: run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits,
+                                                   args.cache, args.fold, args.out, args.threads))
 
 
 if __name__ == "__main__":

@@ -131,9 +131,6 @@ class CachedBatches:
             rows = np.resize(rows, per_rank * self.world)[self.rank::self.world]
         return rows
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.epoch_rows()) / self.batch_size)
-
     def __iter__(self):
         rows = self.epoch_rows()
         for start in range(0, len(rows), self.batch_size):

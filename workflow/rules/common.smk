@@ -44,55 +44,64 @@ def dataset_inputs(wildcards):
     return {"root": ds["root"]}
 
 
+# Paths below come from the rules' own output and benchmark patterns (looked up when called,
+# after every rule is defined), so each path is spelled once, in its rule.
 def cache_of(experiment):
-    size = SETTINGS[experiment]["image_size"]
-    return [
-        f"{DATASET_DIR}/cache/{size}/images.npy",
-        f"{DATASET_DIR}/cache/{size}/image_ids.txt",
-    ]
+    return expand(
+        rules.cache.output, dataset=DATASET, size=SETTINGS[experiment]["image_size"]
+    )
 
 
-def fold_files(experiment, name):
-    return [f"{DATASET_DIR}/{experiment}/fold_{k}/{name}" for k in FOLDS]
+def fold_files(experiment, output):
+    return expand(
+        getattr(rules.train.output, output),
+        dataset=DATASET,
+        experiment=experiment,
+        fold=FOLDS,
+    )
+
+
+def cv_file(experiment, output):
+    return expand(
+        getattr(rules.aggregate.output, output), dataset=DATASET, experiment=experiment
+    )[0]
 
 
 def report_inputs():
     """Every result file the report reads, by section (passed to the script as params too)."""
-    exp = {
+    experiments = {
         name: {
-            "per_fold": f"{DATASET_DIR}/{name}/cv/per_fold.csv",
-            "summary": f"{DATASET_DIR}/{name}/cv/summary.json",
-            "ensemble": f"{DATASET_DIR}/{name}/cv/ensemble_test.json",
-            "ensemble_predictions": f"{DATASET_DIR}/{name}/cv/ensemble_test_predictions.parquet",
-            "predictions": fold_files(name, "predictions.parquet"),
-            "histories": fold_files(name, "history.csv"),
+            "per_fold": cv_file(name, "per_fold"),
+            "summary": cv_file(name, "summary"),
+            "ensemble": cv_file(name, "ensemble"),
+            "ensemble_predictions": cv_file(name, "ensemble_predictions"),
+            "predictions": fold_files(name, "predictions"),
+            "histories": fold_files(name, "history"),
         }
         for name in EXPERIMENTS
     }
-    size = min(SETTINGS[name]["image_size"] for name in EXPERIMENTS)
+    sizes = sorted({SETTINGS[name]["image_size"] for name in EXPERIMENTS})
     benchmarks = [
-        f"{DATASET_DIR}/benchmarks/{step}.tsv"
-        for step in ("index", "split", "check_split")
+        *expand(rules.index.benchmark, dataset=DATASET),
+        *expand(rules.split.benchmark, dataset=DATASET),
+        *expand(rules.check_split.benchmark, dataset=DATASET),
+        *expand(rules.cache.benchmark, dataset=DATASET, size=sizes),
+        *expand(
+            rules.train.benchmark, dataset=DATASET, experiment=EXPERIMENTS, fold=FOLDS
+        ),
+        *expand(rules.aggregate.benchmark, dataset=DATASET, experiment=EXPERIMENTS),
     ]
-    benchmarks += [
-        f"{DATASET_DIR}/benchmarks/cache_{SETTINGS[n]['image_size']}.tsv"
-        for n in EXPERIMENTS
-    ]
-    benchmarks += [
-        f"{DATASET_DIR}/benchmarks/train_{n}_fold_{k}.tsv"
-        for n in EXPERIMENTS
-        for k in FOLDS
-    ]
-    benchmarks += [f"{DATASET_DIR}/benchmarks/aggregate_{n}.tsv" for n in EXPERIMENTS]
     return {
-        "index": f"{DATASET_DIR}/index.parquet",
-        "index_report": f"{DATASET_DIR}/index_report.json",
-        "split_summary": f"{DATASET_DIR}/split_summary.json",
-        "split_check": f"{DATASET_DIR}/split_check.json",
-        "cache": f"{DATASET_DIR}/cache/{size}/images.npy",
-        "comparison": f"{DATASET_DIR}/experiments.csv",
-        "experiments": exp,
-        "benchmarks": sorted(set(benchmarks)),
+        "index": expand(rules.index.output.table, dataset=DATASET)[0],
+        "index_report": expand(rules.index.output.report, dataset=DATASET)[0],
+        "split_summary": expand(rules.split.output.summary, dataset=DATASET)[0],
+        "split_check": expand(rules.check_split.output.check, dataset=DATASET)[0],
+        "cache": cache_of(min(EXPERIMENTS, key=lambda n: SETTINGS[n]["image_size"]))[0],
+        "comparison": expand(rules.compare_experiments.output.table, dataset=DATASET)[
+            0
+        ],
+        "experiments": experiments,
+        "benchmarks": benchmarks,
     }
 
 

@@ -3,8 +3,8 @@
 
 rule aggregate:
     input:
-        metrics=lambda w: fold_files(w.experiment, "metrics.json"),
-        predictions=lambda w: fold_files(w.experiment, "predictions.parquet"),
+        metrics=lambda w: fold_files(w.experiment, "metrics"),
+        predictions=lambda w: fold_files(w.experiment, "predictions"),
     output:
         per_fold=report(
             f"{CV_DIR}/per_fold.csv",
@@ -39,14 +39,8 @@ rule aggregate:
 
 rule compare_experiments:
     input:
-        summaries=expand(
-            f"{RESULTS}/{{{{dataset}}}}/{{experiment}}/cv/summary.json",
-            experiment=EXPERIMENTS,
-        ),
-        ensembles=expand(
-            f"{RESULTS}/{{{{dataset}}}}/{{experiment}}/cv/ensemble_test.json",
-            experiment=EXPERIMENTS,
-        ),
+        summaries=[cv_file(name, "summary") for name in EXPERIMENTS],
+        ensembles=[cv_file(name, "ensemble") for name in EXPERIMENTS],
     output:
         table=report(
             f"{RESULTS}/{{dataset}}/experiments.csv",

@@ -1,9 +1,11 @@
 # The HTML report, rendered from result files alone.
 
+REPORT_INPUTS = report_inputs()
+
 
 rule report:
     input:
-        flat_files(report_inputs()),
+        flat_files(REPORT_INPUTS),
     output:
         html=report(
             f"{RESULTS}/{{dataset}}/report/index.html",
@@ -18,7 +20,7 @@ rule report:
         mem_mb=2000,
         runtime=10,
     params:
-        files=report_inputs(),
+        files=REPORT_INPUTS,
         config=config,
         repo=workflow.basedir,
     script:
