@@ -205,3 +205,40 @@ def test_metadata_only_index_opens_no_files(tmp_path, demo_dir):
 def test_metadata_only_needs_a_table(demo_dir):
     with pytest.raises(ConfigError, match="dataset.metadata_only works with dataset.format 'csv'"):
         build_index(folder_dataset(demo_dir / "chest_xray", metadata_only=True))
+
+
+def test_csv_with_one_hot_label_columns_nested_images_and_a_split_column(tmp_path, demo_dir):
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").head(12)
+    for i, name in enumerate(rows["Image Index"]):  # images spread over sub-folders, as NIH ships them
+        target = tmp_path / "images" / f"images_{i % 3:03d}" / "images" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_dir / "cxr14" / "images" / name, target)
+    table = pd.DataFrame({"file": rows["Image Index"], "pid": rows["Patient ID"],
+                          "Effusion": rows["Finding Labels"].str.contains("Effusion").astype(int),
+                          "Nodule": rows["Finding Labels"].str.contains("Nodule").astype(int),
+                          "split": ["train"] * 9 + ["test"] * 3})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    ds = csv_dataset(demo_dir, table=str(tmp_path / "labels.csv"), root=str(tmp_path / "images"), path_column="file",
+                     label_column=None, label_columns=["Effusion", "Nodule"], labels=["Effusion", "Nodule"],
+                     patient_column="pid", source_split_column="split", recursive_lookup=True)
+    index, report = build_index(ds)
+    assert report["images_skipped"] == 0 and len(index) == 12
+    expected = [[c for c in ("Effusion", "Nodule") if r[c] == 1] for _, r in table.iterrows()]
+    assert index["labels"].tolist() == expected
+    assert index["path"].str.contains("images_00").all() and index["source_split"].tolist() == table["split"].tolist()
+    without = csv_dataset(demo_dir, table=str(tmp_path / "labels.csv"), root=str(tmp_path / "images"), path_column="file",
+                          label_column=None, label_columns=["Effusion", "Nodule"], labels=["Effusion", "Nodule"],
+                          patient_column="pid")
+    with pytest.raises(ConfigError, match=r"all 12 images were unreadable; first: .*00000001_000\.png: file not found"):
+        build_index(without)  # without recursive_lookup the nested files are not where the table says
+
+
+def test_excluded_folders_are_not_indexed(tmp_path, demo_dir):
+    root = tmp_path / "covid"
+    shutil.copytree(demo_dir / "chest_xray" / "train", root)
+    (root / "Normal" / "masks").mkdir()
+    shutil.copy(next((root / "Normal").glob("*.png")), root / "Normal" / "masks" / "person999_mask_0.png")
+    _, report = build_index(folder_dataset(root))
+    assert "masks" in report["classes"]
+    index, report = build_index(folder_dataset(root, exclude_folders=["masks"]))
+    assert "masks" not in report["classes"] and not index["image_id"].str.contains("masks").any()

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from medfold.train import sample_weights
@@ -59,3 +60,28 @@ def test_distributed_ranks_get_disjoint_equal_shards():
     shards = [CachedBatches(cache, np.arange(23), 4, shuffle=True, seed=0, rank=r, world=2).epoch_rows() for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 12
     assert set(shards[0]) | set(shards[1]) == set(range(23))
+
+
+def test_target_oversampling_matches_the_asked_shares():
+    targets = np.array([0] * 80 + [1] * 15 + [2] * 5)
+    weights = sample_weights(targets, "multiclass", ["a", "b", "c"], "target", {"a": 0.2, "b": 0.3, "c": 0.5})
+    drawn = targets[CachedBatches(np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True,
+                                  weights=weights).epoch_rows()]
+    many = np.concatenate([targets[CachedBatches(np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True,
+                                                 seed=s, weights=weights).epoch_rows()] for s in range(50)])
+    assert len(drawn) == 100
+    assert np.allclose(np.bincount(many, minlength=3) / len(many), [0.2, 0.3, 0.5], atol=0.03)
+
+
+def test_class_weighted_losses_follow_chexnet_and_inverse_frequency():
+    from medfold.train import Criterion
+
+    y = np.array([[1, 0], [0, 0], [0, 0], [0, 1]], dtype=np.float32)  # class 0: P=1, N=3
+    bce = Criterion("multilabel", y, 2, class_weights=True, device="cpu")
+    assert torch.allclose(bce.pos, torch.tensor([0.75, 0.75])) and torch.allclose(bce.neg, torch.tensor([0.25, 0.25]))
+    logits = torch.zeros(4, 2)
+    # at logit 0 every term costs log 2, weighted w+ for positives and w- for negatives
+    expected = np.log(2) * (2 * 0.75 + 6 * 0.25) / 8
+    assert float(bce(logits, torch.from_numpy(y))) == pytest.approx(expected, rel=1e-6)
+    ce = Criterion("multiclass", np.array([0, 0, 0, 1]), 2, class_weights=True, device="cpu")
+    assert torch.allclose(ce.weight, torch.tensor([4 / 6, 4 / 2]))
