@@ -151,11 +151,12 @@ class Runner:
         return torch.as_tensor(self.targets[rows.numpy()], device=self.device)
 
     @torch.no_grad()
-    def predict(self, rows: np.ndarray, criterion: Criterion | None = None) -> tuple[np.ndarray, float | None]:
-        self.model.eval()
+    def predict(self, rows: np.ndarray, criterion: Criterion | None = None, model=None) -> tuple[np.ndarray, float | None]:
+        """Probabilities for ``rows``; ``model`` (any callable, e.g. a quantized graph) defaults to
+        the runner's model. The caller puts the model in eval mode."""
         probs, total, seen = [], 0.0, 0
         for images, batch_rows in CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False):
-            logits = self.forward(self.prepare(images, None, None))
+            logits = self.forward(self.prepare(images, None, None), model)
             if criterion is not None:
                 total += float(criterion(logits, self.target(batch_rows))) * len(batch_rows)
                 seen += len(batch_rows)
@@ -178,6 +179,49 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class FoldData:
+    """One fold's images and targets: the index, its classes and task, the cache, and the rows
+    of the training folds, the validation fold and the held-out test set."""
+
+    def __init__(self, index_path, splits_path, cache_dir, fold: int):
+        self.fold = fold
+        self.index, meta = read_index(index_path)
+        self.classes, self.task = meta["classes"], meta["task"]
+        self.cache = open_cache(cache_dir, self.index)
+        self.targets = targets_for(self.index["labels"], self.classes, self.task)
+        self.rows = fold_rows(pd.read_parquet(splits_path), self.index, fold)
+        check_fold(self.rows, self.targets, self.classes, self.task, fold)
+
+
+def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: AugmentConfig, criterion: Criterion,
+                optimizer: torch.optim.Optimizer, gen, fold: int, epoch: int, after_step=None) -> tuple[float, int, float]:
+    """One pass over the training batches; ``after_step(step, steps)`` runs after each optimizer
+    step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
+    start, seen, loss_sum = time.perf_counter(), 0, 0.0
+    steps = batches.steps()
+    for step, (images, batch_rows) in enumerate(batches):
+        logits = runner.forward(runner.prepare(images, augment, gen), step_model)
+        loss = criterion(logits, runner.target(batch_rows))
+        if not torch.isfinite(loss):
+            raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
+                            f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
+                            f"the inputs")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step, steps)
+        loss_sum += float(loss.detach()) * len(batch_rows)
+        seen += len(batch_rows)
+    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
+
+
+def seed_epoch(cfg: dict, fold: int, epoch: int, device) -> torch.Generator:
+    """Dropout and the like, and augmentation draws: the same after a resume."""
+    torch.manual_seed(cfg["seed"] * 100003 + epoch)
+    return torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch)
+
+
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
     """Train on the fold's training folds, select on its validation fold, evaluate on both and
     on the held-out test set. Writes model.pt, history.csv, predictions.parquet, metrics.json
@@ -185,13 +229,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, threads))
-    index, meta = read_index(index_path)
-    classes, task = meta["classes"], meta["task"]
-    splits = pd.read_parquet(splits_path)
-    cache = open_cache(cache_dir, index)
-    targets = targets_for(index["labels"], classes, task)
-    rows = fold_rows(splits, index, fold)
-    check_fold(rows, targets, classes, task, fold)
+    data = FoldData(index_path, splits_path, cache_dir, fold)
+    index, classes, task, cache, targets, rows = data.index, data.classes, data.task, data.cache, data.targets, data.rows
     device = resolve_device(cfg["device"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -239,23 +278,12 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
 
     while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
         epoch = state["epoch"]
-        torch.manual_seed(cfg["seed"] * 100003 + epoch)  # dropout and the like: same draws after resume
-        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch)
+        gen = seed_epoch(cfg, fold, epoch, device)
         batches.set_epoch(epoch)
         model.train()
-        start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step, (images, batch_rows) in enumerate(batches):
-            logits = runner.forward(runner.prepare(images, augment, gen), step_model)
-            loss = criterion(logits, runner.target(batch_rows))
-            if not torch.isfinite(loss):
-                raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
-                                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower training.lr or check the inputs")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(batch_rows)
-            seen += len(batch_rows)
-        seconds = time.perf_counter() - start
+        train_loss, seen, seconds = train_epoch(runner, step_model, batches, augment, criterion, optimizer, gen, fold,
+                                                epoch)
+        model.eval()
         val_probs, val_loss = runner.predict(rows["val"], criterion)
         val = evaluate(task, classes, targets[rows["val"]], val_probs)
         value = val_loss if metric == "loss" else val.get(metric)
@@ -270,7 +298,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
                          best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / seen,
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                "val_loss": val_loss, "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "images_per_s": seen / seconds, "seconds": seconds}
         state["history"].append(row)
@@ -290,7 +318,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     writer.close()
 
     model.load_state_dict(state["best_state"])
-    result = _evaluate_and_write(runner, criterion, rows, index, classes, task, cfg, fold, state, out)
+    result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
     ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
     return result
 
@@ -305,30 +333,46 @@ def _log_scalars(writer, row: dict) -> None:
             writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["epoch"])
 
 
-def _evaluate_and_write(runner, criterion, rows, index, classes, task, cfg, fold, state, out: Path) -> dict:
-    y = runner.targets
-    val_probs, val_loss = runner.predict(rows["val"], criterion)
+def evaluate_fold(runner: Runner, criterion: Criterion | None, data: FoldData, model=None) -> tuple[dict, pd.DataFrame]:
+    """Validation and test metrics of ``model`` (default: the runner's), with thresholds chosen on
+    validation, and the probabilities of both sets as one table."""
+    y, rows, task, classes = data.targets, data.rows, data.task, data.classes
+    val_probs, val_loss = runner.predict(rows["val"], criterion, model)
     thresholds = choose_thresholds(task, y[rows["val"]], val_probs)
-    result = {"fold": fold, "task": task, "classes": classes,
+    result = {"fold": data.fold, "task": task, "classes": classes,
               "val": evaluate(task, classes, y[rows["val"]], val_probs, thresholds)}
     result["val"]["loss"] = val_loss
-    frames = [_prediction_frame(index, rows["val"], val_probs, classes, "val", fold)]
+    frames = [_prediction_frame(data.index, rows["val"], val_probs, classes, "val", data.fold)]
     if len(rows["test"]):
-        test_probs, test_loss = runner.predict(rows["test"], criterion)
+        test_probs, test_loss = runner.predict(rows["test"], criterion, model)
         result["test"] = evaluate(task, classes, y[rows["test"]], test_probs, thresholds)
         result["test"]["loss"] = test_loss
-        frames.append(_prediction_frame(index, rows["test"], test_probs, classes, "test", fold))
+        frames.append(_prediction_frame(data.index, rows["test"], test_probs, classes, "test", data.fold))
+    return result, pd.concat(frames, ignore_index=True)
+
+
+def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict], out: Path) -> None:
+    predictions.to_parquet(out / "predictions.parquet", index=False)
+    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path) -> None:
+    torch.save({"state_dict": model.state_dict(), "model": cfg["model"], "in_channels": data.cache.shape[1],
+                "num_classes": len(data.classes), "classes": data.classes, "task": data.task,
+                "image_size": cfg["image_size"], "batch_norm": cfg["batch_norm"], "dropout": cfg["dropout"],
+                "thresholds": thresholds, "settings": json.dumps(cfg)}, path)
+
+
+def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path) -> dict:
+    runner.model.eval()
+    result, predictions = evaluate_fold(runner, criterion, data)
     result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
                    "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
                    "monitor": cfg["early_stopping"]["metric"], "settings": cfg})
-    pd.concat(frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
-    pd.DataFrame(state["history"]).to_csv(out / "history.csv", index=False)
-    torch.save({"state_dict": runner.model.state_dict(), "model": cfg["model"], "in_channels": runner.cache.shape[1],
-                "num_classes": len(classes), "classes": classes, "task": task, "image_size": cfg["image_size"],
-                "batch_norm": cfg["batch_norm"], "dropout": cfg["dropout"], "thresholds": thresholds,
-                "settings": json.dumps(cfg)}, out / "model.pt")
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", fold, state["best_epoch"],
+    write_evaluation(result, predictions, state["history"], out)
+    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt")
+    log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", data.fold, state["best_epoch"],
              _fmt(result["val"]["auroc_macro"]), _fmt(result.get("test", {}).get("auroc_macro")))
     return result
 

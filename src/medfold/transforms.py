@@ -117,6 +117,11 @@ class CachedBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def steps(self) -> int:
+        """Batches per epoch (on this rank)."""
+        n = math.ceil(len(self.rows) / self.world)
+        return math.ceil(n / self.batch_size)
+
     def epoch_rows(self) -> np.ndarray:
         rows = self.rows
         if self.shuffle:
