@@ -59,7 +59,10 @@ def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path = REP
     """A working directory for a real snakemake run: the repo's Snakefile, a config built from
     ``base`` and ``overrides``; results and demo data are written under ``tmp_path``."""
     config = yaml.safe_load(base.read_text())
-    merge(config, overrides or {})
+    overrides = dict(overrides or {})
+    if "variants" in overrides:  # a variants map replaces the base config's, it does not add to it
+        config["variants"] = overrides.pop("variants")
+    merge(config, overrides)
     (tmp_path / "config").mkdir(parents=True, exist_ok=True)
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
@@ -88,7 +91,12 @@ def planned(proc) -> dict[str, int]:
 # tiny training: the tests that use it are about what runs, not how well (test_train.py checks learning)
 QUICK = {"training": {"epochs": 3, "early_stopping": {"enabled": False}},
          "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
-         "evaluation": {"bootstrap": 200}}
+         "evaluation": {"bootstrap": 200},
+         "variants": {"pruned": {"method": "prune", "epochs": 2,
+                                 "pruning": {"initial_sparsity": 0.2, "final_sparsity": 0.6, "start_epoch": 0.5,
+                                             "end_epoch": 1.5, "update_every": 3}},
+                      "int8": {"method": "ptq", "calibration_images": 128}},
+         "compression": {"experiments": ["batchnorm"], "latency": {"repeats": 5}}}
 
 
 @pytest.fixture(scope="session")

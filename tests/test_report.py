@@ -50,7 +50,7 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 50_000
     assert seen["headings"] == ["medfold report: demo_cxr14", "Dataset", "Split", "Experiments", "Experiment: baseline",
-                                "Experiment: batchnorm", "Provenance"]
+                                "Experiment: batchnorm", "Compression", "Provenance"]
     assert seen["errors"] == [] and seen["dialogs"] == []
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []
     assert seen["svgs"] >= 4 and seen["images_loaded"]
@@ -65,7 +65,11 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     assert f"{best} ★" in text
     per_fold = pd.read_csv(trained_workflow / DS / "baseline" / "cv" / "per_fold.csv")
     assert f"{per_fold['test.auroc_macro'].iloc[0]:.3f}" in text
-    for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0"):
+    variants = pd.read_csv(trained_workflow / DS / "batchnorm" / "variants" / "variants_summary.csv")
+    int8 = variants.set_index("variant").loc["int8"]
+    assert f"{int8['ratio.tensor_size.mean']:.2f} ± {int8['ratio.tensor_size.std']:.2f}" in text
+    for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0",
+                 "compress_batchnorm_int8_fold_0"):
         assert word in text
 
 

@@ -249,6 +249,57 @@ def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensembl
     return "".join(parts)
 
 
+def _mean_pm(row: pd.Series, column: str, digits: int = 3, scale: float = 1.0) -> str:
+    mean, std = row.get(f"{column}.mean"), row.get(f"{column}.std")
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def compression_figure(name: str, table: pd.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for k, (variant, group) in enumerate(table.groupby("variant", sort=False)):
+        ax.scatter(group["ratio.size"], group["delta.test.auroc_macro"], color=PALETTE[k % len(PALETTE)],
+                   label=str(variant), s=28)
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.set_xlabel("on-disk size (x base model)")
+    ax.set_ylabel("test AUROC change")
+    ax.set_title(f"{name}: size against AUROC, one point per fold", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    return svg(fig)
+
+
+def compression_section(variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], config: dict) -> str:
+    """``variants``: experiment -> (per-fold table, summary) of its compressed variants."""
+    latency = config.get("compression", {}).get("latency", {})
+    largest = max(latency.get("batch_sizes", [32]))
+    parts = ['<h2 id="compression">Compression</h2>',
+             f'<p class="note">Every variant is saved, loaded back from its file and evaluated on the CPU '
+             f'beside its base model in the same job ({esc(config.get("compression", {}).get("threads", "?"))} '
+             f'threads). Latency: median of {esc(latency.get("repeats", "?"))} passes after '
+             f'{esc(latency.get("warmup", "?"))} warm-up passes. The base model runs in fp32 eager mode; '
+             f'int8 variants run compiled by inductor with freezing, and are also compared with the base '
+             f'model compiled the same way. Sizes are bytes on disk (the variant file holds its graph too; '
+             f'"tensors" counts the weights alone). Values are mean ± std over folds.</p>']
+    for name, (per_fold, summary) in variants.items():
+        rows = []
+        for _, r in summary.iterrows():
+            rows.append([r["variant"], r["method"], _mean_pm(r, "ratio.size", 2), _mean_pm(r, "ratio.tensor_size", 2),
+                         _mean_pm(r, "compressed.ratio", 2), _mean_pm(r, "sparsity", 3),
+                         _mean_pm(r, "variant.latency_ms_b1", 2), _mean_pm(r, "base.latency_ms_b1", 2),
+                         _mean_pm(r, "ratio.speedup_b1", 2), _mean_pm(r, "ratio.speedup_b32", 2),
+                         _mean_pm(r, "ratio.speedup_vs_compiled_b1", 2), _mean_pm(r, "variant.images_per_s", 0),
+                         _mean_pm(r, "delta.test.auroc_macro", 4), _mean_pm(r, "agreement.label_agreement", 3),
+                         r.get("oof.auroc_macro"), r.get("base.oof.auroc_macro")])
+        parts.append(f"<h3>{esc(name)}</h3>" + table(
+            ["variant", "method", "size (x base)", "tensors (x base)", "bitmask+values (x base)", "sparsity",
+             "latency b1 (ms)", "base latency b1 (ms)", "speed-up b1", f"speed-up b{largest}",
+             "speed-up b1 vs compiled fp32", "images/s", "test AUROC change", "label agreement with base",
+             "out-of-fold AUROC", "base out-of-fold AUROC"], rows, left=2))
+        parts.append('<div class="figs">' + compression_figure(name, per_fold) + "</div>")
+    return "".join(parts)
+
+
 def _pm(stat: dict) -> str:
     if not stat or stat.get("mean") is None:
         return "–"
@@ -334,6 +385,11 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
         histories = {int(Path(p).parent.name.split("_")[1]): pd.read_csv(p) for p in files["histories"]}
         body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred, histories))
         nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
+    variants = {name: (pd.read_csv(files["variants"]["table"]), pd.read_csv(files["variants"]["summary"]))
+                for name, files in inputs.get("experiments", {}).items() if files.get("variants")}
+    if variants:
+        body.append(compression_section(variants, config))
+        nav.append('<a href="#compression">Compression</a>')
     body.append(provenance_section(config, read_timings(inputs.get("benchmarks", [])), repo))
     nav.append('<a href="#provenance">Provenance</a>')
     title = f"medfold report: {esc(index_report['dataset'])}"

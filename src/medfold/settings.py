@@ -34,3 +34,59 @@ def experiment_settings(config: dict, name: str, schema_path) -> dict:
         where = ".".join(str(p) for p in first.path)
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
     return settings
+
+
+def schema_defaults(schema: dict):
+    """The defaults a (sub)schema declares, nested objects filled in key by key."""
+    if schema.get("type") == "object" and "properties" in schema:
+        declared = schema.get("default") or {}
+        return deep_merge({k: schema_defaults(p) for k, p in schema["properties"].items()}, declared)
+    return copy.deepcopy(schema.get("default"))
+
+
+def variant_settings(config: dict, name: str, schema_path) -> dict:
+    """A compression variant's settings with every default filled in, checked against the schema
+    and, for pruning, for a schedule that can run."""
+    with open(schema_path) as fh:
+        variant_schema = yaml.safe_load(fh)["properties"]["variants"]["additionalProperties"]
+    settings = deep_merge(schema_defaults(variant_schema), config["variants"][name] or {})
+    errors = sorted(jsonschema.Draft202012Validator(variant_schema).iter_errors(settings), key=lambda e: list(e.path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].path)
+        raise ConfigError(f"variants.{name}{'.' + where if where else ''}: {errors[0].message}")
+    if settings["method"] == "prune":
+        p = settings["pruning"]
+        try:
+            check_schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"])
+        except ConfigError as err:
+            raise ConfigError(f"variants.{name}.{err}") from None
+    return settings
+
+
+def check_schedule(initial: float, final: float, start: float, end: float) -> None:
+    if not 0 <= initial <= final < 1:
+        raise ConfigError(f"pruning: need 0 <= initial_sparsity ({initial}) <= final_sparsity ({final}) < 1")
+    if not 0 <= start < end:
+        raise ConfigError(f"pruning: need 0 <= start_epoch ({start}) < end_epoch ({end})")
+
+
+def uses_gpu(settings: dict) -> bool:
+    return settings["device"] != "cpu" and (settings["gpus"] > 0 or settings["distributed"]["backend"] != "none")
+
+
+def train_resources(settings: dict) -> dict:
+    """What a training job asks the scheduler for. DDP: one task per GPU, started by srun inside
+    the job (``mpi``: the Slurm plugin then runs the command as is). Horovod (gloo build): one task
+    that holds all the job's GPUs, horovodrun starting the processes inside it."""
+    parallel = settings["distributed"]
+    spread = parallel["backend"] != "none"
+    gpu = (parallel["gpus"] if spread else settings["gpus"]) if uses_gpu(settings) else 0
+    ddp = parallel["backend"] == "ddp"
+    return {"gpu": gpu, "tasks": parallel["gpus"] if ddp else 1, "tasks_per_gpu": 1 if ddp and gpu else 0,
+            "mpi": "srun" if ddp else ""}
+
+
+def compress_gpus(settings: dict, variant: dict) -> int:
+    """Fine-tuning variants (prune, qat) train on a GPU when the experiment does; calibration,
+    conversion and timing are for x86 CPUs and run there."""
+    return 1 if variant["method"] in ("prune", "qat") and uses_gpu(settings) else 0

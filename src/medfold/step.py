@@ -10,18 +10,19 @@ from typing import Any, Callable
 from .errors import MedfoldError
 
 
-def setup_logging(log_path: str | None = None) -> None:
+def setup_logging(log_path: str | None = None, append: bool = False, level: int = logging.INFO) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers.append(logging.FileHandler(log_path, mode="a" if append else "w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
 
 
-def guarded(name: str, log_path: str | None, work: Callable[[], None]) -> None:
+def guarded(name: str, log_path: str | None, work: Callable[[], None], append: bool = False,
+            level: int = logging.INFO) -> None:
     """Run ``work()`` with logging set up; a MedfoldError ends the process with its message
     and exit status 1, no traceback."""
-    setup_logging(log_path)
+    setup_logging(log_path, append, level)
     try:
         work()
     except MedfoldError as exc:

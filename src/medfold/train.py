@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import open_cache
-from .errors import ConfigError, DataError
+from . import distributed
+from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
 from .models import build_model
@@ -145,7 +146,7 @@ class Runner:
     def forward(self, x: torch.Tensor, model=None) -> torch.Tensor:
         """``model`` defaults to the plain model; training passes the compiled one when compiling."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return (model or self.model)(x)
+            return (self.model if model is None else model)(x)
 
     def target(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.targets[rows.numpy()], device=self.device)
@@ -206,7 +207,7 @@ def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: Aug
             raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
                             f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
                             f"the inputs")
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
         loss.backward()
         optimizer.step()
         if after_step is not None:
@@ -216,10 +217,10 @@ def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: Aug
     return loss_sum / max(seen, 1), seen, time.perf_counter() - start
 
 
-def seed_epoch(cfg: dict, fold: int, epoch: int, device) -> torch.Generator:
-    """Dropout and the like, and augmentation draws: the same after a resume."""
-    torch.manual_seed(cfg["seed"] * 100003 + epoch)
-    return torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch)
+def seed_epoch(cfg: dict, fold: int, epoch: int, device, rank: int = 0) -> torch.Generator:
+    """Dropout and the like, and augmentation draws: the same after a resume; each rank its own."""
+    torch.manual_seed(cfg["seed"] * 100003 + epoch + 7 * rank)
+    return torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch + 104723 * rank)
 
 
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
@@ -231,7 +232,9 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     torch.set_num_threads(max(1, threads))
     data = FoldData(index_path, splits_path, cache_dir, fold)
     index, classes, task, cache, targets, rows = data.index, data.classes, data.task, data.cache, data.targets, data.rows
-    device = resolve_device(cfg["device"])
+    parallel = cfg["distributed"]
+    ctx = distributed.init(parallel["backend"], resolve_device(cfg["device"]))
+    device = distributed.device_for(ctx, resolve_device(cfg["device"]))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -240,8 +243,12 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     runner = Runner(cfg, cache, targets, task, device, model)
     if runner.channels_last:
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg["compile"] else model
-    optimizer = make_optimizer(model.parameters(), cfg)
+    lr_scale = ctx.world if parallel["scale_lr"] else 1
+    optimizer = make_optimizer(model.parameters(), {**cfg, "lr": cfg["lr"] * lr_scale})
+    # every rank starts from rank 0's weights; a resume below loads the same file on every rank
+    step_model, optimizer = distributed.wrap(ctx, model, optimizer, device)
+    if cfg["compile"]:
+        step_model = torch.compile(step_model)
     metric = cfg["early_stopping"]["metric"]
     mode = monitor_mode(metric)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -250,7 +257,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     criterion = Criterion(task, targets[rows["train"]], len(classes), cfg["class_weights"], device)
     weights = sample_weights(targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"])
     batches = CachedBatches(cache, rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * fold,
-                            weights=weights)
+                            weights=weights, rank=ctx.rank, world=ctx.world)
     augment = AugmentConfig.from_config(cfg["augment"])
 
     state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None,
@@ -268,21 +275,25 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         else:
             log.warning("%s was written with other settings; training fold %d from the start", ckpt_path, fold)
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if ctx.main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"))
-    for row in state["history"]:  # a resumed run's event files hold the whole run
-        _log_scalars(writer, row)
+        writer = SummaryWriter(str(out / "tensorboard"))
+        for row in state["history"]:  # a resumed run's event files hold the whole run
+            _log_scalars(writer, row)
     log.info("fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max", fold, len(rows["train"]),
              len(rows["val"]), len(rows["test"]), cfg["model"], device, cfg["epochs"])
 
     while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
         epoch = state["epoch"]
-        gen = seed_epoch(cfg, fold, epoch, device)
+        gen = seed_epoch(cfg, fold, epoch, device, ctx.rank)
         batches.set_epoch(epoch)
         model.train()
         train_loss, seen, seconds = train_epoch(runner, step_model, batches, augment, criterion, optimizer, gen, fold,
                                                 epoch)
+        train_loss, seen = distributed.mean(ctx, train_loss), round(distributed.mean(ctx, seen) * ctx.world)
+        distributed.average_buffers(ctx, model)
         model.eval()
         val_probs, val_loss = runner.predict(rows["val"], criterion)
         val = evaluate(task, classes, targets[rows["val"]], val_probs)
@@ -303,7 +314,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
                "val_balanced_accuracy": val["balanced_accuracy"], "images_per_s": seen / seconds, "seconds": seconds}
         state["history"].append(row)
         state["train_seconds"] += seconds
-        _log_scalars(writer, row)
+        if writer is not None:
+            _log_scalars(writer, row)
         log.info("fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s", fold, epoch + 1,
                  cfg["epochs"], row["train_loss"], val_loss, _fmt(val["auroc_macro"]), row["lr"], row["images_per_s"],
                  "  *best*" if improved else "")
@@ -312,14 +324,25 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
             log.info("fold %d: early stop after epoch %d (no %s improvement for %d epochs)", fold, epoch + 1, metric,
                      state["bad_epochs"])
         state["epoch"] = epoch + 1
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "state": state, "rng_cpu": torch.get_rng_state(),
-                      "settings": settings_digest(cfg), "fold": fold}, ckpt_path)
-    writer.close()
+        if ctx.main:
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "state": state, "rng_cpu": torch.get_rng_state(),
+                          "settings": settings_digest(cfg), "fold": fold}, ckpt_path)
+    if writer is not None:
+        writer.close()
 
+    identical = distributed.replicas_identical(ctx, model)
+    if not identical:
+        raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
     model.load_state_dict(state["best_state"])
-    result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
+    result = None
+    if ctx.main:
+        state["distributed"] = {"backend": ctx.backend, "world_size": ctx.world, "lr": cfg["lr"] * lr_scale,
+                                "replicas_identical": identical}
+        result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
+        ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
     return result
 
 
@@ -369,7 +392,8 @@ def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path
     result, predictions = evaluate_fold(runner, criterion, data)
     result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
                    "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
-                   "monitor": cfg["early_stopping"]["metric"], "settings": cfg})
+                   "monitor": cfg["early_stopping"]["metric"], "settings": cfg,
+                   "distributed": state.get("distributed")})
     write_evaluation(result, predictions, state["history"], out)
     save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt")
     log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", data.fold, state["best_epoch"],
@@ -395,22 +419,66 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), saved
 
 
+def train_fold_job(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int,
+                   log_path: str | None) -> None:
+    """A training job: one process in this one, or a distributed run through its launcher, each
+    process running ``main`` below with the settings written next to the outputs."""
+    parallel = cfg["distributed"]
+    if parallel["backend"] == "none":
+        run_fold(cfg, index_path, splits_path, cache_dir, fold, out_dir, threads)
+        return
+    import subprocess
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = out / "settings.json"
+    settings.write_text(json.dumps(cfg, indent=2))
+    n = parallel["gpus"]
+    gpus_per_process = 0 if cfg["device"] == "cpu" else 1
+    # one positional job file: launchers (torchrun's argparse) would take a prefix of their own
+    # options, such as --log for --log-dir, out of the training command's flags
+    job = out / "job.json"
+    job.write_text(json.dumps({"settings": str(settings), "index": str(index_path), "splits": str(splits_path),
+                               "cache": str(cache_dir), "fold": fold, "out": str(out),
+                               "threads": max(1, threads // n), "log": str(log_path) if log_path else None}))
+    module = ["medfold.train", str(job)]
+    command = distributed.launch_command(parallel["backend"], n, parallel["launcher"], gpus_per_process, module)
+    log.info("launching %d %s processes: %s", n, parallel["backend"], " ".join(command))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise MedfoldError(f"fold {fold}: distributed training ({parallel['backend']}, {n} processes) exited with "
+                           f"status {code}; its messages are above{' and in ' + str(log_path) if log_path else ''}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line for launchers (torchrun, horovodrun, srun) and for tests."""
+    """Command line for launchers (torchrun, horovodrun, srun) and for tests. Only rank 0 logs
+    to the file; other ranks print warnings and errors only."""
     from .step import guarded
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", required=True, help="JSON file with the resolved experiment settings")
-    parser.add_argument("--index", required=True)
-    parser.add_argument("--splits", required=True)
-    parser.add_argument("--cache", required=True)
-    parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("job", nargs="?", help="a JSON file holding the options below (what launchers pass)")
+    parser.add_argument("--settings", help="JSON file with the resolved experiment settings")
+    parser.add_argument("--index")
+    parser.add_argument("--splits")
+    parser.add_argument("--cache")
+    parser.add_argument("--fold", type=int)
+    parser.add_argument("--out")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log")
+    parser.add_argument("--log", help="log file (appended to; rank 0 only)")
     args = parser.parse_args(argv)
-    guarded("training", args.log, lambda: run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits,
-                                                   args.cache, args.fold, args.out, args.threads))
+    if args.job:
+        for key, value in json.loads(Path(args.job).read_text()).items():
+            setattr(args, key, value)
+    missing = [k for k in ("settings", "index", "splits", "cache", "fold", "out") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"missing {', '.join('--' + k for k in missing)}")
+    main_rank = distributed.launcher_rank() == 0
+    guarded("training", args.log if main_rank else None,
+            lambda: run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits, args.cache,
+                             args.fold, args.out, args.threads),
+            append=True, level=logging.INFO if main_rank else logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ import re
 
 from snakemake.utils import validate
 
-from medfold.settings import experiment_settings
+from medfold.errors import ConfigError
+from medfold.settings import (
+    compress_gpus,
+    experiment_settings,
+    train_resources,
+    variant_settings,
+)
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -21,7 +27,18 @@ SETTINGS = {
     )
     for name in EXPERIMENTS
 }
+TRAIN_RESOURCES = {name: train_resources(SETTINGS[name]) for name in EXPERIMENTS}
+SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+# compression variants, resolved and checked now too; they apply to these experiments
+VARIANTS = {name: variant_settings(config, name, SCHEMA) for name in config["variants"]}
+_unknown = sorted(set(config["compression"]["experiments"]) - set(EXPERIMENTS))
+if _unknown:
+    raise ConfigError(
+        f"compression.experiments: {_unknown} are not experiments (there are {EXPERIMENTS})"
+    )
+COMPRESSED = (config["compression"]["experiments"] or EXPERIMENTS) if VARIANTS else []
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
+VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
 CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
 
 
@@ -30,6 +47,8 @@ wildcard_constraints:
     experiment="|".join(re.escape(name) for name in EXPERIMENTS),
     fold=r"\d+",
     size=r"\d+",
+    # a pattern that matches nothing when there are no variants
+    variant="|".join(re.escape(name) for name in VARIANTS) or "(?!)",
 
 
 def dataset_inputs(wildcards):
@@ -61,6 +80,25 @@ def fold_files(experiment, output):
     )
 
 
+def variant_files(experiment, output, variants=None):
+    return expand(
+        getattr(rules.compress.output, output),
+        dataset=DATASET,
+        experiment=experiment,
+        variant=variants or list(VARIANTS),
+        fold=FOLDS,
+    )
+
+
+def variant_cv_file(experiment, variant, output):
+    return expand(
+        getattr(rules.aggregate_variant.output, output),
+        dataset=DATASET,
+        experiment=experiment,
+        variant=variant,
+    )[0]
+
+
 def cv_file(experiment, output):
     return expand(
         getattr(rules.aggregate.output, output), dataset=DATASET, experiment=experiment
@@ -80,6 +118,15 @@ def report_inputs():
         }
         for name in EXPERIMENTS
     }
+    for name in COMPRESSED:
+        experiments[name]["variants"] = {
+            "table": expand(
+                rules.variants_table.output.table, dataset=DATASET, experiment=name
+            )[0],
+            "summary": expand(
+                rules.variants_table.output.summary, dataset=DATASET, experiment=name
+            )[0],
+        }
     sizes = sorted({SETTINGS[name]["image_size"] for name in EXPERIMENTS})
     benchmarks = [
         *expand(rules.index.benchmark, dataset=DATASET),
@@ -90,6 +137,17 @@ def report_inputs():
             rules.train.benchmark, dataset=DATASET, experiment=EXPERIMENTS, fold=FOLDS
         ),
         *expand(rules.aggregate.benchmark, dataset=DATASET, experiment=EXPERIMENTS),
+        *[
+            path
+            for name in COMPRESSED
+            for path in expand(
+                rules.compress.benchmark,
+                dataset=DATASET,
+                experiment=name,
+                variant=list(VARIANTS),
+                fold=FOLDS,
+            )
+        ],
     ]
     return {
         "index": expand(rules.index.output.table, dataset=DATASET)[0],

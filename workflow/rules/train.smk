@@ -50,6 +50,10 @@ rule train:
     resources:
         mem_mb=lambda w: SETTINGS[w.experiment]["mem_mb"],
         runtime=lambda w: SETTINGS[w.experiment]["runtime"],
+        gpu=lambda w: TRAIN_RESOURCES[w.experiment]["gpu"],
+        tasks=lambda w: TRAIN_RESOURCES[w.experiment]["tasks"],
+        tasks_per_gpu=lambda w: TRAIN_RESOURCES[w.experiment]["tasks_per_gpu"],
+        mpi=lambda w: TRAIN_RESOURCES[w.experiment]["mpi"],
     params:
         settings=lambda w: SETTINGS[w.experiment],
     script:

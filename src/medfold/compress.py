@@ -1,0 +1,307 @@
+"""One compressed variant of one fold's model: make it, save it, load it back, evaluate it and
+measure it beside its base model in the same process.
+
+Every variant is saved as a ``torch.export`` archive (``model.pt2``) and evaluated from that file
+on the CPU, so the numbers are those of the artifact a user would deploy. Its predictions and
+metrics files have the base model's format, so aggregation and the report treat a variant like
+any model; ``compression.json`` adds sizes, latencies, ratios and metric deltas against the base
+model, measured in this job on the same machine and the same test images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import prune as pruning
+from . import quantize
+from .metrics import evaluate
+from .metrics import predict as predicted_labels
+from .metrics import scalar_metrics
+from .train import (CachedBatches, Criterion, FoldData, Runner, evaluate_fold, load_model, make_optimizer, resolve_device,
+                    seed_epoch, train_epoch, write_evaluation)
+from .transforms import AugmentConfig
+
+log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- measurement
+@torch.no_grad()
+def latency_ms(model, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Median wall time of one forward pass, after ``warmup`` passes (compilation happens there)."""
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(model, images: torch.Tensor, cfg: dict) -> dict:
+    """Latency at each batch size in ``cfg['batch_sizes']`` and images/s at the largest."""
+    out = {}
+    for b in cfg["batch_sizes"]:
+        x = images[:b] if len(images) >= b else images.repeat(-(-b // len(images)), 1, 1, 1)[:b]
+        out[f"latency_ms_b{b}"] = latency_ms(model, x, cfg["warmup"], cfg["repeats"])
+    largest = max(cfg["batch_sizes"])
+    out["images_per_s"] = 1000 * largest / out[f"latency_ms_b{largest}"]
+    return out
+
+
+def latency_inputs(runner: Runner, data: FoldData, n: int) -> torch.Tensor:
+    rows = data.rows["test"] if len(data.rows["test"]) else data.rows["val"]
+    return runner.prepare(torch.from_numpy(data.cache[np.sort(rows[:n])]), None, None)
+
+
+class FixedBatch:
+    """Calls ``model`` on batches of exactly ``size`` images (the last one zero-padded), so a
+    model compiled for static shapes is compiled once for evaluation, not once per batch size."""
+
+    def __init__(self, model, size: int):
+        self.model, self.size = model, size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in x.split(self.size):
+            n = len(chunk)
+            if n < self.size:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.size - n, *chunk.shape[1:]))])
+            outputs.append(self.model(chunk)[:n])
+        return torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def finetune(runner: Runner, model, data: FoldData, cfg: dict, epochs: int, lr: float, set_training,
+             after_step=None, describe=None) -> tuple[list[dict], float]:
+    """Fine-tune ``model`` on the fold's training images; the validation fold is evaluated after
+    every epoch for the history. Data order and augmentation are seeded apart from training's."""
+    optimizer = make_optimizer(model.parameters(), {**cfg, "lr": lr})
+    criterion = Criterion(data.task, data.targets[data.rows["train"]], len(data.classes), cfg["class_weights"],
+                          runner.device)
+    batches = CachedBatches(data.cache, data.rows["train"], cfg["batch_size"], shuffle=True,
+                            seed=cfg["seed"] + 7919 * data.fold + 104729)
+    augment = AugmentConfig.from_config(cfg["augment"])
+    history, total = [], 0.0
+    for epoch in range(epochs):
+        gen = seed_epoch(cfg, data.fold, 10_000 + epoch, runner.device)
+        batches.set_epoch(10_000 + epoch)
+        set_training(True)
+        loss, seen, seconds = train_epoch(runner, model, batches, augment, criterion, optimizer, gen, data.fold, epoch,
+                                          after_step(epoch) if after_step else None)
+        set_training(False)
+        val_probs, val_loss = runner.predict(data.rows["val"], criterion, model)
+        val = evaluate(data.task, data.classes, data.targets[data.rows["val"]], val_probs)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "val_loss": val_loss,
+               "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"], "images_per_s": seen / seconds,
+               "seconds": seconds, **(describe() if describe else {})}
+        history.append(row)
+        total += seconds
+        log.info("fine-tune epoch %d/%d  loss %.4f  val_auroc %s%s", epoch + 1, epochs, loss,
+                 "n/a" if val["auroc_macro"] is None else f"{val['auroc_macro']:.4f}",
+                 "".join(f"  {k} {v:.3f}" for k, v in (describe() if describe else {}).items()))
+    return history, total
+
+
+# ----------------------------------------------------------------------------- the methods
+def _prune(base, runner, data, cfg, variant, example):
+    p = variant["pruning"]
+    schedule = pruning.Schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"],
+                                p["exponent"])
+    model = base.to(runner.device)
+    pruner = pruning.Pruner(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
+    history, seconds = finetune(runner, model, data, cfg, variant["epochs"], variant["lr"] or cfg["lr"] * 0.1,
+                                lambda on: model.train(on), lambda epoch: pruner.after_step(epoch, p["update_every"]),
+                                lambda: {"sparsity": pruner.sparsity()["overall"]})
+    pruner.update(float(variant["epochs"]))  # the schedule's value at the end (final if end_epoch <= epochs)
+    achieved = pruner.sparsity()
+    pruner.make_permanent()
+    model = model.to(CPU).eval()
+    return model, history, seconds, {"sparsity": achieved, "state_dict": model.state_dict()}
+
+
+def _qat(base, runner, data, cfg, variant, example):
+    prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device))
+    history, seconds = finetune(runner, prepared, data, cfg, variant["epochs"], variant["lr"] or cfg["lr"] * 0.1,
+                                lambda on: quantize.set_training(prepared, on))
+    return quantize.convert_qat(prepared.to(CPU)), history, seconds, {}
+
+
+def _post_training(base, runner, data, cfg, variant, example):
+    if variant["method"] in quantize.FLOAT_METHODS:
+        return quantize.reduced_precision(base, variant["method"]), [], 0.0, {}
+    rows = data.rows["train"][:variant["calibration_images"]]
+    calibration = (runner.prepare(images, None, None).to(CPU)
+                   for images, _ in CachedBatches(data.cache, rows, cfg["eval_batch_size"], shuffle=False))
+    dynamic = variant["method"] == "dynamic_int8"
+    start = time.perf_counter()
+    model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic)
+    return model, [], time.perf_counter() - start, {"calibration_images": 0 if dynamic else int(len(rows))}
+
+
+METHODS = {"prune": _prune, "qat": _qat, "ptq": _post_training, "dynamic_int8": _post_training,
+           "fp16": _post_training, "bf16": _post_training}
+
+
+# ----------------------------------------------------------------------------- the job
+def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_path, splits_path, cache_dir,
+                  fold: int, base_path, out_dir, threads: int = 1) -> dict:
+    if variant["method"] not in METHODS:
+        raise quantize.method_error(variant["method"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, threads))
+    torch.manual_seed(cfg["seed"])
+    data = FoldData(index_path, splits_path, cache_dir, fold)
+    cfg = {**cfg, "amp": False, "compile": False, "channels_last": False}
+    device = resolve_device(cfg["device"]) if variant["method"] in ("prune", "qat") else CPU
+    base, saved = load_model(base_path)
+    cpu_runner = Runner(cfg, data.cache, data.targets, data.task, CPU, base)
+    images = latency_inputs(cpu_runner, data, max(compression["latency"]["batch_sizes"]))
+    example = images[:2]
+
+    # the base model, evaluated and measured here, beside the variant
+    base_result, base_predictions = evaluate_fold(cpu_runner, None, data)
+    base_measured = measure(base, images, compression["latency"])
+    base_size = Path(base_path).stat().st_size
+
+    runner = Runner(cfg, data.cache, data.targets, data.task, device,
+                    load_model(base_path)[0] if device != CPU else base)
+    start = time.perf_counter()
+    variant_model, history, finetune_seconds, extra = METHODS[variant["method"]](
+        runner.model, runner, data, cfg, variant, example)
+    make_seconds = time.perf_counter() - start
+    log.info("%s (%s) made in %.1f s", name, variant["method"], make_seconds)
+
+    metadata = {"variant": name, "method": variant["method"], "fold": fold, "classes": data.classes,
+                "task": data.task, "model": saved["model"], "image_size": saved["image_size"],
+                "in_channels": saved["in_channels"]}
+    size = quantize.save_artifact(variant_model, example, out / "model.pt2", metadata)
+    del variant_model
+    loaded, loaded_meta = quantize.load_artifact(out / "model.pt2")  # evaluate what was saved, not what is in memory
+    int8 = variant["method"] in quantize.INT8_METHODS
+    runnable = quantize.compiled(loaded) if int8 else loaded
+    largest = max(compression["latency"]["batch_sizes"])
+    result, predictions = evaluate_fold(cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable)
+    log.info("saved, loaded back and evaluated in %.1f s", time.perf_counter() - start - make_seconds)
+    measured = measure(runnable, images, compression["latency"])
+    if int8:  # compiled int8 against compiled fp32 too, so the gain of compiling alone is visible
+        base_measured_compiled = measure(quantize.compiled(base), images, compression["latency"])
+    else:
+        base_measured_compiled = None
+
+    record = {"variant": name, "method": variant["method"], "fold": fold, "threads": threads,
+              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "base": {"size_bytes": base_size, "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
+                       **base_measured,
+                       **({f"compiled_{k}": v for k, v in base_measured_compiled.items()} if base_measured_compiled
+                          else {})},
+              "variant_measured": {"size_bytes": size, "tensor_bytes": loaded_meta["tensor_bytes"],
+                                   "format": "torch.export archive (.pt2)", "compiled": int8,
+                                   **measured},
+              "finetune": {"epochs": len(history), "seconds": finetune_seconds}, "make_seconds": make_seconds}
+    record["ratios"] = {"size": size / base_size,
+                        "tensor_size": loaded_meta["tensor_bytes"] / record["base"]["tensor_bytes"],
+                        **{f"speedup_b{b}": base_measured[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
+                           for b in compression["latency"]["batch_sizes"]}}
+    if base_measured_compiled:
+        record["ratios"].update({f"speedup_vs_compiled_b{b}": base_measured_compiled[f"latency_ms_b{b}"] /
+                                 measured[f"latency_ms_b{b}"] for b in compression["latency"]["batch_sizes"]})
+    record["deltas"] = metric_deltas(base_result, result)
+    record["agreement"] = agreement(base_result, base_predictions, result, predictions, data)
+    if variant["method"] == "prune":
+        sparse_size = pruning.save_sparse(extra["state_dict"], out / "model_sparse.pt")
+        record["sparsity"] = extra["sparsity"]
+        record["compressed"] = {"format": pruning.FORMAT, "file": "model_sparse.pt", "size_bytes": sparse_size,
+                                "ratio": sparse_size / base_size, "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2"), "dense_size_bytes": size}
+        record["compressed"]["gzip_ratio"] = record["compressed"]["gzip_of_dense_bytes"] / base_size
+    if "calibration_images" in extra:
+        record["calibration_images"] = extra["calibration_images"]
+
+    result.update({"variant": name, "method": variant["method"], "best_epoch": len(history),
+                   "epochs_trained": len(history), "train_seconds": finetune_seconds, "settings": cfg,
+                   "variant_settings": variant})
+    write_evaluation(result, predictions, history, out)
+    (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s", name, fold,
+             record["ratios"]["size"], record["ratios"].get("speedup_b1", float("nan")),
+             record["deltas"].get("test.auroc_macro"))
+    return record
+
+
+def metric_deltas(base: dict, variant: dict) -> dict:
+    out = {}
+    for part in ("val", "test"):
+        if part in base and part in variant:
+            b, v = scalar_metrics(base[part]), scalar_metrics(variant[part])
+            out.update({f"{part}.{k}": v[k] - b[k] for k in b if b[k] is not None and v.get(k) is not None})
+    return out
+
+
+def agreement(base_result: dict, base_predictions, result: dict, predictions, data: FoldData) -> dict:
+    """On the test images: the share whose predicted label(s) match the base model's (each with its
+    own thresholds chosen on validation), and the largest probability difference."""
+    part = "test" if "test" in result else "val"
+    b = base_predictions[base_predictions["set"] == part].filter(like="prob:").to_numpy()
+    v = predictions[predictions["set"] == part].filter(like="prob:").to_numpy()
+    pb = predicted_labels(data.task, b, base_result[part].get("thresholds"))
+    pv = predicted_labels(data.task, v, result[part].get("thresholds"))
+    same = (pb == pv).all(1) if pb.ndim == 2 else pb == pv
+    return {"set": part, "label_agreement": float(same.mean()), "max_abs_prob_diff": float(np.abs(b - v).max()),
+            "mean_abs_prob_diff": float(np.abs(b - v).mean())}
+
+
+# ----------------------------------------------------------------------------- the table
+def _flat(record: dict) -> dict:
+    row = {"variant": record["variant"], "method": record["method"], "fold": record["fold"]}
+    row.update({f"base.{k}": v for k, v in record["base"].items()})
+    row.update({f"variant.{k}": v for k, v in record["variant_measured"].items() if k != "format"})
+    row.update({f"ratio.{k}": v for k, v in record["ratios"].items()})
+    row.update({f"delta.{k}": v for k, v in record["deltas"].items()})
+    row.update({f"agreement.{k}": v for k, v in record["agreement"].items() if k != "set"})
+    if "sparsity" in record:
+        row["sparsity"] = record["sparsity"]["overall"]
+    if "compressed" in record:
+        row["compressed.format"] = record["compressed"]["format"]
+        row["compressed.size_bytes"] = record["compressed"]["size_bytes"]
+        row["compressed.ratio"] = record["compressed"]["ratio"]
+        row["compressed.gzip_ratio"] = record["compressed"]["gzip_ratio"]
+    row["finetune_seconds"] = record["finetune"]["seconds"]
+    return row
+
+
+SUMMARY_COLUMNS = ("ratio.size", "ratio.tensor_size", "compressed.ratio", "compressed.gzip_ratio", "sparsity",
+                   "ratio.speedup_b1", "ratio.speedup_b32", "ratio.speedup_vs_compiled_b1",
+                   "ratio.speedup_vs_compiled_b32", "variant.latency_ms_b1", "base.latency_ms_b1",
+                   "variant.images_per_s", "base.images_per_s", "delta.test.auroc_macro", "delta.test.accuracy",
+                   "delta.val.auroc_macro", "agreement.label_agreement", "agreement.max_abs_prob_diff",
+                   "finetune_seconds")
+
+
+def variants_tables(record_paths, summary_paths: dict, base_summary_path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per fold: every measurement of every variant. Summary: per variant, the mean and std over
+    folds of the ratios, latencies and metric deltas, and the pooled out-of-fold AUROC."""
+    table = pd.DataFrame([_flat(json.loads(Path(p).read_text())) for p in record_paths])
+    table = table.sort_values(["variant", "fold"]).reset_index(drop=True)
+    rows = []
+    base_oof = json.loads(Path(base_summary_path).read_text())["oof"].get("auroc_macro")
+    for name, group in table.groupby("variant", sort=False):
+        row = {"variant": name, "method": group["method"].iloc[0], "folds": len(group)}
+        for column in SUMMARY_COLUMNS:
+            if column in group and group[column].notna().any():
+                row[f"{column}.mean"] = float(group[column].mean())
+                row[f"{column}.std"] = float(group[column].std(ddof=1)) if len(group) > 1 else 0.0
+        oof = json.loads(Path(summary_paths[name]).read_text())["oof"].get("auroc_macro")
+        row["oof.auroc_macro"], row["base.oof.auroc_macro"] = oof, base_oof
+        rows.append(row)
+    return table, pd.DataFrame(rows)

@@ -1,0 +1,30 @@
+"""One SGD step through medfold.distributed's wrapping, started by a launcher (or alone).
+
+Rank r of N takes images [r*B, (r+1)*B) of a fixed batch of N*B; alone it takes all N*B. Rank 0
+saves the updated parameters. With gradients averaged across ranks, both give the same update.
+Usage: one_step.py BACKEND PER_RANK_BATCH TOTAL_BATCH OUT.pt
+"""
+
+import sys
+
+import torch
+
+from medfold import distributed
+from medfold.models import build_model
+
+backend, per_rank, total, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ctx = distributed.init(backend, torch.device("cpu"))
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(total, 1, 32, 32, generator=gen)
+y = torch.randint(0, 3, (total,), generator=gen)
+model = build_model("lenet", 1, 3, init_seed=0)  # no batch-norm, no dropout: the batch split is all that differs
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+step_model, optimizer = distributed.wrap(ctx, model, optimizer, torch.device("cpu"))
+rows = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+loss = torch.nn.functional.cross_entropy(step_model(x[rows]), y[rows])
+optimizer.zero_grad()
+loss.backward()
+optimizer.step()
+if ctx.main:
+    torch.save(model.state_dict(), out)
+distributed.shutdown(ctx)
