@@ -1,11 +1,16 @@
 # The two commands of the README. Each one creates .venv on first use (Python 3.11),
 # installing torch/torchvision from the machine's local wheels and medfold in editable mode.
+# `make test` also installs what the tests run for real: Debian's Chromium (report), slurm-wlm
+# and munge (a real Slurm), and Horovod built from source (install/horovod.sh).
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test lint clean-results
+HOROVOD := $(VENV)/.horovod
+SYSTEM := $(VENV)/.system-packages
+
+.PHONY: demo test lint clean-results horovod system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +22,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the whole workflow on the bundled demo data
 	$(VENV)/bin/snakemake --cores $(CORES)
 
-test: $(STAMP)  ## the test suite
+$(HOROVOD): $(STAMP) install/horovod.sh
+	bash install/horovod.sh
+	touch $(HOROVOD)
+
+$(SYSTEM): install/system-packages.sh
+	bash install/system-packages.sh
+	@mkdir -p $(VENV) && touch $(SYSTEM)
+
+horovod: $(HOROVOD)  ## optional: Horovod for distributed.backend horovod
+system-packages: $(SYSTEM)
+
+test: $(STAMP) $(SYSTEM) $(HOROVOD)  ## the test suite
 	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)

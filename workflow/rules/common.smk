@@ -27,6 +27,26 @@ SETTINGS = {
     )
     for name in EXPERIMENTS
 }
+# the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
+# the profile stays the same everywhere
+CLUSTER = config["cluster"]
+
+
+def partition_for(gpus):
+    return (
+        (CLUSTER["gpu_partition"] or CLUSTER["partition"])
+        if gpus
+        else CLUSTER["partition"]
+    )
+
+
+def site_resources():
+    return {
+        "slurm_partition": CLUSTER["partition"],
+        "slurm_account": CLUSTER["account"],
+    }
+
+
 TRAIN_RESOURCES = {name: train_resources(SETTINGS[name]) for name in EXPERIMENTS}
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 # compression variants, resolved and checked now too; they apply to these experiments

@@ -25,6 +25,10 @@ rule compress:
         mem_mb=config["compression"]["mem_mb"],
         runtime=config["compression"]["runtime"],
         gpu=lambda w: compress_gpus(SETTINGS[w.experiment], VARIANTS[w.variant]),
+        slurm_partition=lambda w: partition_for(
+            compress_gpus(SETTINGS[w.experiment], VARIANTS[w.variant])
+        ),
+        slurm_account=CLUSTER["account"],
     params:
         variant=lambda w: VARIANTS[w.variant],
         settings=lambda w: SETTINGS[w.experiment],
@@ -48,6 +52,7 @@ rule aggregate_variant:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=2000,
         runtime=20,
     params:
@@ -82,6 +87,7 @@ rule variants_table:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=1000,
         runtime=10,
     params:

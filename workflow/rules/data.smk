@@ -11,6 +11,7 @@ rule demo_data:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=1000,
         runtime=10,
     params:
@@ -36,6 +37,7 @@ rule index:
         "../../envs/medfold.yaml"
     threads: config["resources"]["index_threads"]
     resources:
+        **site_resources(),
         mem_mb=4000,
         runtime=120,
     params:
@@ -57,6 +59,7 @@ rule split:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=4000,
         runtime=30,
     params:
@@ -78,6 +81,7 @@ rule check_split:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=4000,
         runtime=30,
     script:

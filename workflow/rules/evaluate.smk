@@ -28,6 +28,7 @@ rule aggregate:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=2000,
         runtime=20,
     params:
@@ -52,6 +53,7 @@ rule compare_experiments:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=1000,
         runtime=10,
     params:

@@ -17,6 +17,7 @@ rule report:
     conda:
         "../../envs/medfold.yaml"
     resources:
+        **site_resources(),
         mem_mb=2000,
         runtime=10,
     params:

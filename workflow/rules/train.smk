@@ -15,6 +15,7 @@ rule cache:
         "../../envs/medfold.yaml"
     threads: config["resources"]["cache_threads"]
     resources:
+        **site_resources(),
         mem_mb=2000,
         runtime=120,
     params:
@@ -54,6 +55,8 @@ rule train:
         tasks=lambda w: TRAIN_RESOURCES[w.experiment]["tasks"],
         tasks_per_gpu=lambda w: TRAIN_RESOURCES[w.experiment]["tasks_per_gpu"],
         mpi=lambda w: TRAIN_RESOURCES[w.experiment]["mpi"],
+        slurm_partition=lambda w: partition_for(TRAIN_RESOURCES[w.experiment]["gpu"]),
+        slurm_account=CLUSTER["account"],
     params:
         settings=lambda w: SETTINGS[w.experiment],
     script:

@@ -1,0 +1,122 @@
+"""The workflow through a real single-node Slurm (Debian's slurm-wlm, started by
+tests/cluster/slurm.sh with 2 fake GPUs) and the project's own profile, profiles/slurm."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, planned, workflow_dir
+
+pytestmark = pytest.mark.skipif(not shutil.which("slurmctld") and not os.environ.get("CI"),
+                                reason="Debian's slurm-wlm is not installed (.ci/run installs it)")
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+DS = "results/demo_cxr14"
+# tiny: 2 folds, a few epochs; one single-GPU experiment, one DDP experiment over 2 GPUs, and one
+# long enough to be cancelled mid-training
+TINY = {"split": {"folds": 2}, "evaluation": {"bootstrap": 100},
+        "training": {"epochs": 2, "early_stopping": {"enabled": False}, "threads": 1, "mem_mb": 1000},
+        "experiments": {"onegpu": {"gpus": 1, "batch_norm": True},
+                        "spread": {"distributed": {"backend": "ddp", "gpus": 2}},
+                        "long": {"epochs": 400, "batch_norm": True}},
+        "variants": {}}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    script = REPO / "tests" / "cluster" / "slurm.sh"
+    subprocess.run(["bash", str(script), "start", str(state)], check=True, timeout=180)
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
+    yield env
+    subprocess.run(["bash", str(script), "stop", str(state)], timeout=60)
+
+
+def snakemake(work: Path, env: dict, *args: str, cwd: Path | None = None, timeout: int = 900):
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
+           str(work / "config" / "config.yaml"), "--cores", "8", "--profile", "slurm", *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sbatch_calls(text: str) -> list[str]:
+    return re.findall(r"sbatch call: (.*)", text)
+
+
+def test_dry_run_with_the_profile_shows_what_each_rule_requests(slurm, tmp_path):
+    work = workflow_dir(tmp_path, TINY)
+    proc = snakemake(work, slurm, "--dry-run")  # `--profile slurm` typed in the repository root
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert planned(proc)["train"] == 6
+    blocks = {}
+    for block in re.split(r"\n(?=rule |localrule )", out):
+        name = re.match(r"(?:local)?rule (\w+):", block)
+        found = re.search(r"resources: (.*)", block)
+        if name and found:
+            blocks.setdefault(name.group(1), []).append(found.group(1))
+    train = " ".join(blocks["train"])
+    assert "gpu=1" in train and "gpu=2" in train and "tasks=2" in train and "tasks_per_gpu=1" in train
+    assert "mpi=srun" in train and "runtime=60" in train and "mem_mb=1000" in train
+    assert all("gpu=" not in r or "gpu=0" in r for r in blocks["index"])
+    assert all("mem_mb=" in r and "runtime=" in r for rs in blocks.values() for r in rs)
+
+
+def test_the_workflow_runs_through_sbatch_with_gpu_requests_and_ddp_under_srun(slurm, tmp_path):
+    work = workflow_dir(tmp_path, {**TINY, "experiments": {k: v for k, v in TINY["experiments"].items()
+                                                           if k != "long"}})
+    start = time.monotonic()
+    proc = snakemake(work, slurm, "--verbose")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    print(f"workflow through Slurm: {time.monotonic() - start:.0f} s, {len(sbatch_calls(out))} sbatch calls")
+    calls = sbatch_calls(out)
+    assert len(calls) == planned_jobs(out)  # every job went through sbatch
+    train = [c for c in calls if "rule_train" in c]
+    assert len(train) == 4
+    single = [c for c in train if "onegpu" in c]
+    spread = [c for c in train if "spread" in c]
+    assert all("--gpus=1" in c for c in single)
+    assert all("--gpus=2" in c and "--ntasks=2" in c and "--ntasks-per-gpu=1" in c for c in spread)
+    assert all("--gpu" not in c for c in calls if "rule_index" in c or "rule_report" in c)
+    import json
+
+    for fold in (0, 1):
+        metrics = json.loads((work / DS / "spread" / f"fold_{fold}" / "metrics.json").read_text())
+        assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["replicas_identical"]
+    assert (work / DS / "report" / "index.html").exists()
+
+
+def planned_jobs(text: str) -> int:
+    table = text[text.index("Job stats:"):]
+    total = re.search(r"^total\s+(\d+)", table, re.M)
+    return int(total.group(1)) - 1  # 'all' runs locally
+
+
+def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(slurm, tmp_path):
+    work = workflow_dir(tmp_path, TINY)
+    target = f"{DS}/long/fold_0/metrics.json"
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
+           str(work / "config" / "config.yaml"), "--cores", "8", "--profile", "slurm", target]
+    log = open(tmp_path / "snakemake.out", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=log, stderr=subprocess.STDOUT)
+    checkpoint = work / DS / "long" / "fold_0" / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()[-4000:]
+        time.sleep(0.5)
+    time.sleep(2)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %k"], env=slurm, capture_output=True, text=True).stdout
+    train = [line.split()[0] for line in jobs.splitlines() if "rule_train" in line]
+    assert len(train) == 1, jobs
+    subprocess.run(["scancel", "--signal=KILL", "--full", train[0]], env=slurm, check=True)
+    assert proc.wait(timeout=900) == 0, (tmp_path / "snakemake.out").read_text()[-6000:]
+    out = (tmp_path / "snakemake.out").read_text()
+    assert "Trying to restart job" in out or "attempt 2" in out.lower() or "attempt=2" in out
+    train_log = (work / DS / "long" / "fold_0" / "train.log").read_text()
+    assert re.search(r"resumed fold 0 from .* after epoch \d+", train_log), train_log[-2000:]
+    assert (work / target).exists()
