@@ -60,8 +60,9 @@ def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path = REP
     ``base`` and ``overrides``; results and demo data are written under ``tmp_path``."""
     config = yaml.safe_load(base.read_text())
     overrides = dict(overrides or {})
-    if "variants" in overrides:  # a variants map replaces the base config's, it does not add to it
-        config["variants"] = overrides.pop("variants")
+    for key in ("experiments", "variants"):  # these maps replace the base config's, not add to it
+        if key in overrides:
+            config[key] = overrides.pop(key)
     merge(config, overrides)
     (tmp_path / "config").mkdir(parents=True, exist_ok=True)
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))

@@ -21,9 +21,15 @@ stop() {
     done
 }
 
-if [ "$action" = stop ]; then stop; exit 0; fi
+if [ "$action" = stop ]; then
+    stop
+    for name in slurm.conf gres.conf; do
+        [ "$(readlink "/etc/slurm/$name" 2>/dev/null)" = "$dir/$name" ] && rm -f "/etc/slurm/$name"
+    done
+    exit 0
+fi
 
-mkdir -p "$dir"/{spool,state,log,gpus,munge}
+mkdir -p "$dir"/{spool,state,log,gpus}
 for i in 0 1; do ln -sf /dev/null "$dir/gpus/nvidia$i"; done
 read -r cpus sockets cores threads memory < <(slurmd -C | tr ' ' '\n' | awk -F= '
     /^CPUs=/{c=$2} /^SocketsPerBoard=/{s=$2} /^CoresPerSocket=/{k=$2} /^ThreadsPerCore=/{t=$2}
@@ -59,16 +65,28 @@ NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Sockets=$sockets CoresPerSocket=$co
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 echo "NodeName=$host Name=gpu File=$dir/gpus/nvidia[0-1]" > "$dir/gres.conf"
-# Debian's daemons read /etc/slurm; point them at ours
+# Client commands inside jobs (the srun that Snakemake's job step runs) read /etc/slurm: the
+# Slurm executor plugin clears SLURM_* variables, SLURM_CONF included. Link ours there, unless
+# a real configuration is in place (then refuse rather than overwrite it).
+mkdir -p /etc/slurm
+for name in slurm.conf gres.conf; do
+    if [ -e "/etc/slurm/$name" ] && [ ! -L "/etc/slurm/$name" ]; then
+        echo "slurm: /etc/slurm/$name exists and is not ours; not touching it" >&2; exit 1
+    fi
+    ln -sfn "$dir/$name" "/etc/slurm/$name"
+done
 export SLURM_CONF="$dir/slurm.conf"
 
 if [ ! -f /etc/munge/munge.key ]; then
     mkdir -p /etc/munge && dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 fi
-mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge "$dir/munge"
-runuser -u munge -- /usr/sbin/munged --pid-file="$dir/munge/munged.pid" --force
-cp "$dir/munge/munged.pid" "$dir/munged.pid"
+mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
+# munged runs as user munge, which cannot enter a private temporary directory: its PID file
+# goes to /run/munge, named after this cluster
+tag=$(echo "$dir" | md5sum | cut -c1-12)
+runuser -u munge -- /usr/sbin/munged --pid-file="/run/munge/medfold-$tag.pid" --force
+cp "/run/munge/medfold-$tag.pid" "$dir/munged.pid"
 slurmctld -c -i -f "$dir/slurm.conf"
 slurmd -f "$dir/slurm.conf"
 for _ in $(seq 120); do

@@ -52,7 +52,7 @@ SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 # compression variants, resolved and checked now too; they apply to these experiments
 VARIANTS = {name: variant_settings(config, name, SCHEMA) for name in config["variants"]}
 _unknown = sorted(set(config["compression"]["experiments"]) - set(EXPERIMENTS))
-if _unknown:
+if VARIANTS and _unknown:
     raise ConfigError(
         f"compression.experiments: {_unknown} are not experiments (there are {EXPERIMENTS})"
     )
