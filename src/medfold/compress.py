@@ -175,8 +175,8 @@ def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_
     base_measured = measure(base, images, compression["latency"])
     base_size = Path(base_path).stat().st_size
 
-    runner = Runner(cfg, data.cache, data.targets, data.task, device,
-                    load_model(base_path)[0] if device != CPU else base)
+    # the variant is made from its own copy: pruning and QAT change the model they are given
+    runner = Runner(cfg, data.cache, data.targets, data.task, device, load_model(base_path)[0])
     start = time.perf_counter()
     variant_model, history, finetune_seconds, extra = METHODS[variant["method"]](
         runner.model, runner, data, cfg, variant, example)

@@ -14,7 +14,7 @@ is the maintained home of the same flow. int8 kernels are only used after
 1 with it, no faster without).
 
 The artifact is a ``torch.export`` archive (``.pt2``) of the converted graph with a dynamic
-batch dimension. ``convert_pt2e`` leaves the float weights it replaced as unused attributes;
+batch dimension, its JSON (the graph) deflated. ``convert_pt2e`` leaves the float weights it replaced as unused attributes;
 they are dropped before export, so the file holds only the tensors the graph uses (ResNet18:
 0.29x the fp32 file instead of 1.29x). ``torch.export.load`` falls back to unpickling when a
 weight is stored pickled; ``load_artifact`` refuses such files first.
@@ -133,7 +133,19 @@ def save_artifact(module: nn.Module, example: torch.Tensor, path, metadata: dict
     program = export(module, example)
     program.example_inputs = None  # else the archive carries a copy of the example batch
     torch.export.save(program, path, extra_files={"medfold.json": json.dumps(metadata)})
+    _deflate_text(path)
     return path.stat().st_size
+
+
+def _deflate_text(path) -> None:
+    """Rewrite the archive with its JSON entries (the graph, ~1 MB for ResNet50) deflated;
+    torch.export.save stores everything uncompressed. Tensors stay stored as they were."""
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w") as dst:
+        for item in src.infolist():
+            kind = zipfile.ZIP_DEFLATED if item.filename.endswith(".json") else zipfile.ZIP_STORED
+            dst.writestr(item, src.read(item), compress_type=kind)
+    tmp.replace(path)
 
 
 def tensor_bytes(tensors) -> int:
