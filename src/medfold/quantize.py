@@ -4,8 +4,8 @@
   ``X86InductorQuantizer``, calibration on training images, ``convert_pt2e``.
 * ``qat``: quantization-aware training: ``prepare_qat_pt2e`` on the exported training graph,
   fine-tuning with fake quantization, then ``convert_pt2e``.
-* ``dynamic_int8``: int8 weights with activations quantized on the fly. X86InductorQuantizer's
-  dynamic config covers linear layers only, so a CNN keeps its convolutions in fp32.
+* ``dynamic_int8``: int8 weights, with each activation's scale chosen per batch at run time
+  (no calibration; one forward pass records the weights' ranges).
 * ``fp16`` / ``bf16``: the weights cast; inputs cast on the way in, outputs back to fp32.
 
 ``torch.ao.quantization`` only warns of its deprecation in torch 2.14; torchao's ``pt2e`` package
