@@ -223,7 +223,8 @@ def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_
         sparse_size = pruning.save_sparse(extra["state_dict"], out / "model_sparse.pt")
         record["sparsity"] = extra["sparsity"]
         record["compressed"] = {"format": pruning.FORMAT, "file": "model_sparse.pt", "size_bytes": sparse_size,
-                                "ratio": sparse_size / base_size, "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2"), "dense_size_bytes": size}
+                                "ratio": sparse_size / base_size, "dense_size_bytes": size,
+                                "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2")}
         record["compressed"]["gzip_ratio"] = record["compressed"]["gzip_of_dense_bytes"] / base_size
     if "calibration_images" in extra:
         record["calibration_images"] = extra["calibration_images"]

@@ -26,7 +26,6 @@ up larger than dense at that sparsity.
 from __future__ import annotations
 
 import gzip
-import io
 import math
 from dataclasses import dataclass
 
@@ -201,8 +200,3 @@ def gzip_size(path) -> int:
     with open(path, "rb") as fh:
         return len(gzip.compress(fh.read(), compresslevel=6))
 
-
-def state_dict_bytes(state_dict: dict) -> int:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    return buffer.getbuffer().nbytes
