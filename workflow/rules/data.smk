@@ -7,7 +7,7 @@ rule demo_data:
         images=directory(f"{config['demo']['output']}/cxr14/images"),
         folders=directory(f"{config['demo']['output']}/chest_xray"),
     log:
-        "logs/demo_data.log",
+        f"{config['demo']['output']}/demo_data.log",
     conda:
         "../../envs/medfold.yaml"
     resources:
