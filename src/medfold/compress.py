@@ -102,14 +102,15 @@ def finetune(runner: Runner, model, data: FoldData, cfg: dict, epochs: int, lr: 
         set_training(False)
         val_probs, val_loss = runner.predict(data.rows["val"], criterion, model)
         val = evaluate(data.task, data.classes, data.targets[data.rows["val"]], val_probs)
+        extra = describe() if describe else {}
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "val_loss": val_loss,
                "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"], "images_per_s": seen / seconds,
-               "seconds": seconds, **(describe() if describe else {})}
+               "seconds": seconds, **extra}
         history.append(row)
         total += seconds
         log.info("fine-tune epoch %d/%d  loss %.4f  val_auroc %s%s", epoch + 1, epochs, loss,
                  "n/a" if val["auroc_macro"] is None else f"{val['auroc_macro']:.4f}",
-                 "".join(f"  {k} {v:.3f}" for k, v in (describe() if describe else {}).items()))
+                 "".join(f"  {k} {v:.3f}" for k, v in extra.items()))
     return history, total
 
 

@@ -233,8 +233,9 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     data = FoldData(index_path, splits_path, cache_dir, fold)
     index, classes, task, cache, targets, rows = data.index, data.classes, data.task, data.cache, data.targets, data.rows
     parallel = cfg["distributed"]
-    ctx = distributed.init(parallel["backend"], resolve_device(cfg["device"]))
-    device = distributed.device_for(ctx, resolve_device(cfg["device"]))
+    device = resolve_device(cfg["device"])
+    ctx = distributed.init(parallel["backend"], device)
+    device = distributed.device_for(ctx, device)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
