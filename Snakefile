@@ -13,6 +13,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/compress.smk"
+include: "workflow/rules/explain.smk"
 include: "workflow/rules/report.smk"
 
 

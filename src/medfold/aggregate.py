@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from .errors import ConfigError
 from .metrics import choose_thresholds, evaluate, predict, scalar_metrics, targets_for
 
 
@@ -108,7 +109,13 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     out = {"task": task, "classes": classes, "folds": int(len(results)), "per_fold": per_fold, "summary": summary,
            "per_class_auroc": per_class, "oof": pooled}
     test = predictions[predictions["set"] == "test"]
-    if len(test):
+    out["ensemble_predictions"] = pd.DataFrame(columns=["image_id", *[f"prob:{c}" for c in classes], "patient_id", "labels"])
+    # a fold ensemble needs one test set that every fold model predicted; the dataset's own folds
+    # may each have their own (glaucoma Fold0..Fold9), and then only the per-fold test metrics hold
+    shared = len(test) and (test.groupby("image_id")["fold"].nunique() == test["fold"].nunique()).all()
+    if not shared:
+        out["ensemble_test_skipped"] = "no test set shared by every fold" if len(test) else "no test set"
+    if shared:
         mean_probs = test.groupby("image_id", sort=True)[[f"prob:{c}" for c in classes]].mean()
         first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
         y_test = targets_for(first["labels"], classes, task)
@@ -171,3 +178,67 @@ def compare_experiments(summary_paths: dict[str, str], ensemble_paths: dict[str,
     if key in table and table[key].notna().any():
         table.loc[table[key].idxmax(), "best"] = True
     return table
+
+
+# ----------------------------------------------------------------------------- across experiments
+def ensemble_fold(prediction_paths: dict[str, str], metrics_paths: dict[str, str], weights: list[float],
+                  fold: int) -> tuple[dict, pd.DataFrame]:
+    """Fold ``fold`` of an ensemble across experiments: the weighted mean of the experiments'
+    fold-``fold`` probabilities on the same validation and test images, thresholds chosen on
+    validation, evaluated as a fold model is. Returns (metrics, predictions)."""
+    names = list(prediction_paths)
+    weights = np.asarray(weights or [1.0] * len(names), np.float64)
+    if len(weights) != len(names) or weights.sum() <= 0:
+        raise ConfigError(f"ensembles: {len(weights)} weights for {len(names)} experiments {names}; give one per "
+                          f"experiment, not all zero")
+    weights = weights / weights.sum()
+    results = {name: json.loads(Path(metrics_paths[name]).read_text()) for name in names}
+    classes, task = results[names[0]]["classes"], results[names[0]]["task"]
+    prob_cols = [f"prob:{c}" for c in classes]
+    frames = {}
+    for name in names:
+        if results[name]["classes"] != classes or results[name]["task"] != task:
+            raise ConfigError(f"ensembles: experiment {name!r} predicts {results[name]['classes']} ({results[name]['task']}), "
+                              f"{names[0]!r} predicts {classes} ({task}); an ensemble needs the same classes")
+        frames[name] = pd.read_parquet(prediction_paths[name]).set_index(["set", "image_id"]).sort_index()
+    first = frames[names[0]]
+    for name in names[1:]:
+        if not frames[name].index.equals(first.index):
+            raise ConfigError(f"ensembles: experiments {names[0]!r} and {name!r} predicted different images in fold {fold}; "
+                              f"an ensemble needs one split")
+    probs = sum(w * frames[name][prob_cols].to_numpy(np.float64) for w, name in zip(weights, names))
+    predictions = first.drop(columns=prob_cols).assign(**{c: probs[:, j] for j, c in enumerate(prob_cols)}).reset_index()
+    predictions = predictions[["image_id", "patient_id", "labels", "set", "fold", *prob_cols]]
+    result = {"fold": fold, "task": task, "classes": classes, "members": names, "weights": weights.tolist(),
+              "best_epoch": None, "epochs_trained": None,
+              "train_seconds": float(sum(r["train_seconds"] for r in results.values()))}
+    val = predictions[predictions["set"] == "val"]
+    y_val = targets_for(val["labels"], classes, task)
+    thresholds = choose_thresholds(task, y_val, val[prob_cols].to_numpy(np.float64))
+    result["val"] = evaluate(task, classes, y_val, val[prob_cols].to_numpy(np.float64), thresholds)
+    test = predictions[predictions["set"] == "test"]
+    if len(test):
+        result["test"] = evaluate(task, classes, targets_for(test["labels"], classes, task),
+                                  test[prob_cols].to_numpy(np.float64), thresholds)
+    return result, predictions
+
+
+def grid_table(combinations: dict[str, dict], summary_paths: dict[str, str], rank_by: str) -> pd.DataFrame:
+    """One row per combination of a grid, ranked by the mean validation ``rank_by`` across folds
+    (rank 1 best), with its values, the metric's std, the test mean and the training time."""
+    rows = []
+    for name, values in combinations.items():
+        stats = json.loads(Path(summary_paths[name]).read_text())["statistics"]
+        metric = stats.get(rank_by) or {}
+        test = stats.get(rank_by.replace("val.", "test.", 1)) or {}
+        seconds = stats.get("train_seconds") or {}
+        rows.append({"experiment": name, **{f"param:{k}": v for k, v in values.items()},
+                     f"{rank_by}.mean": metric.get("mean"), f"{rank_by}.std": metric.get("std"),
+                     f"{rank_by.replace('val.', 'test.', 1)}.mean": test.get("mean"),
+                     "train_seconds.mean": seconds.get("mean"),
+                     "train_seconds.total": (seconds.get("mean") or 0) * (seconds.get("count") or 0)})
+    table = pd.DataFrame(rows)
+    key = f"{rank_by}.mean"
+    table = table.sort_values([key, "train_seconds.mean"], ascending=[False, True], na_position="last", kind="stable")
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table.reset_index(drop=True)

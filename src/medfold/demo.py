@@ -4,7 +4,8 @@ Two on-disk forms, the ones real users have:
 
 * ``cxr14/``: an NIH ChestX-ray14-like tree: ``images/{patient:08d}_{followup:03d}.png`` and a
   ``Data_Entry.csv`` with ``Image Index``, ``Finding Labels`` (``|``-separated, ``No Finding``),
-  ``Follow-up #`` and ``Patient ID``. Multi-label.
+  ``Follow-up #`` and ``Patient ID``. Multi-label. ``signal_masks/<image>`` marks, for each
+  image with a finding, the pixels the findings drew (what an explanation should highlight).
 * ``chest_xray/``: a folder-per-class tree with the dataset's own split folders, as in the
   Kermany pneumonia and COVID-19 radiography collections:
   ``{train,test}/{Normal,Pneumonia,Effusion}/person{P}_{class}_{k}.png``. Single-label, and one
@@ -62,12 +63,16 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
-def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Generator) -> np.ndarray:
-    """A float image in [0, 1] of shape (height, width) showing ``findings``."""
+def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Generator,
+                      signal: np.ndarray | None = None) -> np.ndarray:
+    """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
+    boolean array of the same shape), when given, receives the pixels the findings drew: where
+    the information that an explanation should point at lies."""
     width, height = anatomy.size
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     xx /= width
     yy /= height
+    drawn = np.zeros((height, width), bool)
     img = np.full((height, width), 0.08, np.float32)
     img[_ellipse(xx, yy, anatomy.cx, 0.55, 0.42, 0.52)] = 0.55  # soft tissue
     # ribs: faint horizontal stripes across the chest
@@ -80,12 +85,16 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
         img[mask] = 0.18
     img[np.abs(xx - anatomy.cx) < 0.035] = 0.75  # spine
     heart_w = anatomy.heart_w * (1.7 if "Cardiomegaly" in findings else 1.0)
-    img[_ellipse(xx, yy, anatomy.cx + 0.04, 0.66, heart_w, 0.13)] = 0.7
+    heart = _ellipse(xx, yy, anatomy.cx + 0.04, 0.66, heart_w, 0.13)
+    img[heart] = 0.7
+    if "Cardiomegaly" in findings:  # the widening, not the heart every image has
+        drawn |= heart & ~_ellipse(xx, yy, anatomy.cx + 0.04, 0.66, anatomy.heart_w, 0.13)
     if "Effusion" in findings:
         side = ("left", "right")[rng.integers(2)]
         mask, lcx = lungs[side]
         level = 0.5 + anatomy.lung_h * rng.uniform(0.15, 0.35)
         img[mask & (yy > level)] = 0.68
+        drawn |= mask & (yy > level)
     if "Nodule" in findings:
         for _ in range(rng.integers(1, 4)):
             side = ("left", "right")[rng.integers(2)]
@@ -93,7 +102,9 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
             ncx = lcx + rng.uniform(-0.5, 0.5) * anatomy.lung_w
             ncy = 0.5 + rng.uniform(-0.5, 0.4) * anatomy.lung_h
             r = rng.uniform(0.035, 0.05)
-            img[_ellipse(xx, yy, ncx, ncy, r, r * width / height)] = 0.85
+            nodule = _ellipse(xx, yy, ncx, ncy, r, r * width / height)
+            img[nodule] = 0.85
+            drawn |= nodule
     if "Pneumonia" in findings:
         side = ("left", "right")[rng.integers(2)]
         mask, lcx = lungs[side]
@@ -101,6 +112,9 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
         cloud = (cloud - cloud.min()) / (np.ptp(cloud) + 1e-6)
         region = mask & _ellipse(xx, yy, lcx, 0.45, anatomy.lung_w, anatomy.lung_h * 0.6)
         img[region] = np.maximum(img[region], 0.35 + 0.45 * cloud[region])
+        drawn |= region
+    if signal is not None:
+        signal[...] = drawn
     img = gaussian_filter(img, sigma=width / 200) * anatomy.brightness
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
@@ -126,6 +140,7 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     rng = np.random.default_rng([seed, 14])
     rows = []
     sixteen_bit_done = False
+    (out / "signal_masks").mkdir(parents=True, exist_ok=True)
     for patient in range(1, patients + 1):
         anatomy = _patient_anatomy(rng)
         # lists in FINDINGS order, never sets: set order varies with PYTHONHASHSEED and would
@@ -137,7 +152,10 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
             name = f"{patient:08d}_{followup:03d}.png"
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
-            _save(render_radiograph(anatomy, set(shown), rng), out / "images" / name, mode)
+            signal = np.zeros(anatomy.size[::-1], bool)
+            _save(render_radiograph(anatomy, set(shown), rng, signal), out / "images" / name, mode)
+            if shown:  # beside the images root, so the index never sees them
+                Image.fromarray(signal).save(out / "signal_masks" / name)
             labels = "|".join(shown) or "No Finding"
             rows.append((name, labels, followup, patient))
     table = out / "Data_Entry.csv"

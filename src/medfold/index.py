@@ -68,12 +68,13 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
                 ignored.append({"path": str(root / rel), "reason": "file directly under dataset.root has no class folder"})
                 continue
             parts = rel_dir.parts
+            top = ds["class_folder"] == "top"
             rows.append({
                 "image_id": rel,
                 "path": str(root / rel),
-                "labels": [parts[-1]],
+                "labels": [parts[0] if top else parts[-1]],
                 "patient_id": None,
-                "source_split": "/".join(parts[:-1]) or None,
+                "source_split": None if top else "/".join(parts[:-1]) or None,
             })
     return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored
 
@@ -112,6 +113,11 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         dup = image_ids[image_ids.duplicated()].iloc[0]
         raise ConfigError(f"{table}: column {ds['path_column']!r} (dataset.path_column) lists {dup!r} more than once")
     root = Path(ds["root"]) if ds["root"] else table.parent
+    if ds["source_split_lists"]:
+        if ds["source_split_column"]:
+            raise ConfigError("dataset.source_split_lists and dataset.source_split_column both give the source split; keep one")
+        frame["__source_split"] = _split_from_lists(image_ids, ds["source_split_lists"])
+        ds = {**ds, "source_split_column": "__source_split"}
     if ds["metadata_only"]:
         paths = [str(root / i) for i in image_ids]
         unlisted: list[dict] = []
@@ -133,6 +139,29 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         if empty.any():
             raise ConfigError(f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for {int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}")
     return out, unlisted
+
+
+def _split_from_lists(image_ids: pd.Series, lists: dict[str, str]) -> pd.Series:
+    """Each image's split name from list files (NIH's train_val_list.txt / test_list.txt)."""
+    split = pd.Series(None, index=image_ids.index, dtype=object)
+    for name, file in lists.items():
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"dataset.source_split_lists.{name}: list file {file} does not exist")
+        listed = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        member = image_ids.isin(listed)
+        twice = member & split.notna()
+        if twice.any():
+            raise ConfigError(f"{file}: image {image_ids[twice].iloc[0]!r} is also listed for split {split[twice].iloc[0]!r} "
+                              f"(dataset.source_split_lists)")
+        unknown = listed - set(image_ids)
+        if unknown:
+            log.warning("%s lists %d images that the table does not have, e.g. %s", file, len(unknown), sorted(unknown)[:3])
+        split[member] = name
+    if split.isna().any():
+        raise ConfigError(f"dataset.source_split_lists: image {image_ids[split.isna()].iloc[0]!r} is in none of the "
+                          f"lists {sorted(lists)} ({int(split.isna().sum())} such images)")
+    return split
 
 
 def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list[dict]]:

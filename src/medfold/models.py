@@ -151,3 +151,95 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s; kept initial values for %d (e.g. the classifier): %s",
              len(usable), path, len(own) - len(usable), skipped[:5])
+
+
+# ----------------------------------------------------------------------------- parts of a model
+def _split_at_pools(features: nn.Sequential) -> list[list[nn.Module]]:
+    """Blocks of a plain conv stack: each ends with its max-pooling."""
+    blocks, current = [], []
+    for layer in features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def feature_blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """The feature extractor as blocks, input side first: what "the last N blocks" counts."""
+    if isinstance(model, SmallCNN):
+        return _split_at_pools(model.features)
+    if isinstance(model, tv.ResNet):
+        return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
+    if isinstance(model, tv.DenseNet):
+        f = model.features
+        return [[f.conv0, f.norm0], [f.denseblock1, f.transition1], [f.denseblock2, f.transition2],
+                [f.denseblock3, f.transition3], [f.denseblock4, f.norm5]]
+    if isinstance(model, tv.EfficientNet):
+        return [[block] for block in model.features]
+    if isinstance(model, tv.VGG):
+        return _split_at_pools(model.features)
+    raise ConfigError(f"no block structure known for {type(model).__name__}")
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The layers after the feature extractor (the head a new task replaces)."""
+    if isinstance(model, SmallCNN):
+        return model.head
+    if isinstance(model, tv.ResNet):
+        return model.fc
+    return model.classifier
+
+
+def last_conv_block(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM attributes to: the last convolutional block's output."""
+    if isinstance(model, SmallCNN):
+        return model.features
+    if isinstance(model, tv.ResNet):
+        return model.layer4
+    if isinstance(model, tv.DenseNet):
+        return model.features.norm5
+    return model.features
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def set_trainable(model: nn.Module, train: str, blocks: int = 1, freeze_batch_norm: bool = True) -> list[nn.Module]:
+    """Freeze all but the part ``train`` names: ``head`` (the classifier), ``last_blocks`` (the
+    classifier and the last ``blocks`` feature blocks) or ``all``. Outside ``all``, batch-norm
+    layers stay frozen when ``freeze_batch_norm``: no gradient, and no running-statistics updates
+    (the caller keeps the returned layers in eval mode). Returns those frozen batch-norm layers."""
+    parts = feature_blocks(model)
+    if train == "all":
+        chosen = [model]
+    elif train == "head":
+        chosen = [classifier(model)]
+    elif train == "last_blocks":
+        if not 1 <= blocks <= len(parts):
+            raise ConfigError(f"stages: blocks is {blocks} but {type(model).__name__} has {len(parts)} feature blocks")
+        chosen = [classifier(model)] + [m for block in parts[-blocks:] for m in block]
+    else:
+        raise ConfigError(f"stages: train is {train!r}; expected head, last_blocks or all")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in chosen:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    frozen_norms = []
+    if train != "all" and freeze_batch_norm:
+        for module in model.modules():
+            if isinstance(module, BATCH_NORMS):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+                frozen_norms.append(module)
+    return frozen_norms
+
+
+def train_mode(model: nn.Module, frozen_norms: list[nn.Module]) -> None:
+    """model.train(), except frozen batch-norm layers, which keep their running statistics."""
+    model.train()
+    for module in frozen_norms:
+        module.eval()

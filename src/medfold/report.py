@@ -175,9 +175,9 @@ def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, cla
             if 0 < y01.sum() < len(y01):
                 fpr, tpr, _ = roc_curve(y01, part[f"prob:{c}"])
                 ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], lw=1, alpha=0.8, label=f"fold {fold}")
-        y = targets_for(ensemble["labels"], classes, task)
+        y = targets_for(ensemble["labels"], classes, task) if ensemble is not None else np.zeros(0)
         y01 = y[:, j] if task == "multilabel" else (y == j).astype(int)
-        if 0 < y01.sum() < len(y01):
+        if ensemble is not None and 0 < y01.sum() < len(y01):
             fpr, tpr, _ = roc_curve(y01, ensemble[f"prob:{c}"])
             ax.plot(fpr, tpr, color="black", lw=2, label="ensemble")
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
@@ -212,7 +212,7 @@ def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensembl
     headline = [f"{part}.{m}" for part in ("val", "test") for m in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
                 if f"{part}.{m}" in per_fold.columns]
     parts.append("<h3>Per fold</h3>" + table(["fold", *headline, "best epoch", "train s"],
-                                              [[int(r["fold"]), *[r[c] for c in headline], int(r["best_epoch"]), r["train_seconds"]]
+                                              [[int(r["fold"]), *[r[c] for c in headline], _count(r["best_epoch"]), r["train_seconds"]]
                                                for _, r in per_fold.iterrows()]))
     shown = [c for c in per_fold.columns if c.startswith(("val.", "test.")) and ".auroc." not in c]
     stats = summary["statistics"]
@@ -245,7 +245,46 @@ def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensembl
         parts.append("<h4>Confusion matrices (rows: truth, columns: prediction)</h4>" + confusion_tables(ensemble, classes, task))
     parts.append('<div class="figs">' + roc_figure(name, predictions, ensemble_predictions if ensemble_predictions is not None
                                                    else predictions.iloc[:0], classes, task) + "</div>")
-    parts.append('<div class="figs">' + curves_figure(name, histories) + "</div>")
+    if histories:
+        parts.append('<div class="figs">' + curves_figure(name, histories) + "</div>")
+    return "".join(parts)
+
+
+def _count(value) -> str | None:
+    return None if value is None or pd.isna(value) else str(int(value))
+
+
+def grid_section(name: str, ranked: pd.DataFrame, rank_by: str, top_k: int) -> str:
+    """A grid's best combinations by mean validation metric, with their values and costs."""
+    params = [c for c in ranked.columns if c.startswith("param:")]
+    test = rank_by.replace("val.", "test.", 1)
+    rows = [[int(r["rank"]), r["experiment"], *[r[c] for c in params], r[f"{rank_by}.mean"], r[f"{rank_by}.std"],
+             r[f"{test}.mean"], r["train_seconds.mean"]] for _, r in ranked.head(top_k).iterrows()]
+    return (f'<h3 id="grid-{esc(name)}">Grid: {esc(name)}</h3><p class="note">{len(ranked)} combinations, ranked by '
+            f"the mean validation {esc(rank_by.split('.', 1)[1])} across folds; the test column is shown, never used "
+            f"to rank. The top {min(top_k, len(ranked))}:</p>"
+            + table(["rank", "experiment", *[c.split(":", 1)[1] for c in params], f"{rank_by} mean", "std",
+                     f"{test} mean", "train s/fold"], rows, left=2 + len(params),
+                    classes=["best" if i == 0 else "" for i in range(len(rows))]))
+
+
+def explanation_section(name: str, records: list[str]) -> str:
+    """Each fold's explained test images: the overlay PNGs with what they explain."""
+    parts = [f'<h3 id="explain-{esc(name)}">Explanations: {esc(name)}</h3><p class="note">For test images of each '
+             "class: Grad-CAM on the last convolutional block (warm colours: regions that raise the class's score) "
+             "and LIME on superpixels (blue: superpixels that raise it, red: that lower it).</p>"]
+    for path in records:
+        record = json.loads(Path(path).read_text())
+        figures = []
+        for item in record["images"]:
+            data = base64.b64encode((Path(path).parent / item["overlay"]).read_bytes()).decode()
+            caption = (f"{esc(item['image_id'])}: explains <b>{esc(item['explained_class'])}</b> "
+                       f"(p = {item['probabilities'][item['explained_class']]:.2f}); true: "
+                       f"{esc(', '.join(item['true_labels']) or 'no finding')}; predicted: "
+                       f"{esc(', '.join(item['predicted_labels']) or 'no finding')}")
+            figures.append(f'<figure style="margin:4px;width:560px"><img style="width:100%" alt="{esc(item["image_id"])}" '
+                           f'src="data:image/png;base64,{data}"><figcaption class="note">{caption}</figcaption></figure>')
+        parts.append(f"<h4>Fold {int(record['fold'])}</h4><div class=\"figs\">{''.join(figures)}</div>")
     return "".join(parts)
 
 
@@ -382,9 +421,29 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
         ensemble = json.loads(Path(files["ensemble"]).read_text())
         predictions = pd.concat([pd.read_parquet(p) for p in files["predictions"]], ignore_index=True)
         ens_pred = pd.read_parquet(files["ensemble_predictions"]) if files.get("ensemble_predictions") else None
+        ens_pred = ens_pred if ens_pred is not None and len(ens_pred) else None
         histories = {int(Path(p).parent.name.split("_")[1]): pd.read_csv(p) for p in files["histories"]}
         body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred, histories))
         nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
+    for name, files in inputs.get("ensembles", {}).items():
+        summary = json.loads(Path(files["summary"]).read_text())
+        ensemble = json.loads(Path(files["ensemble"]).read_text())
+        predictions = pd.concat([pd.read_parquet(p) for p in files["predictions"]], ignore_index=True)
+        ens_pred = pd.read_parquet(files["ensemble_predictions"])
+        body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions,
+                                       ens_pred if len(ens_pred) else None, {}))
+        nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
+    if inputs.get("grids"):
+        body.append('<h2 id="grids">Hyperparameter grids</h2>' + "".join(
+            grid_section(name, pd.read_csv(path), config["grids"]["rank_by"], config["grids"]["top_k"])
+            for name, path in inputs["grids"].items()))
+        nav.append('<a href="#grids">Grids</a>')
+    explained = {name: files["explanations"] for name, files in inputs.get("experiments", {}).items()
+                 if files.get("explanations")}
+    if explained:
+        body.append('<h2 id="explanations">Explanations</h2>'
+                    + "".join(explanation_section(name, records) for name, records in explained.items()))
+        nav.append('<a href="#explanations">Explanations</a>')
     variants = {name: (pd.read_csv(files["variants"]["table"]), pd.read_csv(files["variants"]["summary"]))
                 for name, files in inputs.get("experiments", {}).items() if files.get("variants")}
     if variants:

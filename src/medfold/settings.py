@@ -4,8 +4,10 @@ the schema's rules for training keys, so a typo in an experiment is caught befor
 from __future__ import annotations
 
 import copy
+import itertools
 
 import jsonschema
+import pandas as pd
 import yaml
 
 from .errors import ConfigError
@@ -21,11 +23,56 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def experiment_settings(config: dict, name: str, schema_path) -> dict:
-    """``config`` is the validated config (training defaults filled in)."""
-    if name not in config["experiments"]:
-        raise ConfigError(f"experiments: no experiment named {name!r}; there are {sorted(config['experiments'])}")
-    settings = deep_merge(config["training"], config["experiments"][name] or {})
+def expand_grids(experiments: dict, schema_path) -> tuple[dict, dict]:
+    """Experiments with a ``grid`` (training key, dotted for nested ones, to a list of values)
+    become one experiment per combination through Snakemake's Paramspace, named
+    ``<experiment>_<key>~<value>_...``. Returns (every experiment's overrides, and per grid its
+    combinations' names with their values)."""
+    from snakemake.utils import Paramspace
+
+    with open(schema_path) as fh:
+        training_keys = set(yaml.safe_load(fh)["properties"]["training"]["properties"])
+    expanded, grids = {}, {}
+    for name, overrides in experiments.items():
+        overrides = dict(overrides or {})
+        grid = overrides.pop("grid", None)
+        if grid is None:
+            expanded[name] = overrides
+            continue
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"experiments.{name}.grid: expected a map of training keys to lists of values, got {grid!r}")
+        for key, values in grid.items():
+            if key.split(".")[0] not in training_keys:
+                raise ConfigError(f"experiments.{name}.grid: {key!r} is not a training key (config/README.md lists them)")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"experiments.{name}.grid.{key}: expected a non-empty list of values, got {values!r}")
+        combos = list(itertools.product(*grid.values()))
+        # Paramspace takes column names as identifiers: a nested key is spelled with "_" in the names
+        space = Paramspace(pd.DataFrame(combos, columns=[k.replace(".", "_") for k in grid]), filename_params="*", param_sep="~",
+                           filename_sep="_")
+        grids[name] = {}
+        for pattern, values in zip(space.instance_patterns, combos):
+            combo = f"{name}_{pattern}"
+            nested: dict = {}
+            for key, value in zip(grid, values):
+                *path, last = key.split(".")
+                level = nested
+                for part in path:
+                    level = level.setdefault(part, {})
+                level[last] = value
+            expanded[combo] = deep_merge(overrides, nested)
+            grids[name][combo] = dict(zip(grid, values))
+    return expanded, grids
+
+
+def experiment_settings(config: dict, name: str, schema_path, experiments: dict | None = None) -> dict:
+    """``config`` is the validated config (training defaults filled in); ``experiments`` the
+    overrides after grid expansion (default: ``expand_grids`` of the config's)."""
+    if experiments is None:
+        experiments, _ = expand_grids(config["experiments"], schema_path)
+    if name not in experiments:
+        raise ConfigError(f"experiments: no experiment named {name!r}; there are {sorted(experiments)}")
+    settings = deep_merge(config["training"], experiments[name] or {})
     with open(schema_path) as fh:
         training_schema = yaml.safe_load(fh)["properties"]["training"]
     errors = sorted(jsonschema.Draft202012Validator(training_schema).iter_errors(settings), key=lambda e: list(e.path))

@@ -14,6 +14,7 @@ stratified group split.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,10 @@ def _group_counts(index: pd.DataFrame, groups: np.ndarray, classes: list[str]) -
 
 def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
     """Return (splits table, summary). ``cfg`` is the validated ``split`` config section."""
+    if cfg["method"] == "source":
+        return source_splits(index, classes, cfg)
+    if cfg["folds"] < 2:
+        raise ConfigError(f"split.folds is {cfg['folds']}; split.method 'stratified' needs at least 2")
     groups = image_groups(index)
     counts = _group_counts(index, groups, classes)
     n_groups = len(counts)
@@ -168,6 +173,57 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
     return splits, summary
 
 
+def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
+    """The dataset's own folds and roles, as given: each image's source split names its fold
+    (``source_fold_pattern``'s group 1, else fold 0) and, in its last part, its role within that
+    fold. A dataset that copies each image into every fold (glaucoma Fold0..Fold9) gives one row
+    per copy, so roles never mix across folds."""
+    source = index["source_split"].fillna("")
+    if (source == "").all():
+        raise ConfigError("split.method is 'source' but the index has no source split (split folders, "
+                          "dataset.source_split_column or dataset.source_split_lists)")
+    role_of = {name.lower(): role for role, names in cfg["source_roles"].items() for name in names}
+    roles = source.map(lambda s: role_of.get(s.rsplit("/", 1)[-1].lower()))
+    if roles.isna().any():
+        bad = index.loc[roles.isna()].iloc[0]
+        raise ConfigError(f"split.source_roles: source split {bad['source_split']!r} of image {bad['image_id']!r} names no "
+                          f"role; the roles are {dict(cfg['source_roles'])} ({int(roles.isna().sum())} such images)")
+    if cfg["source_fold_pattern"]:
+        try:
+            pattern = re.compile(cfg["source_fold_pattern"])
+        except re.error as exc:
+            raise ConfigError(f"split.source_fold_pattern: {cfg['source_fold_pattern']!r} is not a regular expression: {exc}") from exc
+        found = source.map(lambda s: pattern.search(s))
+        if found.isna().any():
+            bad = index.loc[found.isna()].iloc[0]
+            raise ConfigError(f"split.source_fold_pattern {cfg['source_fold_pattern']!r} does not match source split "
+                              f"{bad['source_split']!r} of image {bad['image_id']!r}")
+        fold = found.map(lambda m: int(m.group(1))).to_numpy()
+    else:
+        fold = np.zeros(len(index), np.int64)
+    present = sorted(set(fold.tolist()))
+    if present != list(range(cfg["folds"])):
+        raise ConfigError(f"split.folds is {cfg['folds']} but the dataset's own folds are {present}; set split.folds "
+                          f"to {len(present)} (numbered from 0)")
+    roles = roles.to_numpy()
+    for k in present:
+        for role in ("train", "val"):
+            if not ((fold == k) & (roles == role)).any():
+                raise ConfigError(f"split.method 'source': fold {k} has no {role} images (split.source_roles.{role} "
+                                  f"{cfg['source_roles'][role]})")
+    splits = pd.DataFrame({
+        "image_id": index["image_id"].to_numpy(),
+        "patient_id": index["patient_id"].to_numpy(),
+        "group": image_groups(index),
+        "set": roles,
+        "fold": fold,
+    })
+    summary = summarize(index, splits, classes)
+    summary.update({"seed": None, "folds": cfg["folds"], "test_method": "the dataset's own folds and roles",
+                    "method": "source", "source_leaks": []})
+    return splits, summary
+
+
 def _describe_groups(index, groups, which, image_test) -> list[dict]:
     out = []
     for g in which[:50]:
@@ -180,8 +236,31 @@ def _describe_groups(index, groups, which, image_test) -> list[dict]:
     return out
 
 
+SOURCE_ROLES = ("train", "val", "test")
+
+
+def is_source(splits: pd.DataFrame) -> bool:
+    """True for the dataset's own folds (split.method 'source'): sets are roles within a fold."""
+    return bool(splits["set"].isin(("train", "val")).any())  # 'test' is a set of both kinds
+
+
+def fold_members(splits: pd.DataFrame, fold: int) -> dict[str, pd.Series]:
+    """The image_ids fold ``fold``'s model trains on, is selected on and is tested on."""
+    if is_source(splits):
+        here = splits[splits["fold"] == fold]
+        return {role: here.loc[here["set"] == role, "image_id"] for role in SOURCE_ROLES}
+    return {
+        "train": splits.loc[(splits["set"] == CV) & (splits["fold"] != fold), "image_id"],
+        "val": splits.loc[splits["fold"] == fold, "image_id"],
+        "test": splits.loc[splits["set"] == TEST, "image_id"],
+    }
+
+
 def partition_names(splits: pd.DataFrame) -> pd.Series:
-    """'test' or 'fold_k' per image: the sets that must not share a patient."""
+    """The sets that must not share a patient: 'test' or 'fold_k' per image; with the dataset's
+    own folds, 'fold_k/<role>' (sharing across folds is what such folds do)."""
+    if is_source(splits):
+        return pd.Series("fold_" + splits["fold"].astype(str) + "/" + splits["set"], index=splits.index)
     return pd.Series(np.where(splits["fold"] < 0, TEST, "fold_" + splits["fold"].astype(str)), index=splits.index)
 
 
@@ -216,11 +295,13 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
         problems.append(f"{len(missing)} indexed images are in no set, e.g. {missing[:5]}")
     if extra:
         problems.append(f"{len(extra)} images in the split are not in the index, e.g. {extra[:5]}")
-    merged = splits[["image_id"]].assign(part=partition_names(splits)).merge(
+    # with the dataset's own folds, sets are compared within a fold only
+    scope = splits["fold"] if is_source(splits) else pd.Series(0, index=splits.index)
+    merged = splits[["image_id"]].assign(part=partition_names(splits), scope=scope.to_numpy()).merge(
         index[["image_id", "patient_id", "content_hash"]], on="image_id", how="inner")
     crossings = {}
     for key, what in (("patient_id", "patients"), ("content_hash", "duplicate images (same content hash)")):
-        parts_per = merged.dropna(subset=[key]).groupby(key)["part"].unique()
+        parts_per = merged.dropna(subset=[key]).groupby(["scope", key])["part"].unique().droplevel("scope")
         crossing = parts_per[parts_per.map(len) > 1]
         crossings[key] = int(len(crossing))
         if len(crossing):

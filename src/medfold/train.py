@@ -28,7 +28,8 @@ from . import distributed
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
-from .models import build_model
+from .models import build_model, set_trainable, train_mode
+from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 # ----------------------------------------------------------------------------- data
 def fold_rows(splits: pd.DataFrame, index: pd.DataFrame, fold: int) -> dict[str, np.ndarray]:
     position = pd.Series(np.arange(len(index)), index=index["image_id"].to_numpy())
-    by_set = {
-        "train": splits.loc[(splits["set"] == "cv") & (splits["fold"] != fold), "image_id"],
-        "val": splits.loc[splits["fold"] == fold, "image_id"],
-        "test": splits.loc[splits["set"] == "test", "image_id"],
-    }
+    by_set = fold_members(splits, fold)
     return {name: np.sort(position.loc[ids].to_numpy()) for name, ids in by_set.items()}
 
 
@@ -245,16 +242,27 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     if runner.channels_last:
         model.to(memory_format=torch.channels_last)
     lr_scale = ctx.world if parallel["scale_lr"] else 1
-    optimizer = make_optimizer(model.parameters(), {**cfg, "lr": cfg["lr"] * lr_scale})
-    # every rank starts from rank 0's weights; a resume below loads the same file on every rank
-    step_model, optimizer = distributed.wrap(ctx, model, optimizer, device)
-    if cfg["compile"]:
-        step_model = torch.compile(step_model)
+    stages = stage_plan(cfg)
     metric = cfg["early_stopping"]["metric"]
     mode = monitor_mode(metric)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=mode, factor=cfg["plateau"]["factor"], patience=cfg["plateau"]["patience"],
-        min_lr=cfg["plateau"]["min_lr"])
+
+    def begin_stage(number: int):
+        """Freeze what the stage keeps fixed; a fresh optimizer and LR schedule over the rest."""
+        stage = stages[number]
+        frozen_norms = set_trainable(model, stage["train"], stage["blocks"], stage["freeze_batch_norm"])
+        for p in model.parameters():
+            p.grad = None  # a gradient left from the previous stage must not move a frozen weight
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, {**cfg, "lr": stage["lr"] * lr_scale})
+        # every rank starts from rank 0's weights; a resume below loads the same file on every rank
+        step_model, optimizer = distributed.wrap(ctx, model, optimizer, device)
+        if cfg["compile"]:
+            step_model = torch.compile(step_model)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg["plateau"]["factor"], patience=cfg["plateau"]["patience"],
+            min_lr=cfg["plateau"]["min_lr"])
+        return frozen_norms, step_model, optimizer, scheduler, sum(p.numel() for p in trainable)
+
     criterion = Criterion(task, targets[rows["train"]], len(classes), cfg["class_weights"], device)
     weights = sample_weights(targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"])
     batches = CachedBatches(cache, rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * fold,
@@ -262,19 +270,25 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     augment = AugmentConfig.from_config(cfg["augment"])
 
     state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None,
-             "stopped_early": False, "train_seconds": 0.0}
+             "stopped_early": False, "train_seconds": 0.0, "stage": 0, "stage_epoch": 0, "stage_best": None,
+             "stage_best_state": None, "stages": []}
     ckpt_path = out / CHECKPOINT
+    ckpt = None
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
             state = ckpt["state"]
             torch.set_rng_state(ckpt["rng_cpu"])
             log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state["epoch"])
         else:
             log.warning("%s was written with other settings; training fold %d from the start", ckpt_path, fold)
+            ckpt = None
+    if state["stage"] < len(stages):
+        frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(state["stage"])
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
 
     writer = None
     if ctx.main:
@@ -283,14 +297,17 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         writer = SummaryWriter(str(out / "tensorboard"))
         for row in state["history"]:  # a resumed run's event files hold the whole run
             _log_scalars(writer, row)
-    log.info("fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max", fold, len(rows["train"]),
-             len(rows["val"]), len(rows["test"]), cfg["model"], device, cfg["epochs"])
+    total = sum(stage["epochs"] for stage in stages)
+    log.info("fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s", fold, len(rows["train"]),
+             len(rows["val"]), len(rows["test"]), cfg["model"], device, total,
+             f" in {len(stages)} stages" if cfg["stages"] else "")
 
-    while state["epoch"] < cfg["epochs"] and not state["stopped_early"]:
+    while state["stage"] < len(stages):
+        stage = stages[state["stage"]]
         epoch = state["epoch"]
         gen = seed_epoch(cfg, fold, epoch, device, ctx.rank)
         batches.set_epoch(epoch)
-        model.train()
+        train_mode(model, frozen_norms)
         train_loss, seen, seconds = train_epoch(runner, step_model, batches, augment, criterion, optimizer, gen, fold,
                                                 epoch)
         train_loss, seen = distributed.mean(ctx, train_loss), round(distributed.mean(ctx, seen) * ctx.world)
@@ -302,29 +319,44 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         if value is None or (isinstance(value, float) and math.isnan(value)):
             value = -math.inf if mode == "max" else math.inf
         scheduler.step(value)
-        improved = state["best"] is None or (
-            value > state["best"] + cfg["early_stopping"]["min_delta"] if mode == "max"
-            else value < state["best"] - cfg["early_stopping"]["min_delta"])
-        if improved:
-            state.update(best=value, best_epoch=epoch + 1, bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        weights_now = None
+        if _better(value, state["stage_best"], mode, cfg["early_stopping"]["min_delta"]):
+            weights_now = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.update(stage_best=value, stage_best_state=weights_now, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
+        improved = _better(value, state["best"], mode, cfg["early_stopping"]["min_delta"])
+        if improved:
+            state.update(best=value, best_epoch=epoch + 1,
+                         best_state=weights_now or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                "val_loss": val_loss, "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "images_per_s": seen / seconds, "seconds": seconds}
+        if cfg["stages"]:
+            row.update(stage=state["stage"] + 1, trainable_parameters=trainable)
         state["history"].append(row)
         state["train_seconds"] += seconds
         if writer is not None:
             _log_scalars(writer, row)
         log.info("fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s", fold, epoch + 1,
-                 cfg["epochs"], row["train_loss"], val_loss, _fmt(val["auroc_macro"]), row["lr"], row["images_per_s"],
+                 total, row["train_loss"], val_loss, _fmt(val["auroc_macro"]), row["lr"], row["images_per_s"],
                  "  *best*" if improved else "")
-        if cfg["early_stopping"]["enabled"] and state["bad_epochs"] >= cfg["early_stopping"]["patience"]:
-            state["stopped_early"] = True
+        state["epoch"] = epoch + 1
+        state["stage_epoch"] += 1
+        stopped = cfg["early_stopping"]["enabled"] and state["bad_epochs"] >= cfg["early_stopping"]["patience"]
+        if stopped:
             log.info("fold %d: early stop after epoch %d (no %s improvement for %d epochs)", fold, epoch + 1, metric,
                      state["bad_epochs"])
-        state["epoch"] = epoch + 1
+        if stopped or state["stage_epoch"] >= stage["epochs"]:
+            state["stages"].append({**stage, "epochs_run": state["stage_epoch"], "stopped_early": bool(stopped),
+                                    "best_value": state["stage_best"], "trainable_parameters": trainable})
+            state["stopped_early"] = bool(stopped)
+            state.update(stage=state["stage"] + 1, stage_epoch=0, stage_best=None, bad_epochs=0)
+            if state["stage"] < len(stages):
+                model.load_state_dict(state["stage_best_state"])  # the next stage starts from this one's best
+                log.info("fold %d: stage %d/%d (%s) starts from the previous stage's best weights", fold,
+                         state["stage"] + 1, len(stages), stages[state["stage"]]["train"])
+                frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(state["stage"])
         if ctx.main:
             _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "state": state, "rng_cpu": torch.get_rng_state(),
@@ -338,13 +370,27 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     model.load_state_dict(state["best_state"])
     result = None
     if ctx.main:
-        state["distributed"] = {"backend": ctx.backend, "world_size": ctx.world, "lr": cfg["lr"] * lr_scale,
+        state["distributed"] = {"backend": ctx.backend, "world_size": ctx.world, "lr": stages[0]["lr"] * lr_scale,
                                 "replicas_identical": identical}
         result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
         ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     return result
+
+
+def stage_plan(cfg: dict) -> list[dict]:
+    """The training stages: the configured ones, or one stage training everything."""
+    if not cfg["stages"]:
+        return [{"epochs": cfg["epochs"], "lr": cfg["lr"], "train": "all", "blocks": 1, "freeze_batch_norm": True}]
+    return [{"lr": None, "blocks": 1, "freeze_batch_norm": True, **stage} | {"lr": stage.get("lr") or cfg["lr"]}
+            for stage in cfg["stages"]]
+
+
+def _better(value: float, best, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 def _fmt(value) -> str:
@@ -395,6 +441,8 @@ def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path
                    "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
                    "monitor": cfg["early_stopping"]["metric"], "settings": cfg,
                    "distributed": state.get("distributed")})
+    if cfg["stages"]:
+        result["stages"] = state["stages"]
     write_evaluation(result, predictions, state["history"], out)
     save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt")
     log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", data.fold, state["best_epoch"],

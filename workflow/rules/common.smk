@@ -8,6 +8,7 @@ from snakemake.utils import validate
 from medfold.errors import ConfigError
 from medfold.settings import (
     compress_gpus,
+    expand_grids,
     experiment_settings,
     train_resources,
     variant_settings,
@@ -18,15 +19,32 @@ validate(config, schema="../schemas/config.schema.yaml")
 RESULTS = config["results"]
 DATASET = config["dataset"]["name"]
 DATASET_DIR = f"{RESULTS}/{DATASET}"
-EXPERIMENTS = list(config["experiments"])
+SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+# an experiment with a grid is one experiment per combination (Paramspace), ranked per grid
+OVERRIDES, GRIDS = expand_grids(config["experiments"], SCHEMA)
+EXPERIMENTS = list(OVERRIDES)
 FOLDS = list(range(config["split"]["folds"]))
 # every experiment's merged settings, checked now: a bad override stops before any job runs
 SETTINGS = {
-    name: experiment_settings(
-        config, name, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-    )
-    for name in EXPERIMENTS
+    name: experiment_settings(config, name, SCHEMA, OVERRIDES) for name in EXPERIMENTS
 }
+
+
+def check_names(key, names):
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        raise ConfigError(
+            f"{key}: {unknown} are not experiments (there are {EXPERIMENTS})"
+        )
+
+
+ENSEMBLES = config["ensembles"]
+for _name, _ensemble in ENSEMBLES.items():
+    check_names(f"ensembles.{_name}.experiments", _ensemble["experiments"])
+    if _name in EXPERIMENTS:
+        raise ConfigError(f"ensembles.{_name}: the name is an experiment's too")
+EXPLAINED = config["explain"]["experiments"]
+check_names("explain.experiments", EXPLAINED)
 # the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
 # the profile stays the same everywhere
 CLUSTER = config["cluster"]
@@ -48,27 +66,30 @@ def site_resources():
 
 
 TRAIN_RESOURCES = {name: train_resources(SETTINGS[name]) for name in EXPERIMENTS}
-SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 # compression variants, resolved and checked now too; they apply to these experiments
 VARIANTS = {name: variant_settings(config, name, SCHEMA) for name in config["variants"]}
-_unknown = sorted(set(config["compression"]["experiments"]) - set(EXPERIMENTS))
-if VARIANTS and _unknown:
-    raise ConfigError(
-        f"compression.experiments: {_unknown} are not experiments (there are {EXPERIMENTS})"
-    )
+if VARIANTS:
+    check_names("compression.experiments", config["compression"]["experiments"])
 COMPRESSED = (config["compression"]["experiments"] or EXPERIMENTS) if VARIANTS else []
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
 VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
 CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
+ENSEMBLE_DIR = f"{RESULTS}/{{dataset}}/ensembles/{{ensemble}}"
+
+
+def any_of(names):
+    """A wildcard pattern matching exactly these names (nothing when there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 wildcard_constraints:
     dataset=re.escape(DATASET),
-    experiment="|".join(re.escape(name) for name in EXPERIMENTS),
+    experiment=any_of(EXPERIMENTS),
     fold=r"\d+",
     size=r"\d+",
-    # a pattern that matches nothing when there are no variants
-    variant="|".join(re.escape(name) for name in VARIANTS) or "(?!)",
+    variant=any_of(VARIANTS),
+    ensemble=any_of(ENSEMBLES),
+    grid=any_of(GRIDS),
 
 
 def dataset_inputs(wildcards):
@@ -119,6 +140,32 @@ def variant_cv_file(experiment, variant, output):
     )[0]
 
 
+def ensemble_files(ensemble, output):
+    return expand(
+        getattr(rules.ensemble_fold.output, output),
+        dataset=DATASET,
+        ensemble=ensemble,
+        fold=FOLDS,
+    )
+
+
+def ensemble_cv_file(ensemble, output):
+    return expand(
+        getattr(rules.aggregate_ensemble.output, output),
+        dataset=DATASET,
+        ensemble=ensemble,
+    )[0]
+
+
+def explanation_files(experiment, output):
+    return expand(
+        getattr(rules.explain.output, output),
+        dataset=DATASET,
+        experiment=experiment,
+        fold=FOLDS,
+    )
+
+
 def cv_file(experiment, output):
     return expand(
         getattr(rules.aggregate.output, output), dataset=DATASET, experiment=experiment
@@ -137,6 +184,19 @@ def report_inputs():
             "histories": fold_files(name, "history"),
         }
         for name in EXPERIMENTS
+    }
+    for name in EXPLAINED:
+        experiments[name]["explanations"] = explanation_files(name, "record")
+    ensembles = {
+        name: {
+            "per_fold": ensemble_cv_file(name, "per_fold"),
+            "summary": ensemble_cv_file(name, "summary"),
+            "ensemble": ensemble_cv_file(name, "ensemble"),
+            "ensemble_predictions": ensemble_cv_file(name, "ensemble_predictions"),
+            "predictions": ensemble_files(name, "predictions"),
+            "histories": [],
+        }
+        for name in ENSEMBLES
     }
     for name in COMPRESSED:
         experiments[name]["variants"] = {
@@ -157,6 +217,9 @@ def report_inputs():
             rules.train.benchmark, dataset=DATASET, experiment=EXPERIMENTS, fold=FOLDS
         ),
         *expand(rules.aggregate.benchmark, dataset=DATASET, experiment=EXPERIMENTS),
+        *expand(
+            rules.explain.benchmark, dataset=DATASET, experiment=EXPLAINED, fold=FOLDS
+        ),
         *[
             path
             for name in COMPRESSED
@@ -179,6 +242,11 @@ def report_inputs():
             0
         ],
         "experiments": experiments,
+        "ensembles": ensembles,
+        "grids": {
+            name: expand(rules.grid_table.output.table, dataset=DATASET, grid=name)[0]
+            for name in GRIDS
+        },
         "benchmarks": benchmarks,
     }
 

@@ -38,10 +38,90 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
+rule ensemble_fold:
+    input:
+        predictions=lambda w: [
+            fold_files(name, "predictions")[int(w.fold)]
+            for name in ENSEMBLES[w.ensemble]["experiments"]
+        ],
+        metrics=lambda w: [
+            fold_files(name, "metrics")[int(w.fold)]
+            for name in ENSEMBLES[w.ensemble]["experiments"]
+        ],
+    output:
+        predictions=f"{ENSEMBLE_DIR}/fold_{{fold}}/predictions.parquet",
+        metrics=f"{ENSEMBLE_DIR}/fold_{{fold}}/metrics.json",
+    log:
+        f"{ENSEMBLE_DIR}/fold_{{fold}}/ensemble.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        **site_resources(),
+        mem_mb=1000,
+        runtime=10,
+    params:
+        experiments=lambda w: ENSEMBLES[w.ensemble]["experiments"],
+        weights=lambda w: ENSEMBLES[w.ensemble]["weights"],
+    script:
+        "../scripts/ensemble_fold.py"
+
+
+rule aggregate_ensemble:
+    input:
+        metrics=lambda w: ensemble_files(w.ensemble, "metrics"),
+        predictions=lambda w: ensemble_files(w.ensemble, "predictions"),
+    output:
+        per_fold=f"{ENSEMBLE_DIR}/cv/per_fold.csv",
+        summary_table=f"{ENSEMBLE_DIR}/cv/summary.csv",
+        summary=f"{ENSEMBLE_DIR}/cv/summary.json",
+        ensemble=f"{ENSEMBLE_DIR}/cv/ensemble_test.json",
+        ensemble_predictions=f"{ENSEMBLE_DIR}/cv/ensemble_test_predictions.parquet",
+    log:
+        f"{ENSEMBLE_DIR}/cv/aggregate.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        **site_resources(),
+        mem_mb=2000,
+        runtime=20,
+    params:
+        bootstrap=config["evaluation"]["bootstrap"],
+        seed=config["evaluation"]["bootstrap_seed"],
+    script:
+        "../scripts/aggregate.py"
+
+
+rule grid_table:
+    input:
+        summaries=lambda w: [cv_file(name, "summary") for name in GRIDS[w.grid]],
+    output:
+        table=report(
+            f"{RESULTS}/{{dataset}}/grids/{{grid}}.csv",
+            caption="../report/grid.rst",
+            category="Experiments",
+            labels={"grid": "{grid}"},
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/grid_{{grid}}.log",
+    conda:
+        "../../envs/medfold.yaml"
+    resources:
+        **site_resources(),
+        mem_mb=1000,
+        runtime=10,
+    params:
+        combinations=lambda w: GRIDS[w.grid],
+        rank_by=config["grids"]["rank_by"],
+    script:
+        "../scripts/grid_table.py"
+
+
 rule compare_experiments:
     input:
-        summaries=[cv_file(name, "summary") for name in EXPERIMENTS],
-        ensembles=[cv_file(name, "ensemble") for name in EXPERIMENTS],
+        summaries=[cv_file(name, "summary") for name in EXPERIMENTS]
+        + [ensemble_cv_file(name, "summary") for name in ENSEMBLES],
+        ensembles=[cv_file(name, "ensemble") for name in EXPERIMENTS]
+        + [ensemble_cv_file(name, "ensemble") for name in ENSEMBLES],
     output:
         table=report(
             f"{RESULTS}/{{dataset}}/experiments.csv",
@@ -57,6 +137,6 @@ rule compare_experiments:
         mem_mb=1000,
         runtime=10,
     params:
-        experiments=EXPERIMENTS,
+        experiments=EXPERIMENTS + list(ENSEMBLES),
     script:
         "../scripts/compare_experiments.py"

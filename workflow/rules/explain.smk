@@ -1,0 +1,28 @@
+# Explanations of fold models on held-out test images: Grad-CAM and LIME (captum).
+
+
+rule explain:
+    input:
+        model=rules.train.output.model,
+        index=rules.index.output.table,
+        splits=rules.split.output.splits,
+        cache=lambda w: cache_of(w.experiment),
+    output:
+        record=f"{FOLD_DIR}/explanations/explanations.json",
+        maps=f"{FOLD_DIR}/explanations/maps.npz",
+        overlays=directory(f"{FOLD_DIR}/explanations/overlays"),
+    log:
+        f"{FOLD_DIR}/explanations/explain.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/explain_{{experiment}}_fold_{{fold}}.tsv"
+    conda:
+        "../../envs/medfold.yaml"
+    threads: lambda w: SETTINGS[w.experiment]["threads"]
+    resources:
+        **site_resources(),
+        mem_mb=config["explain"]["mem_mb"],
+        runtime=config["explain"]["runtime"],
+    params:
+        explain=config["explain"],
+    script:
+        "../scripts/explain.py"
