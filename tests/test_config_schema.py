@@ -31,7 +31,7 @@ def test_empty_config_gets_every_default():
 
 
 @pytest.mark.parametrize("overrides,fragment", [
-    ({"split": {"folds": 1}}, "1 is less than the minimum of 2"),
+    ({"split": {"folds": 0}}, "0 is less than the minimum of 1"),
     ({"dataset": {"format": "dicom"}}, "'dicom' is not one of"),
     ({"dataset": {"patient_colum": "x"}}, "Additional properties are not allowed ('patient_colum'"),
     ({"split": {"test_fraction": 1.5}}, "greater than or equal to the maximum of 1"),

@@ -51,11 +51,11 @@ def test_source_leak_with_stop_fails_the_workflow_naming_the_patient(tmp_path):
 
 
 def test_config_errors_are_caught_by_the_schema_before_any_job_runs(tmp_path):
-    work = workflow_dir(tmp_path, {"split": {"folds": 1}, "dataset": {"task": "multi-label"}})
+    work = workflow_dir(tmp_path, {"split": {"folds": 0}, "dataset": {"task": "multi-label"}})
     proc = run_snakemake(work, "--cores", "2", check=False)
     assert proc.returncode != 0
     # the schema reports the first violation it meets, naming the value and the rule it breaks
-    assert "1 is less than the minimum of 2" in proc.stderr or "'multi-label' is not one of" in proc.stderr
+    assert "0 is less than the minimum of 1" in proc.stderr or "'multi-label' is not one of" in proc.stderr
     assert not (work / "results").exists() and not (work / "resources").exists()
 
 

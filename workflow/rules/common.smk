@@ -24,6 +24,11 @@ SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 OVERRIDES, GRIDS = expand_grids(config["experiments"], SCHEMA)
 EXPERIMENTS = list(OVERRIDES)
 FOLDS = list(range(config["split"]["folds"]))
+if config["split"]["method"] == "stratified" and len(FOLDS) < 2:
+    raise ConfigError(
+        f"split.folds is {len(FOLDS)}; split.method 'stratified' needs at least 2 "
+        "(a single train/val/test split is split.method 'source')"
+    )
 # every experiment's merged settings, checked now: a bad override stops before any job runs
 SETTINGS = {
     name: experiment_settings(config, name, SCHEMA, OVERRIDES) for name in EXPERIMENTS
