@@ -1,0 +1,111 @@
+"""Staged fine-tuning: each stage trains exactly the part it names, batch-norm stays frozen
+where it says, and a stage starts from the previous stage's best weights."""
+
+import pandas as pd
+import pytest
+import torch
+
+from medfold.models import BATCH_NORMS, build_model, classifier, feature_blocks, set_trainable, train_mode
+from medfold.train import make_optimizer
+
+
+def _names(model, modules) -> set[str]:
+    ids = {id(p) for m in modules for p in m.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _norm_names(model) -> set[str]:
+    return _names(model, [m for m in model.modules() if isinstance(m, BATCH_NORMS)])
+
+
+def _steps(model, frozen_norms, in_channels: int, n: int = 3) -> None:
+    """Real optimisation steps (AdamW with weight decay: decay alone would move a weight)."""
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                               {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "momentum": 0.0})
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        train_mode(model, frozen_norms)
+        x = torch.randn(4, in_channels, 64, 64, generator=gen)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name,in_channels", [("lenet", 1), ("resnet18", 3), ("efficientnet_b0", 3)])
+@pytest.mark.parametrize("train,blocks", [("head", 1), ("last_blocks", 2), ("all", 1)])
+def test_a_stage_changes_exactly_the_parameters_it_trains(name, in_channels, train, blocks):
+    model = build_model(name, in_channels, 3, batch_norm=True)
+    parts = feature_blocks(model)
+    if train == "head":
+        expected = _names(model, [classifier(model)]) - _norm_names(model)
+    elif train == "last_blocks":
+        expected = _names(model, [classifier(model), *[m for b in parts[-blocks:] for m in b]]) - _norm_names(model)
+    else:
+        expected = {n for n, _ in model.named_parameters()}
+    frozen_norms = set_trainable(model, train, blocks)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _steps(model, frozen_norms, in_channels)
+    after = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    changed = {k for k in params if not torch.equal(before[k], after[k])}
+    assert changed == expected  # bit-identical where frozen; moved where trained
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    moved_stats = {k for k in stats if not torch.equal(before[k], after[k])}
+    assert moved_stats == (set(stats) if train == "all" else set())  # frozen batch-norm keeps its statistics
+
+
+def test_batch_norm_can_train_with_the_last_blocks_when_asked():
+    model = build_model("resnet18", 3, 2)
+    set_trainable(model, "last_blocks", 1, freeze_batch_norm=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "layer4.1.bn2.weight" in trainable and "layer3.1.bn2.weight" not in trainable
+
+
+def test_too_many_blocks_is_refused_naming_the_count():
+    from medfold.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has 2 feature blocks"):
+        set_trainable(build_model("lenet", 1, 2), "last_blocks", 3)
+
+
+def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_dir):
+    """run_fold with a head stage then an all stage: in the first, the features stay at their
+    initial values; the second starts from the first's best epoch, not its last."""
+    from conftest import csv_dataset, resolved_config
+    from medfold.cache import build_cache
+    from medfold.index import build_index, write_index
+    from medfold.split import make_splits
+    from medfold.train import load_model, run_fold
+
+    table, report = build_index(csv_dataset(demo_dir), threads=2)
+    write_index(table, report, tmp_path / "index.parquet", tmp_path / "index_report.json")
+    splits, _ = make_splits(table, report["classes"], resolved_config()["split"])
+    splits.to_parquet(tmp_path / "splits.parquet", index=False)
+    build_cache(table, tmp_path / "cache", 32, 1, threads=2)
+    training = resolved_config({"training": {
+        "batch_norm": True, "device": "cpu", "image_size": 32, "early_stopping": {"enabled": False},
+        "stages": [{"train": "head", "epochs": 4, "lr": 0.3}]}})["training"]
+    head_only = run_fold(training, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0,
+                         tmp_path / "head", threads=2)
+    trained, _ = load_model(tmp_path / "head" / "model.pt")
+    initial = build_model("lenet", 1, 4, batch_norm=True)  # the same init_seed: the same initial weights
+    for (name, a), b in zip(trained.state_dict().items(), initial.state_dict().values()):
+        assert torch.equal(a, b) == (not name.startswith("head.")), name
+    assert head_only["stages"][0]["epochs_run"] == 4
+
+    # a second stage that cannot move the weights (lr 1e-9, batch-norm frozen): its validation
+    # value is that of the weights it started from, which must be stage 1's best, not its last
+    two = {**training, "stages": [{"train": "head", "epochs": 4, "lr": 0.3}, {"train": "head", "epochs": 1, "lr": 1e-9}]}
+    result = run_fold(two, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0,
+                      tmp_path / "two", threads=2)
+    history = pd.read_csv(tmp_path / "two" / "history.csv")
+    assert history["stage"].tolist() == [1, 1, 1, 1, 2]
+    best = head_only["stages"][0]["best_value"]
+    assert result["stages"][0]["best_value"] == pytest.approx(best, abs=1e-12)  # the same computation
+    assert history["val_auroc_macro"].iloc[4] == pytest.approx(best, abs=1e-6)
+    # lr 0.3 makes stage 1's last epoch worse than its best, so the check above can tell them apart
+    assert history["val_auroc_macro"].iloc[3] < best - 1e-3
+    print("stage 1 val AUROC per epoch:", history["val_auroc_macro"].iloc[:4].round(4).tolist(), "stage 2 start:",
+          round(history["val_auroc_macro"].iloc[4], 4))
