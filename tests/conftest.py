@@ -60,12 +60,12 @@ def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path = REP
     ``base`` and ``overrides``; results and demo data are written under ``tmp_path``."""
     config = yaml.safe_load(base.read_text())
     overrides = dict(overrides or {})
-    for key in ("experiments", "variants"):  # these maps replace the base config's, not add to it
+    for key in ("experiments", "variants", "ensembles"):  # these maps replace the base config's, not add to it
         if key in overrides:
             config[key] = overrides.pop(key)
     merge(config, overrides)
     (tmp_path / "config").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # grid names follow key order
     return tmp_path
 
 
@@ -97,7 +97,9 @@ QUICK = {"training": {"epochs": 3, "early_stopping": {"enabled": False}},
                                  "pruning": {"initial_sparsity": 0.2, "final_sparsity": 0.6, "start_epoch": 0.5,
                                              "end_epoch": 1.5, "update_every": 3}},
                       "int8": {"method": "ptq", "calibration_images": 128}},
-         "compression": {"experiments": ["batchnorm"], "latency": {"repeats": 5}}}
+         "compression": {"experiments": ["batchnorm"], "latency": {"repeats": 5}},
+         "ensembles": {"both": {"experiments": ["baseline", "batchnorm"]}},
+         "explain": {"experiments": ["batchnorm"], "images_per_class": 1, "lime": {"samples": 60}}}
 
 
 @pytest.fixture(scope="session")

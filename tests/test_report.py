@@ -50,7 +50,7 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 50_000
     assert seen["headings"] == ["medfold report: demo_cxr14", "Dataset", "Split", "Experiments", "Experiment: baseline",
-                                "Experiment: batchnorm", "Compression", "Provenance"]
+                                "Experiment: batchnorm", "Experiment: both", "Explanations", "Compression", "Provenance"]
     assert seen["errors"] == [] and seen["dialogs"] == []
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []
     assert seen["svgs"] >= 4 and seen["images_loaded"]
@@ -69,8 +69,13 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     int8 = variants.set_index("variant").loc["int8"]
     assert f"{int8['ratio.tensor_size.mean']:.2f} ± {int8['ratio.tensor_size.std']:.2f}" in text
     for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0",
-                 "compress_batchnorm_int8_fold_0"):
+                 "compress_batchnorm_int8_fold_0", "explain_batchnorm_fold_0"):
         assert word in text
+    # one overlay per class and fold, each captioned with what it explains
+    record = json.loads((trained_workflow / DS / "batchnorm" / "fold_2" / "explanations" / "explanations.json").read_text())
+    item = record["images"][0]
+    assert f"{item['image_id']}: explains {item['explained_class']}" in text
+    assert seen["images_loaded"] and text.count("explains ") == 3 * 4
 
 
 def test_report_rule_reruns_when_a_metrics_file_changes_and_not_otherwise(trained_workflow):
@@ -81,7 +86,9 @@ def test_report_rule_reruns_when_a_metrics_file_changes_and_not_otherwise(traine
     metrics.write_text(metrics.read_text().replace('"fold": 0', '"fold": 0, "note": "edited"', 1))
     after = planned(run_snakemake(trained_workflow, "--cores", "2", "--dry-run"))
     # batchnorm's variants table compares its variants with the base model's cross-validation summary
-    assert after == {"aggregate": 1, "compare_experiments": 1, "variants_table": 1, "report": 1, "all": 1}
+    # and the ensemble "both" averages batchnorm's fold 0 with baseline's
+    assert after == {"aggregate": 1, "compare_experiments": 1, "variants_table": 1, "ensemble_fold": 1,
+                     "aggregate_ensemble": 1, "report": 1, "all": 1}
     run_snakemake(trained_workflow, "--cores", "2")
 
 

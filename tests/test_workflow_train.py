@@ -39,7 +39,17 @@ def test_the_whole_workflow_writes_fold_and_cv_outputs(finished):
         ensemble = json.loads((finished / DS / exp / "cv" / "ensemble_test.json").read_text())
         assert ensemble["models"] == 3 and len(ensemble["ci95"]["auroc_macro"]) == 2
     table = pd.read_csv(finished / DS / "experiments.csv")
-    assert sorted(table["experiment"]) == ["baseline", "batchnorm"] and table["best"].sum() == 1
+    assert sorted(table["experiment"]) == ["baseline", "batchnorm", "both"] and table["best"].sum() == 1
+    # the ensemble across experiments is evaluated like one: per fold, aggregated, on the same test set
+    both = json.loads((finished / DS / "ensembles" / "both" / "cv" / "ensemble_test.json").read_text())
+    assert both["models"] == 3 and both["auroc_macro"] > 0.5
+    fold = json.loads((finished / DS / "ensembles" / "both" / "fold_0" / "metrics.json").read_text())
+    members = [pd.read_parquet(finished / DS / e / "fold_0" / "predictions.parquet") for e in ("baseline", "batchnorm")]
+    mine = pd.read_parquet(finished / DS / "ensembles" / "both" / "fold_0" / "predictions.parquet")
+    key = ["set", "image_id"]
+    mean = (members[0].set_index(key)["prob:Effusion"] + members[1].set_index(key)["prob:Effusion"]) / 2
+    assert (mine.set_index(key)["prob:Effusion"] - mean.loc[mine.set_index(key).index]).abs().max() < 1e-12
+    assert fold["members"] == ["baseline", "batchnorm"] and set(fold["val"]["thresholds"]) is not None
 
 
 def test_a_deleted_fold_is_rebuilt_alone_and_only_its_downstream_follows(finished):
@@ -49,7 +59,8 @@ def test_a_deleted_fold_is_rebuilt_alone_and_only_its_downstream_follows(finishe
     assert planned(proc) == {"train": 1} and planned_folds(proc) == [("baseline", "1")]
     run_snakemake(finished, "--cores", "2", fold)
     after = run_snakemake(finished, "--cores", "2", "--dry-run")
-    assert planned(after) == {"aggregate": 1, "compare_experiments": 1, "report": 1, "all": 1}
+    assert planned(after) == {"aggregate": 1, "compare_experiments": 1, "ensemble_fold": 1, "aggregate_ensemble": 1,
+                              "report": 1, "all": 1}
     assert "experiment=baseline" in after.stdout and "experiment=batchnorm" not in after.stdout
 
 
@@ -79,3 +90,31 @@ def test_a_bad_experiment_override_is_caught_before_any_job(tmp_path):
     assert "experiments.fast.lr: -1 is less than or equal to the minimum of 0" in text or \
         "experiments.wide: Additional properties are not allowed ('modle' was unexpected)" in text
     assert not (work / "results").exists()
+
+
+def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
+    grid = {"sweep": {"batch_norm": True, "grid": {"lr": [0.001, 0.01], "batch_size": [16, 32]}}}
+    work = workflow_dir(tmp_path, {**QUICK, "experiments": grid, "variants": {}, "ensembles": {},
+                                   "explain": {"experiments": []}})
+    target = f"{DS}/grids/sweep.csv"
+    proc = run_snakemake(work, "--cores", "2", "--dry-run", target)
+    assert planned(proc)["train"] == 4 * 3 and planned(proc)["aggregate"] == 4 and planned(proc)["grid_table"] == 1
+    names = sorted(set(re.findall(r"experiment=(sweep_[^,\s]+)", proc.stdout + proc.stderr)))
+    assert names == ["sweep_lr~0.001_batch_size~16", "sweep_lr~0.001_batch_size~32", "sweep_lr~0.01_batch_size~16",
+                     "sweep_lr~0.01_batch_size~32"]
+    run_snakemake(work, "--cores", "2", target)
+    table = pd.read_csv(work / target)
+    assert table["rank"].tolist() == [1, 2, 3, 4] and sorted(table["experiment"]) == names
+    scores = table["val.auroc_macro.mean"]
+    assert scores.is_monotonic_decreasing and scores.notna().all() and (table["train_seconds.mean"] > 0).all()
+    for _, row in table.iterrows():  # each row's values are the ones its combination trained with
+        settings = json.loads((work / DS / row["experiment"] / "fold_0" / "metrics.json").read_text())["settings"]
+        assert (settings["lr"], settings["batch_size"]) == (row["param:lr"], row["param:batch_size"])
+        assert settings["batch_norm"] is True  # the experiment's other overrides hold for every combination
+    # a chosen combination feeds compression like any experiment
+    best = table["experiment"].iloc[0]
+    work = workflow_dir(tmp_path / "feed", {**QUICK, "experiments": grid, "ensembles": {}, "explain": {"experiments": []},
+                                            "variants": {"int8": {"method": "ptq"}},
+                                            "compression": {"experiments": [best]}})
+    proc = run_snakemake(work, "--cores", "2", "--dry-run")
+    assert planned(proc)["compress"] == 3 and f"experiment={best}" in proc.stdout
