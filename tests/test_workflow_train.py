@@ -48,8 +48,8 @@ def test_the_whole_workflow_writes_fold_and_cv_outputs(finished):
     mine = pd.read_parquet(finished / DS / "ensembles" / "both" / "fold_0" / "predictions.parquet")
     key = ["set", "image_id"]
     mean = (members[0].set_index(key)["prob:Effusion"] + members[1].set_index(key)["prob:Effusion"]) / 2
-    assert (mine.set_index(key)["prob:Effusion"] - mean.loc[mine.set_index(key).index]).abs().max() < 1e-12
-    assert fold["members"] == ["baseline", "batchnorm"] and set(fold["val"]["thresholds"]) is not None
+    assert (mine.set_index(key)["prob:Effusion"] - mean.loc[mine.set_index(key).index]).abs().max() < 1e-6  # float32 files
+    assert fold["members"] == ["baseline", "batchnorm"] and len(fold["val"]["thresholds"]) == 4
 
 
 def test_a_deleted_fold_is_rebuilt_alone_and_only_its_downstream_follows(finished):

@@ -48,8 +48,8 @@ def expand_grids(experiments: dict, schema_path) -> tuple[dict, dict]:
                 raise ConfigError(f"experiments.{name}.grid.{key}: expected a non-empty list of values, got {values!r}")
         combos = list(itertools.product(*grid.values()))
         # Paramspace takes column names as identifiers: a nested key is spelled with "_" in the names
-        space = Paramspace(pd.DataFrame(combos, columns=[k.replace(".", "_") for k in grid]), filename_params="*", param_sep="~",
-                           filename_sep="_")
+        columns = [k.replace(".", "_") for k in grid]
+        space = Paramspace(pd.DataFrame(combos, columns=columns), filename_params="*", param_sep="~", filename_sep="_")
         grids[name] = {}
         for pattern, values in zip(space.instance_patterns, combos):
             combo = f"{name}_{pattern}"
