@@ -24,7 +24,7 @@ TINY = {"split": {"folds": 2}, "evaluation": {"bootstrap": 100},
         "experiments": {"onegpu": {"gpus": 1, "batch_norm": True},
                         "spread": {"distributed": {"backend": "ddp", "gpus": 2}},
                         "long": {"epochs": 100, "batch_norm": True}},
-        "variants": {}, "compression": {"experiments": []}}
+        "variants": {}, "compression": {"experiments": []}, "ensembles": {}, "explain": {"experiments": []}}
 
 
 @pytest.fixture(scope="module")
