@@ -49,6 +49,20 @@ def csv_dataset(demo_dir: Path, **overrides) -> dict:
                                         "root": str(demo_dir / "cxr14" / "images"), **overrides}})["dataset"]
 
 
+def prepare_demo(root: Path, demo_dir: Path, size: int = 64) -> Path:
+    """The demo's index, split and ``size`` px cache under ``root``, built with the library."""
+    from medfold.cache import build_cache
+    from medfold.index import build_index, write_index
+    from medfold.split import make_splits
+
+    table, report = build_index(csv_dataset(demo_dir), threads=2)
+    write_index(table, report, root / "index.parquet", root / "index_report.json")
+    splits, _ = make_splits(table, report["classes"], resolved_config()["split"])
+    splits.to_parquet(root / "splits.parquet", index=False)
+    build_cache(table, root / "cache", size, 1, threads=2)
+    return root
+
+
 def folder_dataset(root: Path, **overrides) -> dict:
     base = {"format": "folders", "task": "multiclass", "root": str(root), "table": None, "labels": [],
             "patient_column": None, "patient_regex": r"^(person\d+)_"}

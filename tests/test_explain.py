@@ -1,20 +1,15 @@
 """Explanations (Grad-CAM and LIME through captum) of a trained demo model: maps have the input's
 size and point at the pixels that carry the demo's findings more than at the rest."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import csv_dataset, resolved_config
-from medfold.cache import build_cache
+from conftest import prepare_demo, resolved_config
 from medfold.demo import _patient_anatomy, render_radiograph
 from medfold.explain import choose_images, explain_fold, signal_ratio, superpixels
-from medfold.index import build_index, write_index
-from medfold.split import make_splits
 from medfold.train import run_fold
 
 FOLD = 0
@@ -23,13 +18,8 @@ FOLD = 0
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory, demo_dir):
     """A batch-norm LeNet trained on fold 0 of the demo, and its explanations."""
-    root = tmp_path_factory.mktemp("explain")
-    table, report = build_index(csv_dataset(demo_dir), threads=2)
-    write_index(table, report, root / "index.parquet", root / "index_report.json")
+    root = prepare_demo(tmp_path_factory.mktemp("explain"), demo_dir)
     config = resolved_config()
-    splits, _ = make_splits(table, report["classes"], config["split"])
-    splits.to_parquet(root / "splits.parquet", index=False)
-    build_cache(table, root / "cache", 64, 1, threads=2)
     training = resolved_config({"training": {"batch_norm": True, "device": "cpu"}})["training"]
     result = run_fold(training, root / "index.parquet", root / "splits.parquet", root / "cache", FOLD, root / "fold",
                       threads=2)
@@ -37,7 +27,7 @@ def explained(tmp_path_factory, demo_dir):
     cfg = {**config["explain"], "images_per_class": 6}
     out = explain_fold(root / "fold" / "model.pt", root / "index.parquet", root / "splits.parquet", root / "cache",
                        FOLD, root / "explanations", cfg, threads=2)
-    return root, out, table
+    return root, out
 
 
 def _masks(demo_dir: Path, image_ids, size: int) -> np.ndarray:
@@ -49,7 +39,7 @@ def _masks(demo_dir: Path, image_ids, size: int) -> np.ndarray:
 
 
 def test_maps_have_the_input_size_and_every_class_is_explained(explained):
-    root, result, _ = explained
+    root, result = explained
     maps = np.load(root / "explanations" / "maps.npz")
     assert maps["gradcam"].shape == maps["lime"].shape == (len(result["images"]), 64, 64)
     assert {i["explained_class"] for i in result["images"]} == set(result["classes"])
@@ -62,7 +52,7 @@ def test_maps_have_the_input_size_and_every_class_is_explained(explained):
 
 
 def test_grad_cam_and_lime_highlight_the_signal_more_than_the_background(explained, demo_dir):
-    root, result, _ = explained
+    root, result = explained
     maps = np.load(root / "explanations" / "maps.npz")
     masks = _masks(demo_dir, maps["image_ids"], 64)
     assert masks.any(axis=(1, 2)).all()
@@ -78,7 +68,7 @@ def test_grad_cam_and_lime_highlight_the_signal_more_than_the_background(explain
 
 
 def test_the_same_config_explains_the_same_images_with_the_same_maps(explained):
-    root, result, table = explained
+    root, result = explained
     again = explain_fold(root / "fold" / "model.pt", root / "index.parquet", root / "splits.parquet", root / "cache",
                          FOLD, root / "again", {**resolved_config()["explain"], "images_per_class": 6}, threads=2)
     assert [i["image_id"] for i in again["images"]] == [i["image_id"] for i in result["images"]]

@@ -73,17 +73,10 @@ def test_too_many_blocks_is_refused_naming_the_count():
 def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_dir):
     """run_fold with a head stage then an all stage: in the first, the features stay at their
     initial values; the second starts from the first's best epoch, not its last."""
-    from conftest import csv_dataset, resolved_config
-    from medfold.cache import build_cache
-    from medfold.index import build_index, write_index
-    from medfold.split import make_splits
+    from conftest import prepare_demo, resolved_config
     from medfold.train import load_model, run_fold
 
-    table, report = build_index(csv_dataset(demo_dir), threads=2)
-    write_index(table, report, tmp_path / "index.parquet", tmp_path / "index_report.json")
-    splits, _ = make_splits(table, report["classes"], resolved_config()["split"])
-    splits.to_parquet(tmp_path / "splits.parquet", index=False)
-    build_cache(table, tmp_path / "cache", 32, 1, threads=2)
+    prepare_demo(tmp_path, demo_dir, size=32)
     training = resolved_config({"training": {
         "batch_norm": True, "device": "cpu", "image_size": 32, "early_stopping": {"enabled": False},
         "stages": [{"train": "head", "epochs": 4, "lr": 0.3}]}})["training"]

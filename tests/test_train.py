@@ -1,23 +1,19 @@
 """Training on the demo data: it learns, it resumes exactly after a SIGKILL, it refuses bad runs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import csv_dataset, resolved_config
-from medfold.cache import build_cache
+from conftest import prepare_demo, resolved_config
 from medfold.errors import DataError
-from medfold.index import build_index, write_index
+from medfold.index import write_index
 from medfold.models import build_model
-from medfold.split import make_splits
 from medfold.train import load_model, run_fold
 
 FOLD = 0
@@ -26,13 +22,7 @@ FOLD = 0
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, demo_dir):
     """The demo's index, split and 64 px cache, built with the library."""
-    root = tmp_path_factory.mktemp("prepared")
-    table, report = build_index(csv_dataset(demo_dir), threads=2)
-    write_index(table, report, root / "index.parquet", root / "index_report.json")
-    splits, _ = make_splits(table, report["classes"], resolved_config()["split"])
-    splits.to_parquet(root / "splits.parquet", index=False)
-    build_cache(table, root / "cache", 64, 1, threads=2)
-    return root
+    return prepare_demo(tmp_path_factory.mktemp("prepared"), demo_dir)
 
 
 def settings(**overrides):

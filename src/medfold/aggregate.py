@@ -115,7 +115,7 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     shared = len(test) and (test.groupby("image_id")["fold"].nunique() == test["fold"].nunique()).all()
     if not shared:
         out["ensemble_test_skipped"] = "no test set shared by every fold" if len(test) else "no test set"
-    if shared:
+    else:
         mean_probs = test.groupby("image_id", sort=True)[[f"prob:{c}" for c in classes]].mean()
         first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
         y_test = targets_for(first["labels"], classes, task)

@@ -21,14 +21,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .cache import open_cache
-from .index import read_index
-from .metrics import predict, targets_for
+from .metrics import predict
 from .models import last_conv_block
-from .train import fold_rows, load_model, probabilities
+from .train import FoldData, load_model, probabilities
 from .transforms import normalize
 
 log = logging.getLogger(__name__)
@@ -130,11 +127,9 @@ def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_
     torch.set_num_threads(max(1, threads))
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    index, meta = read_index(index_path)
-    classes, task = meta["classes"], meta["task"]
-    cache = open_cache(cache_dir, index)
-    targets = targets_for(index["labels"], classes, task)
-    test_rows = fold_rows(pd.read_parquet(splits_path), index, fold)["test"]
+    data = FoldData(index_path, splits_path, cache_dir, fold)
+    index, classes, task, cache, targets = data.index, data.classes, data.task, data.cache, data.targets
+    test_rows = data.rows["test"]
     model, saved = load_model(model_path)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the activations Grad-CAM needs, not to weights

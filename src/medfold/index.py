@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError
-from .images import IMAGE_EXTENSIONS, ImageCheck, check_image, content_hash
+from .images import ImageCheck, check_image, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,11 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         dup = image_ids[image_ids.duplicated()].iloc[0]
         raise ConfigError(f"{table}: column {ds['path_column']!r} (dataset.path_column) lists {dup!r} more than once")
     root = Path(ds["root"]) if ds["root"] else table.parent
+    source_split = frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None
     if ds["source_split_lists"]:
         if ds["source_split_column"]:
             raise ConfigError("dataset.source_split_lists and dataset.source_split_column both give the source split; keep one")
-        frame["__source_split"] = _split_from_lists(image_ids, ds["source_split_lists"])
-        ds = {**ds, "source_split_column": "__source_split"}
+        source_split = _split_from_lists(image_ids, ds["source_split_lists"])
     if ds["metadata_only"]:
         paths = [str(root / i) for i in image_ids]
         unlisted: list[dict] = []
@@ -128,7 +128,7 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         "path": paths,
         "labels": labels,
         "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
-        "source_split": frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None,
+        "source_split": source_split,
     })
     if ds["metadata_only"]:
         for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):

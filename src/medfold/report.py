@@ -416,7 +416,8 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
     if inputs.get("comparison"):
         body.append(experiments_section(pd.read_csv(inputs["comparison"])))
         nav.append('<a href="#experiments">Experiments</a>')
-    for name, files in inputs.get("experiments", {}).items():
+    # ensembles across experiments are shown as experiments are, without training curves
+    for name, files in {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}.items():
         summary = json.loads(Path(files["summary"]).read_text())
         ensemble = json.loads(Path(files["ensemble"]).read_text())
         predictions = pd.concat([pd.read_parquet(p) for p in files["predictions"]], ignore_index=True)
@@ -424,14 +425,6 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
         ens_pred = ens_pred if ens_pred is not None and len(ens_pred) else None
         histories = {int(Path(p).parent.name.split("_")[1]): pd.read_csv(p) for p in files["histories"]}
         body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred, histories))
-        nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
-    for name, files in inputs.get("ensembles", {}).items():
-        summary = json.loads(Path(files["summary"]).read_text())
-        ensemble = json.loads(Path(files["ensemble"]).read_text())
-        predictions = pd.concat([pd.read_parquet(p) for p in files["predictions"]], ignore_index=True)
-        ens_pred = pd.read_parquet(files["ensemble_predictions"])
-        body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions,
-                                       ens_pred if len(ens_pred) else None, {}))
         nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
     if inputs.get("grids"):
         body.append('<h2 id="grids">Hyperparameter grids</h2>' + "".join(

@@ -228,7 +228,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, threads))
     data = FoldData(index_path, splits_path, cache_dir, fold)
-    index, classes, task, cache, targets, rows = data.index, data.classes, data.task, data.cache, data.targets, data.rows
+    classes, task, cache, targets, rows = data.classes, data.task, data.cache, data.targets, data.rows
     parallel = cfg["distributed"]
     device = resolve_device(cfg["device"])
     ctx = distributed.init(parallel["backend"], device)
@@ -383,8 +383,7 @@ def stage_plan(cfg: dict) -> list[dict]:
     """The training stages: the configured ones, or one stage training everything."""
     if not cfg["stages"]:
         return [{"epochs": cfg["epochs"], "lr": cfg["lr"], "train": "all", "blocks": 1, "freeze_batch_norm": True}]
-    return [{"lr": None, "blocks": 1, "freeze_batch_norm": True, **stage} | {"lr": stage.get("lr") or cfg["lr"]}
-            for stage in cfg["stages"]]
+    return [{"blocks": 1, "freeze_batch_norm": True, **stage, "lr": stage.get("lr") or cfg["lr"]} for stage in cfg["stages"]]
 
 
 def _better(value: float, best, mode: str, min_delta: float) -> bool:
