@@ -17,10 +17,17 @@ from medfold.index import INDEX_SCHEMA, build_index, patient_from_name, read_ind
 def test_csv_adapter_indexes_every_row_with_patients_and_multilabels(demo_dir):
     table, report = build_index(csv_dataset(demo_dir), threads=2)
     rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str)
-    assert len(table) == len(rows) == report["images_indexed"] and report["images_skipped"] == 0
-    assert report["patient_id_source"] == "column" and report["patients"] == rows["Patient ID"].nunique()
+    # the demo lists one file twice, under a second patient: one image, that patient an alias
+    files = rows["Image Index"].drop_duplicates()
+    assert len(table) == len(files) == report["images_indexed"] == len(rows) - 1 and report["images_skipped"] == 0
+    twice = rows[rows["Image Index"].duplicated(keep=False)]
+    [repeat] = report["listed_more_than_once"]
+    assert repeat["image_id"] == twice["Image Index"].iloc[0] and repeat["patients"] == twice["Patient ID"].tolist()
+    assert table.set_index("image_id").loc[repeat["image_id"], "patient_aliases"] == [twice["Patient ID"].iloc[1]]
+    assert report["patient_id_source"] == "column" and report["patients"] == rows["Patient ID"].nunique() - 1
     first = table.set_index("image_id").loc["00000002_000.png"]
-    assert sorted(first["labels"]) == ["Cardiomegaly", "Effusion"] and first["patient_id"] == "2"
+    listed = rows.set_index("Image Index").loc["00000002_000.png", "Finding Labels"]
+    assert sorted(first["labels"]) == sorted(set(listed.split("|")) - {"No Finding"}) and first["patient_id"] == "2"
     assert (table["labels"].map(len) == 0).sum() == (rows["Finding Labels"] == "No Finding").sum()
     assert table["present"].all() and table["content_hash"].str.len().eq(32).all()
     assert set(table["mode"]) == {"L", "RGB", "I;16"}
@@ -45,7 +52,10 @@ def test_folder_adapter_reads_classes_split_folders_and_patient_regex(demo_dir):
     assert set(table["source_split"]) == {"train", "test"}
     row = table[table["image_id"].str.startswith("train/Normal/")].iloc[0]
     assert row["labels"] == ["Normal"] and row["patient_id"] == row["image_id"].split("/")[-1].split("_")[0]
-    assert report["patient_id_source"] == "regex" and not report["warnings"]
+    # the planted copies ('90Rotated_person7_...') carry no patient the regex can read: each is
+    # its own patient, warned about, and found again as a near-duplicate of its original
+    assert report["patient_id_source"] == "regex" and len(report["warnings"]) == 1
+    assert "does not match 8 file names" in report["warnings"][0]
 
 
 def test_folder_adapter_reads_nested_fold_folders(tmp_path, demo_dir):
@@ -84,6 +94,8 @@ def test_images_without_patient_ids_are_their_own_patients_and_the_report_says_s
 def test_regex_missing_some_files_warns_and_names_them(tmp_path, demo_dir):
     root = tmp_path / "tree"
     shutil.copytree(demo_dir / "chest_xray", root)
+    for copy in pd.read_csv(demo_dir / "chest_xray_planted.csv")["copy"]:  # their names miss the regex too
+        (root / copy).unlink()
     shutil.copy(next(root.rglob("*.png")), root / "train" / "Normal" / "IM-0001-0001.png")
     table, report = build_index(folder_dataset(root), threads=2)
     assert "does not match 1 file names" in report["warnings"][0] and "IM-0001-0001.png" in report["warnings"][0]
@@ -198,7 +210,9 @@ def test_metadata_only_index_opens_no_files(tmp_path, demo_dir):
     ds = csv_dataset(demo_dir, table=str(table_path), root=str(tmp_path / "nowhere"), metadata_only=True,
                      metadata_width_column="W", metadata_height_column="H")
     table, report = build_index(ds)
-    assert len(table) == len(rows) and not table["present"].any() and table["content_hash"].isna().all()
+    assert len(table) == rows["Image Index"].nunique() and not table["present"].any()
+    assert table["content_hash"].isna().all() and table["fingerprint"].isna().all()
+    assert not report["near_duplicates"]["searched"]
     assert (table["width"] == 1024).all() and report["metadata_only"]
 
 

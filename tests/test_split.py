@@ -108,16 +108,26 @@ def test_check_split_names_the_patient_and_the_duplicate_that_cross(demo_dir):
 def test_source_test_split_leak_is_reported_and_resplit_or_stopped(demo_dir):
     index, report = build_index(folder_dataset(demo_dir / "chest_xray"), threads=2)
     splits, summary = make_splits(index, report["classes"], split_cfg(test_from_source=True, on_source_leak="resplit"))
-    assert [leak["patients"] for leak in summary["source_leaks"]] == [["person1"]]
-    assert summary["test_method"].startswith("re-split by patient")
+    # person1's own images, and the 8 planted copies in the other split folder, each found as a
+    # near-duplicate of its original (named with its distance and how it was transformed)
+    leaks = summary["source_leaks"]
+    assert [leak["patients"] for leak in leaks if "near_duplicates" not in leak] == [["person1"]]
+    planted = pd.read_csv(demo_dir / "chest_xray_planted.csv")
+    described = " ".join(text for leak in leaks for text in leak.get("near_duplicates", []))
+    assert len(leaks) == 9 and all(copy in described for copy in planted["copy"])
+    assert "rotated 90°" in described and "mirrored left-right" in described
+    assert summary["test_method"].startswith("re-split by patient: the source split leaked 9")
     assert check_split(index, splits)["verdict"] == "leak-free"
     with pytest.raises(LeakageError, match=r"patient \['person1'\]: test \['test/"):
+        make_splits(index, report["classes"], split_cfg(test_from_source=True, on_source_leak="stop"))
+    with pytest.raises(LeakageError, match=r"near-duplicates: .*distance \d+, rotated"):
         make_splits(index, report["classes"], split_cfg(test_from_source=True, on_source_leak="stop"))
 
 
 def test_source_test_split_is_honoured_when_clean(demo_dir):
     index, report = build_index(folder_dataset(demo_dir / "chest_xray"), threads=2)
-    clean = index[index["patient_id"] != "person1"].reset_index(drop=True)
+    copies = index["near_duplicate_cluster"].notna() & index["patient_id"].str.startswith("image:")
+    clean = index[(index["patient_id"] != "person1") & ~copies].reset_index(drop=True)
     splits, summary = make_splits(clean, report["classes"], split_cfg(test_from_source=True))
     is_test = splits["set"] == "test"
     assert (clean.loc[is_test, "source_split"] == "test").all() and (clean.loc[~is_test, "source_split"] == "train").all()

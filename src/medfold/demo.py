@@ -15,18 +15,29 @@ Every finding draws a visible pattern in the lung fields, so a small CNN learns 
 effusion fills the base of a lung, nodules are small bright discs, cardiomegaly widens the
 heart shadow, pneumonia is a patchy cloud. Images come in mixed sizes and modes (8-bit L, RGB,
 and exactly one 16-bit), patients have several follow-up images, and classes are unbalanced.
+
+It also plants what public collections do to a split (``PLANTED``, ``planted_copies``):
+
+* each patient has anatomy detail of their own (a smooth texture, as vessels and ribs are), and
+  every follow-up is positioned a little differently, so distinct radiographs differ as real ones
+  do; one patient in ten is an anatomical *twin* of another (same body shape, own detail), so
+  a near-duplicate finder that merges look-alikes would show it;
+* copies of some radiographs, rotated, mirrored, rescaled, re-encoded as JPEG or padded, filed
+  under another patient (CSV form) or, prefixed as ``90Rotated_``, ``horizontalFlipped_``...,
+  in the other split folder (folder form), as the COVID-19 collections hold them;
+* one CSV row listed twice, under a second patient ID.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from scipy.ndimage import gaussian_filter
+from PIL import Image, ImageOps
+from scipy.ndimage import affine_transform, gaussian_filter
 
 FINDINGS = ("Cardiomegaly", "Effusion", "Nodule", "Pneumonia")
 # Per-patient probability of carrying each finding: unequal on purpose.
@@ -46,6 +57,16 @@ class Anatomy:
     heart_w: float
     brightness: float
     size: tuple[int, int]  # (width, height)
+    detail: int = 0  # seed of this person's own anatomy detail (the same in every follow-up)
+
+
+@dataclass(frozen=True)
+class Position:
+    """How one follow-up was taken: the patient a little shifted and nearer or farther."""
+
+    dx: float = 0.0  # fraction of width
+    dy: float = 0.0
+    scale: float = 1.0
 
 
 def _patient_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -56,7 +77,27 @@ def _patient_anatomy(rng: np.random.Generator) -> Anatomy:
         heart_w=rng.uniform(0.11, 0.14),
         brightness=rng.uniform(0.85, 1.1),
         size=SIZES[rng.integers(len(SIZES))],
+        detail=int(rng.integers(2**31)),
     )
+
+
+def _followup_position(rng: np.random.Generator, followup: int) -> Position:
+    """The first image is centred; later ones sit 3.5 % off centre, each in its own direction (a
+    radiographer never positions a patient twice alike), a little nearer or farther."""
+    if followup == 0:
+        return Position()
+    angle = np.pi / 2 * (followup - 1) + rng.uniform(-0.3, 0.3)
+    return Position(float(0.035 * np.cos(angle)), float(0.035 * np.sin(angle)), float(1 + rng.uniform(-0.04, 0.04)))
+
+
+def _anatomy_detail(anatomy: Anatomy, height: int, width: int) -> np.ndarray:
+    """A smooth relative-density field unique to the person: fine and coarse structure."""
+    rng = np.random.default_rng([anatomy.detail, height, width])
+    field = np.zeros((height, width), np.float32)
+    for sigma, amplitude in ((width / 24, 0.10), (width / 10, 0.08)):
+        layer = gaussian_filter(rng.standard_normal((height, width)).astype(np.float32), sigma=sigma)
+        field += amplitude * layer / (layer.std() + 1e-9)
+    return field
 
 
 def _ellipse(xx, yy, cx, cy, rx, ry):
@@ -64,7 +105,7 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
 
 
 def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Generator,
-                      signal: np.ndarray | None = None) -> np.ndarray:
+                      signal: np.ndarray | None = None, position: Position = Position()) -> np.ndarray:
     """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
     boolean array of the same shape), when given, receives the pixels the findings drew: where
     the information that an explanation should point at lies."""
@@ -113,11 +154,21 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
         region = mask & _ellipse(xx, yy, lcx, 0.45, anatomy.lung_w, anatomy.lung_h * 0.6)
         img[region] = np.maximum(img[region], 0.35 + 0.45 * cloud[region])
         drawn |= region
+    img = img * (1 + _anatomy_detail(anatomy, height, width))
+    if position != Position():
+        img, drawn = _place(img, position), _place(drawn.astype(np.float32), position) > 0.5
     if signal is not None:
         signal[...] = drawn
     img = gaussian_filter(img, sigma=width / 200) * anatomy.brightness
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
+
+
+def _place(img: np.ndarray, position: Position) -> np.ndarray:
+    height, width = img.shape
+    inverse = 1 / position.scale
+    offset = [height / 2 * (1 - inverse) - position.dy * height, width / 2 * (1 - inverse) - position.dx * width]
+    return affine_transform(img, [inverse, inverse], offset=offset, order=1, mode="nearest")
 
 
 def _save(img: np.ndarray, path: Path, mode: str) -> None:
@@ -135,14 +186,75 @@ def _image_mode(rng: np.random.Generator, sixteen_bit_done: bool) -> str:
     return "RGB" if rng.random() < 0.12 else "L"
 
 
+# Copies as public collections hold them: (prefix in folder form, what was done, file suffix).
+PLANTED = (
+    ("90Rotated_", "rotated 90°", ".png"),
+    ("180Rotated_", "rotated 180° and padded", ".png"),
+    ("horizontalFlipped_", "mirrored left-right", ".png"),
+    ("resized_", "rescaled to 0.6 and re-encoded as JPEG (quality 85)", ".jpg"),
+    ("jpeg_", "re-encoded as JPEG (quality 60)", ".jpg"),
+    ("270Rotated_", "rotated 270° and rescaled to 1.4", ".png"),
+    ("verticalFlipped_", "flipped top-bottom, JPEG (quality 90)", ".jpg"),
+    ("padded_", "padded with a white border", ".png"),
+)
+TWIN_SHARE = 0.1
+
+
+def _transform_copy(image: Image.Image, which: int, nearest: bool = False) -> Image.Image:
+    """The ``which``-th PLANTED transform of ``image`` (a mask uses nearest-neighbour resizing)."""
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    w, h = image.size
+    fill = 0 if nearest else 255
+    return [
+        lambda: image.transpose(Image.ROTATE_90),
+        lambda: ImageOps.expand(image.transpose(Image.ROTATE_180), border=max(2, int(0.06 * w)), fill=0),
+        lambda: image.transpose(Image.FLIP_LEFT_RIGHT),
+        lambda: image.resize((int(w * 0.6), int(h * 0.6)), resample),
+        lambda: image,
+        lambda: image.transpose(Image.ROTATE_270).resize((int(h * 1.4), int(w * 1.4)), resample),
+        lambda: image.transpose(Image.FLIP_TOP_BOTTOM),
+        lambda: ImageOps.expand(image, border=max(2, int(0.04 * w)), fill=fill),
+    ][which]()
+
+
+def _save_copy(source: Path, target: Path, which: int) -> None:
+    from .images import pixels_to_uint8
+
+    with Image.open(source) as image:
+        pixels = pixels_to_uint8(image)
+    copy = _transform_copy(Image.fromarray(pixels), which)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quality = {3: 85, 4: 60, 6: 90}.get(which)
+    copy.save(target, **({"quality": quality} if quality else {}))
+
+
+def _anatomies(rng: np.random.Generator, patients: int) -> list[Anatomy]:
+    """One per patient; one in ten a twin of an earlier patient (same body, own detail)."""
+    out: list[Anatomy] = []
+    for _ in range(patients):
+        anatomy = _patient_anatomy(rng)
+        if out and rng.random() < TWIN_SHARE:
+            anatomy = replace(out[int(rng.integers(len(out)))], detail=anatomy.detail)
+        out.append(anatomy)
+    return out
+
+
+def _write_manifest(path: Path, rows: list[tuple]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["copy", "original", "transform"])
+        writer.writerows(rows)
+
+
 def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
-    """NIH-like multi-label tree. Returns the CSV path."""
+    """NIH-like multi-label tree. Returns the CSV path. ``planted_copies.csv`` beside it lists
+    the copies filed under other patients; the last table row repeats an image under another
+    patient ID."""
     rng = np.random.default_rng([seed, 14])
     rows = []
     sixteen_bit_done = False
     (out / "signal_masks").mkdir(parents=True, exist_ok=True)
-    for patient in range(1, patients + 1):
-        anatomy = _patient_anatomy(rng)
+    for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
         # lists in FINDINGS order, never sets: set order varies with PYTHONHASHSEED and would
         # change which random draw goes to which finding from one process to the next
         carried = [f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]]
@@ -153,11 +265,25 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
             signal = np.zeros(anatomy.size[::-1], bool)
-            _save(render_radiograph(anatomy, set(shown), rng, signal), out / "images" / name, mode)
+            image = render_radiograph(anatomy, set(shown), rng, signal, _followup_position(rng, followup))
+            _save(image, out / "images" / name, mode)
             if shown:  # beside the images root, so the index never sees them
                 Image.fromarray(signal).save(out / "signal_masks" / name)
             labels = "|".join(shown) or "No Finding"
             rows.append((name, labels, followup, patient))
+    planted = []
+    for which, source in enumerate(rng.choice(len(rows), len(PLANTED), replace=False)):
+        name, labels, _, _ = rows[source]
+        copy = f"{patients + 1 + which:08d}_000{PLANTED[which][2]}"
+        _save_copy(out / "images" / name, out / "images" / copy, which)
+        if (out / "signal_masks" / name).exists():
+            with Image.open(out / "signal_masks" / name) as mask:
+                _transform_copy(mask.convert("L"), which, nearest=True).save(out / "signal_masks" / copy, format="PNG")
+        rows.append((copy, labels, 0, patients + 1 + which))
+        planted.append((copy, name, PLANTED[which][1]))
+    _write_manifest(out / "planted_copies.csv", planted)
+    listed_twice = rows[int(rng.integers(len(rows) - len(PLANTED)))]
+    rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1))
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -167,12 +293,14 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
 
 
 def generate_folders(out: Path, patients: int, seed: int, test_fraction: float = 0.25) -> Path:
-    """Kermany/COVID-like single-label folder tree with train/test folders and one leaked patient."""
+    """Kermany/COVID-like single-label folder tree with train/test folders, one leaked patient,
+    and prefixed copies (``90Rotated_person7_...``) in the other split folder, listed in
+    ``<out>_planted.csv`` beside the tree."""
     rng = np.random.default_rng([seed, 3])
     finding_of = {"Normal": set(), "Pneumonia": {"Pneumonia"}, "Effusion": {"Effusion"}}
     sixteen_bit_done = False
-    for patient in range(1, patients + 1):
-        anatomy = _patient_anatomy(rng)
+    written = []
+    for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
         cls = FOLDER_CLASSES[rng.choice(len(FOLDER_CLASSES), p=FOLDER_CLASS_WEIGHTS)]
         split = "test" if rng.random() < test_fraction else "train"
         n_images = int(rng.integers(2 if patient == 1 else 1, 4))
@@ -183,7 +311,16 @@ def generate_folders(out: Path, patients: int, seed: int, test_fraction: float =
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
             path = out / image_split / cls / f"person{patient}_{cls.lower()}_{k}.png"
-            _save(render_radiograph(anatomy, finding_of[cls], rng), path, mode)
+            _save(render_radiograph(anatomy, finding_of[cls], rng, position=_followup_position(rng, k)), path, mode)
+            written.append(path)
+    planted = []
+    for which, source in enumerate(rng.choice(len(written), len(PLANTED), replace=False)):
+        path = written[int(source)]
+        other = {"train": "test", "test": "train"}[path.parent.parent.name]
+        copy = out / other / path.parent.name / (PLANTED[which][0] + path.stem + PLANTED[which][2])
+        _save_copy(path, copy, which)
+        planted.append((copy.relative_to(out).as_posix(), path.relative_to(out).as_posix(), PLANTED[which][1]))
+    _write_manifest(out.parent / f"{out.name}_planted.csv", planted)
     return out
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .fingerprint import fingerprint
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -22,6 +24,7 @@ class ImageCheck:
     file_bytes: int | None = None
     content_hash: str | None = None
     reason: str | None = None
+    fingerprint: str | None = None
 
 
 def pixels_to_uint8(image: Image.Image) -> np.ndarray:
@@ -70,7 +73,8 @@ def check_image(path: str | Path) -> ImageCheck:
         with Image.open(path) as image:
             image.load()  # a full decode: catches truncation that verify() misses
             pixels = pixels_to_uint8(image)
-            return ImageCheck(image.width, image.height, image.mode, size, content_hash(pixels))
+            return ImageCheck(image.width, image.height, image.mode, size, content_hash(pixels),
+                              fingerprint=fingerprint(pixels))
     except UnidentifiedImageError:
         return ImageCheck(file_bytes=size, reason="not an image (no decoder recognises its content)")
     except OSError as exc:

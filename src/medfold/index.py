@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError
+from . import fingerprint as fp
+from .fingerprint import fingerprint
 from .images import ImageCheck, check_image, content_hash
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ INDEX_SCHEMA = pa.schema(
         ("file_bytes", pa.int64()),
         ("content_hash", pa.string()),
         ("present", pa.bool_()),
+        ("fingerprint", pa.string()),
+        ("near_duplicate_cluster", pa.int64()),
+        ("patient_aliases", pa.list_(pa.string())),
     ]
 )
 META_KEY = b"medfold"
@@ -109,9 +115,6 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         labels = [[part.strip() for part in value.split(sep)] if sep else [value] for value in raw]
         labels = [[part for part in parts if part] for parts in labels]
     image_ids = frame[ds["path_column"]].str.strip()
-    if image_ids.duplicated().any():
-        dup = image_ids[image_ids.duplicated()].iloc[0]
-        raise ConfigError(f"{table}: column {ds['path_column']!r} (dataset.path_column) lists {dup!r} more than once")
     root = Path(ds["root"]) if ds["root"] else table.parent
     source_split = frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None
     if ds["source_split_lists"]:
@@ -139,6 +142,34 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         if empty.any():
             raise ConfigError(f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for {int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}")
     return out, unlisted
+
+
+def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+    """A file the table lists more than once is one image: its first row's patient, the others'
+    patients kept as ``patient_aliases`` (they join one group in the split). Labels must agree,
+    except for multilabel, where the image carries the union: each row is a reader's findings,
+    and dropping a finding one of them saw would hide a positive. Each repeat is reported."""
+    out["patient_aliases"] = [[] for _ in range(len(out))]
+    out["_line"] = np.arange(len(out)) + 2  # the CSV's own line numbers, header on line 1
+    repeated = out["image_id"].duplicated(keep=False)
+    merged = []
+    for image_id, rows in out[repeated].groupby("image_id", sort=False):
+        label_sets = [tuple(labels) for labels in rows["labels"]]
+        lines = rows["_line"].tolist()
+        if len(set(map(frozenset, label_sets))) > 1 and ds["task"] != "multilabel":
+            raise ConfigError(
+                f"{table}: {image_id!r} is listed on lines {lines} with different labels "
+                f"{[list(labels) for labels in label_sets]} (dataset.task {ds['task']!r} needs one label per image; "
+                "fix the table or drop one row)")
+        union = list(dict.fromkeys(label for labels in label_sets for label in labels))
+        patients = list(dict.fromkeys(p for p in rows["patient_id"] if p is not None))
+        first = rows.index[0]
+        out.at[first, "labels"] = union
+        out.at[first, "patient_aliases"] = patients[1:]
+        merged.append({"image_id": image_id, "lines": lines, "patients": patients,
+                       "labels": union, "labels_differed": len(set(map(frozenset, label_sets))) > 1})
+    out = out[~out["image_id"].duplicated(keep="first")].drop(columns="_line").reset_index(drop=True)
+    return out, merged
 
 
 def _split_from_lists(image_ids: pd.Series, lists: dict[str, str]) -> pd.Series:
@@ -245,7 +276,8 @@ def _check_npz(path: str, indices: np.ndarray, source_splits: pd.Series) -> list
                     checks.append(ImageCheck(reason=f"array dtype {pixels.dtype} is not uint8"))
                     continue
                 mode = "L" if pixels.ndim == 2 else "RGB"
-                checks.append(ImageCheck(pixels.shape[1], pixels.shape[0], mode, pixels.nbytes, content_hash(pixels)))
+                checks.append(ImageCheck(pixels.shape[1], pixels.shape[0], mode, pixels.nbytes, content_hash(pixels),
+                                         fingerprint=fingerprint(pixels)))
     return checks
 
 
@@ -350,6 +382,7 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
         raise ConfigError(f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})")
     if "npz_index" not in cand:
         cand["npz_index"] = None
+    cand, repeated = _merge_repeated_rows(cand, source, ds)
     warnings: list[str] = []
     patient_source = _resolve_patients(cand, ds, warnings)
     classes = _check_labels(cand, ds, str(source))
@@ -363,7 +396,7 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             checks = list(pool.map(check_image, cand["path"], chunksize=64))
     cand["present"] = not ds["metadata_only"]
-    for field in ("width", "height", "mode", "file_bytes", "content_hash"):
+    for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint"):
         cand[field] = [getattr(c, field) for c in checks]
     reasons = pd.Series([c.reason for c in checks], index=cand.index)
     bad = reasons.notna()
@@ -373,12 +406,73 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     table = cand.loc[~bad].reset_index(drop=True)
     if table.empty:
         raise ConfigError(f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}")
+    near = _near_duplicates(table, ds)
     for message in warnings:
         log.warning(message)
     # through the Arrow schema: a wrong type fails here, not in a later rule
     table = _frame(pa.Table.from_pandas(table[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False))
     report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
+    report["listed_more_than_once"] = repeated
+    report["near_duplicates"] = near
+    if repeated:
+        log.warning("%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
+                    len(repeated), source)
     return table, report
+
+
+def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
+    """Fill ``near_duplicate_cluster`` and describe each cluster for the report: its images,
+    their patients and source splits, and the pairs found with distance and orientation."""
+    settings = ds["near_duplicates"]
+    table["near_duplicate_cluster"] = pd.array([None] * len(table), dtype="Int64")
+    has = table["fingerprint"].notna().to_numpy()
+    if not settings["enabled"] or has.sum() < 2:
+        why = "dataset.near_duplicates.enabled is false" if not settings["enabled"] else "no fingerprints (images not opened)"
+        return {"searched": False, "why": why, "max_distance": settings["max_distance"]}
+    rows = np.flatnonzero(has)
+    start = time.perf_counter()
+    pairs = fp.near_duplicate_pairs(fp.hex_to_bits(table["fingerprint"].to_numpy()[rows]), settings["max_distance"])
+    seconds = time.perf_counter() - start
+    pairs["a"], pairs["b"] = rows[pairs["a"]], rows[pairs["b"]]
+    component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
+    sizes = np.bincount(component)
+    in_cluster = sizes[component] > 1
+    # clusters numbered by their first image in image_id order, as split groups are
+    order = np.argsort(table["image_id"].to_numpy(), kind="stable")
+    first_seen = list(dict.fromkeys(component[order][in_cluster[order]].tolist()))
+    number = {c: i for i, c in enumerate(first_seen)}
+    table.loc[in_cluster, "near_duplicate_cluster"] = [number[c] for c in component[in_cluster]]
+    described = []
+    for c in first_seen:
+        members = np.flatnonzero(component == c)
+        members = members[np.argsort(table["image_id"].to_numpy()[members], kind="stable")]
+        edges = pairs[pairs["a"].isin(members)]
+        described.append({
+            "cluster": number[c],
+            "images": table["image_id"].iloc[members].tolist(),
+            "patients": sorted(set(table["patient_id"].iloc[members])),
+            "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
+            "pairs": [{"a": table["image_id"].iat[a], "b": table["image_id"].iat[b], "distance": int(d),
+                       "how": fp.ORIENTATION_NAMES[g],
+                       "exact": table["content_hash"].iat[a] == table["content_hash"].iat[b]}
+                      for a, b, d, g in edges[["a", "b", "distance", "orientation"]].itertuples(index=False)],
+        })
+    joining = [c for c in described if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
+    log.info("near-duplicates: %d pairs in %d clusters (%d join patients or source splits) among %d images, %.2f s",
+             len(pairs), len(described), len(joining), len(rows), seconds)
+    return {
+        "searched": True,
+        "max_distance": settings["max_distance"],
+        "fingerprint_bits": fp.BITS,
+        "seconds": round(seconds, 3),
+        "pairs": int(len(pairs)),
+        "clusters": len(described),
+        "images": int(in_cluster.sum()),
+        "clusters_joining_patients_or_sources": len(joining),
+        "distances": {str(k): int(v) for k, v in pairs["distance"].value_counts().sort_index().items()},
+        # the ones that change the split first; clusters within one patient after them
+        "cluster_list": (joining + [c for c in described if c not in joining])[:500],
+    }
 
 
 def _report(table, ds, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
@@ -413,7 +507,7 @@ def _report(table, ds, classes, patient_source, skipped, ignored, warnings, cand
 
 def write_index(table: pd.DataFrame, report: dict, parquet_path, report_path) -> None:
     meta = {"classes": report["classes"], "task": report["task"], "dataset": report["dataset"]}
-    arrow = pa.Table.from_pandas(table, schema=INDEX_SCHEMA, preserve_index=False)
+    arrow = pa.Table.from_pandas(with_defaults(table)[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     Path(parquet_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(arrow, parquet_path)
@@ -433,5 +527,18 @@ def read_index(path) -> tuple[pd.DataFrame, dict]:
 def _frame(arrow: pa.Table) -> pd.DataFrame:
     """The one pandas form of an index table: nullable integers, labels as Python lists."""
     table = arrow.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    table["labels"] = table["labels"].map(list)
+    for column in ("labels", "patient_aliases"):
+        table[column] = table[column].map(lambda v: [] if v is None else list(v))
+    return table
+
+
+def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
+    """A hand-made table (tests, user scripts) completed with the columns indexing adds on its
+    own: no fingerprint, no near-duplicate cluster, no patient aliases."""
+    table = table.copy()
+    for column, value in (("fingerprint", None), ("near_duplicate_cluster", None)):
+        if column not in table:
+            table[column] = value
+    if "patient_aliases" not in table:
+        table["patient_aliases"] = [[] for _ in range(len(table))]
     return table

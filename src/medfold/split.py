@@ -26,20 +26,30 @@ from .errors import ConfigError, LeakageError
 
 TEST = "test"
 CV = "cv"
+EXCLUDED = "excluded"  # a copy the split set aside (split.on_source_duplicate: drop)
 
 
 def image_groups(index: pd.DataFrame) -> np.ndarray:
-    """Group number per image: connected components of 'same patient' and 'same content hash'."""
+    """Group number per image: connected components of 'same patient' (a repeated table row's
+    patient aliases included), 'same content hash' and 'same near-duplicate cluster'."""
     n = len(index)
-    patient_codes, _ = pd.factorize(index["patient_id"])
-    hash_codes, _ = pd.factorize(index["content_hash"])  # None -> -1
-    # bipartite graph: images 0..n-1, patients n.., hashes n+P..
-    n_patients = patient_codes.max() + 1
-    has_hash = hash_codes >= 0
-    rows = np.concatenate([np.arange(n), np.arange(n)[has_hash]])
-    cols = np.concatenate([n + patient_codes, n + n_patients + hash_codes[has_hash]])
-    size = n + n_patients + (hash_codes.max() + 1 if has_hash.any() else 0)
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(size, size))
+    aliases = index["patient_aliases"] if "patient_aliases" in index else pd.Series([[]] * n, index=index.index)
+    alias_rows = np.repeat(np.arange(n), aliases.map(len).to_numpy())
+    alias_ids = [a for group in aliases for a in group]
+    patient_codes, patients = pd.factorize(pd.concat([index["patient_id"], pd.Series(alias_ids, dtype=object)],
+                                                     ignore_index=True))
+    rows = [np.arange(n), alias_rows]
+    cols = [patient_codes]
+    offset = len(patients)
+    keys = ["content_hash"] + (["near_duplicate_cluster"] if "near_duplicate_cluster" in index else [])
+    for key in keys:  # bipartite graph: images 0..n-1, then patients, hashes, clusters
+        codes, uniques = pd.factorize(index[key])  # missing -> -1
+        has = codes >= 0
+        rows.append(np.arange(n)[has])
+        cols.append(offset + codes[has])
+        offset += len(uniques)
+    rows, cols = np.concatenate(rows), n + np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + offset, n + offset))
     _, labels = connected_components(graph, directed=False)
     # renumber by first appearance in image_id order so group numbers do not depend on row order
     order = np.argsort(index["image_id"].to_numpy(), kind="stable")
@@ -145,7 +155,9 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
             raise LeakageError(
                 f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
                 f"training sets (split.on_source_leak is 'stop'): "
-                + "; ".join(f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}" for leak in source_leaks[:5])
+                + "; ".join(f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
+                            + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
+                            for leak in source_leaks[:5])
             )
         if len(mixed):
             test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
@@ -218,10 +230,31 @@ def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[p
         "set": roles,
         "fold": fold,
     })
+    dropped = _drop_later_copies(index, splits) if cfg["on_source_duplicate"] == "drop" else []
     summary = summarize(index, splits, classes)
     summary.update({"seed": None, "folds": cfg["folds"], "test_method": "the dataset's own folds and roles",
-                    "method": "source", "source_leaks": []})
+                    "method": "source", "source_leaks": [],
+                    "dropped_copies": {"count": len(dropped), "images": dropped,
+                                       "rule": "split.on_source_duplicate 'drop': the earliest copy (train, val, "
+                                               "test) kept, the others set aside"}})
     return splits, summary
+
+
+def _drop_later_copies(index: pd.DataFrame, splits: pd.DataFrame) -> list[dict]:
+    """Within each fold, copies of one image (same pixels or near-duplicate cluster) in several
+    roles keep the earliest role's copies; the others become ``excluded``. Changes ``splits``."""
+    copies = index[["image_id", "content_hash"]].assign(patient_id=index["image_id"])
+    if "near_duplicate_cluster" in index:
+        copies["near_duplicate_cluster"] = index["near_duplicate_cluster"]
+    copy_group = image_groups(copies)  # copies only: patients play no part here
+    rank = splits["set"].map({role: i for i, role in enumerate(SOURCE_ROLES)}).to_numpy()
+    frame = pd.DataFrame({"fold": splits["fold"].to_numpy(), "copy": copy_group, "rank": rank})
+    first = frame.groupby(["fold", "copy"])["rank"].transform("min").to_numpy()
+    later = rank > first
+    dropped = [{"image_id": i, "fold": int(f), "role": r} for i, f, r in
+               zip(splits.loc[later, "image_id"], splits.loc[later, "fold"], splits.loc[later, "set"])]
+    splits.loc[later, "set"] = EXCLUDED
+    return dropped
 
 
 def _describe_groups(index, groups, which, image_test) -> list[dict]:
@@ -233,6 +266,11 @@ def _describe_groups(index, groups, which, image_test) -> list[dict]:
             "test_images": index["image_id"].iloc[rows[image_test[rows]]].tolist(),
             "other_images": index["image_id"].iloc[rows[~image_test[rows]]].tolist(),
         })
+        if "near_duplicate_cluster" in index and index["near_duplicate_cluster"].iloc[rows].notna().any():
+            members = index.iloc[rows].assign(part=np.where(image_test[rows], TEST, "other"))
+            clustered = members.dropna(subset=["near_duplicate_cluster"])
+            out[-1]["near_duplicates"] = [_near_duplicate_crossing(m) for _, m in
+                                          clustered.groupby("near_duplicate_cluster") if m["part"].nunique() > 1]
     return out
 
 
@@ -283,8 +321,10 @@ def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> 
 
 
 def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
-    """Prove the split leak-free: every indexed image once, and no patient or duplicate content
-    hash in two of {test, fold_0, ..., fold_K-1}. Raises LeakageError naming what crosses."""
+    """Prove the split leak-free: every indexed image once, and no patient (aliases included), no
+    duplicate content hash and no near-duplicate cluster in two of {test, fold_0, ..., fold_K-1}
+    (with the dataset's own folds: two roles of one fold). Images the split set aside
+    (``excluded``) take no part. Raises LeakageError naming what crosses."""
     problems = []
     ids = splits["image_id"]
     if ids.duplicated().any():
@@ -295,32 +335,64 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
         problems.append(f"{len(missing)} indexed images are in no set, e.g. {missing[:5]}")
     if extra:
         problems.append(f"{len(extra)} images in the split are not in the index, e.g. {extra[:5]}")
+    used = splits[splits["set"] != EXCLUDED]
     # with the dataset's own folds, sets are compared within a fold only
-    scope = splits["fold"] if is_source(splits) else pd.Series(0, index=splits.index)
-    merged = splits[["image_id"]].assign(part=partition_names(splits), scope=scope.to_numpy()).merge(
-        index[["image_id", "patient_id", "content_hash"]], on="image_id", how="inner")
+    scope = used["fold"] if is_source(splits) else pd.Series(0, index=used.index)
+    columns = ["image_id", "patient_id", "content_hash"] + [c for c in ("near_duplicate_cluster", "patient_aliases",
+                                                                        "fingerprint") if c in index]
+    merged = used[["image_id"]].assign(part=partition_names(used), scope=scope.to_numpy()).merge(
+        index[columns], on="image_id", how="inner")
+    patients = merged[["image_id", "part", "scope", "patient_id"]]
+    if "patient_aliases" in merged:
+        aliases = merged[["image_id", "part", "scope", "patient_aliases"]].explode("patient_aliases").dropna()
+        patients = pd.concat([patients, aliases.rename(columns={"patient_aliases": "patient_id"})], ignore_index=True)
+    checks = [("patient_id", "patients", patients), ("content_hash", "duplicate images (same content hash)", merged)]
+    if "near_duplicate_cluster" in merged:
+        checks.append(("near_duplicate_cluster", "near-duplicate clusters (the same radiograph transformed)", merged))
     crossings = {}
-    for key, what in (("patient_id", "patients"), ("content_hash", "duplicate images (same content hash)")):
-        parts_per = merged.dropna(subset=[key]).groupby(["scope", key])["part"].unique().droplevel("scope")
+    for key, what, rows in checks:
+        rows = rows.dropna(subset=[key])
+        parts_per = rows.groupby(["scope", key])["part"].unique().droplevel("scope")
         crossing = parts_per[parts_per.map(len) > 1]
         crossings[key] = int(len(crossing))
         if len(crossing):
             examples = []
             for value, parts in crossing.head(5).items():
-                images = merged.loc[merged[key] == value, ["image_id", "part"]].values.tolist()
-                examples.append(f"{value} in {sorted(parts)} ({images[:4]})")
+                members = rows.loc[rows[key] == value]
+                if key == "near_duplicate_cluster":
+                    examples.append(_near_duplicate_crossing(members))
+                else:
+                    examples.append(f"{value} in {sorted(parts)} ({members[['image_id', 'part']].values.tolist()[:4]})")
             problems.append(f"{len(crossing)} {what} cross sets: " + "; ".join(examples))
     report = {
         "verdict": "leak-free" if not problems else "LEAKAGE",
         "images_checked": int(len(merged)),
+        "images_excluded": int((splits["set"] == EXCLUDED).sum()),
         "patients_crossing_sets": crossings["patient_id"],
         "duplicate_hashes_crossing_sets": crossings["content_hash"],
+        "near_duplicate_clusters_crossing_sets": crossings.get("near_duplicate_cluster", 0),
         "sets": sorted(merged["part"].unique().tolist()),
         "problems": problems,
     }
     if problems:
-        raise LeakageError("split check failed: " + " | ".join(problems))
+        hint = (" (copies across a fold's roles: split.on_source_duplicate 'drop' keeps the earliest copy)"
+                if is_source(splits) else "")
+        raise LeakageError("split check failed: " + " | ".join(problems) + hint)
     return report
+
+
+def _near_duplicate_crossing(members: pd.DataFrame) -> str:
+    """'a (test) ~ b (fold_1): distance 2, rotated 90°' for the closest pairs across sets."""
+    from .fingerprint import distance
+
+    rows = members[["image_id", "part", "fingerprint"]].values.tolist()
+    found = []
+    for i, (a, part_a, fa) in enumerate(rows):
+        for b, part_b, fb in rows[i + 1:]:
+            if part_a != part_b and fa and fb:
+                d, how = distance(fa, fb)
+                found.append((d, f"{a} ({part_a}) ~ {b} ({part_b}): distance {d}, {how}"))
+    return "; ".join(text for _, text in sorted(found)[:3])
 
 
 def write_json(obj: dict, path) -> None:
