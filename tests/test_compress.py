@@ -191,8 +191,10 @@ def test_variants_of_the_trained_workflow_are_measured_and_close_to_their_base(t
 
 def test_a_saved_int8_model_predicts_the_same_in_a_fresh_process(trained_workflow):
     fold_dir = trained_workflow / DS / "batchnorm" / "variants" / "int8" / "fold_0"
+    threads = json.loads((fold_dir / "compression.json").read_text())["threads"]
     script = f"""
 import json, numpy as np, pandas as pd, torch
+torch.set_num_threads({threads})  # as the job ran
 from medfold.quantize import load_artifact, compiled
 from medfold.compress import FixedBatch
 from medfold.train import FoldData, Runner
@@ -209,7 +211,10 @@ print(json.dumps({{"diff": float(np.abs(saved - probs).max()), "classes": meta["
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["diff"] < 1e-5 and out["classes"] == ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+    # the same graph, compiled through the same passes, on the same fixed batches: identical on
+    # any host (it differed by 0.008 on an AVX2-only one while a fresh process compiled the
+    # archive without torchao's x86 passes; quantize.compiled now imports them)
+    assert out["diff"] == 0.0 and out["classes"] == ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
 
 
 def test_one_variant_of_one_fold_builds_only_what_it_needs(tmp_path):

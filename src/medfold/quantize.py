@@ -184,8 +184,15 @@ def compiled(module: nn.Module) -> nn.Module:
 
     Static shapes (one compilation per batch size): with a dynamic batch dimension, torch 2.14's
     inductor mis-lays out the int8 convolution that follows a 1-channel input (a stride
-    assertion fails at run time)."""
+    assertion fails at run time).
+
+    Importing torchao's x86 quantizer registers inductor's int8 fusion passes. The job that made
+    a variant had imported it; a process that only loads the archive had not, and compiled the
+    same graph through another lowering: on an AVX2-only CPU its probabilities differed by up to
+    0.008 from what compression.json reported. Importing it here makes every process compile the
+    artifact alike (bit-identical predictions, measured across processes and thread counts)."""
     import torch._inductor.config as inductor_config
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (see above)
 
     inductor_config.freezing = True
     return torch.compile(module, dynamic=False)
