@@ -8,7 +8,11 @@ fp32 is timed eager (what a user runs without compiling) and compiled the same w
 the gain of compiling alone is visible. Sizes are files on disk: fp32 a state_dict saved with
 torch.save; int8 medfold's .pt2 artifact (graph included), and its tensors alone.
 
+The figures hold for the ISA printed first (AVX2 only, AVX-512 VNNI or AMX): int8 kernels differ
+per ISA, and README gives the figures per ISA measured.
+
 Run: .venv/bin/python bench/compression.py [--models resnet50 densenet121] [--repeats 20]
+     .venv/bin/python bench/compression.py --quick   (ResNet18 at 64 px, the test suite)
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ def row(label: str, value: str) -> None:
     print(f"  {label:<44} {value}")
 
 
-def bench_model(name: str, repeats: int, big_repeats: int, work: Path) -> dict:
+def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int = SIZE) -> dict:
+    global SIZE
+    SIZE = size
     torch.manual_seed(0)
     model = build_model(name, CHANNELS, CLASSES, init_seed=0).eval()
     x1, x32 = torch.randn(1, CHANNELS, SIZE, SIZE), torch.randn(32, CHANNELS, SIZE, SIZE)
@@ -100,9 +106,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet50", "densenet121"])
     parser.add_argument("--repeats", type=int, default=20, help="timed passes at batch 1")
     parser.add_argument("--big-repeats", type=int, default=3, help="timed passes at batch 32")
+    parser.add_argument("--size", type=int, default=SIZE, help="image side in pixels")
+    parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, few repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.size, args.repeats, args.big_repeats = ["resnet18"], 64, 3, 1
+    from medfold.hardware import describe
+
+    print(f"host: {describe()}  (the int8 figures hold for this ISA)")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {m: bench_model(m, args.repeats, args.big_repeats, Path(tmp)) for m in args.models}
+        results = {m: bench_model(m, args.repeats, args.big_repeats, Path(tmp), args.size) for m in args.models}
     print("\nsummary")
     for m, r in results.items():
         ok = r["int8_size"] <= 0.26 and r["speedup_b1"] >= 4 and r["pruned_ratio"] <= 0.4

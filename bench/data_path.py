@@ -80,7 +80,13 @@ def cached_epochs(cache: np.ndarray, epochs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="32 images (the test suite)")
     args = parser.parse_args()
+    if args.quick:
+        args.images = 32
+    from medfold.hardware import describe
+
+    print(f"host: {describe()}")
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 import pytest
 
 from conftest import REPO, folder_dataset, planned, resolved_config, run_snakemake
@@ -76,6 +77,13 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     item = record["images"][0]
     assert f"{item['image_id']}: explains {item['explained_class']}" in text
     assert seen["images_loaded"] and text.count("explains ") == 3 * 4
+    # the demo's 8 planted copies, each beside its original, with the transform found
+    planted = pd.read_csv(trained_workflow / "resources" / "demo" / "cxr14" / "planted_copies.csv")
+    assert text.count("The same radiograph under patients") == len(planted) == 8
+    for copy, original in zip(planted["copy"], planted["original"]):
+        assert copy in text and original in text
+    assert "rotated 90°" in text and "mirrored left-right" in text
+    assert "0 near-duplicate clusters crossing sets" in text
 
 
 def test_report_rule_reruns_when_a_metrics_file_changes_and_not_otherwise(trained_workflow):
@@ -94,6 +102,7 @@ def test_report_rule_reruns_when_a_metrics_file_changes_and_not_otherwise(traine
 
 EVIL_CLASS = "<script>alert('class')</script>&co".replace("/", "")  # '/' cannot be in a folder name
 EVIL_FILE = "person7_<script>alert('file')<script>&x_0.png"
+EVIL_COPY = "person90_<img src=x onerror=alert(1)>_0.png"
 
 
 def test_dataset_strings_are_escaped(tmp_path, demo_dir):
@@ -104,6 +113,8 @@ def test_dataset_strings_are_escaped(tmp_path, demo_dir):
         for i, f in enumerate(files):
             shutil.copy(f, root / cls / f"person{i + (0 if cls == 'Normal' else 50)}_{i}.png")
     (root / EVIL_CLASS / EVIL_FILE).write_bytes(b"not a png")  # shows up in the skipped-files table
+    # a rotated copy with markup in its name: shown among the near-duplicates
+    Image.open(sources[0]).transpose(Image.ROTATE_90).save(root / "Normal" / EVIL_COPY)
     ds = folder_dataset(root)
     index, report = build_index(ds)
     write_index(index, report, tmp_path / "index.parquet", tmp_path / "index_report.json")
@@ -118,9 +129,10 @@ def test_dataset_strings_are_escaped(tmp_path, demo_dir):
     assert "<script" not in source.lower()
     assert "&lt;script&gt;alert(&#x27;class&#x27;)&lt;script&gt;&amp;co" in source
     assert "person7_&lt;script&gt;alert(&#x27;file&#x27;)&lt;script&gt;&amp;x_0.png" in source
+    assert "<img src=x" not in source and "Normal/person90_&lt;img src=x onerror=alert(1)&gt;_0.png is" in source
     seen = open_in_chromium(page, tmp_path / "escaped.png")
     assert seen["dialogs"] == [] and seen["errors"] == []
-    assert EVIL_CLASS in seen["text"] and EVIL_FILE in seen["text"]
+    assert EVIL_CLASS in seen["text"] and EVIL_FILE in seen["text"] and EVIL_COPY in seen["text"]
 
 
 def test_snakemakes_native_report_holds_the_labelled_results(trained_workflow):

@@ -68,19 +68,22 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _trim_borders(grey: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(grey.std(1) > BORDER_STD)
-    cols = np.flatnonzero(grey.std(0) > BORDER_STD)
+    # a border row is flat: its range is a cheap first test, the standard deviation decides
+    rows = np.flatnonzero((np.ptp(grey, 1) > BORDER_STD) & (grey.std(1) > BORDER_STD))
+    cols = np.flatnonzero((np.ptp(grey, 0) > BORDER_STD) & (grey.std(0) > BORDER_STD))
     if len(rows) < 8 or len(cols) < 8:  # a flat image: nothing to trim towards
         return grey
     return grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def _bits(pixels: np.ndarray) -> np.ndarray:
-    grey = pixels.astype(np.float64)
+    grey = pixels.astype(np.float32)
     if grey.ndim == 3:
         grey = grey.mean(2)
     grey = _trim_borders(grey)
-    small = _area_matrix(grey.shape[0], SIDE) @ grey @ _area_matrix(grey.shape[1], SIDE).T
+    # float32 for the large product (the 32 x W side first), float64 for the small one
+    narrow = _area_matrix(grey.shape[0], SIDE).astype(np.float32) @ grey
+    small = narrow.astype(np.float64) @ _area_matrix(grey.shape[1], SIDE).T
     block = dctn(small, norm="ortho")[:BLOCK, :BLOCK]
     return (block.ravel()[1:] > 0).astype(np.uint8)
 

@@ -45,6 +45,7 @@ table{border-collapse:collapse;margin:10px 0 18px;font-size:13px}th,td{border:1p
 text-align:right}th{background:#f2f4f7}td.l,th.l{text-align:left}tr.best td{background:#e3f1e6;font-weight:600}
 .verdict-ok{color:#00704a;font-weight:700}.verdict-bad{color:#b00020;font-weight:700}
 .figs{display:flex;flex-wrap:wrap;gap:12px}.thumbs img{width:96px;height:96px;margin:2px;image-rendering:auto}
+.nd .thumbs{display:flex;gap:8px}.nd figure{margin:0;text-align:center;font-size:12px}.nd{border-left:3px solid #D55E00;padding-left:10px;margin:10px 0}
 pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12px}nav a{margin-right:12px}
 .note{color:#555;font-size:13px}
 """
@@ -109,8 +110,44 @@ def dataset_section(index_report: dict, split_summary: dict, index: pd.DataFrame
     rows.append(["images", *[sets[n]["images"] for n in names]])
     rows.append(["patients", *[sets[n]["patients"] for n in names]])
     parts.append("<h3>Images per class per set</h3>" + table(["class", *names], rows))
+    parts.append(near_duplicates_block(r.get("near_duplicates"), index, cache))
     if cache is not None:
         parts.append("<h3>Examples</h3>" + thumbnails(index, r["classes"], cache))
+    return "".join(parts)
+
+
+def _thumb(cache: np.ndarray, row: int, caption: str) -> str:
+    pixels = cache[row][0] if cache.shape[1] == 1 else np.moveaxis(cache[row], 0, 2)
+    return f'<img alt="{esc(caption)}" title="{esc(caption)}" src="{png_data_url(np.asarray(pixels))}">'
+
+
+def near_duplicates_block(near: dict | None, index: pd.DataFrame, cache: np.ndarray | None, shown: int = 24) -> str:
+    """The near-duplicate clusters that join patients or source folders, each as its images side
+    by side with the distance, the transform found, the patients and the folders."""
+    if not near:
+        return ""
+    if not near["searched"]:
+        return f"<h3>Near-duplicates</h3><p>Not searched: {esc(near['why'])}.</p>"
+    joining = [c for c in near["cluster_list"] if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
+    parts = ["<h3>Near-duplicates</h3>",
+             f"<p>{near['pairs']} pairs within {near['max_distance']} of {near['fingerprint_bits']} fingerprint bits "
+             f"(the best of 8 orientations) form {near['clusters']} clusters of {near['images']} images; "
+             f"<b>{near['clusters_joining_patients_or_sources']}</b> join different patients or source folders and were "
+             f"made one group of the split. Distances found: "
+             f"{esc(', '.join(f'{k}: {v}' for k, v in near['distances'].items()) or 'none')}.</p>"]
+    row_of = {image: i for i, image in enumerate(index["image_id"])}
+    for cluster in joining[:shown]:
+        pictures = ""
+        if cache is not None:
+            pictures = "".join(f'<figure>{_thumb(cache, row_of[image], image)}<figcaption>{esc(image)}</figcaption></figure>'
+                               for image in cluster["images"] if image in row_of)
+        pairs = "; ".join(f"{esc(p['b'])} is {esc(p['a'])} {esc(p['how'])}, distance {p['distance']}"
+                          + (" (identical pixels)" if p["exact"] else "") for p in cluster["pairs"][:6])
+        parts.append(f'<div class="nd"><p><b>The same radiograph</b> under patients {esc(", ".join(cluster["patients"]))}'
+                     + (f' in folders {esc(", ".join(cluster["source_splits"]))}' if cluster["source_splits"] else "")
+                     + f'.<br>{pairs}</p><div class="thumbs">{pictures}</div></div>')
+    if len(joining) > shown:
+        parts.append(f"<p>… and {len(joining) - shown} more clusters (index_report.json lists them all).</p>")
     return "".join(parts)
 
 
@@ -130,17 +167,22 @@ def split_section(split_summary: dict, check: dict) -> str:
     parts = ['<h2 id="split">Split</h2>',
              f'<p>{esc(split_summary["test_method"])}; {split_summary["folds"]} folds by patient, seed {split_summary["seed"]}.</p>',
              f'<p>Leakage check: <span class="{"verdict-ok" if ok else "verdict-bad"}">{esc(check["verdict"])}</span> — '
-             f'{check["images_checked"]} images, {check["patients_crossing_sets"]} patients and '
-             f'{check["duplicate_hashes_crossing_sets"]} duplicate images crossing sets.</p>']
+             f'{check["images_checked"]} images, {check["patients_crossing_sets"]} patients, '
+             f'{check["duplicate_hashes_crossing_sets"]} duplicate images and '
+             f'{check.get("near_duplicate_clusters_crossing_sets", 0)} near-duplicate clusters crossing sets.</p>']
     sets = split_summary["sets"]
     rows = [[n, s["images"], s["patients"], max(abs(v) for v in s["prevalence_minus_overall_pp"].values())]
             for n, s in sets.items()]
     parts.append(table(["set", "images", "patients", "largest prevalence deviation (pp)"], rows))
     if split_summary["source_leaks"]:
-        parts.append("<p>The dataset's own split put these patients on both sides:</p>" + table(
-            ["patients", "test images", "other images"],
-            [[", ".join(x["patients"]), ", ".join(x["test_images"]), ", ".join(x["other_images"])]
-             for x in split_summary["source_leaks"]], left=3))
+        parts.append("<p>The dataset's own split put these patients or copies of one radiograph on both sides:</p>"
+                     + table(["patients", "test images", "other images", "near-duplicates"],
+                             [[", ".join(x["patients"]), ", ".join(x["test_images"]), ", ".join(x["other_images"]),
+                               "; ".join(x.get("near_duplicates", []))] for x in split_summary["source_leaks"]], left=4))
+    dropped = split_summary.get("dropped_copies", {})
+    if dropped.get("count"):
+        parts.append(f"<p>{dropped['count']} copies set aside ({esc(dropped['rule'])}):</p>" + table(
+            ["image", "fold", "role it had"], [[d["image_id"], d["fold"], d["role"]] for d in dropped["images"]], left=3))
     return "".join(parts)
 
 

@@ -1,0 +1,34 @@
+"""Every benchmark README gives runs in its quick mode (tiny sizes; the full size stays a manual
+run), so a renamed key or a moved function fails here. Each must print the host's ISA, its
+ratio against a baseline measured in the same run, and its verdict line."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+README_BENCHES = re.findall(r"^\.venv/bin/python (bench/\S+\.py)", (REPO / "README.md").read_text(), re.M)
+
+
+def test_readme_lists_every_benchmark():
+    assert sorted(set(README_BENCHES)) == sorted(p.relative_to(REPO).as_posix() for p in (REPO / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("bench,expected", [
+    ("bench/index_split_nih.py", [r"ratio ours/baseline: abs \d", r"index [\d.]+ s \+ split"]),
+    ("bench/near_duplicates.py", [r"recall of planted pairs: 1\.0000", r"the search's \d+ identical",
+                                  r"ratio brute force / search: [\d.]+x", "TARGETS MET"]),
+    ("bench/data_path.py", [r"ratio: [\d.]+x"]),
+    ("bench/compression.py", [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x"]),
+])
+def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
+    assert bench in README_BENCHES
+    proc = subprocess.run([sys.executable, str(REPO / bench), "--quick"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^host: .*ISA (avx2|avx512|avx512_vnni|amx|baseline)", proc.stdout, re.M), proc.stdout[:500]
+    for pattern in expected:
+        assert re.search(pattern, proc.stdout), (pattern, proc.stdout[-2000:])

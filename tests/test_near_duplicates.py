@@ -1,0 +1,155 @@
+"""Near-duplicates: the planted copies of the demo found, distinct radiographs never merged, the
+search exact against brute force, and the split and its check honouring the clusters."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import csv_dataset, folder_dataset, resolved_config
+from medfold import fingerprint as fp
+from medfold.errors import ConfigError, LeakageError
+from medfold.index import build_index
+from medfold.split import check_split, make_splits
+
+
+def _margin(table: pd.DataFrame, planted: pd.DataFrame, patient_of) -> tuple[list[int], int]:
+    """Distances of the planted copies to their originals, and the smallest distance between
+    radiographs of distinct patients that are not planted copies of each other (brute force)."""
+    bits = fp.hex_to_bits(table["fingerprint"].tolist())
+    pairs = fp.brute_force_pairs(bits, fp.BITS)
+    ids = table["image_id"].to_numpy()
+    copy_pairs = {frozenset(p) for p in zip(planted["copy"], planted["original"])}
+    is_copy = np.array([frozenset((ids[a], ids[b])) in copy_pairs for a, b in zip(pairs["a"], pairs["b"])])
+    distinct = np.array([patient_of(ids[a]) != patient_of(ids[b]) for a, b in zip(pairs["a"], pairs["b"])])
+    return sorted(pairs.loc[is_copy, "distance"].tolist()), int(pairs.loc[~is_copy & distinct, "distance"].min())
+
+
+@pytest.mark.parametrize("form", ["csv", "folders"])
+def test_every_planted_copy_is_found_and_no_distinct_radiographs_are_merged(demo_dir, form):
+    if form == "csv":
+        ds = csv_dataset(demo_dir)
+        planted = pd.read_csv(demo_dir / "cxr14" / "planted_copies.csv")
+    else:
+        ds = folder_dataset(demo_dir / "chest_xray")
+        planted = pd.read_csv(demo_dir / "chest_xray_planted.csv")
+    table, report = build_index(ds, threads=2)
+    near = report["near_duplicates"]
+    clusters = [set(c["images"]) for c in near["cluster_list"]]
+    # every copy with its original, and nothing else: each cluster is exactly one planted pair
+    assert sorted(map(sorted, clusters)) == sorted(sorted(p) for p in zip(planted["copy"], planted["original"]))
+    assert near["clusters_joining_patients_or_sources"] == len(planted) == 8
+    hows = {pair["how"] for c in near["cluster_list"] for pair in c["pairs"]}
+    assert {"rotated 90° anticlockwise", "mirrored left-right", "rotated 180°", "flipped top-bottom"} <= hows
+    patient = dict(zip(table["image_id"], table["patient_id"]))
+    copies, closest_distinct = _margin(table, planted, patient.get)
+    limit = ds["near_duplicates"]["max_distance"]
+    assert max(copies) <= limit < closest_distinct  # the margin, both sides
+    print(f"{form}: planted copies at {copies}, closest distinct radiographs at {closest_distinct}, threshold {limit}")
+
+
+def test_fingerprint_is_invariant_to_orientation_and_tolerant_of_reencoding(demo_dir):
+    from medfold.images import pixels_to_uint8
+
+    pixels = pixels_to_uint8(Image.open(demo_dir / "cxr14" / "images" / "00000002_000.png"))
+    base = fp.fingerprint(pixels)
+    for turn in range(4):
+        for mirror in (False, True):
+            moved = np.rot90(pixels, turn)
+            moved = moved[:, ::-1] if mirror else moved
+            assert fp.distance(fp.fingerprint(np.ascontiguousarray(moved)), base)[0] == 0
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    image.resize((image.width // 2, image.height // 2)).save(buf, "JPEG", quality=50)
+    assert fp.distance(fp.fingerprint(np.asarray(Image.open(buf))), base)[0] <= 5
+    brighter = np.clip(pixels.astype(np.float64) * 0.8 + 30, 0, 255).astype(np.uint8)
+    assert fp.distance(fp.fingerprint(brighter), base)[0] <= 1
+    padded = np.pad(pixels, 12)
+    assert fp.distance(fp.fingerprint(padded), base)[0] == 0
+
+
+def test_search_finds_exactly_what_brute_force_finds():
+    rng = np.random.default_rng(3)
+    bias = 0.5 + rng.uniform(-0.4, 0.4, fp.BITS)
+    bits = (rng.random((3000, fp.BITS)) < bias).astype(np.uint8)
+    for i in range(40):  # planted: oriented copies with a few bits flipped
+        copy = fp.oriented(bits[i:i + 1], i % 8)[0]
+        copy[rng.choice(fp.BITS, i % 6, replace=False)] ^= 1
+        bits[1000 + i] = copy
+    fast = fp.near_duplicate_pairs(bits, 5)
+    slow = fp.brute_force_pairs(bits, 5)
+    pd.testing.assert_frame_equal(fast.reset_index(drop=True), slow.sort_values(["a", "b"]).reset_index(drop=True),
+                                  check_dtype=False)
+    assert {(i, 1000 + i) for i in range(40)} <= set(zip(fast["a"], fast["b"]))
+
+
+def test_near_duplicate_clusters_never_cross_sets_and_check_split_names_a_crossing(demo_dir):
+    index, report = build_index(csv_dataset(demo_dir), threads=2)
+    splits, _ = make_splits(index, report["classes"], resolved_config()["split"])
+    assert check_split(index, splits)["near_duplicate_clusters_crossing_sets"] == 0
+    # a split it did not make: move one planted copy to another set
+    planted = pd.read_csv(demo_dir / "cxr14" / "planted_copies.csv").iloc[0]
+    where = splits.set_index("image_id")
+    moved = splits.copy()
+    row = moved["image_id"] == planted["copy"]
+    moved.loc[row, "fold"] = -1 if where.loc[planted["original"], "fold"] >= 0 else 0
+    moved.loc[row, "set"] = "test" if where.loc[planted["original"], "fold"] >= 0 else "cv"
+    moved.loc[row, "patient_id"] = "someone else"
+    with pytest.raises(LeakageError, match=rf"near-duplicate clusters .* cross sets: .*{planted['copy']}.*distance \d+"):
+        check_split(index, moved)
+
+
+def test_a_file_listed_twice_joins_its_patients_and_conflicting_labels_are_named(tmp_path, demo_dir):
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str)
+    index, report = build_index(csv_dataset(demo_dir), threads=2)
+    [repeat] = report["listed_more_than_once"]
+    splits, _ = make_splits(index, report["classes"], resolved_config()["split"])
+    a, b = repeat["patients"]
+    other = splits[splits["patient_id"] == b]  # the second patient's own images share the group
+    first = splits[splits["image_id"] == repeat["image_id"]]
+    assert len(other) == 0 or other["group"].eq(first["group"].iloc[0]).all()
+    # multi-label: a union of the rows' findings
+    extra = rows.iloc[[5]].assign(**{"Finding Labels": "Nodule", "Patient ID": "999"})
+    path = tmp_path / "twice.csv"
+    pd.concat([rows, extra]).to_csv(path, index=False)
+    table, report = build_index(csv_dataset(demo_dir, table=str(path)), threads=2)
+    merged = table.set_index("image_id").loc[rows.iloc[5]["Image Index"]]
+    listed = set(rows.iloc[5]["Finding Labels"].split("|")) - {"No Finding"}
+    assert set(merged["labels"]) == listed | {"Nodule"} and "999" in merged["patient_aliases"]
+    # single-label: an error naming the lines
+    single = pd.DataFrame({"file": ["a.png", "b.png", "a.png"], "label": ["Normal", "Pneumonia", "Pneumonia"],
+                           "patient": ["1", "2", "3"]})
+    single.to_csv(tmp_path / "single.csv", index=False)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((40, 40), 100, np.uint8)).save(tmp_path / name)
+    ds = csv_dataset(demo_dir, table=str(tmp_path / "single.csv"), root=str(tmp_path), path_column="file",
+                     label_column="label", label_separator=None, patient_column="patient", task="multiclass",
+                     labels=[], no_finding_label=None)
+    with pytest.raises(ConfigError, match=r"'a.png' is listed on lines \[2, 4\] with different labels"):
+        build_index(ds)
+
+
+def _npz_with_shared_images(path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("val", 12), ("test", 12))}
+    images["val"][:3] = images["train"][:3]  # PneumoniaMNIST ships identical images in train and val
+    labels = {s: (np.arange(len(v)) % 2)[:, None] for s, v in images.items()}
+    np.savez(path, **{f"{s}_images": v for s, v in images.items()}, **{f"{s}_labels": v for s, v in labels.items()})
+
+
+def test_an_official_split_that_leaks_stops_or_drops_the_later_copies(tmp_path):
+    _npz_with_shared_images(tmp_path / "p.npz")
+    config = resolved_config({"dataset": {"format": "npz", "npz": str(tmp_path / "p.npz"), "task": "binary",
+                                          "labels": ["normal", "pneumonia"], "patient_column": None},
+                              "split": {"method": "source", "folds": 1}})
+    index, report = build_index(config["dataset"])
+    splits, summary = make_splits(index, report["classes"], config["split"])
+    with pytest.raises(LeakageError, match="on_source_duplicate 'drop'"):
+        check_split(index, splits)
+    splits, summary = make_splits(index, report["classes"], {**config["split"], "on_source_duplicate": "drop"})
+    dropped = summary["dropped_copies"]
+    assert dropped["count"] == 3 and {d["image_id"] for d in dropped["images"]} == {f"val/{i:06d}" for i in range(3)}
+    assert (splits.set_index("image_id").loc[[f"train/{i:06d}" for i in range(3)], "set"] == "train").all()
+    assert check_split(index, splits)["images_excluded"] == 3
