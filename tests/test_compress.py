@@ -170,7 +170,7 @@ def test_variants_of_the_trained_workflow_are_measured_and_close_to_their_base(t
     assert sorted(table["variant"].unique()) == ["int8", "pruned"] and len(table) == 6
     int8 = table[table["variant"] == "int8"]
     # int8 weights are a quarter of fp32 (plus per-channel scales); the file adds the graph
-    assert (int8["ratio.tensor_size"] < 0.3).all()
+    assert (int8["ratio.tensor_size"] < 0.3).all() and int8["cpu.isa"].notna().all()
     # closeness to fp32 on the demo test images: each model uses its own validation thresholds,
     # so an image near a threshold may flip; at most 1 in 20 may, and AUROC moves by < 0.02
     assert (int8["agreement.label_agreement"] >= 0.95).all()
@@ -182,6 +182,8 @@ def test_variants_of_the_trained_workflow_are_measured_and_close_to_their_base(t
     for fold in range(3):
         record = json.loads((base / "variants" / "pruned" / f"fold_{fold}" / "compression.json").read_text())
         assert record["finetune"]["epochs"] == 2 and record["base"]["latency_ms_b1"] > 0
+        # measured where it ran: the CPU model and the ISA that decides the int8 kernels
+        assert record["cpu"]["isa"] in ("avx2", "avx512", "avx512_vnni", "amx") and record["cpu"]["model"]
         metrics = json.loads((base / "variants" / "int8" / f"fold_{fold}" / "metrics.json").read_text())
         assert metrics["test"]["auroc_macro"] > 0.5 and metrics["variant"] == "int8"
     # a variant is aggregated like any model

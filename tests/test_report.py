@@ -69,7 +69,7 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     variants = pd.read_csv(trained_workflow / DS / "batchnorm" / "variants" / "variants_summary.csv")
     int8 = variants.set_index("variant").loc["int8"]
     assert f"{int8['ratio.tensor_size.mean']:.2f} ± {int8['ratio.tensor_size.std']:.2f}" in text
-    for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0",
+    for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0", " ISA ",
                  "compress_batchnorm_int8_fold_0", "explain_batchnorm_fold_0"):
         assert word in text
     # one overlay per class and fold, each captioned with what it explains

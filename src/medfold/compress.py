@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import hardware
 from . import prune as pruning
 from . import quantize
 from .metrics import evaluate
@@ -202,7 +202,7 @@ def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_
         base_measured_compiled = None
 
     record = {"variant": name, "method": variant["method"], "fold": fold, "threads": threads,
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "cpu": hardware.cpu(), "torch": torch.__version__,
               "base": {"size_bytes": base_size, "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
                        **base_measured,
                        **({f"compiled_{k}": v for k, v in base_measured_compiled.items()} if base_measured_compiled
@@ -266,6 +266,8 @@ def agreement(base_result: dict, base_predictions, result: dict, predictions, da
 # ----------------------------------------------------------------------------- the table
 def _flat(record: dict) -> dict:
     row = {"variant": record["variant"], "method": record["method"], "fold": record["fold"]}
+    cpu = record.get("cpu") if isinstance(record.get("cpu"), dict) else {"model": record.get("cpu")}
+    row.update({"cpu.model": cpu.get("model"), "cpu.isa": cpu.get("isa")})
     row.update({f"base.{k}": v for k, v in record["base"].items()})
     row.update({f"variant.{k}": v for k, v in record["variant_measured"].items() if k != "format"})
     row.update({f"ratio.{k}": v for k, v in record["ratios"].items()})

@@ -27,6 +27,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from . import hardware  # noqa: E402
 from .metrics import targets_for  # noqa: E402
 
 # Okabe & Ito (2008), a palette that colour-blind readers can tell apart.
@@ -372,8 +373,11 @@ def compression_section(variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], 
                          _mean_pm(r, "ratio.speedup_vs_compiled_b1", 2), _mean_pm(r, "variant.images_per_s", 0),
                          _mean_pm(r, "delta.test.auroc_macro", 4), _mean_pm(r, "agreement.label_agreement", 3),
                          r.get("oof.auroc_macro"), r.get("base.oof.auroc_macro")])
-        parts.append(f"<h3>{esc(name)}</h3>" + table(
-            ["variant", "method", "size (x base)", "tensors (x base)", "bitmask+values (x base)", "sparsity",
+        isas = sorted({str(v) for v in per_fold.get("cpu.isa", pd.Series(dtype=str)).dropna()})
+        models = sorted({str(v) for v in per_fold.get("cpu.model", pd.Series(dtype=str)).dropna()})
+        parts.append(f"<h3>{esc(name)}</h3><p class=\"note\">Measured on {esc(', '.join(models) or '?')}, "
+                     f"ISA {esc(', '.join(isas) or '?')}: int8 kernels differ per ISA (AVX2, AVX-512 VNNI, AMX).</p>"
+                     + table(["variant", "method", "size (x base)", "tensors (x base)", "bitmask+values (x base)", "sparsity",
              "latency b1 (ms)", "base latency b1 (ms)", "speed-up b1", f"speed-up b{largest}",
              "speed-up b1 vs compiled fp32", "images/s", "test AUROC change", "label agreement with base",
              "out-of-fold AUROC", "base out-of-fold AUROC"], rows, left=2))
@@ -414,23 +418,13 @@ def provenance_section(config: dict, timings: pd.DataFrame, repo: Path | None) -
     rows = [["date", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
             ["workflow commit", commit], ["python", sys.version.split()[0]], ["torch", torch.__version__],
             ["torchvision", torchvision.__version__], ["snakemake", snakemake.__version__],
-            ["cpu", _cpu_name()], ["gpu", gpu], ["platform", platform.platform()]]
+            ["cpu (report job)", hardware.describe()], ["gpu", gpu], ["platform", platform.platform()]]
     parts = ['<h2 id="provenance">Provenance</h2>', table(["", ""], rows, left=2)]
     if len(timings):
         parts.append("<h3>Wall time per job</h3>" + table(["job", "seconds", "max RSS (MB)"],
                                                          timings[["job", "s", "max_rss"]].values.tolist()))
     parts.append("<h3>Resolved configuration</h3><pre>" + esc(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
     return "".join(parts)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def read_timings(paths) -> pd.DataFrame:

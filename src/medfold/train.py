@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .cache import open_cache
 from . import distributed
+from . import hardware
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
@@ -439,7 +440,7 @@ def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path
     result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
                    "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
                    "monitor": cfg["early_stopping"]["metric"], "settings": cfg,
-                   "distributed": state.get("distributed")})
+                   "distributed": state.get("distributed"), "hardware": hardware.cpu() | {"device": str(runner.device)}})
     if cfg["stages"]:
         result["stages"] = state["stages"]
     write_evaluation(result, predictions, state["history"], out)
