@@ -3,6 +3,11 @@
 ``<results>/<dataset>/cache/<size>/images.npy`` holds (N, C, size, size) uint8 in index order
 (C = 1 for grayscale, 3 for RGB); ``image_ids.txt`` records that order. Training reads batches
 straight out of the array, so decoding and resizing cost nothing per epoch.
+
+The array's space is reserved before it is filled (a full disk is an error naming the path, not a
+SIGBUS halfway), it is written under a temporary name and renamed when complete, and
+``images.npy.blake2b`` records its digest: ``open_cache`` refuses a truncated or altered cache
+(about 1 s per GB to check) instead of training on garbage.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from . import files
 from .errors import DataError
 from .images import pixels_to_uint8
 
 log = logging.getLogger(__name__)
+DIGEST = "images.npy.blake2b"
 
 
 def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -55,7 +62,9 @@ def build_cache(index: pd.DataFrame, out_dir, size: int, channels: int, threads:
     out.mkdir(parents=True, exist_ok=True)
     target = out / "images.npy"
     partial = out / "images.npy.partial"
-    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(index), channels, size, size))
+    with files.writing(partial, "creating the image cache"):
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(index), channels, size, size))
+    files.reserve(partial, files.array_bytes(partial))
     npz_rows = index["npz_index"].notna()
     if npz_rows.any():
         _fill_from_npz(array, index, size, channels)
@@ -68,8 +77,10 @@ def build_cache(index: pd.DataFrame, out_dir, size: int, channels: int, threads:
         list(pool.map(one, file_rows))
     array.flush()
     del array
+    with files.writing(out, "finishing the image cache"):
+        (out / DIGEST).write_text(files.digest(partial) + "\n")
+        (out / "image_ids.txt").write_text("\n".join(index["image_id"]) + "\n")
     partial.rename(target)
-    (out / "image_ids.txt").write_text("\n".join(index["image_id"]) + "\n")
     log.info("cached %d images at %dx%d, %d channel(s): %s (%.1f MB)", len(index), size, size, channels,
              target, target.stat().st_size / 1e6)
     return target
@@ -90,4 +101,23 @@ def open_cache(cache_dir, index: pd.DataFrame) -> np.ndarray:
     ids = (cache_dir / "image_ids.txt").read_text().split("\n")[:-1]
     if ids != index["image_id"].tolist():
         raise DataError(f"{cache_dir}: cached image order does not match the index; delete the cache folder to rebuild it")
+    check_cache(cache_dir)
     return np.load(cache_dir / "images.npy", mmap_mode="r")
+
+
+def check_cache(cache_dir) -> None:
+    """Refuse a cache whose array is truncated or whose bytes are not the ones written."""
+    path = Path(cache_dir) / "images.npy"
+    rebuild = f"delete {path.parent} (or run snakemake with --forcerun cache) to rebuild it"
+    try:
+        expected = files.array_bytes(path)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a readable array ({exc}); {rebuild}") from exc
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DataError(f"{path}: truncated ({actual:,} bytes, its header needs {expected:,}); {rebuild}")
+    recorded = path.parent / DIGEST
+    if not recorded.exists():
+        raise DataError(f"{recorded}: missing, so {path} cannot be verified; {rebuild}")
+    if files.digest(path) != recorded.read_text().strip():
+        raise DataError(f"{path}: its bytes differ from those written (digest in {recorded}); {rebuild}")

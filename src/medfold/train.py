@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .cache import open_cache
 from . import distributed
-from . import hardware
+from . import files, hardware
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
@@ -173,9 +173,22 @@ def settings_digest(cfg: dict) -> str:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    files.save_torch_atomic(obj, path)
+
+
+def _read_checkpoint(path: Path, device):
+    """The checkpoint, or None when there is none or it cannot be read (a truncated or altered
+    file is set aside as ``<name>.unreadable`` and the fold trains from the start)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, CRC: any of torch's many ways to say it
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        log.warning("%s cannot be read (%s: %s); set aside as %s, training from the start", path,
+                    type(exc).__name__, str(exc)[:200], aside.name)
+        return None
 
 
 class FoldData:
@@ -274,9 +287,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
              "stopped_early": False, "train_seconds": 0.0, "stage": 0, "stage_epoch": 0, "stage_best": None,
              "stage_best_state": None, "stages": []}
     ckpt_path = out / CHECKPOINT
-    ckpt = None
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = _read_checkpoint(ckpt_path, device)
+    if ckpt is not None:
         if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold:
             model.load_state_dict(ckpt["model"])
             state = ckpt["state"]
@@ -422,13 +434,14 @@ def evaluate_fold(runner: Runner, criterion: Criterion | None, data: FoldData, m
 
 
 def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict], out: Path) -> None:
-    predictions.to_parquet(out / "predictions.parquet", index=False)
-    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    with files.writing(out, "writing the fold's results"):
+        predictions.to_parquet(out / "predictions.parquet", index=False)
+        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path) -> None:
-    torch.save({"state_dict": model.state_dict(), "model": cfg["model"], "in_channels": data.cache.shape[1],
+    files.save_torch_atomic({"state_dict": model.state_dict(), "model": cfg["model"], "in_channels": data.cache.shape[1],
                 "num_classes": len(data.classes), "classes": data.classes, "task": data.task,
                 "image_size": cfg["image_size"], "batch_norm": cfg["batch_norm"], "dropout": cfg["dropout"],
                 "thresholds": thresholds, "settings": json.dumps(cfg)}, path)
