@@ -171,11 +171,18 @@ def test_variants_of_the_trained_workflow_are_measured_and_close_to_their_base(t
     int8 = table[table["variant"] == "int8"]
     # int8 weights are a quarter of fp32 (plus per-channel scales); the file adds the graph
     assert (int8["ratio.tensor_size"] < 0.3).all() and int8["cpu.isa"].notna().all()
-    # closeness to fp32 on the demo test images: each model uses its own validation thresholds,
-    # so an image near a threshold may flip; at most 1 in 20 may, and AUROC moves by < 0.02
-    assert (int8["agreement.label_agreement"] >= 0.95).all()
-    assert (int8["agreement.mean_abs_prob_diff"] < 0.01).all()
+    # closeness to fp32 on the demo test images: probabilities within 0.01 and ranked alike, so
+    # AUROC moves by < 0.02. (Label agreement is not asserted: after 3 epochs the quick models'
+    # probabilities spread by only 0.01-0.03 around their thresholds, so a 0.001 change flips
+    # labels; how many depends on the host's float trajectory, not on int8.)
+    assert (int8["agreement.max_abs_prob_diff"] < 0.01).all()
     assert (int8["delta.test.auroc_macro"].abs() < 0.02).all()
+    from scipy.stats import spearmanr
+    for fold in range(3):
+        b, v = (pd.read_parquet(p) for p in (base / f"fold_{fold}" / "predictions.parquet",
+                                              base / "variants" / "int8" / f"fold_{fold}" / "predictions.parquet"))
+        b, v = (x[x["set"] == "test"].filter(like="prob:").to_numpy() for x in (b, v))
+        assert min(spearmanr(b[:, j], v[:, j])[0] for j in range(b.shape[1])) > 0.99
     pruned = table[table["variant"] == "pruned"]
     assert np.allclose(pruned["sparsity"], 0.6, atol=1e-3)
     assert (pruned["compressed.format"] == "bitmask+values").all()

@@ -22,7 +22,11 @@ def test_demo_workflow_indexes_splits_and_proves_the_split_leak_free(tmp_path):
     check = json.loads((out / "split_check.json").read_text())
     report = json.loads((out / "index_report.json").read_text())
     rows = pd.read_csv(work / "resources" / "demo" / "cxr14" / "Data_Entry.csv")
-    assert check["verdict"] == "leak-free" and check["images_checked"] == len(rows) == report["images_indexed"]
+    # one file is listed twice in the demo's table (under two patients): one image
+    files = rows["Image Index"].nunique()
+    assert check["verdict"] == "leak-free" and check["images_checked"] == files == report["images_indexed"]
+    assert report["near_duplicates"]["clusters_joining_patients_or_sources"] == 8  # the planted copies
+    assert check["near_duplicate_clusters_crossing_sets"] == 0
     assert check["sets"] == ["fold_0", "fold_1", "fold_2", "test"]
     splits = pd.read_parquet(out / "splits.parquet")
     assert splits.groupby("patient_id")["fold"].nunique().max() == 1
@@ -35,7 +39,9 @@ def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
     work = workflow_dir(tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()))
     run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"))
     summary = json.loads((work / "results" / "demo_folders" / "split_summary.json").read_text())
-    assert [leak["patients"] for leak in summary["source_leaks"]] == [["person1"]]
+    # person1, and the 8 planted copies, each joined to its original as a near-duplicate
+    assert [leak["patients"] for leak in summary["source_leaks"] if "near_duplicates" not in leak] == [["person1"]]
+    assert sum("near_duplicates" in leak for leak in summary["source_leaks"]) == 8
     assert json.loads((work / "results" / "demo_folders" / "split_check.json").read_text())["verdict"] == "leak-free"
 
 
