@@ -26,13 +26,16 @@ def test_config_readme_documents_the_current_schema(tmp_path):
 
 def test_empty_config_gets_every_default():
     config = resolved_config(base=None)
-    assert config["split"]["folds"] == 3 and config["dataset"]["format"] == "csv"
-    assert config["dataset"]["labels"] == ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+    assert config["split"]["folds"] == 3 and config["dataset"]["format"] == "folders"
+    # nothing of the demo: a config of one's own starts from neutral defaults
+    assert config["dataset"]["labels"] == [] and config["dataset"]["root"] is None
+    assert config["experiments"] == {"baseline": {}} and config["variants"] == {} and config["ensembles"] == {}
+    assert config["explain"]["experiments"] == []
 
 
 @pytest.mark.parametrize("overrides,fragment", [
     ({"split": {"folds": 0}}, "0 is less than the minimum of 1"),
-    ({"dataset": {"format": "dicom"}}, "'dicom' is not one of"),
+    ({"dataset": {"format": "parquet"}}, "'parquet' is not one of"),
     ({"dataset": {"patient_colum": "x"}}, "Additional properties are not allowed ('patient_colum'"),
     ({"split": {"test_fraction": 1.5}}, "greater than or equal to the maximum of 1"),
 ])

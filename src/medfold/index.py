@@ -56,6 +56,8 @@ NPZ_SPLITS = ("train", "val", "test")
 def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
     """root/[split dirs...]/<class>/<file>: the parent folder is the class, folders above it
     (``train``, ``Fold3/valid``...) are the dataset's own split."""
+    if not ds["root"]:
+        raise ConfigError("dataset.root: not set; format 'folders' needs the folder holding the class folders")
     root = Path(ds["root"])
     if not root.is_dir():
         raise ConfigError(f"dataset.root: folder {root} does not exist (format 'folders' needs the class folders' parent)")
@@ -99,6 +101,12 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         if column and column not in frame.columns:
             raise ConfigError(f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}")
 
+    if not ds["path_column"]:
+        raise ConfigError(f"dataset.path_column: format 'csv' needs the column naming each image; {table} has columns "
+                          f"{list(frame.columns)}")
+    if not ds["label_columns"] and not ds["label_column"]:
+        raise ConfigError(f"dataset.label_column (or dataset.label_columns): format 'csv' needs the labels; {table} has "
+                          f"columns {list(frame.columns)}")
     need("path_column", ds["path_column"])
     need("patient_column", ds["patient_column"])
     need("source_split_column", ds["source_split_column"])
