@@ -45,3 +45,53 @@ def test_no_config_file_still_runs_the_demo(tmp_path):
                            "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     jobs = planned(proc)
     assert jobs["demo_data"] == 1 and jobs["compress"] > 0 and jobs["explain"] > 0 and jobs["grid_table"] == 1
+
+
+def _covid_table(root):
+    """A public COVID-19 collection's metadata as it comes: X-ray and CT, several views, raw
+    findings to be mapped, one row to be done."""
+    import numpy as np
+    from PIL import Image
+    import pandas as pd
+
+    rows = []
+    findings = ["COVID-19", "COVID-19, ARDS", "Pneumonia/Viral/SARS", "No Finding", "todo"]
+    for i in range(40):
+        name = f"img_{i:03d}.png"
+        Image.fromarray(np.full((32, 32), 10 * (i % 20), np.uint8)).save(root / name)
+        rows.append({"filename": name, "patientid": f"p{i // 2}", "finding": findings[i % 5],
+                     "modality": "CT" if i % 8 == 7 else "X-ray", "view": ["PA", "AP", "L", "AP Supine"][i % 4]})
+    table = pd.DataFrame(rows)
+    table.to_csv(root / "metadata.csv", index=False)
+    return table
+
+
+def test_rows_are_selected_and_raw_findings_mapped_with_every_omission_counted(tmp_path, demo_dir):
+    import pytest
+
+    from conftest import csv_dataset
+    from medfold.errors import ConfigError
+    from medfold.index import build_index
+
+    table = _covid_table(tmp_path)
+    query = "modality == 'X-ray' and view in ['PA', 'AP']"
+    ds = csv_dataset(demo_dir, table=str(tmp_path / "metadata.csv"), root=str(tmp_path), path_column="filename",
+                     label_column="finding", label_separator=None, patient_column="patientid", task="binary",
+                     labels=["Other", "COVID"], no_finding_label=None, filter=query,
+                     label_map={"COVID-19": "COVID", "COVID-19, ARDS": "COVID", "todo": None}, unmapped_label="Other")
+    index, report = build_index(ds)
+    selected = table.query(query)
+    kept = selected[selected["finding"] != "todo"]
+    assert report["rows_left_out"] == {"dataset.filter": len(table) - len(selected),
+                                       "no class after dataset.label_map": int((selected["finding"] == "todo").sum())}
+    assert set(index["image_id"]) == set(kept["filename"])
+    covid = set(kept.loc[kept["finding"].str.startswith("COVID"), "filename"])
+    assert set(index.loc[index["labels"].map(lambda labels: labels == ["COVID"]), "image_id"]) == covid
+    others = kept.loc[~kept["finding"].str.startswith("COVID"), "finding"].value_counts().to_dict()
+    assert report["label_map"]["unmapped_raw_labels"] == others and set(others) == {"Pneumonia/Viral/SARS", "No Finding"}
+    with pytest.raises(ConfigError, match=r"dataset.filter .*'modalty'.* its columns are \['filename'"):
+        build_index({**ds, "filter": "modalty == 'X-ray'"})
+    with pytest.raises(ConfigError, match=r"dataset.filter .* cannot be evaluated"):
+        build_index({**ds, "filter": "modality ==="})
+    with pytest.raises(ConfigError, match=r"dataset.filter .* leaves none of the 40 rows"):
+        build_index({**ds, "filter": "modality == 'MRI'"})

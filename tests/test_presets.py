@@ -251,3 +251,19 @@ def test_organsmnist_official_split_is_one_fold_and_its_grid_is_four_jobs(tmp_pa
     jobs = dry_run(tmp_path, config)
     # four experiments, a 2x2 grid (4 combinations) and one fold: 8 trainings
     assert jobs["train"] == 8 and jobs["grid_table"] == 1 and jobs["ensemble_fold"] == 1
+
+
+def test_nih_pneumonia_preset_makes_pneumonia_against_the_rest(tmp_path):
+    root = tmp_path / "nih"
+    nih_tree(root, np.random.default_rng(6))
+    lists = {"train": str(root / "train_val_list.txt"), "test": str(root / "test_list.txt")}
+    config = preset("nih_pneumonia", table=str(root / "Data_Entry_2017.csv"), root=str(root), source_split_lists=lists)
+    index, report = index_of(config)
+    rows = pd.read_csv(root / "Data_Entry_2017.csv")
+    pneumonia = set(rows.loc[rows["Finding Labels"].str.contains("Pneumonia"), "Image Index"])
+    assert report["classes"] == ["Rest", "Pneumonia"] and report["task"] == "binary"
+    assert set(index.loc[index["labels"].map(lambda labels: labels == ["Pneumonia"]), "image_id"]) == pneumonia
+    assert (index["labels"].map(len) == 1).all() and report["images_indexed"] == len(rows)
+    assert report["label_map"]["unmapped_raw_labels"]["No Finding"] == (rows["Finding Labels"] == "No Finding").sum()
+    jobs = dry_run(tmp_path, config)
+    assert jobs["train"] == 5

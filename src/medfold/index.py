@@ -53,7 +53,7 @@ NPZ_SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- adapters
-def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     """root/[split dirs...]/<class>/<file>: the parent folder is the class, folders above it
     (``train``, ``Fold3/valid``...) are the dataset's own split."""
     if not ds["root"]:
@@ -84,10 +84,11 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
                 "patient_id": None,
                 "source_split": None if top else "/".join(parts[:-1]) or None,
             })
-    return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored
+    return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored, 0
 
 
-def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
+    """The table's rows (those dataset.filter selects: how many it left out is returned too)."""
     table = Path(ds["table"] or "")
     if not ds["table"] or not table.is_file():
         raise ConfigError(f"dataset.table: CSV file {ds['table']!r} does not exist (format 'csv' needs it)")
@@ -96,6 +97,7 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{table}: cannot be read as CSV: {exc}") from exc
     frame.columns = [c.strip() for c in frame.columns]
+    frame, left_out = apply_filter(frame, ds["filter"], str(table))
 
     def need(key: str, column: str | None) -> None:
         if column and column not in frame.columns:
@@ -149,7 +151,57 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
         empty = out["patient_id"] == ""
         if empty.any():
             raise ConfigError(f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for {int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}")
-    return out, unlisted
+    return out, unlisted, left_out
+
+
+def apply_filter(frame: pd.DataFrame, query: str | None, source: str) -> tuple[pd.DataFrame, int]:
+    """The rows ``query`` selects, and how many it left out. Errors name dataset.filter."""
+    if not query:
+        return frame, 0
+    try:
+        kept = frame.query(query, engine="python")
+    except pd.errors.UndefinedVariableError as exc:
+        raise ConfigError(f"dataset.filter {query!r}: {exc} in {source}; its columns are {list(frame.columns)} "
+                          "(a name with spaces goes in backticks)") from exc
+    except Exception as exc:  # a syntax error, a type clash: pandas raises many kinds
+        raise ConfigError(f"dataset.filter {query!r} cannot be evaluated on {source}: {type(exc).__name__}: {exc}") from exc
+    if kept.empty:
+        raise ConfigError(f"dataset.filter {query!r} leaves none of the {len(frame)} rows of {source}")
+    return kept, len(frame) - len(kept)
+
+
+def map_labels(cand: pd.DataFrame, ds: dict) -> tuple[pd.DataFrame, dict]:
+    """Raw labels to classes through dataset.label_map (see its description); returns the
+    candidates (single-label rows left with no class removed) and what was mapped and dropped."""
+    mapping, other = ds["label_map"], ds["unmapped_label"]
+    if not mapping:
+        return cand, {}
+    mapped, unmapped = Counter(), Counter()
+
+    def one(raw: list[str]) -> list[str]:
+        out = []
+        for label in raw:
+            if label in mapping:
+                target = mapping[label]
+            else:
+                unmapped[label] += 1
+                target = other
+            if target is not None:
+                mapped[f"{label} -> {target}"] += 1
+                out.append(target)
+        return list(dict.fromkeys(out))
+
+    cand = cand.assign(labels=[one(raw) for raw in cand["labels"]])
+    dropped = 0
+    if ds["task"] != "multilabel":
+        # several classes for one image: the one label_map names first wins, unmapped_label last
+        order = {c: i for i, c in enumerate(dict.fromkeys(v for v in mapping.values() if v is not None))}
+        cand["labels"] = [sorted(labels, key=lambda c: order.get(c, len(order)))[:1] for labels in cand["labels"]]
+        empty = cand["labels"].map(len) == 0
+        dropped = int(empty.sum())
+        cand = cand[~empty].reset_index(drop=True)
+    return cand, {"mapped": dict(sorted(mapped.items())), "unmapped_raw_labels": dict(sorted(unmapped.items())),
+                  "unmapped_label": other, "images_left_without_a_class": dropped}
 
 
 def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -231,7 +283,7 @@ def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list
     return paths, unlisted
 
 
-def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     path = Path(ds["npz"] or "")
     if not ds["npz"] or not path.is_file():
         raise ConfigError(f"dataset.npz: file {ds['npz']!r} does not exist (format 'npz' needs a MedMNIST .npz)")
@@ -262,7 +314,7 @@ def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict]]:
             }))
         if not rows:
             raise ConfigError(f"{path}: no '<split>_images' arrays (expected train_images/val_images/test_images); found {sorted(keys)}")
-    return pd.concat(rows, ignore_index=True), []
+    return pd.concat(rows, ignore_index=True), [], 0
 
 
 def _npz_names(ds: dict, count: int, path: Path) -> list[str]:
@@ -385,7 +437,15 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
     if ds["metadata_only"] and fmt != "csv":
         raise ConfigError(f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}")
-    cand, ignored = ADAPTERS[fmt](ds)
+    cand, ignored, filtered = ADAPTERS[fmt](ds)
+    left_out = {"dataset.filter": filtered}
+    if ds["filter"] and fmt != "csv":  # the table's own columns are filtered in the csv adapter
+        view = cand.assign(label=[labels[0] if labels else "" for labels in cand["labels"]])
+        kept, left_out["dataset.filter"] = apply_filter(view, ds["filter"], str(ds["root"] or ds["npz"]))
+        cand = cand.loc[kept.index].reset_index(drop=True)
+    cand, label_mapping = map_labels(cand, ds)
+    if label_mapping.get("images_left_without_a_class"):
+        left_out["no class after dataset.label_map"] = label_mapping["images_left_without_a_class"]
     if cand.empty:
         raise ConfigError(f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})")
     if "npz_index" not in cand:
@@ -422,6 +482,8 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
     report["listed_more_than_once"] = repeated
     report["near_duplicates"] = near
+    report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
+    report["label_map"] = label_mapping
     if repeated:
         log.warning("%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
                     len(repeated), source)

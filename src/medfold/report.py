@@ -100,6 +100,20 @@ def dataset_section(index_report: dict, split_summary: dict, index: pd.DataFrame
         ["patients", r["patients"]], ["patient ID from", r["patient_id_source"]],
         ["duplicate groups (identical pixels)", r["duplicates"]["groups"]],
         ["images in duplicate groups", r["duplicates"]["images"]]]))
+    left_out = r.get("rows_left_out") or {}
+    if left_out:
+        parts.append("<h3>Rows left out</h3>" + table(["reason", "rows"], [[k, v] for k, v in left_out.items()], left=1))
+    mapping = r.get("label_map") or {}
+    if mapping.get("mapped"):
+        parts.append("<h3>Labels mapped (dataset.label_map)</h3>" + table(
+            ["raw label -> class", "labels"], [[k, v] for k, v in mapping["mapped"].items()], left=1)
+            + (f"<p>Raw labels the map does not name ({'sent to ' + esc(mapping['unmapped_label']) if mapping['unmapped_label'] else 'dropped'}): "
+               f"{esc(', '.join(f'{k} ({v})' for k, v in mapping['unmapped_raw_labels'].items()) or 'none')}.</p>"))
+    if r.get("listed_more_than_once"):
+        parts.append("<h3>Files listed more than once</h3><p>Each is one image; its patients were joined into one "
+                     "group.</p>" + table(["image", "table lines", "patients", "labels"],
+                                         [[x["image_id"], ", ".join(map(str, x["lines"])), ", ".join(x["patients"]),
+                                           ", ".join(x["labels"])] for x in r["listed_more_than_once"]], left=4))
     for warning in r["warnings"]:
         parts.append(f'<p class="verdict-bad">{esc(warning)}</p>')
     if r["skipped"]:
