@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import files
 from .errors import DataError
-from .images import pixels_to_uint8
+from .images import decode
 
 log = logging.getLogger(__name__)
 DIGEST = "images.npy.blake2b"
@@ -47,8 +47,7 @@ def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def load_file(path: str, size: int, channels: int) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            pixels = pixels_to_uint8(image)
+        pixels = decode(path).pixels
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot be decoded any more ({exc}); it was readable when indexed - re-run the index rule") from exc
     return _to_channels(_resize(pixels, size), channels)

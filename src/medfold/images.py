@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .fingerprint import fingerprint
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,49 @@ class ImageCheck:
     content_hash: str | None = None
     reason: str | None = None
     fingerprint: str | None = None
+    dicom_patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 (H, W) or (H, W, 3)
+    mode: str
+    dicom: object | None = None  # medfold.dicom.DicomImage
+
+
+def decode(path) -> Decoded:
+    """The one way medfold turns a file into pixels (indexing and caching alike): DICOM through
+    medfold.dicom, everything else through PIL with its EXIF orientation applied. Raises
+    ValueError/OSError/UnidentifiedImageError for files it cannot use."""
+    from .dicom import looks_like_dicom, read_dicom
+
+    if looks_like_dicom(path):
+        image = read_dicom(path)
+        return Decoded(image.pixels, image.mode, image)
+    with Image.open(path) as image:
+        image.load()  # a full decode: catches truncation that verify() misses
+        mode = image.mode
+        upright = ImageOps.exif_transpose(image)  # a phone photo of a film is often stored sideways
+        return Decoded(pixels_to_uint8(upright), mode)
 
 
 def pixels_to_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL mode to a uint8 array (H, W) or (H, W, 3), scaling 16/32-bit by the actual range.
+    """Any PIL mode to a uint8 array (H, W) or (H, W, 3).
 
     PIL's own ``convert("L")`` clips 16-bit values above 255 to white, which would erase a
-    16-bit radiograph, so high-bit-depth images are scaled by their maximum representable
-    value for I;16, or by their observed range for 32-bit integer/float images.
+    16-bit radiograph. A 16-bit PNG/TIFF rarely uses its 16 bits: detectors store 10, 12 or 14,
+    and scaling those by 65535 (or ``>> 8``) leaves a 12-bit image 16 grey levels. The rule:
+    the image's bit depth is the smallest of 8, 10, 12, 14, 16 that holds its largest value, and
+    values are scaled from that range (a 12-bit image darker than 1024 everywhere would read as
+    10-bit; DICOM says its BitsStored and needs no rule). 32-bit integer and float images are
+    scaled by their observed range.
     """
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(image, dtype=np.uint16)
-        return (arr >> 8).astype(np.uint8)
+        return scale_by_bits(arr)
     if mode in ("I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -48,6 +79,17 @@ def pixels_to_uint8(image: Image.Image) -> np.ndarray:
     if mode in ("1", "P", "LA", "PA"):
         return np.asarray(image.convert("L" if mode in ("1", "LA") else "RGB"))
     return np.asarray(image.convert("RGB"))
+
+
+def bit_depth(values: np.ndarray) -> int:
+    top = int(values.max()) if values.size else 0
+    return next(bits for bits in HIGH_BIT_DEPTHS if top < 2**bits)
+
+
+def scale_by_bits(values: np.ndarray) -> np.ndarray:
+    """Unsigned integers to uint8 by the bit depth they use (``bit_depth``)."""
+    top = 2 ** bit_depth(values) - 1
+    return np.round(values.astype(np.float64) * (255 / top)).astype(np.uint8)
 
 
 def content_hash(pixels: np.ndarray) -> str:
@@ -70,11 +112,7 @@ def check_image(path: str | Path) -> ImageCheck:
     if size == 0:
         return ImageCheck(file_bytes=0, reason="empty file (0 bytes)")
     try:
-        with Image.open(path) as image:
-            image.load()  # a full decode: catches truncation that verify() misses
-            pixels = pixels_to_uint8(image)
-            return ImageCheck(image.width, image.height, image.mode, size, content_hash(pixels),
-                              fingerprint=fingerprint(pixels))
+        decoded = decode(path)
     except UnidentifiedImageError:
         return ImageCheck(file_bytes=size, reason="not an image (no decoder recognises its content)")
     except OSError as exc:
@@ -83,3 +121,8 @@ def check_image(path: str | Path) -> ImageCheck:
         return ImageCheck(file_bytes=size, reason=f"{kind}: {message}")
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageCheck(file_bytes=size, reason=f"corrupt image: {exc}")
+    pixels, dicom = decoded.pixels, decoded.dicom
+    return ImageCheck(pixels.shape[1], pixels.shape[0], decoded.mode, size, content_hash(pixels),
+                      fingerprint=fingerprint(pixels),
+                      dicom_patient_id=dicom.patient_id if dicom else None,
+                      study_uid=dicom.study_uid if dicom else None, series_uid=dicom.series_uid if dicom else None)

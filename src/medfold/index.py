@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from .errors import ConfigError
 from . import fingerprint as fp
 from .fingerprint import fingerprint
+from .dicom import looks_like_dicom
 from .images import ImageCheck, check_image, content_hash
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ INDEX_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),
         ("near_duplicate_cluster", pa.int64()),
         ("patient_aliases", pa.list_(pa.string())),
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
     ]
 )
 META_KEY = b"medfold"
@@ -69,7 +72,7 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         rel_dir = Path(dirpath).relative_to(root)
         for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
-            if not name.lower().endswith(extensions):
+            if not name.lower().endswith(extensions) and not ("." not in name and looks_like_dicom(Path(dirpath) / name)):
                 ignored.append({"path": str(root / rel), "reason": f"extension not in dataset.image_extensions {list(extensions)}"})
                 continue
             if rel_dir == Path("."):
@@ -367,6 +370,23 @@ def patient_from_name(names: pd.Series, pattern: str) -> pd.Series:
     return names.map(lambda p: one(Path(p).name))
 
 
+NO_PATIENTS = "none (each image is its own patient)"
+
+
+def _dicom_patients(cand: pd.DataFrame, checks: list[ImageCheck], source: str, warnings: list[str]) -> str:
+    """With neither a patient column nor a regex, DICOM files name their patient (PatientID):
+    a folder of DICOM files is split by patient with no table."""
+    ids = pd.Series([c.dicom_patient_id for c in checks], index=cand.index)
+    if source != NO_PATIENTS or ids.isna().all():
+        return source
+    cand["patient_id"] = ids.where(ids.notna(), cand["patient_id"])
+    warnings[:] = [w for w in warnings if not w.startswith("NO PATIENT IDS")]
+    missing = int(ids.isna().sum())
+    if missing:
+        warnings.append(f"{missing} images have no DICOM PatientID; each of those is its own patient")
+    return "DICOM PatientID"
+
+
 def _resolve_patients(cand: pd.DataFrame, ds: dict, warnings: list[str]) -> str:
     if ds["patient_column"] and cand["patient_id"].notna().all():
         return "column"
@@ -392,7 +412,7 @@ def _resolve_patients(cand: pd.DataFrame, ds: dict, warnings: list[str]) -> str:
         "different sets and cross-validation may be optimistic"
     )
     cand["patient_id"] = "image:" + cand["image_id"]
-    return "none (each image is its own patient)"
+    return NO_PATIENTS
 
 
 # ----------------------------------------------------------------------------- labels
@@ -464,8 +484,9 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             checks = list(pool.map(check_image, cand["path"], chunksize=64))
     cand["present"] = not ds["metadata_only"]
-    for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint"):
+    for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
         cand[field] = [getattr(c, field) for c in checks]
+    patient_source = _dicom_patients(cand, checks, patient_source, warnings)
     reasons = pd.Series([c.reason for c in checks], index=cand.index)
     bad = reasons.notna()
     skipped = [{"image_id": i, "path": p, "reason": r} for i, p, r in zip(cand.loc[bad, "image_id"], cand.loc[bad, "path"], reasons[bad])]
@@ -606,7 +627,8 @@ def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
     """A hand-made table (tests, user scripts) completed with the columns indexing adds on its
     own: no fingerprint, no near-duplicate cluster, no patient aliases."""
     table = table.copy()
-    for column, value in (("fingerprint", None), ("near_duplicate_cluster", None)):
+    for column, value in (("fingerprint", None), ("near_duplicate_cluster", None), ("study_uid", None),
+                          ("series_uid", None)):
         if column not in table:
             table[column] = value
     if "patient_aliases" not in table:
