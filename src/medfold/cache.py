@@ -23,6 +23,7 @@ from PIL import Image
 from . import files
 from .errors import DataError
 from .images import decode
+from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
 DIGEST = "images.npy.blake2b"
@@ -72,8 +73,9 @@ def build_cache(index: pd.DataFrame, out_dir, size: int, channels: int, threads:
     def one(row: int) -> None:
         array[row] = load_file(index["path"].iat[row], size, channels)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        list(pool.map(one, file_rows))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
+            Progress(f"cache {size} px", len(file_rows)) as progress:
+        list(tracked(pool.map(one, file_rows), progress))
     array.flush()
     del array
     with files.writing(out, "finishing the image cache"):

@@ -27,6 +27,7 @@ from .metrics import predict
 from .models import last_conv_block
 from .train import FoldData, load_model, probabilities
 from .transforms import normalize
+from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_
     thresholds = saved.get("thresholds")
     chosen = choose_images(targets, test_rows, task, len(classes), cfg["images_per_class"], cfg["seed"] + fold)
     items, cams, limes = [], [], []
-    for k, (row, c) in enumerate(chosen):
+    progress = Progress(f"explain fold {fold}", len(chosen))
+    for k, (row, c) in enumerate(tracked(chosen, progress)):
         image = np.asarray(cache[row])
         x = model_input(image[None])
         with torch.no_grad():
@@ -161,6 +163,7 @@ def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_
         limes.append(weights)
         log.info("fold %d: explained %s for %s (p=%.3f, %d superpixels)", fold, image_id, classes[c], probs[c],
                  segments.max() + 1)
+    progress.close()
     size = tuple(cache.shape[-2:])
     np.savez_compressed(out / "maps.npz", image_ids=np.array([i["image_id"] for i in items], dtype=str),
                         classes=np.array([i["explained_class"] for i in items], dtype=str),

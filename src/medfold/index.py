@@ -27,6 +27,7 @@ from . import fingerprint as fp
 from .fingerprint import fingerprint
 from .dicom import looks_like_dicom
 from .images import ImageCheck, check_image, content_hash
+from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
 
@@ -481,8 +482,9 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     elif fmt == "npz":
         checks = _check_npz(ds["npz"], cand["npz_index"].to_numpy(), cand["source_split"])
     else:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            checks = list(pool.map(check_image, cand["path"], chunksize=64))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
+                Progress(f"index {ds['name']}", len(cand)) as progress:
+            checks = list(tracked(pool.map(check_image, cand["path"], chunksize=64), progress))
     cand["present"] = not ds["metadata_only"]
     for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
         cand[field] = [getattr(c, field) for c in checks]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .cache import open_cache
 from . import distributed
 from . import files, hardware
+from .progress import Progress, tracked
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
@@ -154,12 +155,16 @@ class Runner:
         """Probabilities for ``rows``; ``model`` (any callable, e.g. a quantized graph) defaults to
         the runner's model. The caller puts the model in eval mode."""
         probs, total, seen = [], 0.0, 0
-        for images, batch_rows in CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False):
+        batches = CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False)
+        progress = Progress("evaluate", len(rows))
+        for images, batch_rows in batches:
             logits = self.forward(self.prepare(images, None, None), model)
             if criterion is not None:
                 total += float(criterion(logits, self.target(batch_rows))) * len(batch_rows)
                 seen += len(batch_rows)
             probs.append(probabilities(logits, self.task).cpu().numpy())
+            progress.update(len(batch_rows))
+        progress.close()
         return np.concatenate(probs), (total / seen if seen else None)
 
 
@@ -211,7 +216,8 @@ def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: Aug
     step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
     start, seen, loss_sum = time.perf_counter(), 0, 0.0
     steps = batches.steps()
-    for step, (images, batch_rows) in enumerate(batches):
+    progress = Progress(f"fold {fold} epoch {epoch + 1}", steps, "batches")
+    for step, (images, batch_rows) in enumerate(tracked(batches, progress)):
         logits = runner.forward(runner.prepare(images, augment, gen), step_model)
         loss = criterion(logits, runner.target(batch_rows))
         if not torch.isfinite(loss):
@@ -225,6 +231,7 @@ def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: Aug
             after_step(step, steps)
         loss_sum += float(loss.detach()) * len(batch_rows)
         seen += len(batch_rows)
+    progress.close()
     return loss_sum / max(seen, 1), seen, time.perf_counter() - start
 
 
