@@ -95,3 +95,19 @@ def test_rows_are_selected_and_raw_findings_mapped_with_every_omission_counted(t
         build_index({**ds, "filter": "modality ==="})
     with pytest.raises(ConfigError, match=r"dataset.filter .* leaves none of the 40 rows"):
         build_index({**ds, "filter": "modality == 'MRI'"})
+
+
+def test_medfold_init_writes_a_starter_config_that_plans(tmp_path):
+    medfold = str(__import__("pathlib").Path(sys.executable).parent / "medfold")
+    help_text = subprocess.run([medfold, "--help"], capture_output=True, text=True).stdout
+    assert "predict" in help_text and "init" in help_text
+    proc = subprocess.run([medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "snakemake --cores 8 --configfile mine.yaml" in proc.stdout
+    config = yaml.safe_load((tmp_path / "mine.yaml").read_text())
+    assert config["dataset"]["name"] == "kermany_pneumonia"
+    again = subprocess.run([medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "mine.yaml exists" in again.stderr and "Traceback" not in again.stderr
+    wrong = subprocess.run([medfold, "init", "--preset", "nih"], cwd=tmp_path, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "'nih_cxr14'" in wrong.stderr

@@ -89,34 +89,52 @@ def lime(model: torch.nn.Module, x: torch.Tensor, target: int, task: str, segmen
     return weights[0].mean(0).detach().numpy()
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, lime_map: np.ndarray, segments: np.ndarray, title: str, path) -> None:
-    """Image, Grad-CAM over it, LIME's segment weights over it (blue for, red against)."""
+def _figure(image: np.ndarray, panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
 
     gray = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
     cmap = "gray" if image.shape[0] == 1 else None
-    fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.75))
-    axes[0].imshow(gray, cmap=cmap)
-    axes[0].set_title("image", fontsize=9)
-    axes[1].imshow(gray, cmap=cmap)
-    axes[1].imshow(cam, cmap="jet", alpha=0.45)
-    axes[1].set_title("Grad-CAM", fontsize=9)
-    bound = float(np.abs(lime_map).max()) or 1.0
-    axes[2].imshow(gray, cmap=cmap)
-    axes[2].imshow(lime_map, cmap="RdBu", vmin=-bound, vmax=bound, alpha=0.55)
-    edges = np.ma.masked_where(~find_boundaries(segments), np.ones_like(segments))
-    axes[2].imshow(edges, cmap="gray", alpha=0.5, vmin=0, vmax=1)
-    axes[2].set_title("LIME (superpixels)", fontsize=9)
+    fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels, 2.75))
     for ax in axes:
+        ax.imshow(gray, cmap=cmap)
         ax.axis("off")
+    axes[0].set_title("image", fontsize=9)
+    return fig, axes
+
+
+def _save(fig, title: str, path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def overlay_cam(image: np.ndarray, cam: np.ndarray, title: str, path) -> None:
+    """Image and Grad-CAM over it (predictions on new images)."""
+    fig, axes = _figure(image, 2)
+    axes[1].imshow(cam, cmap="jet", alpha=0.45)
+    axes[1].set_title("Grad-CAM", fontsize=9)
+    _save(fig, title, path)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, lime_map: np.ndarray, segments: np.ndarray, title: str, path) -> None:
+    """Image, Grad-CAM over it, LIME's segment weights over it (blue for, red against)."""
+    from skimage.segmentation import find_boundaries
+
+    fig, axes = _figure(image, 3)
+    axes[1].imshow(cam, cmap="jet", alpha=0.45)
+    axes[1].set_title("Grad-CAM", fontsize=9)
+    bound = float(np.abs(lime_map).max()) or 1.0
+    axes[2].imshow(lime_map, cmap="RdBu", vmin=-bound, vmax=bound, alpha=0.55)
+    edges = np.ma.masked_where(~find_boundaries(segments), np.ones_like(segments))
+    axes[2].imshow(edges, cmap="gray", alpha=0.5, vmin=0, vmax=1)
+    axes[2].set_title("LIME (superpixels)", fontsize=9)
+    _save(fig, title, path)
 
 
 def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_dir, cfg: dict,

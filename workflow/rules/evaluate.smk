@@ -140,3 +140,27 @@ rule compare_experiments:
         experiments=EXPERIMENTS + list(ENSEMBLES),
     script:
         "../scripts/compare_experiments.py"
+
+
+rule predict:
+    input:
+        models=lambda w: fold_files(w.experiment, "model"),
+        ensemble=lambda w: cv_file(w.experiment, "ensemble"),
+    output:
+        table=f"{RESULTS}/{{dataset}}/{{experiment}}/predict/predictions.parquet",
+        csv=f"{RESULTS}/{{dataset}}/{{experiment}}/predict/predictions.csv",
+        unreadable=f"{RESULTS}/{{dataset}}/{{experiment}}/predict/unreadable.csv",
+        record=f"{RESULTS}/{{dataset}}/{{experiment}}/predict/prediction.json",
+    log:
+        f"{RESULTS}/{{dataset}}/{{experiment}}/predict/predict.log",
+    conda:
+        "../../envs/medfold.yaml"
+    threads: 2
+    resources:
+        **site_resources(),
+        mem_mb=4000,
+        runtime=60,
+    params:
+        predict=config["predict"],
+    script:
+        "../scripts/predict.py"

@@ -1,0 +1,178 @@
+"""Apply a trained experiment to new images: its fold ensemble, one fold model, or a compressed
+variant's ``.pt2``, with exactly the preprocessing of training (the cache's decoding, resizing and
+channel conversion, then the same normalisation), labels at the thresholds chosen on
+validation. A file that cannot be read is listed with its reason; it never stops the run.
+
+Outputs in ``out_dir``: ``predictions.csv`` and ``predictions.parquet`` (image, path, one
+``prob:<class>`` column per class, ``predicted``), ``unreadable.csv`` (path, reason),
+``prediction.json`` (the model used, its thresholds and where they came from, counts) and, when
+asked, ``gradcam/<n>.png`` overlays of the predicted class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .cache import load_file
+from .errors import ConfigError
+from .images import IMAGE_EXTENSIONS
+from .metrics import predict as predicted_labels
+from .progress import Progress
+from .train import load_model, probabilities
+from .transforms import normalize
+
+log = logging.getLogger(__name__)
+PATH_COLUMNS = ("path", "file", "filename", "image", "Image Index")
+
+
+@dataclass
+class Predictor:
+    models: list  # callables taking a normalised batch
+    classes: list[str]
+    task: str
+    image_size: int
+    channels: int
+    thresholds: list[float] | None
+    description: dict = field(default_factory=dict)
+    modules: list = field(default_factory=list)  # the nn.Modules, for Grad-CAM (not for .pt2 graphs)
+
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return np.mean([probabilities(m(x), self.task).numpy() for m in self.models], axis=0)
+
+
+def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> Predictor:
+    loaded = [load_model(p) for p in paths]
+    saved = loaded[0][1]
+    for path, (_, other) in zip(paths, loaded):
+        if other["classes"] != saved["classes"] or other["image_size"] != saved["image_size"]:
+            raise ConfigError(f"{path}: classes or image size differ from {paths[0]}'s; not one experiment's folds")
+    models = [m for m, _ in loaded]
+    return Predictor(models, saved["classes"], saved["task"], saved["image_size"], saved["in_channels"],
+                     thresholds if thresholds is not None else saved.get("thresholds"),
+                     {"model": what, "files": [str(p) for p in paths], "thresholds_from": source}, models)
+
+
+def load_predictor(path) -> Predictor:
+    """``path``: an experiment's folder (its fold ensemble, thresholds from its pooled
+    out-of-fold predictions), a fold's ``model.pt`` (its validation thresholds), or a variant's
+    ``model.pt2`` (the thresholds in its metrics.json)."""
+    path = Path(path)
+    if path.is_dir():
+        folds = sorted(path.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+        if not folds:
+            raise ConfigError(f"{path}: no fold_*/model.pt below it; give an experiment's folder, a model.pt or a model.pt2")
+        ensemble = path / "cv" / "ensemble_test.json"
+        thresholds = json.loads(ensemble.read_text()).get("thresholds") if ensemble.exists() else None
+        source = f"{ensemble} (pooled out-of-fold predictions)" if thresholds is not None else "each fold's validation"
+        return _from_fold_models(folds, thresholds, source, f"fold ensemble of {len(folds)} models")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such model file or experiment folder")
+    if path.suffix == ".pt2":
+        from .compress import FixedBatch
+        from .quantize import INT8_METHODS, compiled, load_artifact
+
+        module, meta = load_artifact(path)
+        metrics = path.parent / "metrics.json"
+        thresholds = json.loads(metrics.read_text())["val"].get("thresholds") if metrics.exists() else None
+        run = FixedBatch(compiled(module), 32) if meta.get("method") in INT8_METHODS else module
+        return Predictor([run], meta["classes"], meta["task"], meta["image_size"], meta["in_channels"], thresholds,
+                         {"model": f"variant {meta.get('variant')} ({meta.get('method')})", "files": [str(path)],
+                          "thresholds_from": str(metrics)})
+    return _from_fold_models([path], None, f"{path} (its validation set)", "one fold model")
+
+
+def list_images(source, column: str | None = None) -> pd.DataFrame:
+    """image, path for every image under a folder, or every row of a CSV (``column``, else the
+    first of path/file/filename/image/Image Index; relative paths from the CSV's folder)."""
+    from .dicom import looks_like_dicom
+
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (p.suffix.lower() in IMAGE_EXTENSIONS or (not p.suffix and looks_like_dicom(p))))
+        return pd.DataFrame({"image": [p.relative_to(source).as_posix() for p in files], "path": [str(p) for p in files]})
+    if source.suffix.lower() in (".csv", ".gz"):
+        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+        column = column or next((c for c in PATH_COLUMNS if c in table.columns), None)
+        if column not in table.columns:
+            raise ConfigError(f"{source}: no column {column!r}; give --column (the table has {list(table.columns)})")
+        names = table[column].str.strip()
+        paths = [str(p if Path(p).is_absolute() else source.parent / p) for p in names]
+        return pd.DataFrame({"image": names, "path": paths})
+    if source.is_file():
+        return pd.DataFrame({"image": [source.name], "path": [str(source)]})
+    raise ConfigError(f"{source}: not a folder, a CSV or an image")
+
+
+def predict_images(predictor: Predictor, images: pd.DataFrame, out_dir, batch_size: int = 64,
+                   gradcam: bool = False) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, unreadable, done = [], [], []
+    probs_all = []
+    with Progress("predict", len(images)) as progress:
+        for start in range(0, len(images), batch_size):
+            chunk = images.iloc[start:start + batch_size]
+            pixels, kept = [], []
+            for image, path in zip(chunk["image"], chunk["path"]):
+                try:
+                    pixels.append(load_file(path, predictor.image_size, predictor.channels))
+                    kept.append((image, path))
+                except Exception as exc:  # a bad file is listed, never fatal
+                    unreadable.append({"image": image, "path": path, "reason": f"{type(exc).__name__}: {exc}"})
+            progress.update(len(chunk))
+            if not kept:
+                continue
+            batch = np.stack(pixels)
+            x = normalize(torch.from_numpy(batch).float().div_(255))
+            probs_all.append(predictor.probabilities(x))
+            done.extend(kept)
+            rows.append(batch if gradcam else None)
+    columns = [f"prob:{c}" for c in predictor.classes]
+    probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(columns)))
+    labels = predicted_labels(predictor.task, probs, predictor.thresholds) if len(probs) else np.zeros(0)
+    table = pd.DataFrame({"image": [i for i, _ in done], "path": [p for _, p in done]})
+    for j, column in enumerate(columns):
+        table[column] = probs[:, j]
+    if predictor.task == "multilabel":
+        table["predicted"] = ["|".join(c for c, on in zip(predictor.classes, row) if on) for row in labels]
+    else:
+        table["predicted"] = [predictor.classes[int(k)] for k in labels]
+    table.to_parquet(out / "predictions.parquet", index=False)
+    table.to_csv(out / "predictions.csv", index=False)
+    pd.DataFrame(unreadable, columns=["image", "path", "reason"]).to_csv(out / "unreadable.csv", index=False)
+    for item in unreadable:
+        log.warning("unreadable, left out: %s: %s", item["path"], item["reason"])
+    if gradcam and done:
+        _gradcam(predictor, np.concatenate([r for r in rows if r is not None]), table, out / "gradcam")
+    summary = {**predictor.description, "classes": predictor.classes, "task": predictor.task,
+               "image_size": predictor.image_size, "thresholds": predictor.thresholds, "images": len(images),
+               "predicted": len(table), "unreadable": len(unreadable)}
+    (out / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("predicted %d images (%d unreadable) into %s", len(table), len(unreadable), out)
+    return summary
+
+
+def _gradcam(predictor: Predictor, pixels: np.ndarray, table: pd.DataFrame, out: Path) -> None:
+    """Grad-CAM of the most probable class, averaged over the fold models (not for .pt2 graphs)."""
+    if not predictor.modules:
+        log.warning("Grad-CAM needs the fold models' modules; a compiled .pt2 graph has none: no overlays")
+        return
+    from .explain import grad_cam, overlay_cam
+
+    out.mkdir(parents=True, exist_ok=True)
+    probs = table.filter(like="prob:").to_numpy()
+    for k, image in enumerate(pixels):
+        target = int(probs[k].argmax())
+        x = normalize(torch.from_numpy(image[None]).float().div_(255))
+        cam = np.mean([grad_cam(m, x.clone().requires_grad_(True), target) for m in predictor.modules], axis=0)
+        title = f"{table['image'].iat[k]}: {predictor.classes[target]} (p={probs[k, target]:.2f})"
+        overlay_cam(image, cam, title, out / f"{k:05d}.png")
