@@ -62,7 +62,8 @@ def config_defaults(section: str) -> dict:
 def nih_dataset(table: Path) -> dict:
     return deep_merge(config_defaults("dataset"), {
         "name": "nih_cxr14", "format": "csv", "task": "multilabel", "root": "images", "table": str(table),
-        "labels": NIH_LABELS, "image_extensions": [".png"], "metadata_only": True,
+        "path_column": "Image Index", "label_column": "Finding Labels", "label_separator": "|",
+        "no_finding_label": "No Finding", "patient_column": "Patient ID", "labels": NIH_LABELS, "image_extensions": [".png"], "metadata_only": True,
         "metadata_width_column": "OriginalImage[Width", "metadata_height_column": "Height]",
     })
 

@@ -23,6 +23,7 @@ def test_readme_lists_every_benchmark():
                                   r"ratio brute force / search: [\d.]+x", "TARGETS MET"]),
     ("bench/data_path.py", [r"ratio: [\d.]+x"]),
     ("bench/compression.py", [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x"]),
+    ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
 ])
 def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
     assert bench in README_BENCHES
