@@ -178,8 +178,8 @@ def test_killing_a_job_at_every_stage_loses_nothing(reference, tmp_path):
 def test_a_second_run_in_the_same_folder_is_refused_and_the_first_is_unharmed(reference, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(reference, work, ignore=shutil.ignore_patterns("locks", "incomplete"))
-    first = _start(work, "--forcerun", "train")
-    _wait_for_job(first, work, "train")
+    first = _start(work, "--forcerun", "aggregate")  # a short rerun: aggregate, its tables, the report
+    _wait_for_job(first, work, "aggregate")
     # a plain second run stops at the lock, or before it at the first's running jobs (marked
     # incomplete once their outputs appear); one told to rerun them is refused by the lock
     second = run_snakemake(work, "--cores", "1", check=False)
