@@ -69,10 +69,11 @@ def folder_dataset(root: Path, **overrides) -> dict:
     return resolved_config({"dataset": {**base, **overrides}})["dataset"]
 
 
-def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path = REPO / "config" / "config.yaml") -> Path:
+def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path | None = REPO / "config" / "config.yaml") -> Path:
     """A working directory for a real snakemake run: the repo's Snakefile, a config built from
-    ``base`` and ``overrides``; results and demo data are written under ``tmp_path``."""
-    config = yaml.safe_load(base.read_text())
+    ``base`` (None: the overrides alone, as a config of one's own) and ``overrides``; results and
+    demo data are written under ``tmp_path``."""
+    config = yaml.safe_load(base.read_text()) if base else {}
     overrides = dict(overrides or {})
     for key in ("experiments", "variants", "ensembles"):  # these maps replace the base config's, not add to it
         if key in overrides:

@@ -36,7 +36,8 @@ def test_demo_workflow_indexes_splits_and_proves_the_split_leak_free(tmp_path):
 
 
 def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
-    work = workflow_dir(tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()))
+    # the preset alone: a config file of one's own replaces the demo's
+    work = workflow_dir(tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()), base=None)
     run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"))
     summary = json.loads((work / "results" / "demo_folders" / "split_summary.json").read_text())
     # person1, and the 8 planted copies, each joined to its original as a near-duplicate
@@ -48,7 +49,7 @@ def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
 def test_source_leak_with_stop_fails_the_workflow_naming_the_patient(tmp_path):
     overrides = yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text())
     overrides["split"]["on_source_leak"] = "stop"
-    work = workflow_dir(tmp_path, overrides)
+    work = workflow_dir(tmp_path, overrides, base=None)
     proc = run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"), check=False)
     assert proc.returncode != 0
     log = (work / "results" / "demo_folders" / "logs" / "split.log").read_text()
