@@ -146,6 +146,7 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         "labels": labels,
         "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
         "source_split": source_split,
+        "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
     })
     if ds["metadata_only"]:
         for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):
@@ -214,7 +215,8 @@ def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFra
     except for multilabel, where the image carries the union: each row is a reader's findings,
     and dropping a finding one of them saw would hide a positive. Each repeat is reported."""
     out["patient_aliases"] = [[] for _ in range(len(out))]
-    out["_line"] = np.arange(len(out)) + 2  # the CSV's own line numbers, header on line 1
+    if "_line" not in out:  # tables bring their own line numbers (csv adapter); others need none
+        out["_line"] = np.arange(len(out)) + 2
     repeated = out["image_id"].duplicated(keep=False)
     merged = []
     for image_id, rows in out[repeated].groupby("image_id", sort=False):
@@ -535,11 +537,14 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
     first_seen = list(dict.fromkeys(component[order][in_cluster[order]].tolist()))
     number = {c: i for i, c in enumerate(first_seen)}
     table.loc[in_cluster, "near_duplicate_cluster"] = [number[c] for c in component[in_cluster]]
+    # members and pairs grouped by cluster once (a scan per cluster was O(clusters x images))
+    clustered = order[in_cluster[order]]  # rows in image_id order
+    members_of = pd.Series(clustered).groupby(component[clustered]).agg(list)
+    edges_of = dict(list(pairs.groupby(component[pairs["a"].to_numpy()])))
     described = []
     for c in first_seen:
-        members = np.flatnonzero(component == c)
-        members = members[np.argsort(table["image_id"].to_numpy()[members], kind="stable")]
-        edges = pairs[pairs["a"].isin(members)]
+        members = members_of[c]
+        edges = edges_of[c]
         described.append({
             "cluster": number[c],
             "images": table["image_id"].iloc[members].tolist(),
