@@ -141,5 +141,6 @@ def test_snakemakes_native_report_holds_the_labelled_results(trained_workflow):
     run_snakemake(trained_workflow, "--report", "native_report.zip")
     with zipfile.ZipFile(trained_workflow / "native_report.zip") as archive:
         names = archive.namelist()
-    for part in ("experiments.csv", "per_fold.csv", "summary.csv", "history.csv", "index.html"):
+    for part in ("experiments.csv", "per_fold.csv", "summary.csv", "history.csv", "index.html", "subgroups.csv",
+                 "subgroups.png", "reliability.png", "calibration.csv", "operating_points.csv", "comparisons.csv"):
         assert any(n.endswith(part) for n in names), part

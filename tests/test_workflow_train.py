@@ -118,3 +118,45 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
                                             "compression": {"experiments": [best]}})
     proc = run_snakemake(work, "--cores", "2", "--dry-run")
     assert planned(proc)["compress"] == 3 and f"experiment={best}" in proc.stdout
+
+
+def test_the_report_finds_the_subgroup_the_demo_makes_weaker(finished):
+    # the demo draws the findings of patients aged 65+ at 15 % of their contrast (medfold.demo)
+    subgroups = pd.read_csv(finished / DS / "batchnorm" / "cv" / "subgroups.csv")
+    age = subgroups[(subgroups["subgroup"] == "age") & (subgroups["metric"] == "auroc_macro")].set_index("group")
+    others = age.drop(index=["all", "65+"])
+    others = others[~others["too_small"]]
+    assert len(others) >= 2 and age.loc["<18", "too_small"] and pd.isna(age.loc["<18", "value"])  # 6 images < 15
+    weak = age.loc["65+", "value"]
+    assert weak < age.loc["all", "value"] - 0.1 and (others["value"] > weak + 0.1).all(), age
+    assert age.loc["65+", "ci_low"] < weak < age.loc["65+", "ci_high"]
+    assert age["images"].drop(index="all").sum() == age.loc["all", "images"]  # every test image in one band
+    html = (finished / DS / "report" / "index.html").read_text()
+    section = html[html.index("Clinical evaluation of batchnorm"):]
+    row = section[section.index('<td class="l">65+</td>'):][:200]
+    assert f"<td>{weak:.3f} [{age.loc['65+', 'ci_low']:.3f}, {age.loc['65+', 'ci_high']:.3f}]</td>" in row
+    assert "too small" in html and "Clinical evaluation of batchnorm" in html
+
+
+def test_calibration_operating_points_patients_and_paired_comparisons_are_written(finished):
+    record = json.loads((finished / DS / "batchnorm" / "cv" / "clinical.json").read_text())
+    calibration = record["calibration"]
+    assert set(calibration["temperatures"]) == {"0", "1", "2"} and all(0.05 < t < 20 for t in calibration["temperatures"].values())
+    for stage in ("before", "after"):
+        assert set(calibration[stage]) == {"Cardiomegaly", "Effusion", "Nodule", "Pneumonia"}
+        assert all(0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 1 for r in calibration[stage].values())
+    test_images = len(pd.read_parquet(finished / DS / "batchnorm" / "cv" / "test_predictions.parquet"))
+    assert all(sum(r["count"]) == test_images for r in calibration["before"].values())
+    points = pd.read_csv(finished / DS / "batchnorm" / "cv" / "operating_points.csv")
+    assert set(points["target"]) == {"youden", "specificity", "sensitivity"} and len(points) == 4 * 5
+    reached = points[points["target"] == "specificity"].dropna(subset=["threshold"])
+    assert (reached["val.specificity"] >= reached["target_value"] - 1e-9).all()  # chosen on validation to reach it
+    level = record["patient_level"]
+    assert level["image"]["images"] == test_images and level["patient"]["rows"] == level["patient"]["patients"] < test_images
+    comparisons = pd.read_csv(finished / DS / "comparisons.csv")
+    best = pd.read_csv(finished / DS / "experiments.csv").query("best")["experiment"].iloc[0]
+    assert set(comparisons["a"]) == {best} and set(comparisons["b"]) == {"baseline", "batchnorm", "both"} - {best}
+    per_class = comparisons[comparisons["class"] != "macro"]
+    assert per_class["delong_p"].between(0, 1).all() and len(per_class) == 4 * 2
+    assert ((per_class["difference"] - (per_class["auroc_a"] - per_class["auroc_b"])).abs() < 1e-12).all()
+    assert ((per_class["delong_ci_low"] < per_class["difference"]) & (per_class["difference"] < per_class["delong_ci_high"])).all()

@@ -105,10 +105,12 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
 
 
 def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Generator,
-                      signal: np.ndarray | None = None, position: Position = Position()) -> np.ndarray:
+                      signal: np.ndarray | None = None, position: Position = Position(),
+                      strength: float = 1.0) -> np.ndarray:
     """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
     boolean array of the same shape), when given, receives the pixels the findings drew: where
-    the information that an explanation should point at lies."""
+    the information that an explanation should point at lies. ``strength`` below 1 draws the
+    findings fainter (their contrast against the image without them scaled by it)."""
     width, height = anatomy.size
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     xx /= width
@@ -125,6 +127,8 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
         lungs[side] = (mask, lcx)
         img[mask] = 0.18
     img[np.abs(xx - anatomy.cx) < 0.035] = 0.75  # spine
+    img[_ellipse(xx, yy, anatomy.cx + 0.04, 0.66, anatomy.heart_w, 0.13)] = 0.7
+    without = img.copy()
     heart_w = anatomy.heart_w * (1.7 if "Cardiomegaly" in findings else 1.0)
     heart = _ellipse(xx, yy, anatomy.cx + 0.04, 0.66, heart_w, 0.13)
     img[heart] = 0.7
@@ -154,6 +158,8 @@ def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Gener
         region = mask & _ellipse(xx, yy, lcx, 0.45, anatomy.lung_w, anatomy.lung_h * 0.6)
         img[region] = np.maximum(img[region], 0.35 + 0.45 * cloud[region])
         drawn |= region
+    if strength != 1.0:
+        img = without + strength * (img - without)
     img = img * (1 + _anatomy_detail(anatomy, height, width))
     if position != Position():
         img, drawn = _place(img, position), _place(drawn.astype(np.float32), position) > 0.5
@@ -246,15 +252,32 @@ def _write_manifest(path: Path, rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
+# The planted subgroup: findings of patients this old are drawn at this share of their contrast
+# (older patients' films are often AP and harder to read), so a model is weaker on them.
+WEAK_SUBGROUP_AGE = 65
+WEAK_SUBGROUP_STRENGTH = 0.15
+
+
+def patient_metadata(seed: int, patient: int) -> tuple[int, str]:
+    """(age in years, sex) of a demo patient, NIH-like (mean age about 50), from a stream of its
+    own so that the images do not depend on it."""
+    rng = np.random.default_rng([seed, 14, 7, patient])
+    return int(np.clip(round(rng.normal(50, 18)), 1, 95)), ("M", "F")[int(rng.random() < 0.45)]
+
+
 def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     """NIH-like multi-label tree. Returns the CSV path. ``planted_copies.csv`` beside it lists
     the copies filed under other patients; the last table row repeats an image under another
-    patient ID."""
+    patient ID. Patients have an age and sex (``Patient Age``, ``Patient Gender``, with the
+    follow-up's ``View Position``); findings of patients aged ``WEAK_SUBGROUP_AGE`` or more are
+    drawn fainter: the subgroup a subgroup analysis should find weaker."""
     rng = np.random.default_rng([seed, 14])
     rows = []
     sixteen_bit_done = False
     (out / "signal_masks").mkdir(parents=True, exist_ok=True)
     for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
+        age, sex = patient_metadata(seed, patient)
+        strength = WEAK_SUBGROUP_STRENGTH if age >= WEAK_SUBGROUP_AGE else 1.0
         # lists in FINDINGS order, never sets: set order varies with PYTHONHASHSEED and would
         # change which random draw goes to which finding from one process to the next
         carried = [f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]]
@@ -265,29 +288,31 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
             signal = np.zeros(anatomy.size[::-1], bool)
-            image = render_radiograph(anatomy, set(shown), rng, signal, _followup_position(rng, followup))
+            image = render_radiograph(anatomy, set(shown), rng, signal, _followup_position(rng, followup), strength)
             _save(image, out / "images" / name, mode)
             if shown:  # beside the images root, so the index never sees them
                 Image.fromarray(signal).save(out / "signal_masks" / name)
             labels = "|".join(shown) or "No Finding"
-            rows.append((name, labels, followup, patient))
+            view = "AP" if (age >= WEAK_SUBGROUP_AGE) == (followup % 3 != 2) else "PA"
+            rows.append((name, labels, followup, patient, age, sex, view))
     planted = []
     for which, source in enumerate(rng.choice(len(rows), len(PLANTED), replace=False)):
-        name, labels, _, _ = rows[source]
+        name, labels, _, _, age, sex, view = rows[source]
         copy = f"{patients + 1 + which:08d}_000{PLANTED[which][2]}"
         _save_copy(out / "images" / name, out / "images" / copy, which)
         if (out / "signal_masks" / name).exists():
             with Image.open(out / "signal_masks" / name) as mask:
                 _transform_copy(mask.convert("L"), which, nearest=True).save(out / "signal_masks" / copy, format="PNG")
-        rows.append((copy, labels, 0, patients + 1 + which))
+        rows.append((copy, labels, 0, patients + 1 + which, age, sex, view))
         planted.append((copy, name, PLANTED[which][1]))
     _write_manifest(out / "planted_copies.csv", planted)
     listed_twice = rows[int(rng.integers(len(rows) - len(PLANTED)))]
-    rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1))
+    rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1, *listed_twice[4:]))
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID"])
+        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                         "View Position"])
         writer.writerows(rows)
     return table
 

@@ -148,6 +148,9 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         "source_split": source_split,
         "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
     })
+    for column in ds.get("metadata_columns") or []:
+        need("metadata_columns (or evaluation.subgroups)", column)
+        out[f"meta:{column}"] = frame[column].str.strip().to_numpy()
     if ds["metadata_only"]:
         for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):
             need(key.replace("meta_", "metadata_") + "_column", column)
@@ -460,6 +463,9 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
     if ds["metadata_only"] and fmt != "csv":
         raise ConfigError(f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}")
+    if ds.get("metadata_columns") and fmt != "csv":
+        raise ConfigError(f"dataset.metadata_columns (or evaluation.subgroups) {list(ds['metadata_columns'])}: metadata "
+                          f"columns are read from dataset.table, which format 'csv' has and format {fmt!r} does not")
     cand, ignored, filtered = ADAPTERS[fmt](ds)
     left_out = {"dataset.filter": filtered}
     if ds["filter"] and fmt != "csv":  # the table's own columns are filtered in the csv adapter
@@ -503,7 +509,7 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     for message in warnings:
         log.warning(message)
     # through the Arrow schema: a wrong type fails here, not in a later rule
-    table = _frame(pa.Table.from_pandas(table[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False))
+    table = _frame(_arrow(table))
     report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
     report["listed_more_than_once"] = repeated
     report["near_duplicates"] = near
@@ -605,7 +611,7 @@ def _report(table, ds, classes, patient_source, skipped, ignored, warnings, cand
 
 def write_index(table: pd.DataFrame, report: dict, parquet_path, report_path) -> None:
     meta = {"classes": report["classes"], "task": report["task"], "dataset": report["dataset"]}
-    arrow = pa.Table.from_pandas(with_defaults(table)[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False)
+    arrow = _arrow(with_defaults(table))
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     Path(parquet_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(arrow, parquet_path)
@@ -620,6 +626,14 @@ def read_index(path) -> tuple[pd.DataFrame, dict]:
         raise ConfigError(f"{path}: not a medfold index (missing columns {missing} or metadata); rebuild it with the index rule")
     meta = json.loads(arrow.schema.metadata[META_KEY])
     return _frame(arrow), meta
+
+
+def _arrow(table: pd.DataFrame) -> pa.Table:
+    """The index's Arrow table: the schema's columns, then the metadata columns carried from the
+    dataset's table (``meta:<column>``, text as the table has it)."""
+    meta = [c for c in table.columns if c.startswith("meta:")]
+    schema = pa.schema([*INDEX_SCHEMA, *[pa.field(c, pa.string()) for c in meta]])
+    return pa.Table.from_pandas(table[schema.names], schema=schema, preserve_index=False)
 
 
 def _frame(arrow: pa.Table) -> pd.DataFrame:

@@ -48,7 +48,8 @@ text-align:right}th{background:#f2f4f7}td.l,th.l{text-align:left}tr.best td{back
 .figs{display:flex;flex-wrap:wrap;gap:12px}.thumbs img{width:96px;height:96px;margin:2px;image-rendering:auto}
 .nd .thumbs{display:flex;gap:8px}.nd figure{margin:0;text-align:center;font-size:12px}.nd{border-left:3px solid #D55E00;padding-left:10px;margin:10px 0}
 pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:12px}nav a{margin-right:12px}
-.note{color:#555;font-size:13px}
+.note{color:#555;font-size:13px}.scroll{overflow-x:auto;max-width:100%}
+details{margin:12px 0;padding:4px 10px;border:1px solid #ddd;border-radius:4px}summary{cursor:pointer}
 """
 
 
@@ -218,6 +219,115 @@ def experiments_section(comparison: pd.DataFrame) -> str:
             'part in choosing).</p>' + table(headers, rows, left=6, classes=marks))
 
 
+def _ci(low, high, digits: int = 3) -> str:
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return "–"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _with_ci(value, low, high) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{value:.3f} {_ci(low, high)}" if low is not None and not pd.isna(low) else f"{value:.3f}"
+
+
+def comparisons_section(comparisons: pd.DataFrame) -> str:
+    """Paired comparisons on the same test images: DeLong per class, bootstrap for the macro."""
+    if comparisons is None or not len(comparisons):
+        return ""
+    rows = [[r["a"], r["b"], r["class"], r["auroc_a"], r["auroc_b"], r["difference"],
+             "–" if pd.isna(r["delong_p"]) else f"{r['delong_p']:.4f}", _ci(r["delong_ci_low"], r["delong_ci_high"]),
+             _ci(r["bootstrap_ci_low"], r["bootstrap_ci_high"])] for _, r in comparisons.iterrows()]
+    return ('<h3 id="comparisons">Paired comparisons on the same test images</h3><p class="note">AUROC of a minus '
+            "AUROC of b. DeLong's test per class (two-sided p, asymptotic 95% interval); for the macro AUROC the "
+            "patient-bootstrap interval only. An interval that excludes 0 is a difference the test set "
+            "supports.</p><div class=\"scroll\">" + table(["a", "b", "class", "AUROC a", "AUROC b", "difference",
+                                                           "DeLong p", "DeLong 95% CI", "bootstrap 95% CI"], rows, left=3)
+            + "</div>")
+
+
+def clinical_section(name: str, record: dict, is_open: bool) -> str:
+    """Subgroups (table and forest plot), calibration, operating points and patient-level
+    results of one experiment, from its clinical.json, in a collapsible block."""
+    from . import clinical
+
+    if not record or record.get("skipped"):
+        return f'<p class="note">Clinical evaluation: {esc((record or {}).get("skipped", "not available"))}.</p>'
+    parts = [f'<p class="note">Evaluated on the held-out test set: {esc(record["test_source"])}; intervals: '
+             f'{record["bootstrap"]["resamples"]} bootstrap resamples of patients.</p>']
+    subgroups = pd.DataFrame(record.get("subgroups") or [])
+    if len(subgroups):
+        classes = [m.split(".", 1)[1] for m in dict.fromkeys(subgroups["metric"]) if m.startswith("auroc.")]
+        rows = []
+        for (column, group), part in subgroups.groupby(["subgroup", "group"], sort=False):
+            first = part.iloc[0]
+            by = part.set_index("metric")
+            if first["too_small"]:
+                rows.append([column, group, int(first["images"]), int(first["patients"]), "too small",
+                             *["" for _ in classes], "", ""])
+                continue
+            cell = lambda m: _with_ci(*by.loc[m, ["value", "ci_low", "ci_high"]]) if m in by.index else "–"  # noqa: E731
+            sens = [by.loc[f"sensitivity.{c}", "value"] for c in classes if f"sensitivity.{c}" in by.index]
+            spec = [by.loc[f"specificity.{c}", "value"] for c in classes if f"specificity.{c}" in by.index]
+            rows.append([column, group, int(first["images"]), int(first["patients"]), cell("auroc_macro"),
+                         *[by.loc[f"auroc.{c}", "value"] if f"auroc.{c}" in by.index else None for c in classes],
+                         _mean(sens), _mean(spec)])
+        parts.append("<h4>Subgroups</h4>" + '<div class="scroll">' + table(
+            ["subgroup", "group", "images", "patients", "macro AUROC [95% CI]", *[f"AUROC {c}" for c in classes],
+             "mean sensitivity", "mean specificity"], rows, left=2) + "</div>")
+        parts.append('<div class="figs">' + svg(clinical.forest_figure(name, subgroups)) + "</div>")
+    calib = record.get("calibration") or {}
+    if calib.get("before"):
+        after = calib.get("after") or {}
+        temps = calib.get("temperatures") or {}
+        rows = [[c, r["ece"], (after.get(c) or {}).get("ece"), r["brier"], (after.get(c) or {}).get("brier")]
+                for c, r in calib["before"].items()]
+        parts.append("<h4>Calibration</h4>"
+                     + (f'<p class="note">Temperature per fold (fitted on its validation predictions): '
+                        f'{esc(", ".join(f"fold {k}: {v:.2f}" for k, v in temps.items()))}.</p>' if temps else "")
+                     + table(["class", "ECE", "ECE, temperature-scaled", "Brier", "Brier, temperature-scaled"], rows)
+                     + '<div class="figs">' + svg(clinical.reliability_figure(name, calib)) + "</div>")
+    points = pd.DataFrame(record.get("operating_points") or [])
+    if len(points):
+        rows = []
+        for _, r in points.iterrows():
+            target = "Youden" if r["target"] == "youden" else f"{r['target']} ≥ {r['target_value']:.2f}"
+            best = r.get("test_roc.sensitivity") if r["target"] == "specificity" else r.get("test_roc.specificity")
+            best_ci = (_ci(r.get("test_roc.sensitivity.ci_low"), r.get("test_roc.sensitivity.ci_high"))
+                       if r["target"] == "specificity" else
+                       _ci(r.get("test_roc.specificity.ci_low"), r.get("test_roc.specificity.ci_high")))
+            rows.append([r["class"], target, r["threshold"], r.get("val.sensitivity"), r.get("val.specificity"),
+                         _with_ci(r.get("test.sensitivity"), r.get("test.sensitivity.ci_low"), r.get("test.sensitivity.ci_high")),
+                         _with_ci(r.get("test.specificity"), r.get("test.specificity.ci_low"), r.get("test.specificity.ci_high")),
+                         "–" if best is None or pd.isna(best) else f"{best:.3f} {best_ci}"])
+        parts.append('<h4>Operating points</h4><p class="note">Thresholds chosen on the pooled out-of-fold '
+                     "(validation) predictions, then applied unchanged to the test set; the last column is the best "
+                     "the test set's own ROC curve allows at the target (chosen on the test set: optimistic).</p>"
+                     + '<div class="scroll">' + table(["class", "target", "threshold", "validation sensitivity",
+                                                       "validation specificity", "test sensitivity [95% CI]",
+                                                       "test specificity [95% CI]", "best on test ROC [95% CI]"],
+                                                      rows, left=2) + "</div>")
+    level = record.get("patient_level")
+    if level:
+        rows = []
+        for unit in ("image", "patient"):
+            r = level[unit]
+            ci = r.get("auroc_macro_ci95") or [None, None]
+            rows.append([f"per {unit}", r.get("images", r.get("rows")), r["patients"], _with_ci(r["auroc_macro"], *ci),
+                         r.get("balanced_accuracy"), r.get("f1_macro")])
+        parts.append(f'<h4>Per patient</h4><p class="note">A patient\'s score: the {esc(level["aggregate"])} of their '
+                     "images' probabilities; a patient is positive for a class when any image is. Thresholds chosen on "
+                     "out-of-fold predictions of the same unit.</p>"
+                     + table(["unit", "rows", "patients", "macro AUROC [95% CI]", "balanced accuracy", "F1 macro"], rows))
+    return (f'<details{" open" if is_open else ""}><summary><b>Clinical evaluation of {esc(name)}</b>: subgroups, '
+            f"calibration, operating points, per patient</summary>{''.join(parts)}</details>")
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not pd.isna(v)]
+    return float(np.mean(values)) if values else None
+
+
 def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, classes: list[str], task: str) -> str:
     scored = [classes[1]] if task == "binary" else classes
     cols = min(4, len(scored))
@@ -263,7 +373,7 @@ def curves_figure(name: str, histories: dict[int, pd.DataFrame]) -> str:
 
 def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensemble: dict | None,
                        predictions: pd.DataFrame, ensemble_predictions: pd.DataFrame | None,
-                       histories: dict[int, pd.DataFrame]) -> str:
+                       histories: dict[int, pd.DataFrame], clinical: dict | None = None, best: bool = False) -> str:
     classes, task = summary["classes"], summary["task"]
     parts = [f'<h2 id="exp-{esc(name)}">Experiment: {esc(name)}</h2>']
     headline = [f"{part}.{m}" for part in ("val", "test") for m in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
@@ -304,6 +414,8 @@ def experiment_section(name: str, per_fold: pd.DataFrame, summary: dict, ensembl
                                                    else predictions.iloc[:0], classes, task) + "</div>")
     if histories:
         parts.append('<div class="figs">' + curves_figure(name, histories) + "</div>")
+    if clinical is not None:
+        parts.append(clinical_section(name, clinical, is_open=best))
     return "".join(parts)
 
 
@@ -463,8 +575,13 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
     cache = np.load(inputs["cache"], mmap_mode="r") if inputs.get("cache") else None
     body = [dataset_section(index_report, split_summary, index, cache), split_section(split_summary, check)]
     nav = ['<a href="#dataset">Dataset</a>', '<a href="#split">Split</a>']
+    best = set()
     if inputs.get("comparison"):
-        body.append(experiments_section(pd.read_csv(inputs["comparison"])))
+        comparison = pd.read_csv(inputs["comparison"])
+        best = set(comparison.loc[comparison["best"], "experiment"])
+        body.append(experiments_section(comparison))
+        if inputs.get("comparisons"):
+            body.append(comparisons_section(pd.read_csv(inputs["comparisons"])))
         nav.append('<a href="#experiments">Experiments</a>')
     # ensembles across experiments are shown as experiments are, without training curves
     for name, files in {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}.items():
@@ -474,7 +591,9 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
         ens_pred = pd.read_parquet(files["ensemble_predictions"]) if files.get("ensemble_predictions") else None
         ens_pred = ens_pred if ens_pred is not None and len(ens_pred) else None
         histories = {int(Path(p).parent.name.split("_")[1]): pd.read_csv(p) for p in files["histories"]}
-        body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred, histories))
+        record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
+        body.append(experiment_section(name, pd.read_csv(files["per_fold"]), summary, ensemble, predictions, ens_pred,
+                                       histories, record, best=name in best))
         nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')
     if inputs.get("grids"):
         body.append('<h2 id="grids">Hyperparameter grids</h2>' + "".join(

@@ -48,6 +48,42 @@ for _name, _ensemble in ENSEMBLES.items():
     check_names(f"ensembles.{_name}.experiments", _ensemble["experiments"])
     if _name in EXPERIMENTS:
         raise ConfigError(f"ensembles.{_name}: the name is an experiment's too")
+# the index carries the table's metadata columns that subgroups are evaluated on
+EVALUATION = config["evaluation"]
+INDEX_DATASET = {
+    **config["dataset"],
+    "metadata_columns": list(
+        dict.fromkeys(
+            config["dataset"]["metadata_columns"]
+            + [spec["column"] for spec in EVALUATION["subgroups"]]
+        )
+    ),
+}
+if INDEX_DATASET["metadata_columns"] and config["dataset"]["format"] != "csv":
+    raise ConfigError(
+        f"evaluation.subgroups / dataset.metadata_columns name {INDEX_DATASET['metadata_columns']}: "
+        f"metadata columns are read from dataset.table (format 'csv'), and dataset.format is "
+        f"{config['dataset']['format']!r}"
+    )
+COMPARED = list(EXPERIMENTS) + list(ENSEMBLES)
+for _key, _names in [
+    (
+        "evaluation.comparisons.reference",
+        (
+            [EVALUATION["comparisons"]["reference"]]
+            if EVALUATION["comparisons"]["reference"]
+            else []
+        ),
+    )
+] + [
+    ("evaluation.comparisons.pairs", pair)
+    for pair in EVALUATION["comparisons"]["pairs"]
+]:
+    _unknown = sorted(set(_names) - set(COMPARED))
+    if _unknown:
+        raise ConfigError(
+            f"{_key}: {_unknown} are neither experiments nor ensembles (there are {COMPARED})"
+        )
 EXPLAINED = config["explain"]["experiments"]
 check_names("explain.experiments", EXPLAINED)
 # the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
@@ -187,6 +223,7 @@ def report_inputs():
             "ensemble_predictions": cv_file(name, "ensemble_predictions"),
             "predictions": fold_files(name, "predictions"),
             "histories": fold_files(name, "history"),
+            "clinical": cv_file(name, "clinical"),
         }
         for name in EXPERIMENTS
     }
@@ -200,6 +237,7 @@ def report_inputs():
             "ensemble_predictions": ensemble_cv_file(name, "ensemble_predictions"),
             "predictions": ensemble_files(name, "predictions"),
             "histories": [],
+            "clinical": ensemble_cv_file(name, "clinical"),
         }
         for name in ENSEMBLES
     }
@@ -246,6 +284,9 @@ def report_inputs():
         "comparison": expand(rules.compare_experiments.output.table, dataset=DATASET)[
             0
         ],
+        "comparisons": expand(
+            rules.compare_experiments.output.comparisons, dataset=DATASET
+        )[0],
         "experiments": experiments,
         "ensembles": ensembles,
         "grids": {

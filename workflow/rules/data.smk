@@ -41,7 +41,7 @@ rule index:
         mem_mb=4000,
         runtime=120,
     params:
-        dataset=config["dataset"],
+        dataset=INDEX_DATASET,
     script:
         "../scripts/index.py"
 

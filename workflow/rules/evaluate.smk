@@ -5,6 +5,7 @@ rule aggregate:
     input:
         metrics=lambda w: fold_files(w.experiment, "metrics"),
         predictions=lambda w: fold_files(w.experiment, "predictions"),
+        index=rules.index.output.table,
     output:
         per_fold=report(
             f"{CV_DIR}/per_fold.csv",
@@ -21,6 +22,39 @@ rule aggregate:
         summary=f"{CV_DIR}/summary.json",
         ensemble=f"{CV_DIR}/ensemble_test.json",
         ensemble_predictions=f"{CV_DIR}/ensemble_test_predictions.parquet",
+        # the clinical evaluation of the held-out test predictions (medfold.clinical)
+        test_predictions=f"{CV_DIR}/test_predictions.parquet",
+        clinical=f"{CV_DIR}/clinical.json",
+        subgroups=report(
+            f"{CV_DIR}/subgroups.csv",
+            caption="../report/subgroups.rst",
+            category="Clinical evaluation",
+            labels={"experiment": "{experiment}", "table": "subgroups"},
+        ),
+        forest=report(
+            f"{CV_DIR}/subgroups.png",
+            caption="../report/subgroups.rst",
+            category="Clinical evaluation",
+            labels={"experiment": "{experiment}", "figure": "subgroups"},
+        ),
+        calibration=report(
+            f"{CV_DIR}/calibration.csv",
+            caption="../report/calibration.rst",
+            category="Clinical evaluation",
+            labels={"experiment": "{experiment}", "table": "calibration"},
+        ),
+        reliability=report(
+            f"{CV_DIR}/reliability.png",
+            caption="../report/calibration.rst",
+            category="Clinical evaluation",
+            labels={"experiment": "{experiment}", "figure": "reliability"},
+        ),
+        operating_points=report(
+            f"{CV_DIR}/operating_points.csv",
+            caption="../report/operating_points.rst",
+            category="Clinical evaluation",
+            labels={"experiment": "{experiment}", "table": "operating points"},
+        ),
     log:
         f"{CV_DIR}/aggregate.log",
     benchmark:
@@ -34,6 +68,7 @@ rule aggregate:
     params:
         bootstrap=config["evaluation"]["bootstrap"],
         seed=config["evaluation"]["bootstrap_seed"],
+        evaluation=config["evaluation"],
     script:
         "../scripts/aggregate.py"
 
@@ -66,29 +101,21 @@ rule ensemble_fold:
         "../scripts/ensemble_fold.py"
 
 
-rule aggregate_ensemble:
+# an ensemble across experiments is aggregated as an experiment is, from its own fold files
+use rule aggregate as aggregate_ensemble with:
     input:
         metrics=lambda w: ensemble_files(w.ensemble, "metrics"),
         predictions=lambda w: ensemble_files(w.ensemble, "predictions"),
+        index=rules.index.output.table,
     output:
-        per_fold=f"{ENSEMBLE_DIR}/cv/per_fold.csv",
-        summary_table=f"{ENSEMBLE_DIR}/cv/summary.csv",
-        summary=f"{ENSEMBLE_DIR}/cv/summary.json",
-        ensemble=f"{ENSEMBLE_DIR}/cv/ensemble_test.json",
-        ensemble_predictions=f"{ENSEMBLE_DIR}/cv/ensemble_test_predictions.parquet",
+        **{
+            name: path.replace(CV_DIR, f"{ENSEMBLE_DIR}/cv")
+            for name, path in rules.aggregate.output.items()
+        },
     log:
         f"{ENSEMBLE_DIR}/cv/aggregate.log",
-    conda:
-        "../../envs/medfold.yaml"
-    resources:
-        **site_resources(),
-        mem_mb=2000,
-        runtime=20,
-    params:
-        bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
-    script:
-        "../scripts/aggregate.py"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/aggregate_ensemble_{{ensemble}}.tsv"
 
 
 rule grid_table:
@@ -122,10 +149,17 @@ rule compare_experiments:
         + [ensemble_cv_file(name, "summary") for name in ENSEMBLES],
         ensembles=[cv_file(name, "ensemble") for name in EXPERIMENTS]
         + [ensemble_cv_file(name, "ensemble") for name in ENSEMBLES],
+        test_predictions=[cv_file(name, "test_predictions") for name in EXPERIMENTS]
+        + [ensemble_cv_file(name, "test_predictions") for name in ENSEMBLES],
     output:
         table=report(
             f"{RESULTS}/{{dataset}}/experiments.csv",
             caption="../report/experiments.rst",
+            category="Experiments",
+        ),
+        comparisons=report(
+            f"{RESULTS}/{{dataset}}/comparisons.csv",
+            caption="../report/comparisons.rst",
             category="Experiments",
         ),
     log:
@@ -138,6 +172,9 @@ rule compare_experiments:
         runtime=10,
     params:
         experiments=EXPERIMENTS + list(ENSEMBLES),
+        comparisons=config["evaluation"]["comparisons"],
+        bootstrap=config["evaluation"]["bootstrap"],
+        seed=config["evaluation"]["bootstrap_seed"],
     script:
         "../scripts/compare_experiments.py"
 

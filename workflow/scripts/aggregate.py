@@ -1,13 +1,25 @@
+import json
 from pathlib import Path
 
-from medfold import step
+import pandas as pd
+
+from medfold import clinical, step
 from medfold.aggregate import aggregate_experiment, write_experiment
+from medfold.index import read_index
 
 
 def main(s):
     agg = aggregate_experiment(s.input.metrics, s.input.predictions, s.params.bootstrap, s.params.seed)
     write_experiment(agg, Path(s.output.summary).parent)
     agg["ensemble_predictions"].to_parquet(s.output.ensemble_predictions, index=False)
+    if not hasattr(s.output, "clinical"):  # compressed variants: cross-validation only
+        return
+    predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)
+    index, _ = read_index(s.input.index)
+    name = s.wildcards.get("experiment") or s.wildcards.get("ensemble")
+    result = clinical.evaluate_experiment(predictions, index, agg["task"], agg["classes"], s.params.evaluation,
+                                          s.params.bootstrap, s.params.seed)
+    clinical.write(result, name, s.output)
 
 
 step.run(snakemake, main)
