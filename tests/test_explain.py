@@ -4,11 +4,12 @@ size and point at the pixels that carry the demo's findings more than at the res
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from conftest import prepare_demo, resolved_config
-from medfold.demo import _patient_anatomy, render_radiograph
+from medfold.demo import WEAK_SUBGROUP_AGE, _patient_anatomy, render_radiograph
 from medfold.explain import choose_images, explain_fold, signal_ratio, superpixels
 from medfold.train import run_fold
 
@@ -54,17 +55,24 @@ def test_maps_have_the_input_size_and_every_class_is_explained(explained):
 def test_grad_cam_and_lime_highlight_the_signal_more_than_the_background(explained, demo_dir):
     root, result = explained
     maps = np.load(root / "explanations" / "maps.npz")
-    masks = _masks(demo_dir, maps["image_ids"], 64)
+    # the demo draws the findings of patients aged 65+ faint (its planted weaker subgroup): a
+    # model that cannot see them has nothing there to point at, so those images are left out
+    ages = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").drop_duplicates("Image Index")
+    ages = ages.set_index("Image Index")["Patient Age"]
+    visible = np.array([ages[i] < WEAK_SUBGROUP_AGE for i in maps["image_ids"]])
+    assert visible.sum() >= 12 and (~visible).any()
+    masks = _masks(demo_dir, maps["image_ids"][visible], 64)
     assert masks.any(axis=(1, 2)).all()
     # Mean positive attribution inside the drawn findings over the mean outside them; 1 means
     # no preference. The measured figures are in the closing note of issue 7.
-    cam, lime = signal_ratio(maps["gradcam"], masks), signal_ratio(maps["lime"], masks)
+    gradcam, lime_maps = maps["gradcam"][visible], maps["lime"][visible]
+    cam, lime = signal_ratio(gradcam, masks), signal_ratio(lime_maps, masks)
     print(f"signal/background attribution ratio: Grad-CAM {cam:.2f}, LIME {lime:.2f}")
     assert cam > 1.5
     assert lime > 1.5
     # a map that ignores the image (the same map for every image) must not pass: shuffle masks
     shuffled = masks[np.roll(np.arange(len(masks)), 1)]
-    assert signal_ratio(maps["gradcam"], shuffled) < cam
+    assert signal_ratio(gradcam, shuffled) < cam
 
 
 def test_the_same_config_explains_the_same_images_with_the_same_maps(explained):
