@@ -256,3 +256,18 @@ def test_excluded_folders_are_not_indexed(tmp_path, demo_dir):
     assert "masks" in report["classes"]
     index, report = build_index(folder_dataset(root, exclude_folders=["masks"]))
     assert "masks" not in report["classes"] and not index["image_id"].str.contains("masks").any()
+
+
+def test_metadata_columns_travel_into_the_index_and_a_wrong_name_is_named(demo_dir, tmp_path):
+    ds = csv_dataset(demo_dir, metadata_columns=["Patient Age", "View Position"])
+    table, report = build_index(ds, threads=2)
+    write_index(table, report, tmp_path / "index.parquet", tmp_path / "report.json")
+    index, _ = read_index(tmp_path / "index.parquet")
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str).drop_duplicates("Image Index")
+    expected = rows.set_index("Image Index").loc[index["image_id"]]
+    assert index["meta:Patient Age"].tolist() == expected["Patient Age"].tolist()
+    assert index["meta:View Position"].tolist() == expected["View Position"].tolist()
+    with pytest.raises(ConfigError, match=r"column 'Age' \(dataset.metadata_columns \(or evaluation.subgroups\)\) not found"):
+        build_index(csv_dataset(demo_dir, metadata_columns=["Age"]))
+    with pytest.raises(ConfigError, match="format 'csv' has and format 'folders' does not"):
+        build_index(folder_dataset(demo_dir / "chest_xray", metadata_columns=["Patient Age"]))

@@ -66,6 +66,20 @@ def test_config_errors_are_caught_by_the_schema_before_any_job_runs(tmp_path):
     assert not (work / "results").exists() and not (work / "resources").exists()
 
 
+@pytest.mark.parametrize("evaluation, message", [
+    ({"subgroups": [{"column": "Patient Age", "bands": []}]}, "[] should be non-empty"),
+    ({"comparisons": {"pairs": [["baseline", "nope"]]}},
+     "evaluation.comparisons.pairs: ['nope'] are neither experiments nor ensembles"),
+    ({"operating_points": {"specificity": [1.5]}}, "1.5 is greater than the maximum of 1"),
+])
+def test_evaluation_settings_are_checked_before_any_job_runs(tmp_path, evaluation, message):
+    work = workflow_dir(tmp_path, {"evaluation": evaluation})
+    proc = run_snakemake(work, "--cores", "2", "--dry-run", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in text, text[-2000:]
+    assert not (work / "results").exists()
+
+
 def test_a_missing_column_stops_the_index_with_the_file_and_key(tmp_path):
     work = workflow_dir(tmp_path, {"dataset": {"patient_column": "PatientID"}})
     proc = run_snakemake(work, "--cores", "2", check=False)
