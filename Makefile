@@ -37,6 +37,8 @@ test: $(STAMP) $(SYSTEM) $(HOROVOD)  ## the test suite
 	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
 

@@ -75,14 +75,16 @@ def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int
     sparse_bytes = pruning.save_sparse(pruned.state_dict(), work / f"{name}_pruned_sparse.pt")
 
     fp32_bytes = fp32_path.stat().st_size
-    out = {"int8_size": int8_path.stat().st_size / fp32_bytes,
-           "int8_tensor_size": meta["tensor_bytes"] / quantize.tensor_bytes(model.state_dict().values()),
-           "speedup_b1": t["fp32 eager b1"] / t["int8 compiled b1"],
-           "speedup_b32": t["fp32 eager b32"] / t["int8 compiled b32"],
-           "speedup_vs_compiled_b1": t["fp32 compiled b1"] / t["int8 compiled b1"],
-           "speedup_vs_compiled_b32": t["fp32 compiled b32"] / t["int8 compiled b32"],
-           "pruned_ratio": sparse_bytes / dense_path.stat().st_size,
-           "pruned_gzip_ratio": pruning.gzip_size(dense_path) / dense_path.stat().st_size}
+    out = {
+        "int8_size": int8_path.stat().st_size / fp32_bytes,
+        "int8_tensor_size": meta["tensor_bytes"] / quantize.tensor_bytes(model.state_dict().values()),
+        "speedup_b1": t["fp32 eager b1"] / t["int8 compiled b1"],
+        "speedup_b32": t["fp32 eager b32"] / t["int8 compiled b32"],
+        "speedup_vs_compiled_b1": t["fp32 compiled b1"] / t["int8 compiled b1"],
+        "speedup_vs_compiled_b32": t["fp32 compiled b32"] / t["int8 compiled b32"],
+        "pruned_ratio": sparse_bytes / dense_path.stat().st_size,
+        "pruned_gzip_ratio": pruning.gzip_size(dense_path) / dense_path.stat().st_size,
+    }
     print(f"\n{name} ({CHANNELS}x{SIZE}x{SIZE}, {CLASSES} classes, {torch.get_num_threads()} threads)")
     for label, ms in t.items():
         row(f"latency {label}", f"{ms:9.2f} ms")
@@ -90,14 +92,23 @@ def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int
     row("int8 .pt2 artifact", f"{int8_path.stat().st_size / 1e6:9.2f} MB")
     row("int8 max |logit error| / max |logit|", f"{error:9.4f}")
     row("quantize + save + load / compile+timing", f"{quantize_s:6.1f} s / {compile_s:.1f} s")
-    row("70% pruned: bitmask+values / dense", f"{sparse_bytes / 1e6:9.2f} MB / {dense_path.stat().st_size / 1e6:.2f} MB")
-    row("RATIO int8/fp32 size (target <= 0.26)", f"{out['int8_size']:9.3f}  (tensors alone {out['int8_tensor_size']:.3f})")
+    row(
+        "70% pruned: bitmask+values / dense", f"{sparse_bytes / 1e6:9.2f} MB / {dense_path.stat().st_size / 1e6:.2f} MB"
+    )
+    row(
+        "RATIO int8/fp32 size (target <= 0.26)",
+        f"{out['int8_size']:9.3f}  (tensors alone {out['int8_tensor_size']:.3f})",
+    )
     row("RATIO int8 speed-up b1 vs eager (target >= 4)", f"{out['speedup_b1']:9.2f}x")
     row("RATIO int8 speed-up b32 vs eager", f"{out['speedup_b32']:9.2f}x")
-    row("RATIO int8 speed-up vs compiled fp32 b1 / b32", f"{out['speedup_vs_compiled_b1']:9.2f}x / "
-        f"{out['speedup_vs_compiled_b32']:.2f}x")
-    row("RATIO 70% pruned compressed (target <= 0.4)", f"{out['pruned_ratio']:9.3f}  (gzip of dense "
-        f"{out['pruned_gzip_ratio']:.3f})")
+    row(
+        "RATIO int8 speed-up vs compiled fp32 b1 / b32",
+        f"{out['speedup_vs_compiled_b1']:9.2f}x / {out['speedup_vs_compiled_b32']:.2f}x",
+    )
+    row(
+        "RATIO 70% pruned compressed (target <= 0.4)",
+        f"{out['pruned_ratio']:9.3f}  (gzip of dense {out['pruned_gzip_ratio']:.3f})",
+    )
     return out
 
 
@@ -119,8 +130,10 @@ def main() -> None:
     print("\nsummary")
     for m, r in results.items():
         ok = r["int8_size"] <= 0.26 and r["speedup_b1"] >= 4 and r["pruned_ratio"] <= 0.4
-        print(f"  {m:<12} size {r['int8_size']:.3f}x  b1 {r['speedup_b1']:.2f}x  pruned {r['pruned_ratio']:.3f}x"
-              f"  -> {'meets' if ok else 'MISSES'} the targets")
+        print(
+            f"  {m:<12} size {r['int8_size']:.3f}x  b1 {r['speedup_b1']:.2f}x  pruned {r['pruned_ratio']:.3f}x"
+            f"  -> {'meets' if ok else 'MISSES'} the targets"
+        )
 
 
 if __name__ == "__main__":

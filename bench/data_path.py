@@ -45,8 +45,15 @@ def make_sources(root: Path, n: int) -> list[Path]:
 class PlainFolder(Dataset):
     def __init__(self, paths):
         self.paths = paths
-        self.transform = v2.Compose([v2.Resize((SIZE, SIZE)), v2.RandomHorizontalFlip(), v2.ToImage(),
-                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.25])])
+        self.transform = v2.Compose(
+            [
+                v2.Resize((SIZE, SIZE)),
+                v2.RandomHorizontalFlip(),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize([0.5], [0.25]),
+            ]
+        )
 
     def __len__(self):
         return len(self.paths)
@@ -91,8 +98,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = make_sources(root / "src", args.images)
-        index = pd.DataFrame({"image_id": [p.name for p in paths], "path": [str(p) for p in paths],
-                              "npz_index": pd.array([None] * len(paths), dtype="Int64"), "present": True})
+        index = pd.DataFrame(
+            {
+                "image_id": [p.name for p in paths],
+                "path": [str(p) for p in paths],
+                "npz_index": pd.array([None] * len(paths), dtype="Int64"),
+                "present": True,
+            }
+        )
         start = time.perf_counter()
         build_cache(index, root / "cache", SIZE, 1, threads=2)
         build = time.perf_counter() - start

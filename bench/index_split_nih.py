@@ -32,8 +32,22 @@ from medfold.split import iterative_stratification, label_matrix, make_splits
 
 CACHE = Path(__file__).parent / ".cache"
 WHEEL_VERSION = "1.5.7"
-NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
-              "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+NIH_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+]
 
 
 def nih_table() -> Path:
@@ -41,8 +55,20 @@ def nih_table() -> Path:
     if target.exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(CACHE),
-                    f"torchxrayvision=={WHEEL_VERSION}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "-d",
+            str(CACHE),
+            f"torchxrayvision=={WHEEL_VERSION}",
+        ],
+        check=True,
+    )
     wheel = next(CACHE.glob(f"torchxrayvision-{WHEEL_VERSION}-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         target.write_bytes(zf.read("torchxrayvision/data/Data_Entry_2017_v2020.csv.gz"))
@@ -60,12 +86,26 @@ def config_defaults(section: str) -> dict:
 
 
 def nih_dataset(table: Path) -> dict:
-    return deep_merge(config_defaults("dataset"), {
-        "name": "nih_cxr14", "format": "csv", "task": "multilabel", "root": "images", "table": str(table),
-        "path_column": "Image Index", "label_column": "Finding Labels", "label_separator": "|",
-        "no_finding_label": "No Finding", "patient_column": "Patient ID", "labels": NIH_LABELS, "image_extensions": [".png"], "metadata_only": True,
-        "metadata_width_column": "OriginalImage[Width", "metadata_height_column": "Height]",
-    })
+    return deep_merge(
+        config_defaults("dataset"),
+        {
+            "name": "nih_cxr14",
+            "format": "csv",
+            "task": "multilabel",
+            "root": "images",
+            "table": str(table),
+            "path_column": "Image Index",
+            "label_column": "Finding Labels",
+            "label_separator": "|",
+            "no_finding_label": "No Finding",
+            "patient_column": "Patient ID",
+            "labels": NIH_LABELS,
+            "image_extensions": [".png"],
+            "metadata_only": True,
+            "metadata_width_column": "OriginalImage[Width",
+            "metadata_height_column": "Height]",
+        },
+    )
 
 
 def synthetic_table(folder: Path, images: int, seed: int = 0) -> Path:
@@ -79,8 +119,10 @@ def synthetic_table(folder: Path, images: int, seed: int = 0) -> Path:
             found = [n for n, p in zip(NIH_LABELS, prevalence) if rng.random() < p]
             rows.append((f"{patient:08d}_{k:03d}.png", "|".join(found) or "No Finding", k, patient, 1024, 1024))
     path = folder / "Data_Entry_synthetic.csv"
-    pd.DataFrame(rows[:images], columns=["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
-                                         "OriginalImage[Width", "Height]"]).to_csv(path, index=False)
+    pd.DataFrame(
+        rows[:images],
+        columns=["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "OriginalImage[Width", "Height]"],
+    ).to_csv(path, index=False)
     return path
 
 
@@ -130,15 +172,27 @@ def run(table: Path) -> None:
     base_fold[cv] = base_fold_patient[codes]
     base = worst_deviation(labels, base_fold, eligible)
 
-    print(f"images {len(index):,}  patients {index['patient_id'].nunique():,}  labels with >{floor} images {int(eligible.sum())}")
+    print(
+        f"images {len(index):,}  patients {index['patient_id'].nunique():,}  "
+        f"labels with >{floor} images {int(eligible.sum())}"
+    )
     sizes = {("test" if k < 0 else f"fold_{k}"): int((fold == k).sum()) for k in np.unique(fold)}
     print(f"images per set: {sizes}")
     print(f"index {indexed - start:.2f} s + split {done - indexed:.2f} s = {done - start:.2f} s   (target < 10 s)")
-    print(f"worst fold deviation, image-count vectors: {ours[0]:.3f} pp abs, {ours[1]:.2f} % rel  (targets < 0.5 pp, < 8 %)")
-    print(f"worst fold deviation, baseline 0/1 patient vectors: {base[0]:.3f} pp abs, {base[1]:.2f} % rel ({base_time:.2f} s)")
+    print(
+        f"worst fold deviation, image-count vectors: {ours[0]:.3f} pp abs, {ours[1]:.2f} % rel  "
+        "(targets < 0.5 pp, < 8 %)"
+    )
+    print(
+        f"worst fold deviation, baseline 0/1 patient vectors: {base[0]:.3f} pp abs, {base[1]:.2f} % rel "
+        f"({base_time:.2f} s)"
+    )
     print(f"ratio ours/baseline: abs {ours[0] / base[0]:.2f}x  rel {ours[1] / base[1]:.2f}x")
     ok = done - start < 10 and ours[0] < 0.5 and ours[1] < 8
-    print("TARGETS MET" if ok else "TARGETS MISSED", "(the targets are for the real NIH table)" if len(index) < 100_000 else "")
+    print(
+        "TARGETS MET" if ok else "TARGETS MISSED",
+        "(the targets are for the real NIH table)" if len(index) < 100_000 else "",
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def synthetic(n: int, planted: int, max_distance: int, seed: int = 0) -> tuple[n
     sources = rng.choice(n, planted, replace=False)
     targets = rng.permutation(np.setdiff1d(np.arange(n), sources))[:planted]
     for i, j in zip(sources, targets):
-        copy = fp.oriented(bits[i:i + 1], int(rng.integers(8)))[0]
+        copy = fp.oriented(bits[i : i + 1], int(rng.integers(8)))[0]
         flip = rng.choice(fp.BITS, int(rng.integers(0, max_distance + 1)), replace=False)
         copy[flip] ^= 1
         bits[j] = copy
@@ -68,8 +68,10 @@ def main() -> None:
     print(f"images {n:,}  max distance {args.max_distance} of {fp.BITS} bits  planted pairs {len(planted)}")
     print(f"search: {search:.2f} s, {len(pairs)} pairs found  (target < 60 s at 112,120)")
     print(f"recall of planted pairs: {recall:.4f}")
-    print(f"brute force on {brute_rows:,} query rows: {len(brute_set)} pairs, the search's {len(mine)} "
-          f"{'identical' if agree else 'DIFFERENT'}")
+    print(
+        f"brute force on {brute_rows:,} query rows: {len(brute_set)} pairs, the search's {len(mine)} "
+        f"{'identical' if agree else 'DIFFERENT'}"
+    )
     print(f"brute force, all rows (scaled from {brute_rows:,}): {brute_time:.1f} s")
     print(f"ratio brute force / search: {brute_time / search:.1f}x")
     ok = recall == 1.0 and agree and (args.quick or search < 60)

@@ -55,8 +55,9 @@ def medfold_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
     seen, seconds = 0, 0.0
     for epoch in range(epochs + 1):  # the first is warm-up (compilation, allocator)
         batches.set_epoch(epoch)
-        _, n, s = train_epoch(runner, step_model, batches, augment, criterion, optimizer,
-                              seed_epoch(cfg, 0, epoch, device), 0, epoch)
+        _, n, s = train_epoch(
+            runner, step_model, batches, augment, criterion, optimizer, seed_epoch(cfg, 0, epoch, device), 0, epoch
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         if epoch:
@@ -78,7 +79,7 @@ def plain_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
         order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(epoch))
         start = time.perf_counter()
         for i in range(0, len(order), cfg["batch_size"]):
-            idx = np.sort(order[i:i + cfg["batch_size"]].numpy())
+            idx = np.sort(order[i : i + cfg["batch_size"]].numpy())
             x = normalize(torch.from_numpy(cache[idx]).to(device, non_blocking=True).float().div_(255))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -114,12 +115,23 @@ def main() -> None:
         cases = [(m, args.size or 224, args.images or 2048, args.batch_size or 64, False) for m in args.models]
     else:
         cases = [("lenet", 28, 4096, 64, True), ("lenet", 64, 2048, 32, True), ("resnet18", 128, 512, 32, False)]
-    print(f"host: {describe()}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
-          f"torch {torch.__version__}")
+    print(
+        f"host: {describe()}; device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"torch {torch.__version__}"
+    )
     for name, size, n, batch, batch_norm in cases:
-        cfg = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "batch_size": batch,
-               "amp": device.type == "cuda", "channels_last": device.type == "cuda", "compile": args.compile,
-               "eval_batch_size": batch, "seed": 0}
+        cfg = {
+            "optimizer": "adamw",
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "momentum": 0.9,
+            "batch_size": batch,
+            "amp": device.type == "cuda",
+            "channels_last": device.type == "cuda",
+            "compile": args.compile,
+            "eval_batch_size": batch,
+            "seed": 0,
+        }
         channels = 1
         cache, targets = data(n, size, channels)
         base = build_model(name, channels, CLASSES, 0, None, batch_norm, 0.0)
@@ -127,8 +139,10 @@ def main() -> None:
         for label, run in (("plain", plain_epochs), ("medfold", medfold_epochs), ("plain again", plain_epochs)):
             rates[label] = run(copy.deepcopy(base).to(device), cache, targets, cfg, device, args.epochs)
         plain = max(rates["plain"], rates["plain again"])  # the better of two: noise favours the baseline
-        print(f"{name:<12} {size:>4} px  batch {batch:>3}  plain {plain:9.1f} img/s  medfold {rates['medfold']:9.1f} "
-              f"img/s  ratio {rates['medfold'] / plain:.3f}")
+        print(
+            f"{name:<12} {size:>4} px  batch {batch:>3}  plain {plain:9.1f} img/s  medfold {rates['medfold']:9.1f} "
+            f"img/s  ratio {rates['medfold'] / plain:.3f}"
+        )
 
 
 if __name__ == "__main__":

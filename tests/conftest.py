@@ -45,8 +45,15 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 def csv_dataset(demo_dir: Path, **overrides) -> dict:
-    return resolved_config({"dataset": {"table": str(demo_dir / "cxr14" / "Data_Entry.csv"),
-                                        "root": str(demo_dir / "cxr14" / "images"), **overrides}})["dataset"]
+    return resolved_config(
+        {
+            "dataset": {
+                "table": str(demo_dir / "cxr14" / "Data_Entry.csv"),
+                "root": str(demo_dir / "cxr14" / "images"),
+                **overrides,
+            }
+        }
+    )["dataset"]
 
 
 def prepare_demo(root: Path, demo_dir: Path, size: int = 64) -> Path:
@@ -64,12 +71,21 @@ def prepare_demo(root: Path, demo_dir: Path, size: int = 64) -> Path:
 
 
 def folder_dataset(root: Path, **overrides) -> dict:
-    base = {"format": "folders", "task": "multiclass", "root": str(root), "table": None, "labels": [],
-            "patient_column": None, "patient_regex": r"^(person\d+)_"}
+    base = {
+        "format": "folders",
+        "task": "multiclass",
+        "root": str(root),
+        "table": None,
+        "labels": [],
+        "patient_column": None,
+        "patient_regex": r"^(person\d+)_",
+    }
     return resolved_config({"dataset": {**base, **overrides}})["dataset"]
 
 
-def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path | None = REPO / "config" / "config.yaml") -> Path:
+def workflow_dir(
+    tmp_path: Path, overrides: dict | None = None, base: Path | None = REPO / "config" / "config.yaml"
+) -> Path:
     """A working directory for a real snakemake run: the repo's Snakefile, a config built from
     ``base`` (None: the overrides alone, as a config of one's own) and ``overrides``; results and
     demo data are written under ``tmp_path``."""
@@ -80,13 +96,23 @@ def workflow_dir(tmp_path: Path, overrides: dict | None = None, base: Path | Non
             config[key] = overrides.pop(key)
     merge(config, overrides)
     (tmp_path / "config").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # grid names follow key order
+    (tmp_path / "config" / "config.yaml").write_text(
+        yaml.safe_dump(config, sort_keys=False)
+    )  # grid names follow key order
     return tmp_path
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config" / "config.yaml"), *args]
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config" / "config.yaml"),
+        *args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -100,21 +126,35 @@ def planned(proc) -> dict[str, int]:
     if "Job stats:" not in text:
         assert "Nothing to be done" in text, text[-3000:]
         return {}
-    table = text[text.index("Job stats:"):]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
+    table = text[text.index("Job stats:") :]
+    return {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"
+    }
 
 
 # tiny training: the tests that use it are about what runs, not how well (test_train.py checks learning)
-QUICK = {"training": {"epochs": 3, "early_stopping": {"enabled": False}},
-         "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
-         "evaluation": {"bootstrap": 200},
-         "variants": {"pruned": {"method": "prune", "epochs": 2,
-                                 "pruning": {"initial_sparsity": 0.2, "final_sparsity": 0.6, "start_epoch": 0.5,
-                                             "end_epoch": 1.5, "update_every": 3}},
-                      "int8": {"method": "ptq", "calibration_images": 128}},
-         "compression": {"experiments": ["batchnorm"], "latency": {"repeats": 5}},
-         "ensembles": {"both": {"experiments": ["baseline", "batchnorm"]}},
-         "explain": {"experiments": ["batchnorm"], "images_per_class": 1, "lime": {"samples": 60}}}
+QUICK = {
+    "training": {"epochs": 3, "early_stopping": {"enabled": False}},
+    "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
+    "evaluation": {"bootstrap": 200},
+    "variants": {
+        "pruned": {
+            "method": "prune",
+            "epochs": 2,
+            "pruning": {
+                "initial_sparsity": 0.2,
+                "final_sparsity": 0.6,
+                "start_epoch": 0.5,
+                "end_epoch": 1.5,
+                "update_every": 3,
+            },
+        },
+        "int8": {"method": "ptq", "calibration_images": 128},
+    },
+    "compression": {"experiments": ["batchnorm"], "latency": {"repeats": 5}},
+    "ensembles": {"both": {"experiments": ["baseline", "batchnorm"]}},
+    "explain": {"experiments": ["batchnorm"], "images_per_class": 1, "lime": {"samples": 60}},
+}
 
 
 @pytest.fixture(scope="session")

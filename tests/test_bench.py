@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 README_BENCHES = re.findall(r"^\.venv/bin/python (bench/\S+\.py)", (REPO / "README.md").read_text(), re.M)
@@ -17,18 +16,29 @@ def test_readme_lists_every_benchmark():
     assert sorted(set(README_BENCHES)) == sorted(p.relative_to(REPO).as_posix() for p in (REPO / "bench").glob("*.py"))
 
 
-@pytest.mark.parametrize("bench,expected", [
-    ("bench/index_split_nih.py", [r"ratio ours/baseline: abs \d", r"index [\d.]+ s \+ split"]),
-    ("bench/near_duplicates.py", [r"recall of planted pairs: 1\.0000", r"the search's \d+ identical",
-                                  r"ratio brute force / search: [\d.]+x", "TARGETS MET"]),
-    ("bench/data_path.py", [r"ratio: [\d.]+x"]),
-    ("bench/compression.py", [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x"]),
-    ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
-])
+@pytest.mark.parametrize(
+    "bench,expected",
+    [
+        ("bench/index_split_nih.py", [r"ratio ours/baseline: abs \d", r"index [\d.]+ s \+ split"]),
+        (
+            "bench/near_duplicates.py",
+            [
+                r"recall of planted pairs: 1\.0000",
+                r"the search's \d+ identical",
+                r"ratio brute force / search: [\d.]+x",
+                "TARGETS MET",
+            ],
+        ),
+        ("bench/data_path.py", [r"ratio: [\d.]+x"]),
+        ("bench/compression.py", [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x"]),
+        ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
+    ],
+)
 def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
     assert bench in README_BENCHES
-    proc = subprocess.run([sys.executable, str(REPO / bench), "--quick"], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / bench), "--quick"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^host: .*ISA (avx2|avx512|avx512_vnni|amx|baseline)", proc.stdout, re.M), proc.stdout[:500]
     for pattern in expected:

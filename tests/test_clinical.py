@@ -49,8 +49,9 @@ def test_a_bootstrap_draw_as_weights_is_the_same_as_concatenating_the_drawn_pati
     codes = np.unique(patients.astype(str))
     for d in range(5):
         w = boot.weights(chunk=slice(d, d + 1))
-        rows = np.concatenate([np.flatnonzero(patients.astype(str) == codes[k]).repeat(int(boot.counts[d, k]))
-                               for k in range(len(codes))])
+        rows = np.concatenate(
+            [np.flatnonzero(patients.astype(str) == codes[k]).repeat(int(boot.counts[d, k])) for k in range(len(codes))]
+        )
         assert weighted_auroc(y, score, w)[0] == pytest.approx(roc_auc_score(y[rows], score[rows]), abs=1e-12)
         sens, spec = weighted_rates(y, score > 0.9, w)
         assert sens[0] == pytest.approx((score[rows] > 0.9)[y[rows]].mean())
@@ -95,7 +96,7 @@ def test_delong_agrees_with_the_paired_bootstrap_on_larger_data():
 def test_reliability_bins_match_sklearn_calibration_curve_and_brier():
     rng = np.random.default_rng(2)
     prob = rng.random(500) ** 2
-    y = rng.random(500) < prob ** 0.7
+    y = rng.random(500) < prob**0.7
     mine = reliability(y, prob, bins=10)
     observed, predicted = calibration_curve(y, prob, n_bins=10, strategy="uniform")
     filled = [i for i, n in enumerate(mine["count"]) if n]
@@ -151,25 +152,41 @@ def test_thresholds_reach_their_target_on_validation():
 
 
 def test_patient_level_takes_each_patients_highest_score_and_any_positive_image():
-    frame = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "c"],
-                          "labels": [["Nodule"], [], [], ["Effusion"], ["Nodule", "Effusion"]],
-                          "prob:Nodule": [0.8, 0.1, 0.3, 0.2, 0.6], "prob:Effusion": [0.1, 0.2, 0.4, 0.9, 0.5]})
+    frame = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "b", "c", "c"],
+            "labels": [["Nodule"], [], [], ["Effusion"], ["Nodule", "Effusion"]],
+            "prob:Nodule": [0.8, 0.1, 0.3, 0.2, 0.6],
+            "prob:Effusion": [0.1, 0.2, 0.4, 0.9, 0.5],
+        }
+    )
     out, left = per_patient(frame, "multilabel", ["Nodule", "Effusion"], "max")
     assert left == 0 and out["patient_id"].tolist() == ["a", "b", "c"]
     assert out["prob:Nodule"].tolist() == [0.8, 0.3, 0.6] and out["prob:Effusion"].tolist() == [0.2, 0.4, 0.9]
     assert out["labels"].tolist() == [["Nodule"], [], ["Nodule", "Effusion"]]
     mean, _ = per_patient(frame, "multilabel", ["Nodule", "Effusion"], "mean")
     assert mean["prob:Nodule"].tolist() == pytest.approx([0.45, 0.3, 0.4])
-    multi = pd.DataFrame({"patient_id": ["a", "a", "b"], "labels": [["x"], ["y"], ["y"]],
-                          "prob:x": [0.7, 0.2, 0.1], "prob:y": [0.3, 0.8, 0.9]})
+    multi = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "b"],
+            "labels": [["x"], ["y"], ["y"]],
+            "prob:x": [0.7, 0.2, 0.1],
+            "prob:y": [0.3, 0.8, 0.9],
+        }
+    )
     out, left = per_patient(multi, "multiclass", ["x", "y"], "mean")
     assert left == 1 and out["patient_id"].tolist() == ["b"]  # a's images disagree: left out, counted
 
 
 def test_a_paired_comparison_of_a_model_with_itself_finds_no_difference():
     rng = np.random.default_rng(6)
-    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(200)], "patient_id": [f"p{k // 2}" for k in range(200)],
-                          "labels": [["yes"] if v else ["no"] for v in rng.random(200) < 0.4]})
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(200)],
+            "patient_id": [f"p{k // 2}" for k in range(200)],
+            "labels": [["yes"] if v else ["no"] for v in rng.random(200) < 0.4],
+        }
+    )
     frame["prob:yes"] = rng.random(200) * 0.5 + 0.5 * frame["labels"].map(lambda v: v == ["yes"])
     frame["prob:no"] = 1 - frame["prob:yes"]
     rows = compare_pair(frame, frame.sample(frac=1, random_state=0), "binary", ["no", "yes"], 200, 0)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import planned, run_snakemake, workflow_dir
 
-from conftest import REPO, planned, run_snakemake, workflow_dir
 from medfold import prune as pruning
 from medfold import quantize
 from medfold.errors import ConfigError, DataError
@@ -25,7 +25,7 @@ def test_schedule_follows_zhu_and_gupta():
     s = pruning.Schedule(0.1, 0.7, 0.5, 2.0, 3)
     assert s.at(0.0) == 0.0 and s.at(0.49) == 0.0
     assert s.at(0.5) == pytest.approx(0.1)
-    assert s.at(1.25) == pytest.approx(0.7 + (0.1 - 0.7) * 0.5 ** 3)
+    assert s.at(1.25) == pytest.approx(0.7 + (0.1 - 0.7) * 0.5**3)
     assert s.at(2.0) == 0.7 and s.at(9.0) == 0.7
     grid = [s.at(t) for t in np.linspace(0.5, 2.0, 31)]
     assert all(b >= a for a, b in zip(grid, grid[1:]))
@@ -124,10 +124,12 @@ def test_int8_and_reduced_precision_artifacts_round_trip_and_stay_close(tmp_path
     with torch.no_grad():
         reference = model(x)
     scale = float(reference.abs().max())
-    cases = {"ptq": quantize.post_training_int8(model, calibration, x),
-             "dynamic_int8": quantize.post_training_int8(model, calibration, x, dynamic=True),
-             "fp16": quantize.reduced_precision(build_model("lenet", 1, 4, init_seed=0, batch_norm=True), "fp16"),
-             "bf16": quantize.reduced_precision(build_model("lenet", 1, 4, init_seed=0, batch_norm=True), "bf16")}
+    cases = {
+        "ptq": quantize.post_training_int8(model, calibration, x),
+        "dynamic_int8": quantize.post_training_int8(model, calibration, x, dynamic=True),
+        "fp16": quantize.reduced_precision(build_model("lenet", 1, 4, init_seed=0, batch_norm=True), "fp16"),
+        "bf16": quantize.reduced_precision(build_model("lenet", 1, 4, init_seed=0, batch_norm=True), "bf16"),
+    }
     # per-tensor uint8 activations: a step of 1/255 of each range; a few steps of error per layer
     bound = {"ptq": 0.1, "dynamic_int8": 0.1, "fp16": 0.01, "bf16": 0.05}
     for method, variant in cases.items():
@@ -178,9 +180,15 @@ def test_variants_of_the_trained_workflow_are_measured_and_close_to_their_base(t
     assert (int8["agreement.max_abs_prob_diff"] < 0.01).all()
     assert (int8["delta.test.auroc_macro"].abs() < 0.02).all()
     from scipy.stats import spearmanr
+
     for fold in range(3):
-        b, v = (pd.read_parquet(p) for p in (base / f"fold_{fold}" / "predictions.parquet",
-                                              base / "variants" / "int8" / f"fold_{fold}" / "predictions.parquet"))
+        b, v = (
+            pd.read_parquet(p)
+            for p in (
+                base / f"fold_{fold}" / "predictions.parquet",
+                base / "variants" / "int8" / f"fold_{fold}" / "predictions.parquet",
+            )
+        )
         b, v = (x[x["set"] == "test"].filter(like="prob:").to_numpy() for x in (b, v))
         assert min(spearmanr(b[:, j], v[:, j])[0] for j in range(b.shape[1])) > 0.99
     pruned = table[table["variant"] == "pruned"]
@@ -207,13 +215,13 @@ torch.set_num_threads({threads})  # as the job ran
 from medfold.quantize import load_artifact, compiled
 from medfold.compress import FixedBatch
 from medfold.train import FoldData, Runner
-data = FoldData("{trained_workflow / DS / 'index.parquet'}", "{trained_workflow / DS / 'splits.parquet'}",
-                "{trained_workflow / DS / 'cache' / '64'}", 0)
-model, meta = load_artifact("{fold_dir / 'model.pt2'}")
+data = FoldData("{trained_workflow / DS / "index.parquet"}", "{trained_workflow / DS / "splits.parquet"}",
+                "{trained_workflow / DS / "cache" / "64"}", 0)
+model, meta = load_artifact("{fold_dir / "model.pt2"}")
 runner = Runner({{"eval_batch_size": 64, "amp": False, "channels_last": False}}, data.cache, data.targets, data.task,
                 torch.device("cpu"), None)
 probs, _ = runner.predict(data.rows["test"], None, FixedBatch(compiled(model), 32))
-saved = pd.read_parquet("{fold_dir / 'predictions.parquet'}")
+saved = pd.read_parquet("{fold_dir / "predictions.parquet"}")
 saved = saved[saved["set"] == "test"].filter(like="prob:").to_numpy()
 print(json.dumps({{"diff": float(np.abs(saved - probs).max()), "classes": meta["classes"]}}))
 """
@@ -231,17 +239,29 @@ def test_one_variant_of_one_fold_builds_only_what_it_needs(tmp_path):
 
     work = workflow_dir(tmp_path, QUICK)
     proc = run_snakemake(work, "--cores", "2", "--dry-run", f"{DS}/batchnorm/variants/int8/fold_1/metrics.json")
-    assert planned(proc) == {"demo_data": 1, "index": 1, "split": 1, "check_split": 1, "cache": 1, "train": 1,
-                             "compress": 1}
+    assert planned(proc) == {
+        "demo_data": 1,
+        "index": 1,
+        "split": 1,
+        "check_split": 1,
+        "cache": 1,
+        "train": 1,
+        "compress": 1,
+    }
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"variants": {"bad": {"method": "prune", "pruning": {"initial_sparsity": 0.8, "final_sparsity": 0.5}}}},
-     "variants.bad.pruning: need 0 <= initial_sparsity"),
-    ({"variants": {"odd": {"method": "int4"}}}, "int4"),
-    ({"variants": {"x": {"method": "ptq", "calibration_imgs": 3}}}, "calibration_imgs"),
-    ({"compression": {"experiments": ["nope"]}}, "compression.experiments: ['nope'] are not experiments"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"variants": {"bad": {"method": "prune", "pruning": {"initial_sparsity": 0.8, "final_sparsity": 0.5}}}},
+            "variants.bad.pruning: need 0 <= initial_sparsity",
+        ),
+        ({"variants": {"odd": {"method": "int4"}}}, "int4"),
+        ({"variants": {"x": {"method": "ptq", "calibration_imgs": 3}}}, "calibration_imgs"),
+        ({"compression": {"experiments": ["nope"]}}, "compression.experiments: ['nope'] are not experiments"),
+    ],
+)
 def test_bad_variant_config_stops_before_any_job(tmp_path, overrides, message):
     work = workflow_dir(tmp_path, overrides)
     proc = run_snakemake(work, "--cores", "1", "--dry-run", check=False)

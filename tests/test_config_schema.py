@@ -2,10 +2,10 @@ import shutil
 
 import pytest
 import yaml
+from conftest import REPO, SCHEMA, resolved_config
 from snakemake.exceptions import WorkflowError
 
-from conftest import REPO, SCHEMA, resolved_config
-from medfold.schema_doc import render, schema_keys, update
+from medfold.schema_doc import schema_keys, update
 
 
 def test_every_key_has_a_description_and_a_default():
@@ -17,8 +17,10 @@ def test_every_key_has_a_description_and_a_default():
 def test_config_readme_documents_the_current_schema(tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "config" / "README.md", readme)
-    assert not update(SCHEMA, readme), "config/README.md is stale: run python -m medfold.schema_doc " \
+    assert not update(SCHEMA, readme), (
+        "config/README.md is stale: run python -m medfold.schema_doc "
         "workflow/schemas/config.schema.yaml config/README.md"
+    )
     text = readme.read_text()
     for key, _ in schema_keys(yaml.safe_load(SCHEMA.read_text())):
         assert f"`{key}`" in text
@@ -33,12 +35,15 @@ def test_empty_config_gets_every_default():
     assert config["explain"]["experiments"] == []
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"split": {"folds": 0}}, "0 is less than the minimum of 1"),
-    ({"dataset": {"format": "parquet"}}, "'parquet' is not one of"),
-    ({"dataset": {"patient_colum": "x"}}, "Additional properties are not allowed ('patient_colum'"),
-    ({"split": {"test_fraction": 1.5}}, "greater than or equal to the maximum of 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        ({"split": {"folds": 0}}, "0 is less than the minimum of 1"),
+        ({"dataset": {"format": "parquet"}}, "'parquet' is not one of"),
+        ({"dataset": {"patient_colum": "x"}}, "Additional properties are not allowed ('patient_colum'"),
+        ({"split": {"test_fraction": 1.5}}, "greater than or equal to the maximum of 1"),
+    ],
+)
 def test_schema_rejects_bad_values_with_the_key(overrides, fragment):
     with pytest.raises(WorkflowError) as err:
         resolved_config(overrides)

@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 from PIL import Image
 

@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import folder_dataset
 from PIL import Image
 
-from conftest import folder_dataset
 from medfold.dicom import read_dicom
 from medfold.images import check_image, decode, pixels_to_uint8
 from medfold.index import build_index
@@ -18,8 +18,9 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid  # noqa: E402
 
 
-def write_dicom(path, pixels: np.ndarray, *, bits: int, photometric: str = "MONOCHROME2", patient="P1",
-                signed=False, **extra):
+def write_dicom(
+    path, pixels: np.ndarray, *, bits: int, photometric: str = "MONOCHROME2", patient="P1", signed=False, **extra
+):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -57,8 +58,16 @@ def test_twelve_bit_monochrome2_uses_all_grey_levels(tmp_path):
 
 def test_sixteen_bit_monochrome1_with_a_window_is_windowed_then_inverted(tmp_path):
     values = ramp(16)
-    write_dicom(tmp_path / "w.dcm", values, bits=16, photometric="MONOCHROME1", WindowCenter=20000, WindowWidth=10000,
-                RescaleSlope=1, RescaleIntercept=0)
+    write_dicom(
+        tmp_path / "w.dcm",
+        values,
+        bits=16,
+        photometric="MONOCHROME1",
+        WindowCenter=20000,
+        WindowWidth=10000,
+        RescaleSlope=1,
+        RescaleIntercept=0,
+    )
     image = read_dicom(tmp_path / "w.dcm")
     below, above = values < 15000, values > 25000
     # MONOCHROME1: low values are white; below the window all white, above it all black
@@ -91,7 +100,8 @@ def test_a_folder_of_dicom_files_is_split_by_patient_id_with_no_table(tmp_path):
             write_dicom(tmp_path / "export" / cls / f"IMG{p:03d}{k}.dcm", pixels, bits=12, patient=f"PAT-{p}")
     # a corrupt file, and an export without file extension that is still DICOM
     (tmp_path / "export" / "Normal" / "broken.dcm").write_bytes(
-        (tmp_path / "export" / "Normal" / "IMG0010.dcm").read_bytes()[:300])
+        (tmp_path / "export" / "Normal" / "IMG0010.dcm").read_bytes()[:300]
+    )
     shutil.copy(tmp_path / "export" / "Normal" / "IMG0010.dcm", tmp_path / "export" / "Normal" / "NOEXT")
     ds = folder_dataset(tmp_path / "export", patient_regex=None)
     index, report = build_index(ds)
@@ -101,8 +111,15 @@ def test_a_folder_of_dicom_files_is_split_by_patient_id_with_no_table(tmp_path):
     assert "cannot" in report["skipped"][0]["reason"] or "corrupt" in report["skipped"][0]["reason"]
     assert "Normal/NOEXT" in set(index["image_id"]) and index["study_uid"].notna().all()
     assert index["mode"].str.startswith("DICOM MONOCHROME2 12-bit").all()
-    config = {"seed": 0, "folds": 2, "test_fraction": 0.25, "method": "stratified", "test_from_source": False,
-              "source_test_names": ["test"], "on_source_leak": "resplit"}
+    config = {
+        "seed": 0,
+        "folds": 2,
+        "test_fraction": 0.25,
+        "method": "stratified",
+        "test_from_source": False,
+        "source_test_names": ["test"],
+        "on_source_leak": "resplit",
+    }
     splits, _ = make_splits(index, report["classes"], config)
     assert splits.groupby("patient_id")["fold"].nunique().max() == 1
 

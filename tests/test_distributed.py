@@ -3,15 +3,14 @@ Horovod (built by install/horovod.sh; .ci/run installs it)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, resolved_config
+
 from medfold.distributed import launch_command
 from medfold.models import build_model
 from medfold.settings import experiment_settings, train_resources
@@ -19,8 +18,10 @@ from medfold.train import train_fold_job
 
 DS = "results/demo_cxr14"
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
-needs_horovod = pytest.mark.skipif(not HOROVODRUN.exists() and not os.environ.get("CI"),
-                                   reason="Horovod is not installed (install/horovod.sh; .ci/run installs it)")
+needs_horovod = pytest.mark.skipif(
+    not HOROVODRUN.exists() and not os.environ.get("CI"),
+    reason="Horovod is not installed (install/horovod.sh; .ci/run installs it)",
+)
 BACKENDS = ["ddp", pytest.param("horovod", marks=needs_horovod)]
 
 
@@ -51,16 +52,36 @@ def test_two_processes_with_batch_b_update_like_one_process_with_batch_2b(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_process_training_learns_and_ends_with_identical_replicas(backend, trained_workflow, tmp_path):
-    config = resolved_config({"training": {"epochs": 6, "early_stopping": {"enabled": False},
-                                           "distributed": {"backend": backend, "gpus": 2}, "device": "cpu"},
-                              "experiments": {"spread": {"batch_norm": True}}})
+    config = resolved_config(
+        {
+            "training": {
+                "epochs": 6,
+                "early_stopping": {"enabled": False},
+                "distributed": {"backend": backend, "gpus": 2},
+                "device": "cpu",
+            },
+            "experiments": {"spread": {"batch_norm": True}},
+        }
+    )
     settings = experiment_settings(config, "spread", REPO / "workflow/schemas/config.schema.yaml")
     out, log = tmp_path / "fold_0", tmp_path / "train.log"
-    train_fold_job(settings, trained_workflow / DS / "index.parquet", trained_workflow / DS / "splits.parquet",
-                   trained_workflow / DS / "cache" / "64", 0, out, 2, str(log))
+    train_fold_job(
+        settings,
+        trained_workflow / DS / "index.parquet",
+        trained_workflow / DS / "splits.parquet",
+        trained_workflow / DS / "cache" / "64",
+        0,
+        out,
+        2,
+        str(log),
+    )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["distributed"] == {"backend": backend, "world_size": 2, "lr": 2 * settings["lr"],
-                                      "replicas_identical": True}
+    assert metrics["distributed"] == {
+        "backend": backend,
+        "world_size": 2,
+        "lr": 2 * settings["lr"],
+        "replicas_identical": True,
+    }
     assert metrics["test"]["auroc_macro"] > 0.7  # learned (chance is 0.5) in 6 short epochs
     assert (out / "model.pt").exists()
     assert not (out / "checkpoint.pt").exists()
@@ -79,7 +100,16 @@ def test_resources_and_launchers_for_each_backend():
     assert train_resources(hvd) == {"gpu": 4, "tasks": 1, "tasks_per_gpu": 0, "mpi": ""}
     assert train_resources({**base, "gpus": 1}) == {"gpu": 1, "tasks": 1, "tasks_per_gpu": 0, "mpi": ""}
     assert train_resources({**ddp, "device": "cpu"})["gpu"] == 0
-    assert launch_command("ddp", 4, "srun", 1, ["m"])[:5] == ["srun", "-n", "4", "--kill-on-bad-exit=1",
-                                                             "--gpus-per-task=1"]
-    assert launch_command("ddp", 2, "local", 0, ["m"])[2:6] == ["torch.distributed.run", "--standalone",
-                                                                "--nproc_per_node", "2"]
+    assert launch_command("ddp", 4, "srun", 1, ["m"])[:5] == [
+        "srun",
+        "-n",
+        "4",
+        "--kill-on-bad-exit=1",
+        "--gpus-per-task=1",
+    ]
+    assert launch_command("ddp", 2, "local", 0, ["m"])[2:6] == [
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]

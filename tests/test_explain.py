@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import prepare_demo, resolved_config
 from PIL import Image
 
-from conftest import prepare_demo, resolved_config
 from medfold.demo import WEAK_SUBGROUP_AGE, _patient_anatomy, render_radiograph
 from medfold.explain import choose_images, explain_fold, signal_ratio, superpixels
 from medfold.train import run_fold
@@ -22,12 +22,21 @@ def explained(tmp_path_factory, demo_dir):
     root = prepare_demo(tmp_path_factory.mktemp("explain"), demo_dir)
     config = resolved_config()
     training = resolved_config({"training": {"batch_norm": True, "device": "cpu"}})["training"]
-    result = run_fold(training, root / "index.parquet", root / "splits.parquet", root / "cache", FOLD, root / "fold",
-                      threads=2)
+    result = run_fold(
+        training, root / "index.parquet", root / "splits.parquet", root / "cache", FOLD, root / "fold", threads=2
+    )
     assert result["test"]["auroc_macro"] > 0.9  # explanations of a model that learned nothing say nothing
     cfg = {**config["explain"], "images_per_class": 6}
-    out = explain_fold(root / "fold" / "model.pt", root / "index.parquet", root / "splits.parquet", root / "cache",
-                       FOLD, root / "explanations", cfg, threads=2)
+    out = explain_fold(
+        root / "fold" / "model.pt",
+        root / "index.parquet",
+        root / "splits.parquet",
+        root / "cache",
+        FOLD,
+        root / "explanations",
+        cfg,
+        threads=2,
+    )
     return root, out
 
 
@@ -77,8 +86,16 @@ def test_grad_cam_and_lime_highlight_the_signal_more_than_the_background(explain
 
 def test_the_same_config_explains_the_same_images_with_the_same_maps(explained):
     root, result = explained
-    again = explain_fold(root / "fold" / "model.pt", root / "index.parquet", root / "splits.parquet", root / "cache",
-                         FOLD, root / "again", {**resolved_config()["explain"], "images_per_class": 6}, threads=2)
+    again = explain_fold(
+        root / "fold" / "model.pt",
+        root / "index.parquet",
+        root / "splits.parquet",
+        root / "cache",
+        FOLD,
+        root / "again",
+        {**resolved_config()["explain"], "images_per_class": 6},
+        threads=2,
+    )
     assert [i["image_id"] for i in again["images"]] == [i["image_id"] for i in result["images"]]
     first, second = np.load(root / "explanations" / "maps.npz"), np.load(root / "again" / "maps.npz")
     np.testing.assert_allclose(first["gradcam"], second["gradcam"], atol=1e-6)

@@ -17,21 +17,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, SNAKEMAKE, planned, prepare_demo, resolved_config, run_snakemake, workflow_dir
+
 from medfold.errors import DataError
 
 DS = "demo_cxr14"
 # the smallest workflow that still has every stage: 2 folds, 2 epochs at 32 px, a bf16 variant
-TINY = {"demo": {"cxr14_patients": 24, "folder_patients": 10},
-        "split": {"folds": 2},
-        "training": {"epochs": 2, "image_size": 32, "early_stopping": {"enabled": False}},
-        "experiments": {"bn": {"batch_norm": True}},
-        "ensembles": {},
-        "evaluation": {"bootstrap": 100},
-        "variants": {"half": {"method": "bf16"}},
-        "compression": {"experiments": ["bn"], "latency": {"repeats": 2, "warmup": 1}},
-        "explain": {"experiments": ["bn"], "images_per_class": 1, "lime": {"samples": 20}}}
+TINY = {
+    "demo": {"cxr14_patients": 24, "folder_patients": 10},
+    "split": {"folds": 2},
+    "training": {"epochs": 2, "image_size": 32, "early_stopping": {"enabled": False}},
+    "experiments": {"bn": {"batch_norm": True}},
+    "ensembles": {},
+    "evaluation": {"bootstrap": 100},
+    "variants": {"half": {"method": "bf16"}},
+    "compression": {"experiments": ["bn"], "latency": {"repeats": 2, "warmup": 1}},
+    "explain": {"experiments": ["bn"], "images_per_class": 1, "lime": {"samples": 20}},
+}
 STAGES = ["index", "cache", "train", "compress", "explain", "report"]
 # values that measure time or where a job ran, not what it computed
 VOLATILE = ("seconds", "latency", "images_per_s", "speedup", "wall", "time", "hardware", "cpu", "threads", "rss")
@@ -55,7 +57,11 @@ def compare_results(reference: Path, other: Path) -> int:
     compared = 0
     for path in sorted((reference / "results").rglob("*")):
         rel = path.relative_to(reference)
-        if not path.is_file() or any(p in ("logs", "benchmarks", "tensorboard") for p in rel.parts) or path.suffix == ".log":
+        if (
+            not path.is_file()
+            or any(p in ("logs", "benchmarks", "tensorboard") for p in rel.parts)
+            or path.suffix == ".log"
+        ):
             continue
         twin = other / rel
         assert twin.exists(), f"{rel} missing after the faults"
@@ -63,7 +69,9 @@ def compare_results(reference: Path, other: Path) -> int:
         if path.suffix == ".json":
             if path.name == "compression.json":
                 assert 0 < json.loads(twin.read_text())["ratios"]["size"] < 1.5, rel
-            assert _stable(json.loads(twin.read_text()), volatile) == _stable(json.loads(path.read_text()), volatile), rel
+            assert _stable(json.loads(twin.read_text()), volatile) == _stable(json.loads(path.read_text()), volatile), (
+                rel
+            )
         elif path.suffix == ".csv" and any(c in path.read_text().split("\n")[0] for c in volatile):
             a, b = pd.read_csv(path), pd.read_csv(twin)
             keep = [c for c in a.columns if not any(word in c for word in volatile)]
@@ -73,6 +81,7 @@ def compare_results(reference: Path, other: Path) -> int:
             assert twin.stat().st_size > 0, rel
         elif path.name == "model.pt":
             import torch
+
             a, b = (torch.load(p, weights_only=True) for p in (path, twin))
             assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), rel
         else:
@@ -97,10 +106,21 @@ def _job_pid(work: Path, script: str) -> int | None:
 
 
 def _start(work: Path, *args: str) -> subprocess.Popen:
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "config" / "config.yaml"), "--cores", "2", *args]
-    return subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config" / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _wait_for_job(proc: subprocess.Popen, work: Path, script: str, timeout: float = 600) -> int:
@@ -221,8 +241,17 @@ def test_a_truncated_or_altered_cache_is_refused_and_a_rebuild_is_accepted(prepa
 def test_an_unreadable_checkpoint_is_set_aside_and_the_fold_trains_from_the_start(prepared, tmp_path):
     from medfold.train import CHECKPOINT, run_fold
 
-    training = resolved_config({"training": {"batch_norm": True, "device": "cpu", "image_size": 32, "epochs": 2,
-                                             "early_stopping": {"enabled": False}}})["training"]
+    training = resolved_config(
+        {
+            "training": {
+                "batch_norm": True,
+                "device": "cpu",
+                "image_size": 32,
+                "epochs": 2,
+                "early_stopping": {"enabled": False},
+            }
+        }
+    )["training"]
     args = (prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache", 0)
     run_fold(training, *args, tmp_path / "clean", threads=2)
     (tmp_path / "bad").mkdir()
@@ -231,8 +260,10 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_fold_trains_from_the_star
     run_fold(training, *args, tmp_path / "bad", threads=2)
     assert (tmp_path / "bad" / (CHECKPOINT + ".unreadable")).exists()
     for name in ("predictions.parquet", "history.csv"):
-        a, b = (pd.read_csv(p) if name.endswith("csv") else pd.read_parquet(p)
-                for p in (tmp_path / "clean" / name, tmp_path / "bad" / name))
+        a, b = (
+            pd.read_csv(p) if name.endswith("csv") else pd.read_parquet(p)
+            for p in (tmp_path / "clean" / name, tmp_path / "bad" / name)
+        )
         keep = [c for c in a.columns if not any(word in c for word in VOLATILE)]
         pd.testing.assert_frame_equal(a[keep], b[keep])
 
@@ -277,8 +308,17 @@ def test_a_full_disk_while_caching_is_named_and_a_rerun_after_freeing_space_comp
 def test_a_full_disk_while_training_is_named_and_a_rerun_after_freeing_space_completes(prepared, tmp_path):
     from medfold.train import run_fold
 
-    training = resolved_config({"training": {"batch_norm": True, "device": "cpu", "image_size": 32, "epochs": 2,
-                                             "early_stopping": {"enabled": False}}})["training"]
+    training = resolved_config(
+        {
+            "training": {
+                "batch_norm": True,
+                "device": "cpu",
+                "image_size": 32,
+                "epochs": 2,
+                "early_stopping": {"enabled": False},
+            }
+        }
+    )["training"]
     args = (prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache", 0)
     run_fold(training, *args, tmp_path / "clean", threads=2)
     with small_disk(tmp_path / "disk", 4096) as disk:
@@ -288,7 +328,12 @@ def test_a_full_disk_while_training_is_named_and_a_rerun_after_freeing_space_com
         assert not list((disk / "fold").glob("*.tmp"))
         filler.unlink()
         run_fold(training, *args, disk / "fold", threads=2)
-        a, b = pd.read_parquet(tmp_path / "clean" / "predictions.parquet"), pd.read_parquet(disk / "fold" / "predictions.parquet")
+        a, b = (
+            pd.read_parquet(tmp_path / "clean" / "predictions.parquet"),
+            pd.read_parquet(disk / "fold" / "predictions.parquet"),
+        )
         pd.testing.assert_frame_equal(a, b)
-        assert np.array_equal(pd.read_csv(tmp_path / "clean" / "history.csv")["val_loss"],
-                              pd.read_csv(disk / "fold" / "history.csv")["val_loss"])
+        assert np.array_equal(
+            pd.read_csv(tmp_path / "clean" / "history.csv")["val_loss"],
+            pd.read_csv(disk / "fold" / "history.csv")["val_loss"],
+        )

@@ -1,4 +1,3 @@
-import json
 import shutil
 
 import jsonschema
@@ -6,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, csv_dataset, folder_dataset, resolved_config
 from PIL import Image
 
-from conftest import REPO, csv_dataset, folder_dataset, resolved_config
 from medfold.errors import ConfigError
 from medfold.images import check_image, pixels_to_uint8
 from medfold.index import INDEX_SCHEMA, build_index, patient_from_name, read_index, write_index
@@ -73,14 +72,17 @@ def test_folder_adapter_reads_nested_fold_folders(tmp_path, demo_dir):
     assert report["duplicates"]["groups"] == 1 and report["duplicates"]["images"] == 8
 
 
-@pytest.mark.parametrize("name,pattern,expected", [
-    ("00000001_000.png", r"^(\d+)_", "00000001"),
-    ("00030805_000.png", r"^(\d+)_", "00030805"),
-    ("person1_bacteria_1.jpeg", r"^(person\d+)_", "person1"),
-    ("person1490_virus_2589.jpeg", r"^(person\d+)_", "person1490"),
-    ("NORMAL2-IM-1427-0001.jpeg", r"^(?P<patient>NORMAL2-IM-\d+)-", "NORMAL2-IM-1427"),
-    ("IM-0115-0001.jpeg", r"^(person\d+)_", None),
-])
+@pytest.mark.parametrize(
+    "name,pattern,expected",
+    [
+        ("00000001_000.png", r"^(\d+)_", "00000001"),
+        ("00030805_000.png", r"^(\d+)_", "00030805"),
+        ("person1_bacteria_1.jpeg", r"^(person\d+)_", "person1"),
+        ("person1490_virus_2589.jpeg", r"^(person\d+)_", "person1490"),
+        ("NORMAL2-IM-1427-0001.jpeg", r"^(?P<patient>NORMAL2-IM-\d+)-", "NORMAL2-IM-1427"),
+        ("IM-0115-0001.jpeg", r"^(person\d+)_", None),
+    ],
+)
 def test_patient_regex(name, pattern, expected):
     assert patient_from_name(pd.Series([f"train/NORMAL/{name}"]), pattern).iloc[0] == expected
 
@@ -113,7 +115,7 @@ def test_bad_files_are_reported_with_their_reason_and_the_rest_is_indexed(tmp_pa
     for f in good:
         shutil.copy(f, root / f.name)
     data = bytearray(_png_bytes(demo_dir))
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damage the compressed pixel data
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # damage the compressed pixel data
     (root / "person901_corrupt_0.png").write_bytes(bytes(data))
     buffer = tmp_path / "x.jpg"
     Image.open(good[0]).convert("L").save(buffer, "JPEG")
@@ -122,7 +124,12 @@ def test_bad_files_are_reported_with_their_reason_and_the_rest_is_indexed(tmp_pa
     (root / "person904_text_0.png").write_text("this is a text file named like an image\n")
     table, report = build_index(folder_dataset(tmp_path / "tree", task="multilabel", labels=["Normal"]), threads=2)
     reasons = {s["image_id"].split("/")[-1]: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == {"person901_corrupt_0.png", "person902_truncated_0.jpg", "person903_empty_0.png", "person904_text_0.png"}
+    assert set(reasons) == {
+        "person901_corrupt_0.png",
+        "person902_truncated_0.jpg",
+        "person903_empty_0.png",
+        "person904_text_0.png",
+    }
     assert reasons["person901_corrupt_0.png"].startswith("corrupt image")
     assert reasons["person902_truncated_0.jpg"].startswith("truncated image")
     assert reasons["person903_empty_0.png"] == "empty file (0 bytes)"
@@ -150,15 +157,26 @@ def _npz(path, multilabel=False):
     arrays = {}
     for split, n in (("train", 30), ("val", 10), ("test", 12)):
         arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, 3)) if multilabel else rng.integers(0, 4, (n, 1))).astype(np.uint8)
+        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, 3)) if multilabel else rng.integers(0, 4, (n, 1))).astype(
+            np.uint8
+        )
     np.savez(path, **arrays)
     return arrays
 
 
 def test_npz_adapter_keeps_official_splits_and_flags_missing_patients(tmp_path):
     arrays = _npz(tmp_path / "organsmnist.npz")
-    ds = resolved_config({"dataset": {"format": "npz", "task": "multiclass", "npz": str(tmp_path / "organsmnist.npz"),
-                                      "labels": ["liver", "kidney", "spleen", "bladder"], "patient_column": None}})["dataset"]
+    ds = resolved_config(
+        {
+            "dataset": {
+                "format": "npz",
+                "task": "multiclass",
+                "npz": str(tmp_path / "organsmnist.npz"),
+                "labels": ["liver", "kidney", "spleen", "bladder"],
+                "patient_column": None,
+            }
+        }
+    )["dataset"]
     table, report = build_index(ds)
     assert report["source_splits"] == {"test": 12, "train": 30, "val": 10}
     row = table.set_index("image_id").loc["val/000003"]
@@ -168,8 +186,17 @@ def test_npz_adapter_keeps_official_splits_and_flags_missing_patients(tmp_path):
 
 def test_npz_adapter_multilabel(tmp_path):
     arrays = _npz(tmp_path / "chestmnist.npz", multilabel=True)
-    ds = resolved_config({"dataset": {"format": "npz", "task": "multilabel", "npz": str(tmp_path / "chestmnist.npz"),
-                                      "labels": ["a", "b", "c"], "patient_column": None}})["dataset"]
+    ds = resolved_config(
+        {
+            "dataset": {
+                "format": "npz",
+                "task": "multilabel",
+                "npz": str(tmp_path / "chestmnist.npz"),
+                "labels": ["a", "b", "c"],
+                "patient_column": None,
+            }
+        }
+    )["dataset"]
     table, _ = build_index(ds)
     expected = [[n for n, v in zip("abc", row) if v] for row in arrays["train_labels"]]
     assert table[table["source_split"] == "train"]["labels"].tolist() == expected
@@ -194,7 +221,9 @@ def test_unknown_label_names_the_label_the_image_and_the_key(demo_dir):
 
 
 def test_regex_matching_nothing_is_a_config_error(demo_dir):
-    with pytest.raises(ConfigError, match=r"dataset\.patient_regex: '\^patient_\(\\\\d\+\)' matches none of the \d+ file names"):
+    with pytest.raises(
+        ConfigError, match=r"dataset\.patient_regex: '\^patient_\(\\\\d\+\)' matches none of the \d+ file names"
+    ):
         build_index(folder_dataset(demo_dir / "chest_xray", patient_regex=r"^patient_(\d+)"))
 
 
@@ -207,8 +236,14 @@ def test_metadata_only_index_opens_no_files(tmp_path, demo_dir):
     table_path = tmp_path / "entries.csv"
     rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").assign(W=1024, H=1024)
     rows.to_csv(table_path, index=False)
-    ds = csv_dataset(demo_dir, table=str(table_path), root=str(tmp_path / "nowhere"), metadata_only=True,
-                     metadata_width_column="W", metadata_height_column="H")
+    ds = csv_dataset(
+        demo_dir,
+        table=str(table_path),
+        root=str(tmp_path / "nowhere"),
+        metadata_only=True,
+        metadata_width_column="W",
+        metadata_height_column="H",
+    )
     table, report = build_index(ds)
     assert len(table) == rows["Image Index"].nunique() and not table["present"].any()
     assert table["content_hash"].isna().all() and table["fingerprint"].isna().all()
@@ -227,22 +262,43 @@ def test_csv_with_one_hot_label_columns_nested_images_and_a_split_column(tmp_pat
         target = tmp_path / "images" / f"images_{i % 3:03d}" / "images" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(demo_dir / "cxr14" / "images" / name, target)
-    table = pd.DataFrame({"file": rows["Image Index"], "pid": rows["Patient ID"],
-                          "Effusion": rows["Finding Labels"].str.contains("Effusion").astype(int),
-                          "Nodule": rows["Finding Labels"].str.contains("Nodule").astype(int),
-                          "split": ["train"] * 9 + ["test"] * 3})
+    table = pd.DataFrame(
+        {
+            "file": rows["Image Index"],
+            "pid": rows["Patient ID"],
+            "Effusion": rows["Finding Labels"].str.contains("Effusion").astype(int),
+            "Nodule": rows["Finding Labels"].str.contains("Nodule").astype(int),
+            "split": ["train"] * 9 + ["test"] * 3,
+        }
+    )
     table.to_csv(tmp_path / "labels.csv", index=False)
-    ds = csv_dataset(demo_dir, table=str(tmp_path / "labels.csv"), root=str(tmp_path / "images"), path_column="file",
-                     label_column=None, label_columns=["Effusion", "Nodule"], labels=["Effusion", "Nodule"],
-                     patient_column="pid", source_split_column="split", recursive_lookup=True)
+    ds = csv_dataset(
+        demo_dir,
+        table=str(tmp_path / "labels.csv"),
+        root=str(tmp_path / "images"),
+        path_column="file",
+        label_column=None,
+        label_columns=["Effusion", "Nodule"],
+        labels=["Effusion", "Nodule"],
+        patient_column="pid",
+        source_split_column="split",
+        recursive_lookup=True,
+    )
     index, report = build_index(ds)
     assert report["images_skipped"] == 0 and len(index) == 12
     expected = [[c for c in ("Effusion", "Nodule") if r[c] == 1] for _, r in table.iterrows()]
     assert index["labels"].tolist() == expected
     assert index["path"].str.contains("images_00").all() and index["source_split"].tolist() == table["split"].tolist()
-    without = csv_dataset(demo_dir, table=str(tmp_path / "labels.csv"), root=str(tmp_path / "images"), path_column="file",
-                          label_column=None, label_columns=["Effusion", "Nodule"], labels=["Effusion", "Nodule"],
-                          patient_column="pid")
+    without = csv_dataset(
+        demo_dir,
+        table=str(tmp_path / "labels.csv"),
+        root=str(tmp_path / "images"),
+        path_column="file",
+        label_column=None,
+        label_columns=["Effusion", "Nodule"],
+        labels=["Effusion", "Nodule"],
+        patient_column="pid",
+    )
     with pytest.raises(ConfigError, match=r"all 12 images were unreadable; first: .*00000001_000\.png: file not found"):
         build_index(without)  # without recursive_lookup the nested files are not where the table says
 
@@ -267,7 +323,9 @@ def test_metadata_columns_travel_into_the_index_and_a_wrong_name_is_named(demo_d
     expected = rows.set_index("Image Index").loc[index["image_id"]]
     assert index["meta:Patient Age"].tolist() == expected["Patient Age"].tolist()
     assert index["meta:View Position"].tolist() == expected["View Position"].tolist()
-    with pytest.raises(ConfigError, match=r"column 'Age' \(dataset.metadata_columns \(or evaluation.subgroups\)\) not found"):
+    with pytest.raises(
+        ConfigError, match=r"column 'Age' \(dataset.metadata_columns \(or evaluation.subgroups\)\) not found"
+    ):
         build_index(csv_dataset(demo_dir, metadata_columns=["Age"]))
     with pytest.raises(ConfigError, match="format 'csv' has and format 'folders' does not"):
         build_index(folder_dataset(demo_dir / "chest_xray", metadata_columns=["Patient Age"]))

@@ -61,11 +61,20 @@ def test_summary_has_quartiles_and_compare_marks_best_on_validation(tmp_path):
     assert list(summary.index) == ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
     assert summary.loc["25%", "val.auroc_macro"] == pytest.approx(0.775)
     import json
+
     paths, ens = {}, {}
     for name, val, test in (("a", 0.9, 0.99), ("b", 0.95, 0.5)):
         paths[name] = tmp_path / f"{name}.json"
-        paths[name].write_text(json.dumps({"statistics": {"val.auroc_macro": {"mean": val, "std": 0.01},
-                                                          "test.auroc_macro": {"mean": test, "std": 0.01}}}))
+        paths[name].write_text(
+            json.dumps(
+                {
+                    "statistics": {
+                        "val.auroc_macro": {"mean": val, "std": 0.01},
+                        "test.auroc_macro": {"mean": test, "std": 0.01},
+                    }
+                }
+            )
+        )
         ens[name] = tmp_path / f"{name}_ens.json"
         ens[name].write_text(json.dumps({"auroc_macro": test, "ci95": {"auroc_macro": [test - 0.1, test]}}))
     table = compare_experiments(paths, ens)

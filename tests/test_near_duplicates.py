@@ -6,9 +6,9 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import csv_dataset, folder_dataset, resolved_config
 from PIL import Image
 
-from conftest import csv_dataset, folder_dataset, resolved_config
 from medfold import fingerprint as fp
 from medfold.errors import ConfigError, LeakageError
 from medfold.index import build_index
@@ -75,13 +75,14 @@ def test_search_finds_exactly_what_brute_force_finds():
     bias = 0.5 + rng.uniform(-0.4, 0.4, fp.BITS)
     bits = (rng.random((3000, fp.BITS)) < bias).astype(np.uint8)
     for i in range(40):  # planted: oriented copies with a few bits flipped
-        copy = fp.oriented(bits[i:i + 1], i % 8)[0]
+        copy = fp.oriented(bits[i : i + 1], i % 8)[0]
         copy[rng.choice(fp.BITS, i % 6, replace=False)] ^= 1
         bits[1000 + i] = copy
     fast = fp.near_duplicate_pairs(bits, 5)
     slow = fp.brute_force_pairs(bits, 5)
-    pd.testing.assert_frame_equal(fast.reset_index(drop=True), slow.sort_values(["a", "b"]).reset_index(drop=True),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        fast.reset_index(drop=True), slow.sort_values(["a", "b"]).reset_index(drop=True), check_dtype=False
+    )
     assert {(i, 1000 + i) for i in range(40)} <= set(zip(fast["a"], fast["b"]))
 
 
@@ -97,7 +98,9 @@ def test_near_duplicate_clusters_never_cross_sets_and_check_split_names_a_crossi
     moved.loc[row, "fold"] = -1 if where.loc[planted["original"], "fold"] >= 0 else 0
     moved.loc[row, "set"] = "test" if where.loc[planted["original"], "fold"] >= 0 else "cv"
     moved.loc[row, "patient_id"] = "someone else"
-    with pytest.raises(LeakageError, match=rf"near-duplicate clusters .* cross sets: .*{planted['copy']}.*distance \d+"):
+    with pytest.raises(
+        LeakageError, match=rf"near-duplicate clusters .* cross sets: .*{planted['copy']}.*distance \d+"
+    ):
         check_split(index, moved)
 
 
@@ -119,21 +122,33 @@ def test_a_file_listed_twice_joins_its_patients_and_conflicting_labels_are_named
     listed = set(rows.iloc[5]["Finding Labels"].split("|")) - {"No Finding"}
     assert set(merged["labels"]) == listed | {"Nodule"} and "999" in merged["patient_aliases"]
     # single-label: an error naming the lines
-    single = pd.DataFrame({"file": ["a.png", "b.png", "a.png"], "label": ["Normal", "Pneumonia", "Pneumonia"],
-                           "patient": ["1", "2", "3"]})
+    single = pd.DataFrame(
+        {"file": ["a.png", "b.png", "a.png"], "label": ["Normal", "Pneumonia", "Pneumonia"], "patient": ["1", "2", "3"]}
+    )
     single.to_csv(tmp_path / "single.csv", index=False)
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((40, 40), 100, np.uint8)).save(tmp_path / name)
-    ds = csv_dataset(demo_dir, table=str(tmp_path / "single.csv"), root=str(tmp_path), path_column="file",
-                     label_column="label", label_separator=None, patient_column="patient", task="multiclass",
-                     labels=[], no_finding_label=None)
+    ds = csv_dataset(
+        demo_dir,
+        table=str(tmp_path / "single.csv"),
+        root=str(tmp_path),
+        path_column="file",
+        label_column="label",
+        label_separator=None,
+        patient_column="patient",
+        task="multiclass",
+        labels=[],
+        no_finding_label=None,
+    )
     with pytest.raises(ConfigError, match=r"'a.png' is listed on lines \[2, 4\] with different labels"):
         build_index(ds)
 
 
 def _npz_with_shared_images(path):
     rng = np.random.default_rng(0)
-    images = {s: rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("val", 12), ("test", 12))}
+    images = {
+        s: rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("val", 12), ("test", 12))
+    }
     images["val"][:3] = images["train"][:3]  # PneumoniaMNIST ships identical images in train and val
     labels = {s: (np.arange(len(v)) % 2)[:, None] for s, v in images.items()}
     np.savez(path, **{f"{s}_images": v for s, v in images.items()}, **{f"{s}_labels": v for s, v in labels.items()})
@@ -141,9 +156,18 @@ def _npz_with_shared_images(path):
 
 def test_an_official_split_that_leaks_stops_or_drops_the_later_copies(tmp_path):
     _npz_with_shared_images(tmp_path / "p.npz")
-    config = resolved_config({"dataset": {"format": "npz", "npz": str(tmp_path / "p.npz"), "task": "binary",
-                                          "labels": ["normal", "pneumonia"], "patient_column": None},
-                              "split": {"method": "source", "folds": 1}})
+    config = resolved_config(
+        {
+            "dataset": {
+                "format": "npz",
+                "npz": str(tmp_path / "p.npz"),
+                "task": "binary",
+                "labels": ["normal", "pneumonia"],
+                "patient_column": None,
+            },
+            "split": {"method": "source", "folds": 1},
+        }
+    )
     index, report = build_index(config["dataset"])
     splits, summary = make_splits(index, report["classes"], config["split"])
     with pytest.raises(LeakageError, match="on_source_duplicate 'drop'"):

@@ -5,23 +5,32 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import REPO, planned
+
 from medfold.demo import generate_folders
 
-OWN = {"dataset": {"name": "my_xrays", "format": "folders", "root": "data/chest_xray",
-                   "patient_regex": r"^(person\d+)_"},
-       "experiments": {"small": {"image_size": 32, "epochs": 2}}}
+OWN = {
+    "dataset": {"name": "my_xrays", "format": "folders", "root": "data/chest_xray", "patient_regex": r"^(person\d+)_"},
+    "experiments": {"small": {"image_size": 32, "epochs": 2}},
+}
 
 
 def _readme_command(work, *extra):
     """README: `snakemake --cores 8 --configfile my_dataset.yaml`, run where the demo's
     config/config.yaml also lies (as in the repository's root)."""
-    command = next(line for line in (REPO / "README.md").read_text().splitlines()
-                   if line.startswith("snakemake --cores 8 --configfile my_dataset.yaml"))
+    command = next(
+        line
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.startswith("snakemake --cores 8 --configfile my_dataset.yaml")
+    )
     args = command.split()[1:]
-    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args, *extra],
-                          cwd=work, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args, *extra],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_config_of_ones_own_plans_exactly_its_one_experiment(tmp_path):
@@ -33,16 +42,30 @@ def test_a_config_of_ones_own_plans_exactly_its_one_experiment(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # 3 folds (the schema's default) of one experiment; no demo experiments, grid, ensembles,
     # explanations or variants (before: 61 jobs, 21 of them training)
-    assert planned(proc) == {"index": 1, "cache": 1, "split": 1, "check_split": 1, "train": 3, "aggregate": 1,
-                             "compare_experiments": 1, "report": 1, "all": 1}
+    assert planned(proc) == {
+        "index": 1,
+        "cache": 1,
+        "split": 1,
+        "check_split": 1,
+        "train": 3,
+        "aggregate": 1,
+        "compare_experiments": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert "demo_data" not in proc.stdout and "Cardiomegaly" not in proc.stdout
 
 
 def test_no_config_file_still_runs_the_demo(tmp_path):
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
-                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     jobs = planned(proc)
     assert jobs["demo_data"] == 1 and jobs["compress"] > 0 and jobs["explain"] > 0 and jobs["grid_table"] == 1
 
@@ -51,16 +74,23 @@ def _covid_table(root):
     """A public COVID-19 collection's metadata as it comes: X-ray and CT, several views, raw
     findings to be mapped, one row to be done."""
     import numpy as np
-    from PIL import Image
     import pandas as pd
+    from PIL import Image
 
     rows = []
     findings = ["COVID-19", "COVID-19, ARDS", "Pneumonia/Viral/SARS", "No Finding", "todo"]
     for i in range(40):
         name = f"img_{i:03d}.png"
         Image.fromarray(np.full((32, 32), 10 * (i % 20), np.uint8)).save(root / name)
-        rows.append({"filename": name, "patientid": f"p{i // 2}", "finding": findings[i % 5],
-                     "modality": "CT" if i % 8 == 7 else "X-ray", "view": ["PA", "AP", "L", "AP Supine"][i % 4]})
+        rows.append(
+            {
+                "filename": name,
+                "patientid": f"p{i // 2}",
+                "finding": findings[i % 5],
+                "modality": "CT" if i % 8 == 7 else "X-ray",
+                "view": ["PA", "AP", "L", "AP Supine"][i % 4],
+            }
+        )
     table = pd.DataFrame(rows)
     table.to_csv(root / "metadata.csv", index=False)
     return table
@@ -68,27 +98,43 @@ def _covid_table(root):
 
 def test_rows_are_selected_and_raw_findings_mapped_with_every_omission_counted(tmp_path, demo_dir):
     import pytest
-
     from conftest import csv_dataset
+
     from medfold.errors import ConfigError
     from medfold.index import build_index
 
     table = _covid_table(tmp_path)
     query = "modality == 'X-ray' and view in ['PA', 'AP']"
-    ds = csv_dataset(demo_dir, table=str(tmp_path / "metadata.csv"), root=str(tmp_path), path_column="filename",
-                     label_column="finding", label_separator=None, patient_column="patientid", task="binary",
-                     labels=["Other", "COVID"], no_finding_label=None, filter=query,
-                     label_map={"COVID-19": "COVID", "COVID-19, ARDS": "COVID", "todo": None}, unmapped_label="Other")
+    ds = csv_dataset(
+        demo_dir,
+        table=str(tmp_path / "metadata.csv"),
+        root=str(tmp_path),
+        path_column="filename",
+        label_column="finding",
+        label_separator=None,
+        patient_column="patientid",
+        task="binary",
+        labels=["Other", "COVID"],
+        no_finding_label=None,
+        filter=query,
+        label_map={"COVID-19": "COVID", "COVID-19, ARDS": "COVID", "todo": None},
+        unmapped_label="Other",
+    )
     index, report = build_index(ds)
     selected = table.query(query)
     kept = selected[selected["finding"] != "todo"]
-    assert report["rows_left_out"] == {"dataset.filter": len(table) - len(selected),
-                                       "no class after dataset.label_map": int((selected["finding"] == "todo").sum())}
+    assert report["rows_left_out"] == {
+        "dataset.filter": len(table) - len(selected),
+        "no class after dataset.label_map": int((selected["finding"] == "todo").sum()),
+    }
     assert set(index["image_id"]) == set(kept["filename"])
     covid = set(kept.loc[kept["finding"].str.startswith("COVID"), "filename"])
     assert set(index.loc[index["labels"].map(lambda labels: labels == ["COVID"]), "image_id"]) == covid
     others = kept.loc[~kept["finding"].str.startswith("COVID"), "finding"].value_counts().to_dict()
-    assert report["label_map"]["unmapped_raw_labels"] == others and set(others) == {"Pneumonia/Viral/SARS", "No Finding"}
+    assert report["label_map"]["unmapped_raw_labels"] == others and set(others) == {
+        "Pneumonia/Viral/SARS",
+        "No Finding",
+    }
     with pytest.raises(ConfigError, match=r"dataset.filter .*'modalty'.* its columns are \['filename'"):
         build_index({**ds, "filter": "modalty == 'X-ray'"})
     with pytest.raises(ConfigError, match=r"dataset.filter .* cannot be evaluated"):
@@ -101,13 +147,15 @@ def test_medfold_init_writes_a_starter_config_that_plans(tmp_path):
     medfold = str(__import__("pathlib").Path(sys.executable).parent / "medfold")
     help_text = subprocess.run([medfold, "--help"], capture_output=True, text=True).stdout
     assert "predict" in help_text and "init" in help_text
-    proc = subprocess.run([medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "snakemake --cores 8 --configfile mine.yaml" in proc.stdout
     config = yaml.safe_load((tmp_path / "mine.yaml").read_text())
     assert config["dataset"]["name"] == "kermany_pneumonia"
-    again = subprocess.run([medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path,
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [medfold, "init", "--preset", "kermany_pneumonia", "mine.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert again.returncode == 1 and "mine.yaml exists" in again.stderr and "Traceback" not in again.stderr
     wrong = subprocess.run([medfold, "init", "--preset", "nih"], cwd=tmp_path, capture_output=True, text=True)
     assert wrong.returncode == 1 and "'nih_cxr14'" in wrong.stderr

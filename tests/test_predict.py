@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from conftest import run_snakemake
+
 from medfold.index import read_index
 
 DS = "demo_cxr14"
@@ -32,8 +32,12 @@ def _test_images(work: Path, tmp_path: Path) -> pd.DataFrame:
 
 
 def _predict(model: Path, images: Path, out: Path, *extra) -> pd.DataFrame:
-    proc = subprocess.run([MEDFOLD, "predict", str(model), str(images), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [MEDFOLD, "predict", str(model), str(images), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 unreadable" in proc.stdout
     unreadable = pd.read_csv(out / "unreadable.csv")
@@ -52,7 +56,9 @@ def test_medfold_predict_equals_the_workflows_own_test_predictions(trained_workf
     order = table["image_id"].iloc[:-1].tolist()
 
     # the fold ensemble, labels at the thresholds of its pooled out-of-fold predictions
-    got = _predict(exp, tmp_path / "new_images.csv", tmp_path / "ensemble").assign(image_id=lambda f: f["path"].map(ids))
+    got = _predict(exp, tmp_path / "new_images.csv", tmp_path / "ensemble").assign(
+        image_id=lambda f: f["path"].map(ids)
+    )
     own = pd.read_parquet(exp / "cv" / "ensemble_test_predictions.parquet")
     assert np.abs(_probs(got, order) - _probs(own, order)).max() < 1e-5
     thresholds = json.loads((exp / "cv" / "ensemble_test.json").read_text())["thresholds"]
@@ -63,9 +69,13 @@ def test_medfold_predict_equals_the_workflows_own_test_predictions(trained_workf
     assert got.set_index("image_id").loc[order, "predicted"].fillna("").tolist() == expected
 
     # one fold's model, and a compressed variant's archive
-    for model, predictions in ((exp / "fold_1" / "model.pt", exp / "fold_1" / "predictions.parquet"),
-                               (exp / "variants" / "int8" / "fold_0" / "model.pt2",
-                                exp / "variants" / "int8" / "fold_0" / "predictions.parquet")):
+    for model, predictions in (
+        (exp / "fold_1" / "model.pt", exp / "fold_1" / "predictions.parquet"),
+        (
+            exp / "variants" / "int8" / "fold_0" / "model.pt2",
+            exp / "variants" / "int8" / "fold_0" / "predictions.parquet",
+        ),
+    ):
         got = _predict(model, tmp_path / "new_images.csv", tmp_path / model.parent.name / model.suffix[1:])
         got["image_id"] = got["path"].map(ids)
         own = pd.read_parquet(predictions)
@@ -83,8 +93,15 @@ def test_the_workflows_predict_target_with_gradcam(trained_workflow, tmp_path):
     target = f"results/{DS}/batchnorm/predict/predictions.csv"
     # README: a config file of one's own, given after the workflow's (later files win)
     (tmp_path / "predict.yaml").write_text(f"predict:\n  images: {folder}\n  gradcam: true\n")
-    run_snakemake(trained_workflow, "--cores", "2", target, "--configfile",
-                  str(trained_workflow / "config" / "config.yaml"), str(tmp_path / "predict.yaml"))
+    run_snakemake(
+        trained_workflow,
+        "--cores",
+        "2",
+        target,
+        "--configfile",
+        str(trained_workflow / "config" / "config.yaml"),
+        str(tmp_path / "predict.yaml"),
+    )
     out = trained_workflow / "results" / DS / "batchnorm" / "predict"
     got = pd.read_csv(out / "predictions.csv")
     assert len(got) == 5 and len(list((out / "gradcam").glob("*.png"))) == 5

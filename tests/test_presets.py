@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, planned, resolved_config, run_snakemake
 from PIL import Image
 
-from conftest import REPO, planned, resolved_config, run_snakemake
 from medfold.demo import _patient_anatomy, render_radiograph
 from medfold.errors import ConfigError, LeakageError
 from medfold.index import build_index
@@ -90,7 +90,10 @@ def test_kermany_patients_come_from_both_naming_schemes_and_the_test_folder_is_t
     assert test == {i for i in expected if i.startswith("test/")}
     assert sorted(splits.loc[splits["set"] == "cv", "fold"].unique()) == [0, 1, 2, 3, 4]  # val/ joined the pool
     # a patient in both train/ and test/ makes the workflow split by patient instead
-    save(radiograph(np.random.default_rng(2), {"Pneumonia"}), tmp_path / "chest_xray" / "test" / "PNEUMONIA" / "person2_virus_9.jpeg")
+    save(
+        radiograph(np.random.default_rng(2), {"Pneumonia"}),
+        tmp_path / "chest_xray" / "test" / "PNEUMONIA" / "person2_virus_9.jpeg",
+    )
     index, _ = index_of(config)
     splits, summary = make_splits(index, config["classes"], config["split"])
     assert summary["test_method"].startswith("re-split") and summary["source_leaks"][0]["patients"] == ["person2"]
@@ -108,7 +111,10 @@ def test_covid_radiography_classes_are_the_top_folders_and_masks_are_not_images(
     rng = np.random.default_rng(3)
     for c, cls in enumerate(COVID_CLASSES):
         for n in range(1, 9):
-            save(radiograph(rng, [("Pneumonia",), ("Effusion",), (), ("Nodule",)][c]), root / cls / "images" / f"{cls}-{n}.png")
+            save(
+                radiograph(rng, [("Pneumonia",), ("Effusion",), (), ("Nodule",)][c]),
+                root / cls / "images" / f"{cls}-{n}.png",
+            )
             save(Image.new("L", (48, 48), 255), root / cls / "masks" / f"{cls}-{n}.png")
         (root / f"{cls}.metadata.xlsx").write_bytes(b"PK\x03\x04 spreadsheet")
     config = preset("covid19_radiography", root=str(root))
@@ -116,7 +122,9 @@ def test_covid_radiography_classes_are_the_top_folders_and_masks_are_not_images(
     assert report["classes"] == COVID_CLASSES and report["images_indexed"] == 32
     assert not index["image_id"].str.contains("/masks/").any()
     assert all(labels == [image_id.split("/")[0]] for image_id, labels in zip(index["image_id"], index["labels"]))
-    assert sorted(Path(f["path"]).name for f in report["ignored_files"]) == sorted(f"{c}.metadata.xlsx" for c in COVID_CLASSES)
+    assert sorted(Path(f["path"]).name for f in report["ignored_files"]) == sorted(
+        f"{c}.metadata.xlsx" for c in COVID_CLASSES
+    )
     assert any("NO PATIENT IDS" in w for w in report["warnings"])
     splits = split_of(index, config)
     assert (splits["set"] == "test").sum() > 0 and splits.loc[splits["set"] == "cv", "fold"].nunique() == 5
@@ -128,8 +136,10 @@ def test_covid_radiography_classes_are_the_top_folders_and_masks_are_not_images(
 def glaucoma_tree(root: Path, folds: int, images: int, rng, size: int = 48) -> dict:
     """Fold0..Fold<folds-1>/{train,valid,test}/{normal,abnormal}: every fold holds every image;
     fold k tests on images i % folds == k and validates on i % folds == k + 1."""
-    pool = [(radiograph(rng, {"Effusion"} if i % 2 else (), size, "RGB"), "abnormal" if i % 2 else "normal")
-            for i in range(images)]
+    pool = [
+        (radiograph(rng, {"Effusion"} if i % 2 else (), size, "RGB"), "abnormal" if i % 2 else "normal")
+        for i in range(images)
+    ]
     roles = {}
     for k in range(folds):
         for i, (image, cls) in enumerate(pool):
@@ -151,8 +161,10 @@ def test_glaucoma_folds_are_honoured_as_given_and_checked_within_each_fold(tmp_p
         for role in ("train", "val", "test"):
             assert set(members[role]) == {rel for rel, (fold, r) in roles.items() if fold == k and r == role}
     # the same image in two roles of one fold is a leak, named by its fold
-    shutil.copy(tmp_path / "glaucoma" / "Fold3" / "train" / "abnormal" / "img001.png",
-                tmp_path / "glaucoma" / "Fold3" / "test" / "abnormal" / "copy.png")
+    shutil.copy(
+        tmp_path / "glaucoma" / "Fold3" / "train" / "abnormal" / "img001.png",
+        tmp_path / "glaucoma" / "Fold3" / "test" / "abnormal" / "copy.png",
+    )
     index, _ = index_of(config)
     splits, _ = make_splits(index, config["classes"], config["split"])
     with pytest.raises(LeakageError, match=r"fold_3/test"):
@@ -171,9 +183,15 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
     config = preset("glaucoma_folds", root=str(tmp_path / "glaucoma"))
     config["split"]["folds"] = 3
     config["training"].update(model="lenet", batch_norm=True, image_size=32, gpus=0, batch_size=16, threads=2)
-    config["experiments"] = {"staged": {"stages": [{"train": "head", "epochs": 2, "lr": 0.003},
-                                                   {"train": "last_blocks", "blocks": 1, "epochs": 3, "lr": 0.003},
-                                                   {"train": "all", "epochs": 8, "lr": 0.003}]}}
+    config["experiments"] = {
+        "staged": {
+            "stages": [
+                {"train": "head", "epochs": 2, "lr": 0.003},
+                {"train": "last_blocks", "blocks": 1, "epochs": 3, "lr": 0.003},
+                {"train": "all", "epochs": 8, "lr": 0.003},
+            ]
+        }
+    }
     config["explain"] = {"experiments": ["staged"], "images_per_class": 1}
     config["evaluation"] = {"bootstrap": 100}
     dry_run(tmp_path, config)  # writes the config
@@ -192,8 +210,22 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
 
 
 # ----------------------------------------------------------------------------- NIH ChestX-ray14
-NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+NIH_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
 
 
 def nih_tree(root: Path, rng) -> tuple[list[str], list[str]]:
@@ -203,10 +235,21 @@ def nih_tree(root: Path, rng) -> tuple[list[str], list[str]]:
             name = f"{patient:08d}_{follow_up:03d}.png"
             findings = [NIH_LABELS[(patient + j) % 14] for j in range(patient % 3)]
             save(radiograph(rng), root / f"images_{1 + patient % 2:03d}" / "images" / name)
-            rows.append({"Image Index": name, "Finding Labels": "|".join(findings) or "No Finding",
-                         "Follow-up #": follow_up, "Patient ID": patient, "Patient Age": 50, "Patient Gender": "F",
-                         "View Position": "PA", "OriginalImage[Width": 48, "Height]": 48,
-                         "OriginalImagePixelSpacing[x": 0.14, "y]": 0.14})
+            rows.append(
+                {
+                    "Image Index": name,
+                    "Finding Labels": "|".join(findings) or "No Finding",
+                    "Follow-up #": follow_up,
+                    "Patient ID": patient,
+                    "Patient Age": 50,
+                    "Patient Gender": "F",
+                    "View Position": "PA",
+                    "OriginalImage[Width": 48,
+                    "Height]": 48,
+                    "OriginalImagePixelSpacing[x": 0.14,
+                    "y]": 0.14,
+                }
+            )
             (test if patient % 4 == 0 else train).append(name)
     pd.DataFrame(rows).to_csv(root / "Data_Entry_2017.csv", index=False)
     (root / "train_val_list.txt").write_text("\n".join(train) + "\n")

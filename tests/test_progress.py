@@ -10,8 +10,13 @@ LINE = r"{what}: [\d,]+/[\d,]+ {unit} \([\d.]+ %\), [\d,.]+ {unit}/s, (\d+[hms]\
 
 def test_index_cache_training_and_explain_print_progress_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFOLD_PROGRESS_SECONDS", "0.05")
-    overrides = {**QUICK, "training": {"epochs": 1, "early_stopping": {"enabled": False}, "image_size": 32},
-                 "experiments": {"batchnorm": {"batch_norm": True}}, "variants": {}, "ensembles": {}}
+    overrides = {
+        **QUICK,
+        "training": {"epochs": 1, "early_stopping": {"enabled": False}, "image_size": 32},
+        "experiments": {"batchnorm": {"batch_norm": True}},
+        "variants": {},
+        "ensembles": {},
+    }
     work = workflow_dir(tmp_path, overrides)
     run_snakemake(work, "--cores", "2", "results/demo_cxr14/batchnorm/fold_0/explanations/explanations.json")
     logs = work / "results" / "demo_cxr14" / "logs"

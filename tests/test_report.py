@@ -6,17 +6,19 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 import pytest
-
 from conftest import REPO, folder_dataset, planned, resolved_config, run_snakemake
+from PIL import Image
+
 from medfold.index import build_index, write_index
 from medfold.report import render
-from medfold.split import check_split, make_splits, summarize, write_json
+from medfold.split import check_split, make_splits, write_json
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-                                reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="Debian's chromium is not installed (.ci/run installs it)",
+)
 DS = "results/demo_cxr14"
 
 
@@ -26,9 +28,18 @@ def open_in_chromium(page_path: Path, screenshot: Path) -> dict:
 
     seen = {"errors": [], "requests": [], "dialogs": []}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
         page.on("pageerror", lambda e: seen["errors"].append(str(e)))
@@ -38,7 +49,9 @@ def open_in_chromium(page_path: Path, screenshot: Path) -> dict:
         seen["text"] = page.inner_text("body")
         seen["headings"] = [h.strip() for h in page.locator("h1, h2").all_inner_texts()]
         seen["svgs"] = page.locator("svg").count()
-        seen["images_loaded"] = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        seen["images_loaded"] = page.evaluate(
+            "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+        )
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return seen
@@ -50,8 +63,18 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     seen = open_in_chromium(page, shot)
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 50_000
-    assert seen["headings"] == ["medfold report: demo_cxr14", "Dataset", "Split", "Experiments", "Experiment: baseline",
-                                "Experiment: batchnorm", "Experiment: both", "Explanations", "Compression", "Provenance"]
+    assert seen["headings"] == [
+        "medfold report: demo_cxr14",
+        "Dataset",
+        "Split",
+        "Experiments",
+        "Experiment: baseline",
+        "Experiment: batchnorm",
+        "Experiment: both",
+        "Explanations",
+        "Compression",
+        "Provenance",
+    ]
     assert seen["errors"] == [] and seen["dialogs"] == []
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []
     assert seen["svgs"] >= 4 and seen["images_loaded"]
@@ -69,11 +92,21 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     variants = pd.read_csv(trained_workflow / DS / "batchnorm" / "variants" / "variants_summary.csv")
     int8 = variants.set_index("variant").loc["int8"]
     assert f"{int8['ratio.tensor_size.mean']:.2f} ± {int8['ratio.tensor_size.std']:.2f}" in text
-    for word in ("torch", "snakemake", "workflow commit", "Wall time per job", "train_baseline_fold_0", " ISA ",
-                 "compress_batchnorm_int8_fold_0", "explain_batchnorm_fold_0"):
+    for word in (
+        "torch",
+        "snakemake",
+        "workflow commit",
+        "Wall time per job",
+        "train_baseline_fold_0",
+        " ISA ",
+        "compress_batchnorm_int8_fold_0",
+        "explain_batchnorm_fold_0",
+    ):
         assert word in text
     # one overlay per class and fold, each captioned with what it explains
-    record = json.loads((trained_workflow / DS / "batchnorm" / "fold_2" / "explanations" / "explanations.json").read_text())
+    record = json.loads(
+        (trained_workflow / DS / "batchnorm" / "fold_2" / "explanations" / "explanations.json").read_text()
+    )
     item = record["images"][0]
     assert f"{item['image_id']}: explains {item['explained_class']}" in text
     assert seen["images_loaded"] and text.count("explains ") == 3 * 4
@@ -95,8 +128,15 @@ def test_report_rule_reruns_when_a_metrics_file_changes_and_not_otherwise(traine
     after = planned(run_snakemake(trained_workflow, "--cores", "2", "--dry-run"))
     # batchnorm's variants table compares its variants with the base model's cross-validation summary
     # and the ensemble "both" averages batchnorm's fold 0 with baseline's
-    assert after == {"aggregate": 1, "compare_experiments": 1, "variants_table": 1, "ensemble_fold": 1,
-                     "aggregate_ensemble": 1, "report": 1, "all": 1}
+    assert after == {
+        "aggregate": 1,
+        "compare_experiments": 1,
+        "variants_table": 1,
+        "ensemble_fold": 1,
+        "aggregate_ensemble": 1,
+        "report": 1,
+        "all": 1,
+    }
     run_snakemake(trained_workflow, "--cores", "2")
 
 
@@ -122,9 +162,18 @@ def test_dataset_strings_are_escaped(tmp_path, demo_dir):
     write_json(summary, tmp_path / "split_summary.json")
     write_json(check_split(index, splits), tmp_path / "split_check.json")
     page = tmp_path / "report.html"
-    page.write_text(render({"index": tmp_path / "index.parquet", "index_report": tmp_path / "index_report.json",
-                            "split_summary": tmp_path / "split_summary.json", "split_check": tmp_path / "split_check.json"},
-                           {"dataset": ds}, REPO))
+    page.write_text(
+        render(
+            {
+                "index": tmp_path / "index.parquet",
+                "index_report": tmp_path / "index_report.json",
+                "split_summary": tmp_path / "split_summary.json",
+                "split_check": tmp_path / "split_check.json",
+            },
+            {"dataset": ds},
+            REPO,
+        )
+    )
     source = page.read_text()
     assert "<script" not in source.lower()
     assert "&lt;script&gt;alert(&#x27;class&#x27;)&lt;script&gt;&amp;co" in source
@@ -141,6 +190,17 @@ def test_snakemakes_native_report_holds_the_labelled_results(trained_workflow):
     run_snakemake(trained_workflow, "--report", "native_report.zip")
     with zipfile.ZipFile(trained_workflow / "native_report.zip") as archive:
         names = archive.namelist()
-    for part in ("experiments.csv", "per_fold.csv", "summary.csv", "history.csv", "index.html", "subgroups.csv",
-                 "subgroups.png", "reliability.png", "calibration.csv", "operating_points.csv", "comparisons.csv"):
+    for part in (
+        "experiments.csv",
+        "per_fold.csv",
+        "summary.csv",
+        "history.csv",
+        "index.html",
+        "subgroups.csv",
+        "subgroups.png",
+        "reliability.png",
+        "calibration.csv",
+        "operating_points.csv",
+        "comparisons.csv",
+    ):
         assert any(n.endswith(part) for n in names), part

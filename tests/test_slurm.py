@@ -10,21 +10,30 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, planned, workflow_dir
 
-pytestmark = pytest.mark.skipif(not shutil.which("slurmctld") and not os.environ.get("CI"),
-                                reason="Debian's slurm-wlm is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not shutil.which("slurmctld") and not os.environ.get("CI"),
+    reason="Debian's slurm-wlm is not installed (.ci/run installs it)",
+)
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DS = "results/demo_cxr14"
 # tiny: 2 folds, a few epochs; one single-GPU experiment, one DDP experiment over 2 GPUs, and one
 # long enough to be cancelled mid-training
-TINY = {"split": {"folds": 2}, "evaluation": {"bootstrap": 100},
-        "training": {"epochs": 2, "early_stopping": {"enabled": False}, "threads": 1, "mem_mb": 1000},
-        "experiments": {"onegpu": {"gpus": 1, "batch_norm": True},
-                        "spread": {"distributed": {"backend": "ddp", "gpus": 2}},
-                        "long": {"epochs": 100, "batch_norm": True}},
-        "variants": {}, "compression": {"experiments": []}, "ensembles": {}, "explain": {"experiments": []}}
+TINY = {
+    "split": {"folds": 2},
+    "evaluation": {"bootstrap": 100},
+    "training": {"epochs": 2, "early_stopping": {"enabled": False}, "threads": 1, "mem_mb": 1000},
+    "experiments": {
+        "onegpu": {"gpus": 1, "batch_norm": True},
+        "spread": {"distributed": {"backend": "ddp", "gpus": 2}},
+        "long": {"epochs": 100, "batch_norm": True},
+    },
+    "variants": {},
+    "compression": {"experiments": []},
+    "ensembles": {},
+    "explain": {"experiments": []},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,20 @@ def slurm(tmp_path_factory):
 
 
 def snakemake(work: Path, env: dict, *args: str, cwd: Path | None = None, timeout: int = 900):
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
-           str(work / "config" / "config.yaml"), "--cores", "8", "--profile", "slurm", *args]
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config" / "config.yaml"),
+        "--cores",
+        "8",
+        "--profile",
+        "slurm",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,8 +88,9 @@ def test_dry_run_with_the_profile_shows_what_each_rule_requests(slurm, tmp_path)
 
 
 def test_the_workflow_runs_through_sbatch_with_gpu_requests_and_ddp_under_srun(slurm, tmp_path):
-    work = workflow_dir(tmp_path, {**TINY, "experiments": {k: v for k, v in TINY["experiments"].items()
-                                                           if k != "long"}})
+    work = workflow_dir(
+        tmp_path, {**TINY, "experiments": {k: v for k, v in TINY["experiments"].items() if k != "long"}}
+    )
     start = time.monotonic()
     proc = snakemake(work, slurm, "--verbose")
     out = proc.stdout + proc.stderr
@@ -92,7 +114,7 @@ def test_the_workflow_runs_through_sbatch_with_gpu_requests_and_ddp_under_srun(s
 
 
 def planned_jobs(text: str) -> int:
-    table = text[text.index("Job stats:"):]
+    table = text[text.index("Job stats:") :]
     total = re.search(r"^total\s+(\d+)", table, re.M)
     return int(total.group(1)) - 1  # 'all' runs locally
 
@@ -100,8 +122,20 @@ def planned_jobs(text: str) -> int:
 def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(slurm, tmp_path):
     work = workflow_dir(tmp_path, TINY)
     target = f"{DS}/long/fold_0/metrics.json"
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile",
-           str(work / "config" / "config.yaml"), "--cores", "8", "--profile", "slurm", target]
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config" / "config.yaml"),
+        "--cores",
+        "8",
+        "--profile",
+        "slurm",
+        target,
+    ]
     log = open(tmp_path / "snakemake.out", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=log, stderr=subprocess.STDOUT)
     checkpoint = work / DS / "long" / "fold_0" / "checkpoint.pt"

@@ -3,10 +3,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import csv_dataset, folder_dataset, resolved_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import csv_dataset, folder_dataset, resolved_config
 from medfold.errors import ConfigError, LeakageError
 from medfold.index import build_index
 from medfold.split import check_split, image_groups, iterative_stratification, make_splits
@@ -20,19 +20,25 @@ def split_cfg(**overrides):
 
 def table_from(rows):
     """rows: (patient, labels, hash or None) -> a minimal index table."""
-    return pd.DataFrame({
-        "image_id": [f"img{i:04d}.png" for i in range(len(rows))],
-        "patient_id": [f"p{p}" for p, _, _ in rows],
-        "labels": [list(labels) for _, labels, _ in rows],
-        "content_hash": [h for _, _, h in rows],
-        "source_split": [None] * len(rows),
-    })
+    return pd.DataFrame(
+        {
+            "image_id": [f"img{i:04d}.png" for i in range(len(rows))],
+            "patient_id": [f"p{p}" for p, _, _ in rows],
+            "labels": [list(labels) for _, labels, _ in rows],
+            "content_hash": [h for _, _, h in rows],
+            "source_split": [None] * len(rows),
+        }
+    )
 
 
 patient_rows = st.lists(
-    st.tuples(st.integers(0, 40), st.sets(st.sampled_from(CLASSES), max_size=3).map(sorted),
-              st.one_of(st.none(), st.integers(0, 30).map(lambda h: f"h{h}"))),
-    min_size=12, max_size=120,
+    st.tuples(
+        st.integers(0, 40),
+        st.sets(st.sampled_from(CLASSES), max_size=3).map(sorted),
+        st.one_of(st.none(), st.integers(0, 30).map(lambda h: f"h{h}")),
+    ),
+    min_size=12,
+    max_size=120,
 )
 
 
@@ -130,5 +136,7 @@ def test_source_test_split_is_honoured_when_clean(demo_dir):
     clean = index[(index["patient_id"] != "person1") & ~copies].reset_index(drop=True)
     splits, summary = make_splits(clean, report["classes"], split_cfg(test_from_source=True))
     is_test = splits["set"] == "test"
-    assert (clean.loc[is_test, "source_split"] == "test").all() and (clean.loc[~is_test, "source_split"] == "train").all()
+    assert (clean.loc[is_test, "source_split"] == "test").all() and (
+        clean.loc[~is_test, "source_split"] == "train"
+    ).all()
     assert summary["source_leaks"] == []

@@ -20,8 +20,10 @@ def _norm_names(model) -> set[str]:
 
 def _steps(model, frozen_norms, in_channels: int, n: int = 3) -> None:
     """Real optimisation steps (AdamW with weight decay: decay alone would move a weight)."""
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                               {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "momentum": 0.0})
+    optimizer = make_optimizer(
+        [p for p in model.parameters() if p.requires_grad],
+        {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "momentum": 0.0},
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(n):
         train_mode(model, frozen_norms)
@@ -74,14 +76,30 @@ def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_
     """run_fold with a head stage then an all stage: in the first, the features stay at their
     initial values; the second starts from the first's best epoch, not its last."""
     from conftest import prepare_demo, resolved_config
+
     from medfold.train import load_model, run_fold
 
     prepare_demo(tmp_path, demo_dir, size=32)
-    training = resolved_config({"training": {
-        "batch_norm": True, "device": "cpu", "image_size": 32, "early_stopping": {"enabled": False},
-        "stages": [{"train": "head", "epochs": 4, "lr": 0.3}]}})["training"]
-    head_only = run_fold(training, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0,
-                         tmp_path / "head", threads=2)
+    training = resolved_config(
+        {
+            "training": {
+                "batch_norm": True,
+                "device": "cpu",
+                "image_size": 32,
+                "early_stopping": {"enabled": False},
+                "stages": [{"train": "head", "epochs": 4, "lr": 0.3}],
+            }
+        }
+    )["training"]
+    head_only = run_fold(
+        training,
+        tmp_path / "index.parquet",
+        tmp_path / "splits.parquet",
+        tmp_path / "cache",
+        0,
+        tmp_path / "head",
+        threads=2,
+    )
     trained, _ = load_model(tmp_path / "head" / "model.pt")
     initial = build_model("lenet", 1, 4, batch_norm=True)  # the same init_seed: the same initial weights
     for (name, a), b in zip(trained.state_dict().items(), initial.state_dict().values()):
@@ -93,8 +111,15 @@ def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_
     # gives the trajectory, and a shorter run of the same stage repeats its prefix exactly (same
     # seeds, same process; plateau scheduling looks only backwards).
     long = {**training, "stages": [{"train": "head", "epochs": 10, "lr": 0.3}]}
-    run_fold(long, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0, tmp_path / "long",
-             threads=2)
+    run_fold(
+        long,
+        tmp_path / "index.parquet",
+        tmp_path / "splits.parquet",
+        tmp_path / "cache",
+        0,
+        tmp_path / "long",
+        threads=2,
+    )
     trajectory = pd.read_csv(tmp_path / "long" / "history.csv")["val_auroc_macro"].to_numpy()
     below_best = [e for e in range(1, len(trajectory)) if trajectory[e] < trajectory[:e].max() - 1e-3]
     assert below_best, f"lr 0.3 for 10 epochs never fell below an earlier epoch: {trajectory.round(4).tolist()}"
@@ -102,14 +127,22 @@ def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_
     best = float(trajectory[:cut].max())
     # a second stage that cannot move the weights (lr 1e-9, batch-norm frozen): its validation
     # value is that of the weights it started from, which must be stage 1's best, not its last
-    two = {**training, "stages": [{"train": "head", "epochs": cut, "lr": 0.3}, {"train": "head", "epochs": 1, "lr": 1e-9}]}
-    result = run_fold(two, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0,
-                      tmp_path / "two", threads=2)
+    two = {
+        **training,
+        "stages": [{"train": "head", "epochs": cut, "lr": 0.3}, {"train": "head", "epochs": 1, "lr": 1e-9}],
+    }
+    result = run_fold(
+        two, tmp_path / "index.parquet", tmp_path / "splits.parquet", tmp_path / "cache", 0, tmp_path / "two", threads=2
+    )
     history = pd.read_csv(tmp_path / "two" / "history.csv")
     assert history["stage"].tolist() == [1] * cut + [2]
     assert history["val_auroc_macro"].iloc[:cut].to_numpy() == pytest.approx(trajectory[:cut], abs=1e-12)  # the prefix
     assert result["stages"][0]["best_value"] == pytest.approx(best, abs=1e-12)
     assert history["val_auroc_macro"].iloc[cut] == pytest.approx(best, abs=1e-6)
     assert history["val_auroc_macro"].iloc[cut - 1] < best - 1e-3  # the last epoch of stage 1 was not its best
-    print("stage 1 val AUROC per epoch:", history["val_auroc_macro"].iloc[:cut].round(4).tolist(), "stage 2 start:",
-          round(history["val_auroc_macro"].iloc[cut], 4))
+    print(
+        "stage 1 val AUROC per epoch:",
+        history["val_auroc_macro"].iloc[:cut].round(4).tolist(),
+        "stage 2 start:",
+        round(history["val_auroc_macro"].iloc[cut], 4),
+    )

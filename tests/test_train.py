@@ -9,8 +9,8 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from conftest import prepare_demo, resolved_config
+
 from medfold.errors import DataError
 from medfold.index import write_index
 from medfold.models import build_model
@@ -36,8 +36,15 @@ LEARNING = dict(batch_norm=True, device="cpu")
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_fold(settings(**LEARNING), prepared / "index.parquet", prepared / "splits.parquet",
-                      prepared / "cache", FOLD, out, threads=2)
+    result = run_fold(
+        settings(**LEARNING),
+        prepared / "index.parquet",
+        prepared / "splits.parquet",
+        prepared / "cache",
+        FOLD,
+        out,
+        threads=2,
+    )
     return out, result
 
 
@@ -67,9 +74,25 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_metrics(prepared, unint
     out = tmp_path / "killed"
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(json.dumps(settings(**LEARNING)))
-    cmd = [sys.executable, "-m", "medfold.train", "--settings", str(settings_file), "--index",
-           str(prepared / "index.parquet"), "--splits", str(prepared / "splits.parquet"), "--cache",
-           str(prepared / "cache"), "--fold", str(FOLD), "--out", str(out), "--threads", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medfold.train",
+        "--settings",
+        str(settings_file),
+        "--index",
+        str(prepared / "index.parquet"),
+        "--splits",
+        str(prepared / "splits.parquet"),
+        "--cache",
+        str(prepared / "cache"),
+        "--fold",
+        str(FOLD),
+        "--out",
+        str(out),
+        "--threads",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "checkpoint.pt"
     deadline = time.time() + 120
@@ -90,9 +113,17 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_metrics(prepared, unint
 
 
 def test_a_nan_loss_stops_training_with_a_message(prepared, tmp_path):
-    with pytest.raises(DataError, match=r"fold 0: the training loss became (nan|inf) at epoch 1, batch \d+ \(lr 1e\+30\)"):
-        run_fold(settings(optimizer="sgd", lr=1e30, epochs=2, device="cpu"), prepared / "index.parquet",
-                 prepared / "splits.parquet", prepared / "cache", 0, tmp_path)
+    with pytest.raises(
+        DataError, match=r"fold 0: the training loss became (nan|inf) at epoch 1, batch \d+ \(lr 1e\+30\)"
+    ):
+        run_fold(
+            settings(optimizer="sgd", lr=1e30, epochs=2, device="cpu"),
+            prepared / "index.parquet",
+            prepared / "splits.parquet",
+            prepared / "cache",
+            0,
+            tmp_path,
+        )
 
 
 def test_an_empty_fold_is_refused(prepared, tmp_path):
@@ -100,7 +131,14 @@ def test_an_empty_fold_is_refused(prepared, tmp_path):
     splits.loc[splits["fold"] == 2, "fold"] = 1
     splits.to_parquet(tmp_path / "splits.parquet", index=False)
     with pytest.raises(DataError, match="fold 2: the val set is empty"):
-        run_fold(settings(device="cpu"), prepared / "index.parquet", tmp_path / "splits.parquet", prepared / "cache", 2, tmp_path)
+        run_fold(
+            settings(device="cpu"),
+            prepared / "index.parquet",
+            tmp_path / "splits.parquet",
+            prepared / "cache",
+            2,
+            tmp_path,
+        )
 
 
 def test_a_class_missing_from_a_training_fold_is_refused(prepared, tmp_path):
@@ -112,7 +150,14 @@ def test_a_class_missing_from_a_training_fold_is_refused(prepared, tmp_path):
     index.loc[training, "labels"] = index.loc[training, "labels"].map(lambda ls: [x for x in ls if x != "Nodule"])
     write_index(index, {**meta, "dataset": "x"}, tmp_path / "index.parquet", tmp_path / "report.json")
     with pytest.raises(DataError, match=r"fold 0: class\(es\) \['Nodule'\] have no image in the training set"):
-        run_fold(settings(device="cpu"), tmp_path / "index.parquet", prepared / "splits.parquet", prepared / "cache", 0, tmp_path)
+        run_fold(
+            settings(device="cpu"),
+            tmp_path / "index.parquet",
+            prepared / "splits.parquet",
+            prepared / "cache",
+            0,
+            tmp_path,
+        )
 
 
 def test_pretrained_weights_load_from_a_local_file_onto_other_channels_and_classes(tmp_path):

@@ -57,7 +57,9 @@ def test_balanced_oversampling_equalises_classes():
 
 def test_distributed_ranks_get_disjoint_equal_shards():
     cache = np.zeros((23, 1, 1, 1), np.uint8)
-    shards = [CachedBatches(cache, np.arange(23), 4, shuffle=True, seed=0, rank=r, world=2).epoch_rows() for r in (0, 1)]
+    shards = [
+        CachedBatches(cache, np.arange(23), 4, shuffle=True, seed=0, rank=r, world=2).epoch_rows() for r in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) == 12
     assert set(shards[0]) | set(shards[1]) == set(range(23))
 
@@ -65,10 +67,21 @@ def test_distributed_ranks_get_disjoint_equal_shards():
 def test_target_oversampling_matches_the_asked_shares():
     targets = np.array([0] * 80 + [1] * 15 + [2] * 5)
     weights = sample_weights(targets, "multiclass", ["a", "b", "c"], "target", {"a": 0.2, "b": 0.3, "c": 0.5})
-    drawn = targets[CachedBatches(np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True,
-                                  weights=weights).epoch_rows()]
-    many = np.concatenate([targets[CachedBatches(np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True,
-                                                 seed=s, weights=weights).epoch_rows()] for s in range(50)])
+    drawn = targets[
+        CachedBatches(
+            np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True, weights=weights
+        ).epoch_rows()
+    ]
+    many = np.concatenate(
+        [
+            targets[
+                CachedBatches(
+                    np.zeros((100, 1, 1, 1), np.uint8), np.arange(100), 100, shuffle=True, seed=s, weights=weights
+                ).epoch_rows()
+            ]
+            for s in range(50)
+        ]
+    )
     assert len(drawn) == 100
     assert np.allclose(np.bincount(many, minlength=3) / len(many), [0.2, 0.3, 0.5], atol=0.03)
 

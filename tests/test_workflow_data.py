@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, SNAKEMAKE, run_snakemake, workflow_dir
 
 pytestmark = pytest.mark.workflow
@@ -37,7 +36,9 @@ def test_demo_workflow_indexes_splits_and_proves_the_split_leak_free(tmp_path):
 
 def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
     # the preset alone: a config file of one's own replaces the demo's
-    work = workflow_dir(tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()), base=None)
+    work = workflow_dir(
+        tmp_path, yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text()), base=None
+    )
     run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"))
     summary = json.loads((work / "results" / "demo_folders" / "split_summary.json").read_text())
     # person1, and the 8 planted copies, each joined to its original as a near-duplicate
@@ -66,12 +67,17 @@ def test_config_errors_are_caught_by_the_schema_before_any_job_runs(tmp_path):
     assert not (work / "results").exists() and not (work / "resources").exists()
 
 
-@pytest.mark.parametrize("evaluation, message", [
-    ({"subgroups": [{"column": "Patient Age", "bands": []}]}, "[] should be non-empty"),
-    ({"comparisons": {"pairs": [["baseline", "nope"]]}},
-     "evaluation.comparisons.pairs: ['nope'] are neither experiments nor ensembles"),
-    ({"operating_points": {"specificity": [1.5]}}, "1.5 is greater than the maximum of 1"),
-])
+@pytest.mark.parametrize(
+    "evaluation, message",
+    [
+        ({"subgroups": [{"column": "Patient Age", "bands": []}]}, "[] should be non-empty"),
+        (
+            {"comparisons": {"pairs": [["baseline", "nope"]]}},
+            "evaluation.comparisons.pairs: ['nope'] are neither experiments nor ensembles",
+        ),
+        ({"operating_points": {"specificity": [1.5]}}, "1.5 is greater than the maximum of 1"),
+    ],
+)
 def test_evaluation_settings_are_checked_before_any_job_runs(tmp_path, evaluation, message):
     work = workflow_dir(tmp_path, {"evaluation": evaluation})
     proc = run_snakemake(work, "--cores", "2", "--dry-run", check=False)
@@ -91,5 +97,16 @@ def test_lint_is_clean_and_rules_are_snakefmt_formatted():
     proc = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     snakefmt = Path(sys.executable).with_name("snakefmt")
-    fmt = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True)
+    fmt = subprocess.run(
+        [str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_python_code_passes_ruff_lint_and_format():
+    # settings in pyproject.toml ([tool.ruff]): 120 columns, pycodestyle, pyflakes, imports, bugbear
+    ruff = Path(sys.executable).with_name("ruff")
+    lint = subprocess.run([str(ruff), "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([str(ruff), "format", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr

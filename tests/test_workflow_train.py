@@ -5,7 +5,6 @@ import re
 
 import pandas as pd
 import pytest
-
 from conftest import QUICK, planned, run_snakemake, workflow_dir
 
 pytestmark = pytest.mark.workflow
@@ -48,7 +47,9 @@ def test_the_whole_workflow_writes_fold_and_cv_outputs(finished):
     mine = pd.read_parquet(finished / DS / "ensembles" / "both" / "fold_0" / "predictions.parquet")
     key = ["set", "image_id"]
     mean = (members[0].set_index(key)["prob:Effusion"] + members[1].set_index(key)["prob:Effusion"]) / 2
-    assert (mine.set_index(key)["prob:Effusion"] - mean.loc[mine.set_index(key).index]).abs().max() < 1e-6  # float32 files
+    assert (
+        mine.set_index(key)["prob:Effusion"] - mean.loc[mine.set_index(key).index]
+    ).abs().max() < 1e-6  # float32 files
     assert fold["members"] == ["baseline", "batchnorm"] and len(fold["val"]["thresholds"]) == 4
 
 
@@ -59,8 +60,14 @@ def test_a_deleted_fold_is_rebuilt_alone_and_only_its_downstream_follows(finishe
     assert planned(proc) == {"train": 1} and planned_folds(proc) == [("baseline", "1")]
     run_snakemake(finished, "--cores", "2", fold)
     after = run_snakemake(finished, "--cores", "2", "--dry-run")
-    assert planned(after) == {"aggregate": 1, "compare_experiments": 1, "ensemble_fold": 1, "aggregate_ensemble": 1,
-                              "report": 1, "all": 1}
+    assert planned(after) == {
+        "aggregate": 1,
+        "compare_experiments": 1,
+        "ensemble_fold": 1,
+        "aggregate_ensemble": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert "experiment=baseline" in after.stdout and "experiment=batchnorm" not in after.stdout
 
 
@@ -74,7 +81,9 @@ def test_changing_one_experiments_settings_reruns_only_its_folds(finished):
     config = finished / "config" / "config.yaml"
     original = config.read_text()
     try:
-        workflow_dir(finished, {**QUICK, "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True, "lr": 0.002}}})
+        workflow_dir(
+            finished, {**QUICK, "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True, "lr": 0.002}}}
+        )
         proc = run_snakemake(finished, "--cores", "2", "--dry-run")
     finally:
         config.write_text(original)
@@ -87,21 +96,28 @@ def test_a_bad_experiment_override_is_caught_before_any_job(tmp_path):
     proc = run_snakemake(work, "--cores", "2", "--dry-run", check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr  # the first bad experiment met is named
-    assert "experiments.fast.lr: -1 is less than or equal to the minimum of 0" in text or \
-        "experiments.wide: Additional properties are not allowed ('modle' was unexpected)" in text
+    assert (
+        "experiments.fast.lr: -1 is less than or equal to the minimum of 0" in text
+        or "experiments.wide: Additional properties are not allowed ('modle' was unexpected)" in text
+    )
     assert not (work / "results").exists()
 
 
 def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
     grid = {"sweep": {"batch_norm": True, "grid": {"lr": [0.001, 0.01], "batch_size": [16, 32]}}}
-    work = workflow_dir(tmp_path, {**QUICK, "experiments": grid, "variants": {}, "ensembles": {},
-                                   "explain": {"experiments": []}})
+    work = workflow_dir(
+        tmp_path, {**QUICK, "experiments": grid, "variants": {}, "ensembles": {}, "explain": {"experiments": []}}
+    )
     target = f"{DS}/grids/sweep.csv"
     proc = run_snakemake(work, "--cores", "2", "--dry-run", target)
     assert planned(proc)["train"] == 4 * 3 and planned(proc)["aggregate"] == 4 and planned(proc)["grid_table"] == 1
     names = sorted(set(re.findall(r"experiment=(sweep_[^,\s]+)", proc.stdout + proc.stderr)))
-    assert names == ["sweep_lr~0.001_batch_size~16", "sweep_lr~0.001_batch_size~32", "sweep_lr~0.01_batch_size~16",
-                     "sweep_lr~0.01_batch_size~32"]
+    assert names == [
+        "sweep_lr~0.001_batch_size~16",
+        "sweep_lr~0.001_batch_size~32",
+        "sweep_lr~0.01_batch_size~16",
+        "sweep_lr~0.01_batch_size~32",
+    ]
     run_snakemake(work, "--cores", "2", target)
     table = pd.read_csv(work / target)
     assert table["rank"].tolist() == [1, 2, 3, 4] and sorted(table["experiment"]) == names
@@ -113,9 +129,17 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
         assert settings["batch_norm"] is True  # the experiment's other overrides hold for every combination
     # a chosen combination feeds compression like any experiment
     best = table["experiment"].iloc[0]
-    work = workflow_dir(tmp_path / "feed", {**QUICK, "experiments": grid, "ensembles": {}, "explain": {"experiments": []},
-                                            "variants": {"int8": {"method": "ptq"}},
-                                            "compression": {"experiments": [best]}})
+    work = workflow_dir(
+        tmp_path / "feed",
+        {
+            **QUICK,
+            "experiments": grid,
+            "ensembles": {},
+            "explain": {"experiments": []},
+            "variants": {"int8": {"method": "ptq"}},
+            "compression": {"experiments": [best]},
+        },
+    )
     proc = run_snakemake(work, "--cores", "2", "--dry-run")
     assert planned(proc)["compress"] == 3 and f"experiment={best}" in proc.stdout
 
@@ -132,8 +156,8 @@ def test_the_report_finds_the_subgroup_the_demo_makes_weaker(finished):
     assert age.loc["65+", "ci_low"] < weak < age.loc["65+", "ci_high"]
     assert age["images"].drop(index="all").sum() == age.loc["all", "images"]  # every test image in one band
     html = (finished / DS / "report" / "index.html").read_text()
-    section = html[html.index("Clinical evaluation of batchnorm"):]
-    row = section[section.index('<td class="l">65+</td>'):][:200]
+    section = html[html.index("Clinical evaluation of batchnorm") :]
+    row = section[section.index('<td class="l">65+</td>') :][:200]
     assert f"<td>{weak:.3f} [{age.loc['65+', 'ci_low']:.3f}, {age.loc['65+', 'ci_high']:.3f}]</td>" in row
     assert "too small" in html and "Clinical evaluation of batchnorm" in html
 
@@ -141,7 +165,9 @@ def test_the_report_finds_the_subgroup_the_demo_makes_weaker(finished):
 def test_calibration_operating_points_patients_and_paired_comparisons_are_written(finished):
     record = json.loads((finished / DS / "batchnorm" / "cv" / "clinical.json").read_text())
     calibration = record["calibration"]
-    assert set(calibration["temperatures"]) == {"0", "1", "2"} and all(0.05 < t < 20 for t in calibration["temperatures"].values())
+    assert set(calibration["temperatures"]) == {"0", "1", "2"} and all(
+        0.05 < t < 20 for t in calibration["temperatures"].values()
+    )
     for stage in ("before", "after"):
         assert set(calibration[stage]) == {"Cardiomegaly", "Effusion", "Nodule", "Pneumonia"}
         assert all(0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 1 for r in calibration[stage].values())
@@ -152,11 +178,16 @@ def test_calibration_operating_points_patients_and_paired_comparisons_are_writte
     reached = points[points["target"] == "specificity"].dropna(subset=["threshold"])
     assert (reached["val.specificity"] >= reached["target_value"] - 1e-9).all()  # chosen on validation to reach it
     level = record["patient_level"]
-    assert level["image"]["images"] == test_images and level["patient"]["rows"] == level["patient"]["patients"] < test_images
+    assert (
+        level["image"]["images"] == test_images
+        and level["patient"]["rows"] == level["patient"]["patients"] < test_images
+    )
     comparisons = pd.read_csv(finished / DS / "comparisons.csv")
     best = pd.read_csv(finished / DS / "experiments.csv").query("best")["experiment"].iloc[0]
     assert set(comparisons["a"]) == {best} and set(comparisons["b"]) == {"baseline", "batchnorm", "both"} - {best}
     per_class = comparisons[comparisons["class"] != "macro"]
     assert per_class["delong_p"].between(0, 1).all() and len(per_class) == 4 * 2
     assert ((per_class["difference"] - (per_class["auroc_a"] - per_class["auroc_b"])).abs() < 1e-12).all()
-    assert ((per_class["delong_ci_low"] < per_class["difference"]) & (per_class["difference"] < per_class["delong_ci_high"])).all()
+    assert (
+        (per_class["delong_ci_low"] < per_class["difference"]) & (per_class["difference"] < per_class["delong_ci_high"])
+    ).all()

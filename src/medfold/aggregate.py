@@ -30,8 +30,12 @@ def _load(metrics_paths) -> list[dict]:
 def per_fold_table(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
-        row = {"fold": r["fold"], "best_epoch": r["best_epoch"], "epochs_trained": r["epochs_trained"],
-               "train_seconds": r["train_seconds"]}
+        row = {
+            "fold": r["fold"],
+            "best_epoch": r["best_epoch"],
+            "epochs_trained": r["epochs_trained"],
+            "train_seconds": r["train_seconds"],
+        }
         for part in ("val", "test"):
             if part in r:
                 row.update({f"{part}.{k}": v for k, v in scalar_metrics(r[part]).items()})
@@ -48,8 +52,9 @@ def _probs(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return frame[[f"prob:{c}" for c in classes]].to_numpy(np.float64)
 
 
-def bootstrap_intervals(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, patients: np.ndarray,
-                        thresholds, n: int, seed: int) -> dict:
+def bootstrap_intervals(
+    task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, patients: np.ndarray, thresholds, n: int, seed: int
+) -> dict:
     """95 % percentile intervals of AUROC (macro and per class), accuracy and balanced accuracy,
     resampling patients with replacement."""
     rng = np.random.default_rng(seed)
@@ -58,8 +63,12 @@ def bootstrap_intervals(task: str, classes: list[str], y: np.ndarray, probs: np.
     onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
     scored = [1] if task == "binary" else list(range(len(classes)))
     pred = predict(task, probs, thresholds)
-    draws: dict[str, list[float]] = {"auroc_macro": [], "accuracy": [], "balanced_accuracy": [],
-                                     **{f"auroc.{classes[j]}": [] for j in scored}}
+    draws: dict[str, list[float]] = {
+        "auroc_macro": [],
+        "accuracy": [],
+        "balanced_accuracy": [],
+        **{f"auroc.{classes[j]}": [] for j in scored},
+    }
     for _ in range(n):
         rows = np.concatenate([members[k] for k in rng.integers(0, len(codes), len(codes))])
         aurocs = []
@@ -71,8 +80,9 @@ def bootstrap_intervals(task: str, classes: list[str], y: np.ndarray, probs: np.
         draws["auroc_macro"].append(np.nanmean(aurocs) if not np.all(np.isnan(aurocs)) else np.nan)
         if task == "multilabel":
             draws["accuracy"].append(float(np.all(y[rows] == pred[rows], axis=1).mean()))
-            draws["balanced_accuracy"].append(float(np.mean([
-                _balanced(y[rows, j], pred[rows, j]) for j in range(len(classes))])))
+            draws["balanced_accuracy"].append(
+                float(np.mean([_balanced(y[rows, j], pred[rows, j]) for j in range(len(classes))]))
+            )
         else:
             draws["accuracy"].append(float((y[rows] == pred[rows]).mean()))
             draws["balanced_accuracy"].append(_balanced(y[rows], pred[rows]))
@@ -98,18 +108,28 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     per_class = {}
     for part in ("val", "test"):
         cols = [c for c in per_fold.columns if c.startswith(f"{part}.auroc.")]
-        per_class[part] = {c.split(".", 2)[2]: {"mean": _num(per_fold[c].mean()), "std": _num(per_fold[c].std())}
-                           for c in cols}
+        per_class[part] = {
+            c.split(".", 2)[2]: {"mean": _num(per_fold[c].mean()), "std": _num(per_fold[c].std())} for c in cols
+        }
     predictions = pd.concat([pd.read_parquet(p) for p in prediction_paths], ignore_index=True)
     oof = predictions[predictions["set"] == "val"]
     y_oof = targets_for(oof["labels"], classes, task)
     oof_probs = _probs(oof, classes)
     thresholds = choose_thresholds(task, y_oof, oof_probs)
     pooled = evaluate(task, classes, y_oof, oof_probs, thresholds)
-    out = {"task": task, "classes": classes, "folds": int(len(results)), "per_fold": per_fold, "summary": summary,
-           "per_class_auroc": per_class, "oof": pooled}
+    out = {
+        "task": task,
+        "classes": classes,
+        "folds": int(len(results)),
+        "per_fold": per_fold,
+        "summary": summary,
+        "per_class_auroc": per_class,
+        "oof": pooled,
+    }
     test = predictions[predictions["set"] == "test"]
-    out["ensemble_predictions"] = pd.DataFrame(columns=["image_id", *[f"prob:{c}" for c in classes], "patient_id", "labels"])
+    out["ensemble_predictions"] = pd.DataFrame(
+        columns=["image_id", *[f"prob:{c}" for c in classes], "patient_id", "labels"]
+    )
     # a fold ensemble needs one test set that every fold model predicted; the dataset's own folds
     # may each have their own (glaucoma Fold0..Fold9), and then only the per-fold test metrics hold
     shared = len(test) and (test.groupby("image_id")["fold"].nunique() == test["fold"].nunique()).all()
@@ -123,12 +143,14 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
         ensemble = evaluate(task, classes, y_test, probs, thresholds)
         ensemble["models"] = int(test["fold"].nunique())
         ensemble["threshold_source"] = "pooled out-of-fold predictions"
-        ensemble["ci95"] = bootstrap_intervals(task, classes, y_test, probs, first["patient_id"].to_numpy(),
-                                               thresholds, n_bootstrap, seed)
+        ensemble["ci95"] = bootstrap_intervals(
+            task, classes, y_test, probs, first["patient_id"].to_numpy(), thresholds, n_bootstrap, seed
+        )
         ensemble["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
         out["ensemble_test"] = ensemble
         out["ensemble_predictions"] = mean_probs.reset_index().assign(
-            patient_id=first["patient_id"].to_numpy(), labels=first["labels"].to_list())
+            patient_id=first["patient_id"].to_numpy(), labels=first["labels"].to_list()
+        )
     return out
 
 
@@ -141,10 +163,16 @@ def write_experiment(agg: dict, out_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     agg["per_fold"].to_csv(out / "per_fold.csv", index=False)
     agg["summary"].to_csv(out / "summary.csv", index_label="statistic")
-    summary = {"task": agg["task"], "classes": agg["classes"], "folds": agg["folds"],
-               "statistics": {col: {stat: _num(v) for stat, v in agg["summary"][col].items()}
-                              for col in agg["summary"].columns},
-               "per_class_auroc": agg["per_class_auroc"], "oof": agg["oof"]}
+    summary = {
+        "task": agg["task"],
+        "classes": agg["classes"],
+        "folds": agg["folds"],
+        "statistics": {
+            col: {stat: _num(v) for stat, v in agg["summary"][col].items()} for col in agg["summary"].columns
+        },
+        "per_class_auroc": agg["per_class_auroc"],
+        "oof": agg["oof"],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ensemble_test.json").write_text(json.dumps(agg.get("ensemble_test"), indent=2) + "\n")
 
@@ -152,7 +180,9 @@ def write_experiment(agg: dict, out_dir) -> None:
 COMPARED = ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
 
 
-def compare_experiments(summary_paths: dict[str, str], ensemble_paths: dict[str, str], select_on: str = "val.auroc_macro") -> pd.DataFrame:
+def compare_experiments(
+    summary_paths: dict[str, str], ensemble_paths: dict[str, str], select_on: str = "val.auroc_macro"
+) -> pd.DataFrame:
     """One row per experiment: mean and std across folds of the main metrics, the test-set
     ensemble's AUROC with its interval, and ``best`` marking the experiment with the highest
     mean ``select_on`` (validation, so the test set plays no part in choosing)."""
@@ -181,16 +211,19 @@ def compare_experiments(summary_paths: dict[str, str], ensemble_paths: dict[str,
 
 
 # ----------------------------------------------------------------------------- across experiments
-def ensemble_fold(prediction_paths: dict[str, str], metrics_paths: dict[str, str], weights: list[float],
-                  fold: int) -> tuple[dict, pd.DataFrame]:
+def ensemble_fold(
+    prediction_paths: dict[str, str], metrics_paths: dict[str, str], weights: list[float], fold: int
+) -> tuple[dict, pd.DataFrame]:
     """Fold ``fold`` of an ensemble across experiments: the weighted mean of the experiments'
     fold-``fold`` probabilities on the same validation and test images, thresholds chosen on
     validation, evaluated as a fold model is. Returns (metrics, predictions)."""
     names = list(prediction_paths)
     weights = np.asarray(weights or [1.0] * len(names), np.float64)
     if len(weights) != len(names) or weights.sum() <= 0:
-        raise ConfigError(f"ensembles: {len(weights)} weights for {len(names)} experiments {names}; give one per "
-                          f"experiment, not all zero")
+        raise ConfigError(
+            f"ensembles: {len(weights)} weights for {len(names)} experiments {names}; give one per "
+            f"experiment, not all zero"
+        )
     weights = weights / weights.sum()
     results = {name: json.loads(Path(metrics_paths[name]).read_text()) for name in names}
     classes, task = results[names[0]]["classes"], results[names[0]]["task"]
@@ -198,28 +231,42 @@ def ensemble_fold(prediction_paths: dict[str, str], metrics_paths: dict[str, str
     frames = {}
     for name in names:
         if results[name]["classes"] != classes or results[name]["task"] != task:
-            raise ConfigError(f"ensembles: experiment {name!r} predicts {results[name]['classes']} ({results[name]['task']}), "
-                              f"{names[0]!r} predicts {classes} ({task}); an ensemble needs the same classes")
+            raise ConfigError(
+                f"ensembles: experiment {name!r} predicts {results[name]['classes']} ({results[name]['task']}), "
+                f"{names[0]!r} predicts {classes} ({task}); an ensemble needs the same classes"
+            )
         frames[name] = pd.read_parquet(prediction_paths[name]).set_index(["set", "image_id"]).sort_index()
     first = frames[names[0]]
     for name in names[1:]:
         if not frames[name].index.equals(first.index):
-            raise ConfigError(f"ensembles: experiments {names[0]!r} and {name!r} predicted different images in fold {fold}; "
-                              f"an ensemble needs one split")
+            raise ConfigError(
+                f"ensembles: experiments {names[0]!r} and {name!r} predicted different images in fold {fold}; "
+                f"an ensemble needs one split"
+            )
     probs = sum(w * frames[name][prob_cols].to_numpy(np.float64) for w, name in zip(weights, names))
-    predictions = first.drop(columns=prob_cols).assign(**{c: probs[:, j] for j, c in enumerate(prob_cols)}).reset_index()
+    predictions = (
+        first.drop(columns=prob_cols).assign(**{c: probs[:, j] for j, c in enumerate(prob_cols)}).reset_index()
+    )
     predictions = predictions[["image_id", "patient_id", "labels", "set", "fold", *prob_cols]]
-    result = {"fold": fold, "task": task, "classes": classes, "members": names, "weights": weights.tolist(),
-              "best_epoch": None, "epochs_trained": None,
-              "train_seconds": float(sum(r["train_seconds"] for r in results.values()))}
+    result = {
+        "fold": fold,
+        "task": task,
+        "classes": classes,
+        "members": names,
+        "weights": weights.tolist(),
+        "best_epoch": None,
+        "epochs_trained": None,
+        "train_seconds": float(sum(r["train_seconds"] for r in results.values())),
+    }
     val = predictions[predictions["set"] == "val"]
     y_val = targets_for(val["labels"], classes, task)
     thresholds = choose_thresholds(task, y_val, val[prob_cols].to_numpy(np.float64))
     result["val"] = evaluate(task, classes, y_val, val[prob_cols].to_numpy(np.float64), thresholds)
     test = predictions[predictions["set"] == "test"]
     if len(test):
-        result["test"] = evaluate(task, classes, targets_for(test["labels"], classes, task),
-                                  test[prob_cols].to_numpy(np.float64), thresholds)
+        result["test"] = evaluate(
+            task, classes, targets_for(test["labels"], classes, task), test[prob_cols].to_numpy(np.float64), thresholds
+        )
     return result, predictions
 
 
@@ -232,11 +279,17 @@ def grid_table(combinations: dict[str, dict], summary_paths: dict[str, str], ran
         metric = stats.get(rank_by) or {}
         test = stats.get(rank_by.replace("val.", "test.", 1)) or {}
         seconds = stats.get("train_seconds") or {}
-        rows.append({"experiment": name, **{f"param:{k}": v for k, v in values.items()},
-                     f"{rank_by}.mean": metric.get("mean"), f"{rank_by}.std": metric.get("std"),
-                     f"{rank_by.replace('val.', 'test.', 1)}.mean": test.get("mean"),
-                     "train_seconds.mean": seconds.get("mean"),
-                     "train_seconds.total": (seconds.get("mean") or 0) * (seconds.get("count") or 0)})
+        rows.append(
+            {
+                "experiment": name,
+                **{f"param:{k}": v for k, v in values.items()},
+                f"{rank_by}.mean": metric.get("mean"),
+                f"{rank_by}.std": metric.get("std"),
+                f"{rank_by.replace('val.', 'test.', 1)}.mean": test.get("mean"),
+                "train_seconds.mean": seconds.get("mean"),
+                "train_seconds.total": (seconds.get("mean") or 0) * (seconds.get("count") or 0),
+            }
+        )
     table = pd.DataFrame(rows)
     key = f"{rank_by}.mean"
     table = table.sort_values([key, "train_seconds.mean"], ascending=[False, True], na_position="last", kind="stable")

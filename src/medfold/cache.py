@@ -50,7 +50,9 @@ def load_file(path: str, size: int, channels: int) -> np.ndarray:
     try:
         pixels = decode(path).pixels
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be decoded any more ({exc}); it was readable when indexed - re-run the index rule") from exc
+        raise DataError(
+            f"{path}: cannot be decoded any more ({exc}); it was readable when indexed - re-run the index rule"
+        ) from exc
     return _to_channels(_resize(pixels, size), channels)
 
 
@@ -70,20 +72,29 @@ def build_cache(index: pd.DataFrame, out_dir, size: int, channels: int, threads:
         _fill_from_npz(array, index, size, channels)
     file_rows = np.flatnonzero(~npz_rows.to_numpy())
 
-    def one(row: int) -> None:
-        array[row] = load_file(index["path"].iat[row], size, channels)
+    def one(row: int, into: np.ndarray = array) -> None:
+        into[row] = load_file(index["path"].iat[row], size, channels)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
-            Progress(f"cache {size} px", len(file_rows)) as progress:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        Progress(f"cache {size} px", len(file_rows)) as progress,
+    ):
         list(tracked(pool.map(one, file_rows), progress))
     array.flush()
-    del array
+    del array, one  # the memory map closes before the file is hashed and renamed
     with files.writing(out, "finishing the image cache"):
         (out / DIGEST).write_text(files.digest(partial) + "\n")
         (out / "image_ids.txt").write_text("\n".join(index["image_id"]) + "\n")
     partial.rename(target)
-    log.info("cached %d images at %dx%d, %d channel(s): %s (%.1f MB)", len(index), size, size, channels,
-             target, target.stat().st_size / 1e6)
+    log.info(
+        "cached %d images at %dx%d, %d channel(s): %s (%.1f MB)",
+        len(index),
+        size,
+        size,
+        channels,
+        target,
+        target.stat().st_size / 1e6,
+    )
     return target
 
 
@@ -101,7 +112,9 @@ def open_cache(cache_dir, index: pd.DataFrame) -> np.ndarray:
     cache_dir = Path(cache_dir)
     ids = (cache_dir / "image_ids.txt").read_text().split("\n")[:-1]
     if ids != index["image_id"].tolist():
-        raise DataError(f"{cache_dir}: cached image order does not match the index; delete the cache folder to rebuild it")
+        raise DataError(
+            f"{cache_dir}: cached image order does not match the index; delete the cache folder to rebuild it"
+        )
     check_cache(cache_dir)
     return np.load(cache_dir / "images.npy", mmap_mode="r")
 

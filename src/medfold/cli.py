@@ -34,30 +34,43 @@ def init(preset: str, target: Path, force: bool = False) -> Path:
     if target.exists() and not force:
         raise ConfigError(f"{target} exists; choose another name or pass --force")
     text = (EXAMPLES / f"{preset}.yaml").read_text()
-    header = (f"# Written by `medfold init --preset {preset}`. Edit the paths under dataset:, then run\n"
-              f"#   snakemake --cores 8 --configfile {target}\n"
-              "# This file replaces the demo's config: only what it names runs. Every key: config/README.md\n\n")
+    header = (
+        f"# Written by `medfold init --preset {preset}`. Edit the paths under dataset:, then run\n"
+        f"#   snakemake --cores 8 --configfile {target}\n"
+        "# This file replaces the demo's config: only what it names runs. Every key: config/README.md\n\n"
+    )
     target.write_text(header + text)
     return target
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medfold", description="medfold: patient-level cross-validated deep "
-                                     "learning on medical images (the workflow itself runs with snakemake).")
+    parser = argparse.ArgumentParser(
+        prog="medfold",
+        description="medfold: patient-level cross-validated deep "
+        "learning on medical images (the workflow itself runs with snakemake).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="apply a trained experiment, fold model or compressed variant to new images",
-                       description="Apply a fold ensemble (an experiment's results folder), one fold's model.pt, or "
-                       "a variant's model.pt2 to a folder, CSV or single image, with training's preprocessing; "
-                       "labels at the thresholds chosen on validation.")
+    p = sub.add_parser(
+        "predict",
+        help="apply a trained experiment, fold model or compressed variant to new images",
+        description="Apply a fold ensemble (an experiment's results folder), one fold's model.pt, or "
+        "a variant's model.pt2 to a folder, CSV or single image, with training's preprocessing; "
+        "labels at the thresholds chosen on validation.",
+    )
     p.add_argument("model", type=Path, help="results/<dataset>/<experiment>, .../fold_<k>/model.pt or .../model.pt2")
     p.add_argument("images", type=Path, help="a folder of images (DICOM included), a CSV listing them, or one image")
     p.add_argument("--out", type=Path, required=True, help="folder for predictions.csv/.parquet, unreadable.csv")
-    p.add_argument("--column", help="the CSV column with image paths (default: path, file, filename, image or Image Index)")
+    p.add_argument(
+        "--column", help="the CSV column with image paths (default: path, file, filename, image or Image Index)"
+    )
     p.add_argument("--gradcam", action="store_true", help="also write Grad-CAM overlays of the predicted class")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    i = sub.add_parser("init", help="write a starter config from a preset", description="Write a starter config "
-                       "from config/examples/<preset>.yaml.")
+    i = sub.add_parser(
+        "init",
+        help="write a starter config from a preset",
+        description="Write a starter config from config/examples/<preset>.yaml.",
+    )
     i.add_argument("--preset", required=True, help="one of: " + ", ".join(presets()))
     i.add_argument("config", nargs="?", type=Path, default=Path("my_dataset.yaml"))
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -78,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            summary = predict_images(load_predictor(args.model), list_images(args.images, args.column), args.out,
-                                     args.batch_size, args.gradcam)
+            summary = predict_images(
+                load_predictor(args.model),
+                list_images(args.images, args.column),
+                args.out,
+                args.batch_size,
+                args.gradcam,
+            )
             print(f"{summary['predicted']} images predicted, {summary['unreadable']} unreadable: {args.out}")
         elif args.command == "init":
             path = init(args.preset, args.config, args.force)

@@ -135,8 +135,17 @@ def delong(y01, score_a, score_b) -> dict:
     y01 = np.asarray(y01).astype(bool)
     m, n = int(y01.sum()), int((~y01).sum())
     if m < 2 or n < 2:
-        return {"auroc_a": None, "auroc_b": None, "difference": None, "z": None, "p": None, "ci95": None,
-                "positives": m, "negatives": n, "why": "needs at least 2 positives and 2 negatives"}
+        return {
+            "auroc_a": None,
+            "auroc_b": None,
+            "difference": None,
+            "z": None,
+            "p": None,
+            "ci95": None,
+            "positives": m,
+            "negatives": n,
+            "why": "needs at least 2 positives and 2 negatives",
+        }
     auc, v10, v01 = _midrank_components(y01, np.vstack([score_a, score_b]).astype(np.float64))
     covariance = np.cov(v10) / m + np.cov(v01) / n
     variance = float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
@@ -148,8 +157,17 @@ def delong(y01, score_a, score_b) -> dict:
         z = difference / math.sqrt(variance)
         p = float(2 * stats.norm.sf(abs(z)))
         half = 1.959963984540054 * math.sqrt(variance)
-    return {"auroc_a": float(auc[0]), "auroc_b": float(auc[1]), "difference": difference, "z": float(z), "p": p,
-            "variance": variance, "ci95": [difference - half, difference + half], "positives": m, "negatives": n}
+    return {
+        "auroc_a": float(auc[0]),
+        "auroc_b": float(auc[1]),
+        "difference": difference,
+        "z": float(z),
+        "p": p,
+        "variance": variance,
+        "ci95": [difference - half, difference + half],
+        "positives": m,
+        "negatives": n,
+    }
 
 
 def delong_variance(y01, score) -> float:
@@ -175,12 +193,15 @@ def reliability(y01, prob, bins: int = 10) -> dict:
     mean_prob = np.where(filled, total_prob / np.maximum(count, 1), np.nan)
     observed = np.where(filled, total_pos / np.maximum(count, 1), np.nan)
     gaps = np.abs(observed - mean_prob)
-    return {"edges": edges.tolist(), "count": count.tolist(),
-            "mean_predicted": [None if np.isnan(v) else float(v) for v in mean_prob],
-            "observed": [None if np.isnan(v) else float(v) for v in observed],
-            "ece": float(np.nansum(gaps * count) / max(len(prob), 1)),
-            "max_gap": float(np.nanmax(gaps)) if filled.any() else None,
-            "brier": float(skm.brier_score_loss(y01, prob)) if len(prob) else None}
+    return {
+        "edges": edges.tolist(),
+        "count": count.tolist(),
+        "mean_predicted": [None if np.isnan(v) else float(v) for v in mean_prob],
+        "observed": [None if np.isnan(v) else float(v) for v in observed],
+        "ece": float(np.nansum(gaps * count) / max(len(prob), 1)),
+        "max_gap": float(np.nanmax(gaps)) if filled.any() else None,
+        "brier": float(skm.brier_score_loss(y01, prob)) if len(prob) else None,
+    }
 
 
 def _logits(task: str, probs: np.ndarray) -> np.ndarray:
@@ -209,8 +230,12 @@ def _nll(task: str, y: np.ndarray, probs: np.ndarray) -> float:
 def fit_temperature(task: str, y: np.ndarray, probs: np.ndarray) -> float:
     """The temperature minimising the negative log-likelihood of ``y`` (one for the model, as
     Guo et al. 2017), searched on log T in [-3, 3] (T from 0.05 to 20)."""
-    result = optimize.minimize_scalar(lambda log_t: _nll(task, y, apply_temperature(task, probs, math.exp(log_t))),
-                                      bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-5})
+    result = optimize.minimize_scalar(
+        lambda log_t: _nll(task, y, apply_temperature(task, probs, math.exp(log_t))),
+        bounds=(-3.0, 3.0),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
     return float(math.exp(result.x))
 
 
@@ -248,10 +273,14 @@ def test_predictions(predictions: pd.DataFrame, classes: list[str]) -> tuple[pd.
     shared = bool((folds_per_image == test["fold"].nunique()).all())
     mean = test.groupby("image_id", sort=True)[cols].mean()
     first = test.drop_duplicates("image_id").set_index("image_id").loc[mean.index]
-    frame = mean.reset_index().assign(patient_id=first["patient_id"].astype(str).to_numpy(),
-                                      labels=first["labels"].to_list())
-    how = (f"fold ensemble: mean of {test['fold'].nunique()} fold models" if shared
-           else "each fold model on its own test images (mean where several predicted an image)")
+    frame = mean.reset_index().assign(
+        patient_id=first["patient_id"].astype(str).to_numpy(), labels=first["labels"].to_list()
+    )
+    how = (
+        f"fold ensemble: mean of {test['fold'].nunique()} fold models"
+        if shared
+        else "each fold model on its own test images (mean where several predicted an image)"
+    )
     return frame[["image_id", "patient_id", "labels", *cols]], how
 
 
@@ -283,8 +312,10 @@ def subgroup_of(values: pd.Series, spec: dict) -> pd.Series:
         text = values.astype("string").str.strip().fillna("")
         return text.mask(text == "", "missing").astype(str)
     cuts = sorted(float(v) for v in spec["bands"])
-    labels = [f"<{_edge(cuts[0])}"] + [f"{_edge(a)}-{_edge(b)}" for a, b in zip(cuts, cuts[1:])] + [f"{_edge(cuts[-1])}+"]
-    low, high = (spec.get("valid") or [None, None])
+    labels = (
+        [f"<{_edge(cuts[0])}"] + [f"{_edge(a)}-{_edge(b)}" for a, b in zip(cuts, cuts[1:])] + [f"{_edge(cuts[-1])}+"]
+    )
+    low, high = spec.get("valid") or [None, None]
     out = []
     for value in values:
         number = parse_number(value)
@@ -302,7 +333,11 @@ def group_order(spec: dict, present: list[str]) -> list[str]:
     tail = [g for g in ("out of range", "missing") if g in present]
     if spec.get("bands"):
         cuts = sorted(float(v) for v in spec["bands"])
-        order = [f"<{_edge(cuts[0])}"] + [f"{_edge(a)}-{_edge(b)}" for a, b in zip(cuts, cuts[1:])] + [f"{_edge(cuts[-1])}+"]
+        order = (
+            [f"<{_edge(cuts[0])}"]
+            + [f"{_edge(a)}-{_edge(b)}" for a, b in zip(cuts, cuts[1:])]
+            + [f"{_edge(cuts[-1])}+"]
+        )
         return [g for g in order if g in present] + tail
     return sorted(g for g in present if g not in tail) + tail
 
@@ -345,8 +380,17 @@ def _quiet():
         yield
 
 
-def subgroup_results(test: pd.DataFrame, index: pd.DataFrame, task: str, classes: list[str], thresholds,
-                     specs: list[dict], min_images: int, min_patients: int, boot: PatientBootstrap) -> pd.DataFrame:
+def subgroup_results(
+    test: pd.DataFrame,
+    index: pd.DataFrame,
+    task: str,
+    classes: list[str],
+    thresholds,
+    specs: list[dict],
+    min_images: int,
+    min_patients: int,
+    boot: PatientBootstrap,
+) -> pd.DataFrame:
     """One row per (subgroup column, group, metric): value, interval, images, patients, too_small.
     The group "all" (every test image) comes first in each column, as the reference."""
     cols = [f"{PROB}{c}" for c in classes]
@@ -359,25 +403,53 @@ def subgroup_results(test: pd.DataFrame, index: pd.DataFrame, task: str, classes
     for spec in specs:
         column = metadata_column(spec)
         if column not in meta.columns:
-            raise ConfigError(f"evaluation.subgroups: column {spec['column']!r} is not in the index (the index carries "
-                              f"{sorted(c[5:] for c in meta.columns if c.startswith('meta:')) or 'no metadata columns'}); "
-                              f"it is read from dataset.table, so the name must be one of that table's columns")
+            raise ConfigError(
+                f"evaluation.subgroups: column {spec['column']!r} is not in the index (the index carries "
+                f"{sorted(c[5:] for c in meta.columns if c.startswith('meta:')) or 'no metadata columns'}); "
+                f"it is read from dataset.table, so the name must be one of that table's columns"
+            )
         groups = subgroup_of(meta.loc[test["image_id"], column].reset_index(drop=True), spec).to_numpy()
         name = spec.get("name") or spec["column"]
         for group in ["all", *group_order(spec, sorted(set(groups)))]:
             rows = np.arange(len(test)) if group == "all" else np.flatnonzero(groups == group)
             n_images, n_patients = len(rows), len(set(patients[rows]))
             small = n_images < min_images or n_patients < min_patients
-            base = {"subgroup": name, "column": spec["column"], "group": group, "images": n_images,
-                    "patients": n_patients, "too_small": bool(small and group != "all")}
+            base = {
+                "subgroup": name,
+                "column": spec["column"],
+                "group": group,
+                "images": n_images,
+                "patients": n_patients,
+                "too_small": bool(small and group != "all"),
+            }
             if base["too_small"]:
                 records.append({**base, "metric": "auroc_macro", "value": None, "ci_low": None, "ci_high": None})
                 continue
             for metric, (value, ci) in _metric_rows(task, classes, y1h, probs, decided, rows, boot).items():
-                records.append({**base, "metric": metric, "value": value, "ci_low": ci[0] if ci else None,
-                                "ci_high": ci[1] if ci else None})
-    return pd.DataFrame(records, columns=["subgroup", "column", "group", "images", "patients", "too_small", "metric",
-                                          "value", "ci_low", "ci_high"])
+                records.append(
+                    {
+                        **base,
+                        "metric": metric,
+                        "value": value,
+                        "ci_low": ci[0] if ci else None,
+                        "ci_high": ci[1] if ci else None,
+                    }
+                )
+    return pd.DataFrame(
+        records,
+        columns=[
+            "subgroup",
+            "column",
+            "group",
+            "images",
+            "patients",
+            "too_small",
+            "metric",
+            "value",
+            "ci_low",
+            "ci_high",
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- operating points
@@ -419,8 +491,9 @@ def _best_at(y01: np.ndarray, score: np.ndarray, weights: np.ndarray, target: st
     return np.where(sens >= value - 1e-12, spec, -np.inf).max(1)
 
 
-def operating_points(oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], targets: dict,
-                     youden, boot: PatientBootstrap) -> pd.DataFrame:
+def operating_points(
+    oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], targets: dict, youden, boot: PatientBootstrap
+) -> pd.DataFrame:
     """Per class and target: the threshold chosen on the pooled out-of-fold predictions, the
     validation sensitivity/specificity it gives, the test outcome with intervals, and the best
     the test ROC curve allows at that target. Youden's threshold (the one used elsewhere) first."""
@@ -432,15 +505,24 @@ def operating_points(oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: 
         s_oof, s_test = oof[f"{PROB}{c}"].to_numpy(np.float64), test[f"{PROB}{c}"].to_numpy(np.float64)
         yo, yt = y_oof[:, j].astype(bool), y_test[:, j].astype(bool)
         chosen = [("youden", None, (youden[0] if task == "binary" else youden[j]) if youden else None)]
-        chosen += [(target, value, threshold_for(yo, s_oof, target, value))
-                   for target in ("specificity", "sensitivity") for value in targets.get(target, [])]
+        chosen += [
+            (target, value, threshold_for(yo, s_oof, target, value))
+            for target in ("specificity", "sensitivity")
+            for value in targets.get(target, [])
+        ]
         for target, value, threshold in chosen:
             row = {"class": c, "target": target, "target_value": value, "threshold": threshold}
             if threshold is not None:
                 vs, vp = weighted_rates(yo, s_oof >= threshold, np.ones((1, len(yo))))
                 ts, tp = weighted_rates(yt, s_test >= threshold, np.ones((1, len(yt))))
-                row.update({"val.sensitivity": _f(vs[0]), "val.specificity": _f(vp[0]),
-                            "test.sensitivity": _f(ts[0]), "test.specificity": _f(tp[0])})
+                row.update(
+                    {
+                        "val.sensitivity": _f(vs[0]),
+                        "val.specificity": _f(vp[0]),
+                        "test.sensitivity": _f(ts[0]),
+                        "test.specificity": _f(tp[0]),
+                    }
+                )
                 for which, k in (("sensitivity", 0), ("specificity", 1)):
                     ci = interval(boot.draws(lambda w: weighted_rates(yt, s_test >= threshold, w)[k]))
                     row[f"test.{which}.ci_low"], row[f"test.{which}.ci_high"] = ci or (None, None)
@@ -459,8 +541,9 @@ def _f(value) -> float | None:
 
 
 # ----------------------------------------------------------------------------- calibration
-def calibration(folds: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], bins: int,
-                temperature_scaling: bool) -> dict:
+def calibration(
+    folds: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], bins: int, temperature_scaling: bool
+) -> dict:
     """Reliability, ECE and Brier per class of the evaluated test predictions; with temperature
     scaling, each fold model's temperature (fitted on its validation predictions) applied to its
     test predictions, combined as the test predictions are, and evaluated again."""
@@ -516,8 +599,9 @@ def per_patient(frame: pd.DataFrame, task: str, classes: list[str], how: str) ->
     return out, left_out
 
 
-def patient_level(oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], how: str,
-                  n_bootstrap: int, seed: int) -> dict:
+def patient_level(
+    oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], how: str, n_bootstrap: int, seed: int
+) -> dict:
     """Per-image and per-patient results side by side, thresholds chosen on out-of-fold
     predictions of the same unit, with patient-bootstrap intervals of the macro AUROC."""
     cols = [f"{PROB}{c}" for c in classes]
@@ -532,12 +616,25 @@ def patient_level(oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: lis
         result = evaluate(task, classes, y_t, t[cols].to_numpy(np.float64), thresholds)
         boot = PatientBootstrap(t["patient_id"], n_bootstrap, seed)
         y1h = onehot(task, classes, y_t)
-        draws = np.vstack([boot.draws(lambda w: weighted_auroc(y1h[:, j], t[cols[j]].to_numpy(np.float64), w))
-                           for j in scored_classes(task, classes)])
+        draws = np.vstack(
+            [
+                boot.draws(lambda w: weighted_auroc(y1h[:, j], t[cols[j]].to_numpy(np.float64), w))
+                for j in scored_classes(task, classes)
+            ]
+        )
         with _quiet():
             macro = np.nanmean(draws, axis=0)
-        keep = ("images", "auroc_macro", "auroc", "accuracy", "balanced_accuracy", "f1_macro", "sensitivity",
-                "specificity", "thresholds")
+        keep = (
+            "images",
+            "auroc_macro",
+            "auroc",
+            "accuracy",
+            "balanced_accuracy",
+            "f1_macro",
+            "sensitivity",
+            "specificity",
+            "thresholds",
+        )
         out[unit] = {k: result[k] for k in keep if k in result}
         out[unit]["auroc_macro_ci95"] = interval(macro)
         out[unit]["patients"] = int(t["patient_id"].nunique())
@@ -548,8 +645,9 @@ def patient_level(oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: lis
 
 
 # ----------------------------------------------------------------------------- paired comparison
-def compare_pair(a: pd.DataFrame, b: pd.DataFrame, task: str, classes: list[str], n_bootstrap: int,
-                 seed: int) -> list[dict]:
+def compare_pair(
+    a: pd.DataFrame, b: pd.DataFrame, task: str, classes: list[str], n_bootstrap: int, seed: int
+) -> list[dict]:
     """Experiment a against b on the test images both predicted: per class DeLong's test and
     the bootstrap interval of the AUROC difference; for the macro AUROC the bootstrap alone
     (DeLong's variance is per binary outcome; the classes of one image are not independent)."""
@@ -567,35 +665,69 @@ def compare_pair(a: pd.DataFrame, b: pd.DataFrame, task: str, classes: list[str]
         draws = boot.draws(lambda w: weighted_auroc(y01, sa, w) - weighted_auroc(y01, sb, w))
         diffs.append(draws)
         ci = interval(draws)
-        rows.append({"class": classes[j], "images": len(shared), "positives": test["positives"],
-                     "auroc_a": test["auroc_a"], "auroc_b": test["auroc_b"], "difference": test["difference"],
-                     "delong_z": test["z"], "delong_p": test["p"],
-                     "delong_ci_low": (test["ci95"] or [None])[0], "delong_ci_high": (test["ci95"] or [None, None])[1],
-                     "bootstrap_ci_low": ci[0] if ci else None, "bootstrap_ci_high": ci[1] if ci else None})
+        rows.append(
+            {
+                "class": classes[j],
+                "images": len(shared),
+                "positives": test["positives"],
+                "auroc_a": test["auroc_a"],
+                "auroc_b": test["auroc_b"],
+                "difference": test["difference"],
+                "delong_z": test["z"],
+                "delong_p": test["p"],
+                "delong_ci_low": (test["ci95"] or [None])[0],
+                "delong_ci_high": (test["ci95"] or [None, None])[1],
+                "bootstrap_ci_low": ci[0] if ci else None,
+                "bootstrap_ci_high": ci[1] if ci else None,
+            }
+        )
     if len(rows) > 1:
         defined = [r for r in rows if r["auroc_a"] is not None]
         with _quiet():
             macro = np.nanmean(np.vstack(diffs), axis=0)
         ci = interval(macro)
-        rows.insert(0, {"class": "macro", "images": len(shared), "positives": None,
-                        "auroc_a": float(np.mean([r["auroc_a"] for r in defined])) if defined else None,
-                        "auroc_b": float(np.mean([r["auroc_b"] for r in defined])) if defined else None,
-                        "difference": float(np.mean([r["difference"] for r in defined])) if defined else None,
-                        "delong_z": None, "delong_p": None, "delong_ci_low": None, "delong_ci_high": None,
-                        "bootstrap_ci_low": ci[0] if ci else None, "bootstrap_ci_high": ci[1] if ci else None})
+        rows.insert(
+            0,
+            {
+                "class": "macro",
+                "images": len(shared),
+                "positives": None,
+                "auroc_a": float(np.mean([r["auroc_a"] for r in defined])) if defined else None,
+                "auroc_b": float(np.mean([r["auroc_b"] for r in defined])) if defined else None,
+                "difference": float(np.mean([r["difference"] for r in defined])) if defined else None,
+                "delong_z": None,
+                "delong_p": None,
+                "delong_ci_low": None,
+                "delong_ci_high": None,
+                "bootstrap_ci_low": ci[0] if ci else None,
+                "bootstrap_ci_high": ci[1] if ci else None,
+            },
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- one experiment
-def evaluate_experiment(predictions: pd.DataFrame, index: pd.DataFrame | None, task: str, classes: list[str],
-                        settings: dict, n_bootstrap: int, seed: int) -> dict:
+def evaluate_experiment(
+    predictions: pd.DataFrame,
+    index: pd.DataFrame | None,
+    task: str,
+    classes: list[str],
+    settings: dict,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
     """Everything above for one experiment's fold predictions (every fold, validation and
     test rows). ``settings`` is the validated ``evaluation`` config section."""
     cols = [f"{PROB}{c}" for c in classes]
     oof = predictions[predictions["set"] == "val"]
     test, how = test_predictions(predictions, classes)
-    out: dict = {"task": task, "classes": classes, "test_predictions": test, "test_source": how,
-                 "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": seed}}
+    out: dict = {
+        "task": task,
+        "classes": classes,
+        "test_predictions": test,
+        "test_source": how,
+        "bootstrap": {"resamples": n_bootstrap, "unit": "patient", "seed": seed},
+    }
     if not len(test):
         out["skipped"] = "no held-out test predictions"
         return out
@@ -606,14 +738,24 @@ def evaluate_experiment(predictions: pd.DataFrame, index: pd.DataFrame | None, t
     if specs:
         if index is None:
             raise ConfigError("evaluation.subgroups needs the index table")
-        out["subgroups"] = subgroup_results(test, index, task, classes, thresholds, specs,
-                                            settings["min_subgroup_images"], settings["min_subgroup_patients"], boot)
+        out["subgroups"] = subgroup_results(
+            test,
+            index,
+            task,
+            classes,
+            thresholds,
+            specs,
+            settings["min_subgroup_images"],
+            settings["min_subgroup_patients"],
+            boot,
+        )
     out["operating_points"] = operating_points(oof, test, task, classes, settings["operating_points"], thresholds, boot)
     calib = settings["calibration"]
     out["calibration"] = calibration(predictions, test, task, classes, calib["bins"], calib["temperature_scaling"])
     if settings["patient_level"]["enabled"]:
-        out["patient_level"] = patient_level(oof, test, task, classes, settings["patient_level"]["aggregate"],
-                                             n_bootstrap, seed)
+        out["patient_level"] = patient_level(
+            oof, test, task, classes, settings["patient_level"]["aggregate"], n_bootstrap, seed
+        )
     return out
 
 
@@ -621,8 +763,15 @@ def calibration_table(calib: dict) -> pd.DataFrame:
     rows = []
     for stage in ("before", "after"):
         for c, r in (calib.get(stage) or {}).items():
-            rows.append({"class": c, "temperature_scaling": stage, "ece": r["ece"], "max_gap": r["max_gap"],
-                         "brier": r["brier"]})
+            rows.append(
+                {
+                    "class": c,
+                    "temperature_scaling": stage,
+                    "ece": r["ece"],
+                    "max_gap": r["max_gap"],
+                    "brier": r["brier"],
+                }
+            )
     return pd.DataFrame(rows, columns=["class", "temperature_scaling", "ece", "max_gap", "brier"])
 
 
@@ -636,8 +785,10 @@ def summary_record(result: dict) -> dict:
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-            for row in frame.astype(object).to_dict("records")]
+    return [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        for row in frame.astype(object).to_dict("records")
+    ]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -652,8 +803,14 @@ def forest_figure(name: str, subgroups: pd.DataFrame):
     macro = subgroups[subgroups["metric"] == "auroc_macro"]
     columns = list(dict.fromkeys(macro["subgroup"]))
     heights = [max(1, macro[macro["subgroup"] == c]["group"].nunique()) for c in columns]
-    fig, axes = plt.subplots(len(columns), 1, figsize=(6.4, 0.9 + 0.34 * sum(heights) + 0.5 * len(columns)),
-                             squeeze=False, height_ratios=heights, layout="constrained")
+    fig, axes = plt.subplots(
+        len(columns),
+        1,
+        figsize=(6.4, 0.9 + 0.34 * sum(heights) + 0.5 * len(columns)),
+        squeeze=False,
+        height_ratios=heights,
+        layout="constrained",
+    )
     for ax, column in zip(axes[:, 0], columns):
         part = macro[macro["subgroup"] == column].reset_index(drop=True)
         overall = part.loc[part["group"] == "all", "value"]
@@ -661,13 +818,23 @@ def forest_figure(name: str, subgroups: pd.DataFrame):
         for yi, (_, r) in zip(y, part.iterrows()):
             label = f"{r['group']} ({r['images']} images, {r['patients']} patients)"
             if r["too_small"] or r["value"] is None or pd.isna(r["value"]):
-                ax.text(0.505, yi, "too small" if r["too_small"] else "undefined", va="center", fontsize=8, color="#777")
+                ax.text(
+                    0.505, yi, "too small" if r["too_small"] else "undefined", va="center", fontsize=8, color="#777"
+                )
             else:
                 if pd.notna(r["ci_low"]):
                     ax.plot([r["ci_low"], r["ci_high"]], [yi, yi], color="#0072B2", lw=1.6)
                 ax.plot([r["value"]], [yi], "s", color="black" if r["group"] == "all" else "#0072B2", ms=5)
-            ax.annotate(label, (0, yi), xycoords=("axes fraction", "data"), xytext=(-6, 0), textcoords="offset points",
-                        ha="right", va="center", fontsize=8)
+            ax.annotate(
+                label,
+                (0, yi),
+                xycoords=("axes fraction", "data"),
+                xytext=(-6, 0),
+                textcoords="offset points",
+                ha="right",
+                va="center",
+                fontsize=8,
+            )
         if len(overall) and pd.notna(overall.iloc[0]):
             ax.axvline(float(overall.iloc[0]), color="#555", ls="--", lw=0.8)
         ax.set_yticks([])
@@ -702,13 +869,17 @@ def reliability_figure(name: str, calib: dict):
             if pts:
                 p, o, n = map(np.asarray, zip(*pts))
                 t = calib.get("temperatures") or {}
-                label = (f"before, ECE {r['ece']:.3f}" if stage == "before" else
-                         f"temperature-scaled, ECE {r['ece']:.3f}" + (f" (T {np.mean(list(t.values())):.2f})" if t else ""))
+                label = (
+                    f"before, ECE {r['ece']:.3f}"
+                    if stage == "before"
+                    else f"temperature-scaled, ECE {r['ece']:.3f}"
+                    + (f" (T {np.mean(list(t.values())):.2f})" if t else "")
+                )
                 ax.plot(p, o, "-", color=color, lw=1.2, label=label)
                 ax.scatter(p, o, s=8 + 60 * n / n.max(), color=color, zorder=3)
         ax.set(title=c, xlabel="mean predicted probability", ylabel="observed fraction", xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7, loc="upper left")
-    for ax in axes.ravel()[len(classes):]:
+    for ax in axes.ravel()[len(classes) :]:
         ax.axis("off")
     fig.suptitle(f"{name}: reliability on the held-out test set", fontsize=10)
     return fig
@@ -727,15 +898,40 @@ def write(result: dict, name: str, output) -> None:
 
     result["test_predictions"].to_parquet(output.test_predictions, index=False)
     Path(output.clinical).write_text(json.dumps(summary_record(result), indent=2) + "\n")
-    subgroups = result.get("subgroups", pd.DataFrame(columns=["subgroup", "column", "group", "images", "patients",
-                                                              "too_small", "metric", "value", "ci_low", "ci_high"]))
+    subgroups = result.get(
+        "subgroups",
+        pd.DataFrame(
+            columns=[
+                "subgroup",
+                "column",
+                "group",
+                "images",
+                "patients",
+                "too_small",
+                "metric",
+                "value",
+                "ci_low",
+                "ci_high",
+            ]
+        ),
+    )
     subgroups.to_csv(output.subgroups, index=False)
     result.get("operating_points", pd.DataFrame()).to_csv(output.operating_points, index=False)
     calibration_table(result.get("calibration", {})).to_csv(output.calibration, index=False)
-    figures = ((output.forest, lambda: forest_figure(name, subgroups), len(subgroups), "no subgroups configured "
-                "(evaluation.subgroups)"),
-               (output.reliability, lambda: reliability_figure(name, result["calibration"]), "calibration" in result,
-                result.get("skipped", "")))
+    figures = (
+        (
+            output.forest,
+            lambda: forest_figure(name, subgroups),
+            len(subgroups),
+            "no subgroups configured (evaluation.subgroups)",
+        ),
+        (
+            output.reliability,
+            lambda: reliability_figure(name, result["calibration"]),
+            "calibration" in result,
+            result.get("skipped", ""),
+        ),
+    )
     for path, draw, available, why in figures:
         if available:
             fig = draw()
@@ -747,8 +943,22 @@ def write(result: dict, name: str, output) -> None:
         plt.close(fig)
 
 
-COMPARISON_COLUMNS = ["a", "b", "class", "images", "positives", "auroc_a", "auroc_b", "difference", "delong_z",
-                      "delong_p", "delong_ci_low", "delong_ci_high", "bootstrap_ci_low", "bootstrap_ci_high"]
+COMPARISON_COLUMNS = [
+    "a",
+    "b",
+    "class",
+    "images",
+    "positives",
+    "auroc_a",
+    "auroc_b",
+    "difference",
+    "delong_z",
+    "delong_p",
+    "delong_ci_low",
+    "delong_ci_high",
+    "bootstrap_ci_low",
+    "bootstrap_ci_high",
+]
 
 
 def pairs_to_compare(names: list[str], settings: dict, best: str | None) -> list[tuple[str, str]]:
@@ -762,8 +972,9 @@ def pairs_to_compare(names: list[str], settings: dict, best: str | None) -> list
     return pairs
 
 
-def paired_comparisons(predictions: dict[str, pd.DataFrame], summary_path, settings: dict, best: str | None,
-                       n_bootstrap: int, seed: int) -> pd.DataFrame:
+def paired_comparisons(
+    predictions: dict[str, pd.DataFrame], summary_path, settings: dict, best: str | None, n_bootstrap: int, seed: int
+) -> pd.DataFrame:
     """``predictions``: experiment -> its evaluated test predictions (test_predictions.parquet)."""
     import json
     from pathlib import Path
@@ -774,6 +985,8 @@ def paired_comparisons(predictions: dict[str, pd.DataFrame], summary_path, setti
     for a, b in pairs_to_compare(list(predictions), settings, best):
         if not len(predictions[a]) or not len(predictions[b]):
             continue
-        rows += [{"a": a, "b": b, **row} for row in compare_pair(predictions[a], predictions[b], task, classes,
-                                                                   n_bootstrap, seed)]
+        rows += [
+            {"a": a, "b": b, **row}
+            for row in compare_pair(predictions[a], predictions[b], task, classes, n_bootstrap, seed)
+        ]
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)

@@ -20,14 +20,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import hardware
+from . import hardware, quantize
 from . import prune as pruning
-from . import quantize
-from .metrics import evaluate
+from .metrics import evaluate, scalar_metrics
 from .metrics import predict as predicted_labels
-from .metrics import scalar_metrics
-from .train import (CachedBatches, Criterion, FoldData, Runner, evaluate_fold, load_model, make_optimizer, resolve_device,
-                    seed_epoch, train_epoch, write_evaluation)
+from .train import (
+    CachedBatches,
+    Criterion,
+    FoldData,
+    Runner,
+    evaluate_fold,
+    load_model,
+    make_optimizer,
+    resolve_device,
+    seed_epoch,
+    train_epoch,
+    write_evaluation,
+)
 from .transforms import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -82,48 +91,91 @@ class FixedBatch:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def finetune(runner: Runner, model, data: FoldData, cfg: dict, epochs: int, lr: float, set_training,
-             after_step=None, describe=None) -> tuple[list[dict], float]:
+def finetune(
+    runner: Runner,
+    model,
+    data: FoldData,
+    cfg: dict,
+    epochs: int,
+    lr: float,
+    set_training,
+    after_step=None,
+    describe=None,
+) -> tuple[list[dict], float]:
     """Fine-tune ``model`` on the fold's training images; the validation fold is evaluated after
     every epoch for the history. Data order and augmentation are seeded apart from training's."""
     optimizer = make_optimizer(model.parameters(), {**cfg, "lr": lr})
-    criterion = Criterion(data.task, data.targets[data.rows["train"]], len(data.classes), cfg["class_weights"],
-                          runner.device)
-    batches = CachedBatches(data.cache, data.rows["train"], cfg["batch_size"], shuffle=True,
-                            seed=cfg["seed"] + 7919 * data.fold + 104729)
+    criterion = Criterion(
+        data.task, data.targets[data.rows["train"]], len(data.classes), cfg["class_weights"], runner.device
+    )
+    batches = CachedBatches(
+        data.cache, data.rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * data.fold + 104729
+    )
     augment = AugmentConfig.from_config(cfg["augment"])
     history, total = [], 0.0
     for epoch in range(epochs):
         gen = seed_epoch(cfg, data.fold, 10_000 + epoch, runner.device)
         batches.set_epoch(10_000 + epoch)
         set_training(True)
-        loss, seen, seconds = train_epoch(runner, model, batches, augment, criterion, optimizer, gen, data.fold, epoch,
-                                          after_step(epoch) if after_step else None)
+        loss, seen, seconds = train_epoch(
+            runner,
+            model,
+            batches,
+            augment,
+            criterion,
+            optimizer,
+            gen,
+            data.fold,
+            epoch,
+            after_step(epoch) if after_step else None,
+        )
         set_training(False)
         val_probs, val_loss = runner.predict(data.rows["val"], criterion, model)
         val = evaluate(data.task, data.classes, data.targets[data.rows["val"]], val_probs)
         extra = describe() if describe else {}
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "val_loss": val_loss,
-               "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"], "images_per_s": seen / seconds,
-               "seconds": seconds, **extra}
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss,
+            "val_loss": val_loss,
+            "val_auroc_macro": val["auroc_macro"],
+            "val_accuracy": val["accuracy"],
+            "images_per_s": seen / seconds,
+            "seconds": seconds,
+            **extra,
+        }
         history.append(row)
         total += seconds
-        log.info("fine-tune epoch %d/%d  loss %.4f  val_auroc %s%s", epoch + 1, epochs, loss,
-                 "n/a" if val["auroc_macro"] is None else f"{val['auroc_macro']:.4f}",
-                 "".join(f"  {k} {v:.3f}" for k, v in extra.items()))
+        log.info(
+            "fine-tune epoch %d/%d  loss %.4f  val_auroc %s%s",
+            epoch + 1,
+            epochs,
+            loss,
+            "n/a" if val["auroc_macro"] is None else f"{val['auroc_macro']:.4f}",
+            "".join(f"  {k} {v:.3f}" for k, v in extra.items()),
+        )
     return history, total
 
 
 # ----------------------------------------------------------------------------- the methods
 def _prune(base, runner, data, cfg, variant, example):
     p = variant["pruning"]
-    schedule = pruning.Schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"],
-                                p["exponent"])
+    schedule = pruning.Schedule(
+        p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"]
+    )
     model = base.to(runner.device)
     pruner = pruning.Pruner(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
-    history, seconds = finetune(runner, model, data, cfg, variant["epochs"], variant["lr"] or cfg["lr"] * 0.1,
-                                lambda on: model.train(on), lambda epoch: pruner.after_step(epoch, p["update_every"]),
-                                lambda: {"sparsity": pruner.sparsity()["overall"]})
+    history, seconds = finetune(
+        runner,
+        model,
+        data,
+        cfg,
+        variant["epochs"],
+        variant["lr"] or cfg["lr"] * 0.1,
+        lambda on: model.train(on),
+        lambda epoch: pruner.after_step(epoch, p["update_every"]),
+        lambda: {"sparsity": pruner.sparsity()["overall"]},
+    )
     pruner.update(float(variant["epochs"]))  # the schedule's value at the end (final if end_epoch <= epochs)
     achieved = pruner.sparsity()
     pruner.make_permanent()
@@ -133,30 +185,56 @@ def _prune(base, runner, data, cfg, variant, example):
 
 def _qat(base, runner, data, cfg, variant, example):
     prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device))
-    history, seconds = finetune(runner, prepared, data, cfg, variant["epochs"], variant["lr"] or cfg["lr"] * 0.1,
-                                lambda on: quantize.set_training(prepared, on))
+    history, seconds = finetune(
+        runner,
+        prepared,
+        data,
+        cfg,
+        variant["epochs"],
+        variant["lr"] or cfg["lr"] * 0.1,
+        lambda on: quantize.set_training(prepared, on),
+    )
     return quantize.convert_qat(prepared.to(CPU)), history, seconds, {}
 
 
 def _post_training(base, runner, data, cfg, variant, example):
     if variant["method"] in quantize.FLOAT_METHODS:
         return quantize.reduced_precision(base, variant["method"]), [], 0.0, {}
-    rows = data.rows["train"][:variant["calibration_images"]]
-    calibration = (runner.prepare(images, None, None).to(CPU)
-                   for images, _ in CachedBatches(data.cache, rows, cfg["eval_batch_size"], shuffle=False))
+    rows = data.rows["train"][: variant["calibration_images"]]
+    calibration = (
+        runner.prepare(images, None, None).to(CPU)
+        for images, _ in CachedBatches(data.cache, rows, cfg["eval_batch_size"], shuffle=False)
+    )
     dynamic = variant["method"] == "dynamic_int8"
     start = time.perf_counter()
     model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic)
     return model, [], time.perf_counter() - start, {"calibration_images": 0 if dynamic else int(len(rows))}
 
 
-METHODS = {"prune": _prune, "qat": _qat, "ptq": _post_training, "dynamic_int8": _post_training,
-           "fp16": _post_training, "bf16": _post_training}
+METHODS = {
+    "prune": _prune,
+    "qat": _qat,
+    "ptq": _post_training,
+    "dynamic_int8": _post_training,
+    "fp16": _post_training,
+    "bf16": _post_training,
+}
 
 
 # ----------------------------------------------------------------------------- the job
-def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_path, splits_path, cache_dir,
-                  fold: int, base_path, out_dir, threads: int = 1) -> dict:
+def compress_fold(
+    name: str,
+    variant: dict,
+    cfg: dict,
+    compression: dict,
+    index_path,
+    splits_path,
+    cache_dir,
+    fold: int,
+    base_path,
+    out_dir,
+    threads: int = 1,
+) -> dict:
     if variant["method"] not in METHODS:
         raise quantize.method_error(variant["method"])
     out = Path(out_dir)
@@ -180,13 +258,21 @@ def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_
     runner = Runner(cfg, data.cache, data.targets, data.task, device, load_model(base_path)[0])
     start = time.perf_counter()
     variant_model, history, finetune_seconds, extra = METHODS[variant["method"]](
-        runner.model, runner, data, cfg, variant, example)
+        runner.model, runner, data, cfg, variant, example
+    )
     make_seconds = time.perf_counter() - start
     log.info("%s (%s) made in %.1f s", name, variant["method"], make_seconds)
 
-    metadata = {"variant": name, "method": variant["method"], "fold": fold, "classes": data.classes,
-                "task": data.task, "model": saved["model"], "image_size": saved["image_size"],
-                "in_channels": saved["in_channels"]}
+    metadata = {
+        "variant": name,
+        "method": variant["method"],
+        "fold": fold,
+        "classes": data.classes,
+        "task": data.task,
+        "model": saved["model"],
+        "image_size": saved["image_size"],
+        "in_channels": saved["in_channels"],
+    }
     size = quantize.save_artifact(variant_model, example, out / "model.pt2", metadata)
     del variant_model
     loaded, loaded_meta = quantize.load_artifact(out / "model.pt2")  # evaluate what was saved, not what is in memory
@@ -201,43 +287,82 @@ def compress_fold(name: str, variant: dict, cfg: dict, compression: dict, index_
     else:
         base_measured_compiled = None
 
-    record = {"variant": name, "method": variant["method"], "fold": fold, "threads": threads,
-              "cpu": hardware.cpu(), "torch": torch.__version__,
-              "base": {"size_bytes": base_size, "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
-                       **base_measured,
-                       **({f"compiled_{k}": v for k, v in base_measured_compiled.items()} if base_measured_compiled
-                          else {})},
-              "variant_measured": {"size_bytes": size, "tensor_bytes": loaded_meta["tensor_bytes"],
-                                   "format": "torch.export archive (.pt2)", "compiled": int8,
-                                   **measured},
-              "finetune": {"epochs": len(history), "seconds": finetune_seconds}, "make_seconds": make_seconds}
-    record["ratios"] = {"size": size / base_size,
-                        "tensor_size": loaded_meta["tensor_bytes"] / record["base"]["tensor_bytes"],
-                        **{f"speedup_b{b}": base_measured[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
-                           for b in compression["latency"]["batch_sizes"]}}
+    record = {
+        "variant": name,
+        "method": variant["method"],
+        "fold": fold,
+        "threads": threads,
+        "cpu": hardware.cpu(),
+        "torch": torch.__version__,
+        "base": {
+            "size_bytes": base_size,
+            "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
+            **base_measured,
+            **({f"compiled_{k}": v for k, v in base_measured_compiled.items()} if base_measured_compiled else {}),
+        },
+        "variant_measured": {
+            "size_bytes": size,
+            "tensor_bytes": loaded_meta["tensor_bytes"],
+            "format": "torch.export archive (.pt2)",
+            "compiled": int8,
+            **measured,
+        },
+        "finetune": {"epochs": len(history), "seconds": finetune_seconds},
+        "make_seconds": make_seconds,
+    }
+    record["ratios"] = {
+        "size": size / base_size,
+        "tensor_size": loaded_meta["tensor_bytes"] / record["base"]["tensor_bytes"],
+        **{
+            f"speedup_b{b}": base_measured[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
+            for b in compression["latency"]["batch_sizes"]
+        },
+    }
     if base_measured_compiled:
-        record["ratios"].update({f"speedup_vs_compiled_b{b}": base_measured_compiled[f"latency_ms_b{b}"] /
-                                 measured[f"latency_ms_b{b}"] for b in compression["latency"]["batch_sizes"]})
+        record["ratios"].update(
+            {
+                f"speedup_vs_compiled_b{b}": base_measured_compiled[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
+                for b in compression["latency"]["batch_sizes"]
+            }
+        )
     record["deltas"] = metric_deltas(base_result, result)
     record["agreement"] = agreement(base_result, base_predictions, result, predictions, data)
     if variant["method"] == "prune":
         sparse_size = pruning.save_sparse(extra["state_dict"], out / "model_sparse.pt")
         record["sparsity"] = extra["sparsity"]
-        record["compressed"] = {"format": pruning.FORMAT, "file": "model_sparse.pt", "size_bytes": sparse_size,
-                                "ratio": sparse_size / base_size, "dense_size_bytes": size,
-                                "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2")}
+        record["compressed"] = {
+            "format": pruning.FORMAT,
+            "file": "model_sparse.pt",
+            "size_bytes": sparse_size,
+            "ratio": sparse_size / base_size,
+            "dense_size_bytes": size,
+            "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2"),
+        }
         record["compressed"]["gzip_ratio"] = record["compressed"]["gzip_of_dense_bytes"] / base_size
     if "calibration_images" in extra:
         record["calibration_images"] = extra["calibration_images"]
 
-    result.update({"variant": name, "method": variant["method"], "best_epoch": len(history),
-                   "epochs_trained": len(history), "train_seconds": finetune_seconds, "settings": cfg,
-                   "variant_settings": variant})
+    result.update(
+        {
+            "variant": name,
+            "method": variant["method"],
+            "best_epoch": len(history),
+            "epochs_trained": len(history),
+            "train_seconds": finetune_seconds,
+            "settings": cfg,
+            "variant_settings": variant,
+        }
+    )
     write_evaluation(result, predictions, history, out)
     (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s", name, fold,
-             record["ratios"]["size"], record["ratios"].get("speedup_b1", float("nan")),
-             record["deltas"].get("test.auroc_macro"))
+    log.info(
+        "%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s",
+        name,
+        fold,
+        record["ratios"]["size"],
+        record["ratios"].get("speedup_b1", float("nan")),
+        record["deltas"].get("test.auroc_macro"),
+    )
     return record
 
 
@@ -259,8 +384,12 @@ def agreement(base_result: dict, base_predictions, result: dict, predictions, da
     pb = predicted_labels(data.task, b, base_result[part].get("thresholds"))
     pv = predicted_labels(data.task, v, result[part].get("thresholds"))
     same = (pb == pv).all(1) if pb.ndim == 2 else pb == pv
-    return {"set": part, "label_agreement": float(same.mean()), "max_abs_prob_diff": float(np.abs(b - v).max()),
-            "mean_abs_prob_diff": float(np.abs(b - v).mean())}
+    return {
+        "set": part,
+        "label_agreement": float(same.mean()),
+        "max_abs_prob_diff": float(np.abs(b - v).max()),
+        "mean_abs_prob_diff": float(np.abs(b - v).mean()),
+    }
 
 
 # ----------------------------------------------------------------------------- the table
@@ -284,12 +413,27 @@ def _flat(record: dict) -> dict:
     return row
 
 
-SUMMARY_COLUMNS = ("ratio.size", "ratio.tensor_size", "compressed.ratio", "compressed.gzip_ratio", "sparsity",
-                   "ratio.speedup_b1", "ratio.speedup_b32", "ratio.speedup_vs_compiled_b1",
-                   "ratio.speedup_vs_compiled_b32", "variant.latency_ms_b1", "base.latency_ms_b1",
-                   "variant.images_per_s", "base.images_per_s", "delta.test.auroc_macro", "delta.test.accuracy",
-                   "delta.val.auroc_macro", "agreement.label_agreement", "agreement.max_abs_prob_diff",
-                   "finetune_seconds")
+SUMMARY_COLUMNS = (
+    "ratio.size",
+    "ratio.tensor_size",
+    "compressed.ratio",
+    "compressed.gzip_ratio",
+    "sparsity",
+    "ratio.speedup_b1",
+    "ratio.speedup_b32",
+    "ratio.speedup_vs_compiled_b1",
+    "ratio.speedup_vs_compiled_b32",
+    "variant.latency_ms_b1",
+    "base.latency_ms_b1",
+    "variant.images_per_s",
+    "base.images_per_s",
+    "delta.test.auroc_macro",
+    "delta.test.accuracy",
+    "delta.val.auroc_macro",
+    "agreement.label_agreement",
+    "agreement.max_abs_prob_diff",
+    "finetune_seconds",
+)
 
 
 def variants_tables(record_paths, summary_paths: dict, base_summary_path) -> tuple[pd.DataFrame, pd.DataFrame]:

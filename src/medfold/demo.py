@@ -104,9 +104,14 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
-def render_radiograph(anatomy: Anatomy, findings: set[str], rng: np.random.Generator,
-                      signal: np.ndarray | None = None, position: Position = Position(),
-                      strength: float = 1.0) -> np.ndarray:
+def render_radiograph(
+    anatomy: Anatomy,
+    findings: set[str],
+    rng: np.random.Generator,
+    signal: np.ndarray | None = None,
+    position: Position = Position(),
+    strength: float = 1.0,
+) -> np.ndarray:
     """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
     boolean array of the same shape), when given, receives the pixels the findings drew: where
     the information that an explanation should point at lies. ``strength`` below 1 draws the
@@ -311,8 +316,17 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-                         "View Position"])
+        writer.writerow(
+            [
+                "Image Index",
+                "Finding Labels",
+                "Follow-up #",
+                "Patient ID",
+                "Patient Age",
+                "Patient Gender",
+                "View Position",
+            ]
+        )
         writer.writerows(rows)
     return table
 

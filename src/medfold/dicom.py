@@ -91,12 +91,16 @@ def read_dicom(path) -> DicomImage:
     except Exception as exc:  # a truncated or mangled header: pydicom raises many kinds
         raise ValueError(f"DICOM header cannot be read ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
-        raise ValueError(f"DICOM without pixel data (Modality {_text(ds, 'Modality')}, SOP class {_text(ds, 'SOPClassUID')})")
+        raise ValueError(
+            f"DICOM without pixel data (Modality {_text(ds, 'Modality')}, SOP class {_text(ds, 'SOPClassUID')})"
+        )
     try:
         array = ds.pixel_array
     except Exception as exc:  # no decoder for the transfer syntax, truncated data...
-        raise ValueError(f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}; transfer syntax "
-                         f"{ds.file_meta.get('TransferSyntaxUID', '?')})") from exc
+        raise ValueError(
+            f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}; transfer syntax "
+            f"{ds.file_meta.get('TransferSyntaxUID', '?')})"
+        ) from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -119,11 +123,20 @@ def read_dicom(path) -> DicomImage:
             low, high = _stored_range(ds, bits)
             seen_low, seen_high = float(array.min()), float(array.max())
             if seen_high - seen_low < (high - low) / 16:  # e.g. CT stored in 16 bits: a flat grey
-                low, high, note = seen_low, seen_high, "no window and values span under 1/16 of BitsStored: " \
-                                                       "scaled by their own range"
+                low, high, note = (
+                    seen_low,
+                    seen_high,
+                    "no window and values span under 1/16 of BitsStored: scaled by their own range",
+                )
             pixels = _to_uint8(array, low, high)
         if photometric == "MONOCHROME1":
             pixels = 255 - pixels
         mode = f"DICOM {photometric} {bits}-bit" + (" windowed" if has_voi else "")
-    return DicomImage(np.ascontiguousarray(pixels), mode, _text(ds, "PatientID"), _text(ds, "StudyInstanceUID"),
-                      _text(ds, "SeriesInstanceUID"), note)
+    return DicomImage(
+        np.ascontiguousarray(pixels),
+        mode,
+        _text(ds, "PatientID"),
+        _text(ds, "StudyInstanceUID"),
+        _text(ds, "SeriesInstanceUID"),
+        note,
+    )

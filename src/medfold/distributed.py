@@ -64,8 +64,10 @@ def init(backend: str, device: torch.device) -> Context:
         try:
             import horovod.torch as hvd
         except ImportError as err:
-            raise ConfigError("distributed.backend is horovod but Horovod is not installed; run "
-                              "install/horovod.sh (see docs/cluster.md) or use backend: ddp") from err
+            raise ConfigError(
+                "distributed.backend is horovod but Horovod is not installed; run "
+                "install/horovod.sh (see docs/cluster.md) or use backend: ddp"
+            ) from err
         hvd.init()
         ctx = Context("horovod", hvd.rank(), hvd.size(), hvd.local_rank())
     elif backend == "ddp":
@@ -73,8 +75,10 @@ def init(backend: str, device: torch.device) -> Context:
 
         _slurm_to_torchrun_env()
         if "WORLD_SIZE" not in os.environ:
-            raise ConfigError("distributed.backend is ddp but no launcher set WORLD_SIZE; start training with "
-                              "torchrun or srun (the train rule does this)")
+            raise ConfigError(
+                "distributed.backend is ddp but no launcher set WORLD_SIZE; start training with "
+                "torchrun or srun (the train rule does this)"
+            )
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         ctx = Context("ddp", dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -205,17 +209,42 @@ def launch_command(backend: str, processes: int, launcher: str, gpus_per_process
 
     use_srun = launcher == "srun" or (launcher == "auto" and in_slurm_job())
     if backend == "ddp" and use_srun:
-        return ["srun", "-n", str(processes), "--kill-on-bad-exit=1",
-                *(["--gpus-per-task=1"] if gpus_per_process else []), sys.executable, "-m", *module]
+        return [
+            "srun",
+            "-n",
+            str(processes),
+            "--kill-on-bad-exit=1",
+            *(["--gpus-per-task=1"] if gpus_per_process else []),
+            sys.executable,
+            "-m",
+            *module,
+        ]
     if backend == "ddp":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                "-m", *module]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            "-m",
+            *module,
+        ]
     if backend == "horovod":
         horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
         if not Path(horovodrun).exists():
             raise ConfigError("distributed.backend is horovod but horovodrun is not installed; run install/horovod.sh")
-        return [horovodrun, "-np", str(processes), "-H", f"localhost:{processes}", "--gloo", sys.executable, "-m",
-                *module]
+        return [
+            horovodrun,
+            "-np",
+            str(processes),
+            "-H",
+            f"localhost:{processes}",
+            "--gloo",
+            sys.executable,
+            "-m",
+            *module,
+        ]
     raise ConfigError(f"distributed.backend: {backend!r} needs no launcher")
 
 

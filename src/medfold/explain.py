@@ -25,15 +25,16 @@ import torch
 
 from .metrics import predict
 from .models import last_conv_block
+from .progress import Progress, tracked
 from .train import FoldData, load_model, probabilities
 from .transforms import normalize
-from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
 
 
-def choose_images(targets: np.ndarray, test_rows: np.ndarray, task: str, n_classes: int, per_class: int,
-                  seed: int) -> list[tuple[int, int]]:
+def choose_images(
+    targets: np.ndarray, test_rows: np.ndarray, task: str, n_classes: int, per_class: int, seed: int
+) -> list[tuple[int, int]]:
     """(index row, class) pairs: up to ``per_class`` test images per class, drawn without
     replacement by a generator seeded with ``seed``; an image is explained once per class."""
     rng = np.random.default_rng(seed)
@@ -64,13 +65,26 @@ def superpixels(image: np.ndarray, count: int, compactness: float) -> np.ndarray
     from skimage.segmentation import slic
 
     pixels = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-    segments = slic(pixels.astype(np.float64) / 255.0, n_segments=count, compactness=compactness,
-                    channel_axis=None if image.shape[0] == 1 else -1, start_label=0)
+    segments = slic(
+        pixels.astype(np.float64) / 255.0,
+        n_segments=count,
+        compactness=compactness,
+        channel_axis=None if image.shape[0] == 1 else -1,
+        start_label=0,
+    )
     return np.unique(segments, return_inverse=True)[1].reshape(segments.shape)  # consecutive numbers
 
 
-def lime(model: torch.nn.Module, x: torch.Tensor, target: int, task: str, segments: np.ndarray, samples: int,
-         kernel_width: float, seed: int) -> np.ndarray:
+def lime(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: int,
+    task: str,
+    segments: np.ndarray,
+    samples: int,
+    kernel_width: float,
+    seed: int,
+) -> np.ndarray:
     """LIME map of one image for class ``target``: each pixel carries its superpixel's weight."""
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import Lime
@@ -79,13 +93,22 @@ def lime(model: torch.nn.Module, x: torch.Tensor, target: int, task: str, segmen
     def forward(batch: torch.Tensor) -> torch.Tensor:
         return probabilities(model(batch), task)
 
-    explainer = Lime(forward, interpretable_model=SkLearnRidge(alpha=1.0),
-                     similarity_func=get_exp_kernel_similarity_function("cosine", kernel_width))
+    explainer = Lime(
+        forward,
+        interpretable_model=SkLearnRidge(alpha=1.0),
+        similarity_func=get_exp_kernel_similarity_function("cosine", kernel_width),
+    )
     mask = torch.as_tensor(segments, dtype=torch.long)[None, None].expand_as(x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the Bernoulli draws
-        weights = explainer.attribute(x, target=target, feature_mask=mask, n_samples=samples, baselines=0.0,
-                                      perturbations_per_eval=min(64, samples))
+        weights = explainer.attribute(
+            x,
+            target=target,
+            feature_mask=mask,
+            n_samples=samples,
+            baselines=0.0,
+            perturbations_per_eval=min(64, samples),
+        )
     return weights[0].mean(0).detach().numpy()
 
 
@@ -137,8 +160,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, lime_map: np.ndarray, segments: 
     _save(fig, title, path)
 
 
-def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_dir, cfg: dict,
-                 threads: int = 1) -> dict:
+def explain_fold(
+    model_path, index_path, splits_path, cache_dir, fold: int, out_dir, cfg: dict, threads: int = 1
+) -> dict:
     """Explain ``cfg['images_per_class']`` test images per class with Grad-CAM and LIME. Writes
     ``explanations.json`` (what was explained, true and predicted labels, probabilities, overlay
     file), ``maps.npz`` (image_ids, classes, gradcam and lime maps at the input's size) and
@@ -162,36 +186,76 @@ def explain_fold(model_path, index_path, splits_path, cache_dir, fold: int, out_
         with torch.no_grad():
             probs = probabilities(model(x), task)[0].numpy()
         predicted = predict(task, probs[None], thresholds)[0]
-        predicted_labels = [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
+        predicted_labels = (
+            [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
+        )
         cam = grad_cam(model, x.clone().requires_grad_(True), c)
         segments = superpixels(image, cfg["lime"]["superpixels"], cfg["lime"]["compactness"])
-        weights = lime(model, x, c, task, segments, cfg["lime"]["samples"], cfg["lime"]["kernel_width"],
-                       cfg["seed"] + 7919 * fold + k)
+        weights = lime(
+            model,
+            x,
+            c,
+            task,
+            segments,
+            cfg["lime"]["samples"],
+            cfg["lime"]["kernel_width"],
+            cfg["seed"] + 7919 * fold + k,
+        )
         image_id = index["image_id"].iloc[row]
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
         true_labels = list(index["labels"].iloc[row])
-        title = (f"{image_id}  explains: {classes[c]} (p={probs[c]:.2f})\n"
-                 f"true: {', '.join(true_labels) or 'no finding'}   predicted: {', '.join(predicted_labels) or 'no finding'}")
+        title = (
+            f"{image_id}  explains: {classes[c]} (p={probs[c]:.2f})\n"
+            f"true: {', '.join(true_labels) or 'no finding'}   predicted: {', '.join(predicted_labels) or 'no finding'}"
+        )
         overlay(image, cam, weights, segments, title, out / "overlays" / file)
-        items.append({"image_id": image_id, "patient_id": index["patient_id"].iloc[row], "explained_class": classes[c],
-                      "true_labels": true_labels, "predicted_labels": predicted_labels,
-                      "probabilities": {cls: float(p) for cls, p in zip(classes, probs)},
-                      "superpixels": int(segments.max() + 1), "overlay": f"overlays/{file}"})
+        items.append(
+            {
+                "image_id": image_id,
+                "patient_id": index["patient_id"].iloc[row],
+                "explained_class": classes[c],
+                "true_labels": true_labels,
+                "predicted_labels": predicted_labels,
+                "probabilities": {cls: float(p) for cls, p in zip(classes, probs)},
+                "superpixels": int(segments.max() + 1),
+                "overlay": f"overlays/{file}",
+            }
+        )
         cams.append(cam)
         limes.append(weights)
-        log.info("fold %d: explained %s for %s (p=%.3f, %d superpixels)", fold, image_id, classes[c], probs[c],
-                 segments.max() + 1)
+        log.info(
+            "fold %d: explained %s for %s (p=%.3f, %d superpixels)",
+            fold,
+            image_id,
+            classes[c],
+            probs[c],
+            segments.max() + 1,
+        )
     progress.close()
     size = tuple(cache.shape[-2:])
-    np.savez_compressed(out / "maps.npz", image_ids=np.array([i["image_id"] for i in items], dtype=str),
-                        classes=np.array([i["explained_class"] for i in items], dtype=str),
-                        gradcam=np.array(cams, np.float32).reshape(-1, *size),
-                        lime=np.array(limes, np.float32).reshape(-1, *size))
-    result = {"fold": fold, "task": task, "classes": classes, "model": str(model_path),
-              "methods": {"gradcam": {"layer": "last convolutional block", "relu": True, "upsampling": "bilinear"},
-                          "lime": {**cfg["lime"], "perturbation": "Bernoulli(0.5) per superpixel, off = 0 (the mean)",
-                                   "kernel": "exp(-d^2 / width^2), d = cosine distance", "surrogate": "ridge, alpha 1"}},
-              "images": items}
+    np.savez_compressed(
+        out / "maps.npz",
+        image_ids=np.array([i["image_id"] for i in items], dtype=str),
+        classes=np.array([i["explained_class"] for i in items], dtype=str),
+        gradcam=np.array(cams, np.float32).reshape(-1, *size),
+        lime=np.array(limes, np.float32).reshape(-1, *size),
+    )
+    result = {
+        "fold": fold,
+        "task": task,
+        "classes": classes,
+        "model": str(model_path),
+        "methods": {
+            "gradcam": {"layer": "last convolutional block", "relu": True, "upsampling": "bilinear"},
+            "lime": {
+                **cfg["lime"],
+                "perturbation": "Bernoulli(0.5) per superpixel, off = 0 (the mean)",
+                "kernel": "exp(-d^2 / width^2), d = cosine distance",
+                "surrogate": "ridge, alpha 1",
+            },
+        },
+        "images": items,
+    }
     (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -32,8 +32,10 @@ def writing(path, what: str = "writing"):
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DataError(f"{path}: no space left on the device while {what} ({_free(path)}); free space and "
-                            f"run the same command again (completed work is kept)") from exc
+            raise DataError(
+                f"{path}: no space left on the device while {what} ({_free(path)}); free space and "
+                f"run the same command again (completed work is kept)"
+            ) from exc
         raise
 
 

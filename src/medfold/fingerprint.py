@@ -73,7 +73,7 @@ def _trim_borders(grey: np.ndarray) -> np.ndarray:
     cols = np.flatnonzero((np.ptp(grey, 0) > BORDER_STD) & (grey.std(0) > BORDER_STD))
     if len(rows) < 8 or len(cols) < 8:  # a flat image: nothing to trim towards
         return grey
-    return grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def _bits(pixels: np.ndarray) -> np.ndarray:
@@ -184,14 +184,21 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> pd.DataFrame:
             if close.any():
                 found.append(pd.DataFrame({"a": a[close], "b": b[close], "distance": d[close], "orientation": g}))
     if not found:
-        return pd.DataFrame({"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64),
-                             "distance": np.zeros(0, np.int64), "orientation": np.zeros(0, np.int64)})
+        return pd.DataFrame(
+            {
+                "a": np.zeros(0, np.int64),
+                "b": np.zeros(0, np.int64),
+                "distance": np.zeros(0, np.int64),
+                "orientation": np.zeros(0, np.int64),
+            }
+        )
     pairs = pd.concat(found, ignore_index=True).sort_values(["a", "b", "distance", "orientation"])
     return pairs.drop_duplicates(["a", "b"]).reset_index(drop=True)
 
 
-def brute_force_pairs(bits: np.ndarray, max_distance: int, rows: np.ndarray | None = None,
-                      block: int = 64) -> pd.DataFrame:
+def brute_force_pairs(
+    bits: np.ndarray, max_distance: int, rows: np.ndarray | None = None, block: int = 64
+) -> pd.DataFrame:
     """The same answer by comparing every pair (rows ``rows``, default all, against all rows),
     vectorised over blocks of rows: the baseline the search is measured against."""
     n = len(bits)
@@ -200,7 +207,7 @@ def brute_force_pairs(bits: np.ndarray, max_distance: int, rows: np.ndarray | No
     rows = np.arange(n) if rows is None else np.asarray(rows)
     found = []
     for start in range(0, len(rows), block):
-        a = rows[start:start + block]
+        a = rows[start : start + block]
         d = hamming(oriented_words[:, a, None, :], words[None, None, :, :])  # (8, block, N)
         best = d.argmin(0)
         dist = np.take_along_axis(d, best[None], 0)[0]

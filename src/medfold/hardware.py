@@ -25,8 +25,17 @@ def cpu() -> dict:
     except OSError:
         pass
     isa = [f for f in ISA_FLAGS if f in flags]
-    level = "amx" if "amx_int8" in flags else "avx512_vnni" if "avx512_vnni" in flags else \
-        "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
+    level = (
+        "amx"
+        if "amx_int8" in flags
+        else "avx512_vnni"
+        if "avx512_vnni" in flags
+        else "avx512"
+        if "avx512f" in flags
+        else "avx2"
+        if "avx2" in flags
+        else "baseline"
+    )
     return {"model": model, "isa": level, "isa_flags": isa, "cores": os.cpu_count()}
 
 

@@ -122,7 +122,14 @@ def check_image(path: str | Path) -> ImageCheck:
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageCheck(file_bytes=size, reason=f"corrupt image: {exc}")
     pixels, dicom = decoded.pixels, decoded.dicom
-    return ImageCheck(pixels.shape[1], pixels.shape[0], decoded.mode, size, content_hash(pixels),
-                      fingerprint=fingerprint(pixels),
-                      dicom_patient_id=dicom.patient_id if dicom else None,
-                      study_uid=dicom.study_uid if dicom else None, series_uid=dicom.series_uid if dicom else None)
+    return ImageCheck(
+        pixels.shape[1],
+        pixels.shape[0],
+        decoded.mode,
+        size,
+        content_hash(pixels),
+        fingerprint=fingerprint(pixels),
+        dicom_patient_id=dicom.patient_id if dicom else None,
+        study_uid=dicom.study_uid if dicom else None,
+        series_uid=dicom.series_uid if dicom else None,
+    )

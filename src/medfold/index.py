@@ -22,10 +22,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError
 from . import fingerprint as fp
-from .fingerprint import fingerprint
 from .dicom import looks_like_dicom
+from .errors import ConfigError
+from .fingerprint import fingerprint
 from .images import ImageCheck, check_image, content_hash
 from .progress import Progress, tracked
 
@@ -64,7 +64,9 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         raise ConfigError("dataset.root: not set; format 'folders' needs the folder holding the class folders")
     root = Path(ds["root"])
     if not root.is_dir():
-        raise ConfigError(f"dataset.root: folder {root} does not exist (format 'folders' needs the class folders' parent)")
+        raise ConfigError(
+            f"dataset.root: folder {root} does not exist (format 'folders' needs the class folders' parent)"
+        )
     extensions = tuple(e.lower() for e in ds["image_extensions"])
     exclude = set(ds["exclude_folders"])
     rows, ignored = [], []
@@ -73,21 +75,29 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         rel_dir = Path(dirpath).relative_to(root)
         for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
-            if not name.lower().endswith(extensions) and not ("." not in name and looks_like_dicom(Path(dirpath) / name)):
-                ignored.append({"path": str(root / rel), "reason": f"extension not in dataset.image_extensions {list(extensions)}"})
+            if not name.lower().endswith(extensions) and not (
+                "." not in name and looks_like_dicom(Path(dirpath) / name)
+            ):
+                ignored.append(
+                    {"path": str(root / rel), "reason": f"extension not in dataset.image_extensions {list(extensions)}"}
+                )
                 continue
             if rel_dir == Path("."):
-                ignored.append({"path": str(root / rel), "reason": "file directly under dataset.root has no class folder"})
+                ignored.append(
+                    {"path": str(root / rel), "reason": "file directly under dataset.root has no class folder"}
+                )
                 continue
             parts = rel_dir.parts
             top = ds["class_folder"] == "top"
-            rows.append({
-                "image_id": rel,
-                "path": str(root / rel),
-                "labels": [parts[0] if top else parts[-1]],
-                "patient_id": None,
-                "source_split": None if top else "/".join(parts[:-1]) or None,
-            })
+            rows.append(
+                {
+                    "image_id": rel,
+                    "path": str(root / rel),
+                    "labels": [parts[0] if top else parts[-1]],
+                    "patient_id": None,
+                    "source_split": None if top else "/".join(parts[:-1]) or None,
+                }
+            )
     return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored, 0
 
 
@@ -105,14 +115,20 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
 
     def need(key: str, column: str | None) -> None:
         if column and column not in frame.columns:
-            raise ConfigError(f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}")
+            raise ConfigError(
+                f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}"
+            )
 
     if not ds["path_column"]:
-        raise ConfigError(f"dataset.path_column: format 'csv' needs the column naming each image; {table} has columns "
-                          f"{list(frame.columns)}")
+        raise ConfigError(
+            f"dataset.path_column: format 'csv' needs the column naming each image; {table} has columns "
+            f"{list(frame.columns)}"
+        )
     if not ds["label_columns"] and not ds["label_column"]:
-        raise ConfigError(f"dataset.label_column (or dataset.label_columns): format 'csv' needs the labels; {table} has "
-                          f"columns {list(frame.columns)}")
+        raise ConfigError(
+            f"dataset.label_column (or dataset.label_columns): format 'csv' needs the labels; {table} has "
+            f"columns {list(frame.columns)}"
+        )
     need("path_column", ds["path_column"])
     need("patient_column", ds["patient_column"])
     need("source_split_column", ds["source_split_column"])
@@ -133,21 +149,25 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     source_split = frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None
     if ds["source_split_lists"]:
         if ds["source_split_column"]:
-            raise ConfigError("dataset.source_split_lists and dataset.source_split_column both give the source split; keep one")
+            raise ConfigError(
+                "dataset.source_split_lists and dataset.source_split_column both give the source split; keep one"
+            )
         source_split = _split_from_lists(image_ids, ds["source_split_lists"])
     if ds["metadata_only"]:
         paths = [str(root / i) for i in image_ids]
         unlisted: list[dict] = []
     else:
         paths, unlisted = _locate(root, image_ids, ds)
-    out = pd.DataFrame({
-        "image_id": image_ids,
-        "path": paths,
-        "labels": labels,
-        "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
-        "source_split": source_split,
-        "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
-    })
+    out = pd.DataFrame(
+        {
+            "image_id": image_ids,
+            "path": paths,
+            "labels": labels,
+            "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
+            "source_split": source_split,
+            "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
+        }
+    )
     for column in ds.get("metadata_columns") or []:
         need("metadata_columns (or evaluation.subgroups)", column)
         out[f"meta:{column}"] = frame[column].str.strip().to_numpy()
@@ -158,7 +178,10 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     if ds["patient_column"]:
         empty = out["patient_id"] == ""
         if empty.any():
-            raise ConfigError(f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for {int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}")
+            raise ConfigError(
+                f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for "
+                f"{int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}"
+            )
     return out, unlisted, left_out
 
 
@@ -169,10 +192,14 @@ def apply_filter(frame: pd.DataFrame, query: str | None, source: str) -> tuple[p
     try:
         kept = frame.query(query, engine="python")
     except pd.errors.UndefinedVariableError as exc:
-        raise ConfigError(f"dataset.filter {query!r}: {exc} in {source}; its columns are {list(frame.columns)} "
-                          "(a name with spaces goes in backticks)") from exc
+        raise ConfigError(
+            f"dataset.filter {query!r}: {exc} in {source}; its columns are {list(frame.columns)} "
+            "(a name with spaces goes in backticks)"
+        ) from exc
     except Exception as exc:  # a syntax error, a type clash: pandas raises many kinds
-        raise ConfigError(f"dataset.filter {query!r} cannot be evaluated on {source}: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"dataset.filter {query!r} cannot be evaluated on {source}: {type(exc).__name__}: {exc}"
+        ) from exc
     if kept.empty:
         raise ConfigError(f"dataset.filter {query!r} leaves none of the {len(frame)} rows of {source}")
     return kept, len(frame) - len(kept)
@@ -208,8 +235,12 @@ def map_labels(cand: pd.DataFrame, ds: dict) -> tuple[pd.DataFrame, dict]:
         empty = cand["labels"].map(len) == 0
         dropped = int(empty.sum())
         cand = cand[~empty].reset_index(drop=True)
-    return cand, {"mapped": dict(sorted(mapped.items())), "unmapped_raw_labels": dict(sorted(unmapped.items())),
-                  "unmapped_label": other, "images_left_without_a_class": dropped}
+    return cand, {
+        "mapped": dict(sorted(mapped.items())),
+        "unmapped_raw_labels": dict(sorted(unmapped.items())),
+        "unmapped_label": other,
+        "images_left_without_a_class": dropped,
+    }
 
 
 def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -229,14 +260,22 @@ def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFra
             raise ConfigError(
                 f"{table}: {image_id!r} is listed on lines {lines} with different labels "
                 f"{[list(labels) for labels in label_sets]} (dataset.task {ds['task']!r} needs one label per image; "
-                "fix the table or drop one row)")
+                "fix the table or drop one row)"
+            )
         union = list(dict.fromkeys(label for labels in label_sets for label in labels))
         patients = list(dict.fromkeys(p for p in rows["patient_id"] if p is not None))
         first = rows.index[0]
         out.at[first, "labels"] = union
         out.at[first, "patient_aliases"] = patients[1:]
-        merged.append({"image_id": image_id, "lines": lines, "patients": patients,
-                       "labels": union, "labels_differed": len(set(map(frozenset, label_sets))) > 1})
+        merged.append(
+            {
+                "image_id": image_id,
+                "lines": lines,
+                "patients": patients,
+                "labels": union,
+                "labels_differed": len(set(map(frozenset, label_sets))) > 1,
+            }
+        )
     out = out[~out["image_id"].duplicated(keep="first")].drop(columns="_line").reset_index(drop=True)
     return out, merged
 
@@ -252,15 +291,21 @@ def _split_from_lists(image_ids: pd.Series, lists: dict[str, str]) -> pd.Series:
         member = image_ids.isin(listed)
         twice = member & split.notna()
         if twice.any():
-            raise ConfigError(f"{file}: image {image_ids[twice].iloc[0]!r} is also listed for split {split[twice].iloc[0]!r} "
-                              f"(dataset.source_split_lists)")
+            raise ConfigError(
+                f"{file}: image {image_ids[twice].iloc[0]!r} is also listed for split {split[twice].iloc[0]!r} "
+                f"(dataset.source_split_lists)"
+            )
         unknown = listed - set(image_ids)
         if unknown:
-            log.warning("%s lists %d images that the table does not have, e.g. %s", file, len(unknown), sorted(unknown)[:3])
+            log.warning(
+                "%s lists %d images that the table does not have, e.g. %s", file, len(unknown), sorted(unknown)[:3]
+            )
         split[member] = name
     if split.isna().any():
-        raise ConfigError(f"dataset.source_split_lists: image {image_ids[split.isna()].iloc[0]!r} is in none of the "
-                          f"lists {sorted(lists)} ({int(split.isna().sum())} such images)")
+        raise ConfigError(
+            f"dataset.source_split_lists: image {image_ids[split.isna()].iloc[0]!r} is in none of the "
+            f"lists {sorted(lists)} ({int(split.isna().sum())} such images)"
+        )
     return split
 
 
@@ -287,8 +332,10 @@ def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list
         full = on_disk.get(image_id) or by_name.get(Path(image_id).name) or (root / image_id)
         used.add(full)
         paths.append(str(full))
-    unlisted = [{"path": str(p), "reason": "image file under dataset.root is not listed in dataset.table"}
-                for p in sorted(set(on_disk.values()) - used)]
+    unlisted = [
+        {"path": str(p), "reason": "image file under dataset.root is not listed in dataset.table"}
+        for p in sorted(set(on_disk.values()) - used)
+    ]
     return paths, unlisted
 
 
@@ -313,16 +360,23 @@ def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
             else:
                 names = _npz_names(ds, int(labels.max()) + 1, path)
                 label_lists = [[names[int(row[0])]] for row in labels]
-            rows.append(pd.DataFrame({
-                "image_id": [f"{split}/{i:06d}" for i in range(n)],
-                "path": str(path),
-                "labels": label_lists,
-                "patient_id": None,
-                "source_split": split,
-                "npz_index": np.arange(n),
-            }))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "image_id": [f"{split}/{i:06d}" for i in range(n)],
+                        "path": str(path),
+                        "labels": label_lists,
+                        "patient_id": None,
+                        "source_split": split,
+                        "npz_index": np.arange(n),
+                    }
+                )
+            )
         if not rows:
-            raise ConfigError(f"{path}: no '<split>_images' arrays (expected train_images/val_images/test_images); found {sorted(keys)}")
+            raise ConfigError(
+                f"{path}: no '<split>_images' arrays (expected train_images/val_images/test_images); "
+                f"found {sorted(keys)}"
+            )
     return pd.concat(rows, ignore_index=True), [], 0
 
 
@@ -345,8 +399,16 @@ def _check_npz(path: str, indices: np.ndarray, source_splits: pd.Series) -> list
                     checks.append(ImageCheck(reason=f"array dtype {pixels.dtype} is not uint8"))
                     continue
                 mode = "L" if pixels.ndim == 2 else "RGB"
-                checks.append(ImageCheck(pixels.shape[1], pixels.shape[0], mode, pixels.nbytes, content_hash(pixels),
-                                         fingerprint=fingerprint(pixels)))
+                checks.append(
+                    ImageCheck(
+                        pixels.shape[1],
+                        pixels.shape[0],
+                        mode,
+                        pixels.nbytes,
+                        content_hash(pixels),
+                        fingerprint=fingerprint(pixels),
+                    )
+                )
     return checks
 
 
@@ -447,7 +509,8 @@ def _check_labels(cand: pd.DataFrame, ds: dict, source: str) -> list[str]:
             example = cand.loc[bad].iloc[0]
             raise ConfigError(
                 f"{source}: dataset.task is {task!r}, so every image needs exactly one label, but "
-                f"{int(bad.sum())} images have another number, e.g. {example['image_id']!r} with {list(example['labels'])}"
+                f"{int(bad.sum())} images have another number, e.g. {example['image_id']!r} with "
+                f"{list(example['labels'])}"
             )
         if task == "binary" and len(classes) != 2:
             raise ConfigError(f"{source}: dataset.task is 'binary' but there are {len(classes)} classes: {classes}")
@@ -462,10 +525,14 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     fmt = ds["format"]
     source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
     if ds["metadata_only"] and fmt != "csv":
-        raise ConfigError(f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}")
+        raise ConfigError(
+            f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}"
+        )
     if ds.get("metadata_columns") and fmt != "csv":
-        raise ConfigError(f"dataset.metadata_columns (or evaluation.subgroups) {list(ds['metadata_columns'])}: metadata "
-                          f"columns are read from dataset.table, which format 'csv' has and format {fmt!r} does not")
+        raise ConfigError(
+            f"dataset.metadata_columns (or evaluation.subgroups) {list(ds['metadata_columns'])}: metadata "
+            f"columns are read from dataset.table, which format 'csv' has and format {fmt!r} does not"
+        )
     cand, ignored, filtered = ADAPTERS[fmt](ds)
     left_out = {"dataset.filter": filtered}
     if ds["filter"] and fmt != "csv":  # the table's own columns are filtered in the csv adapter
@@ -476,7 +543,9 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     if label_mapping.get("images_left_without_a_class"):
         left_out["no class after dataset.label_map"] = label_mapping["images_left_without_a_class"]
     if cand.empty:
-        raise ConfigError(f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})")
+        raise ConfigError(
+            f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})"
+        )
     if "npz_index" not in cand:
         cand["npz_index"] = None
     cand, repeated = _merge_repeated_rows(cand, source, ds)
@@ -490,8 +559,10 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     elif fmt == "npz":
         checks = _check_npz(ds["npz"], cand["npz_index"].to_numpy(), cand["source_split"])
     else:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
-                Progress(f"index {ds['name']}", len(cand)) as progress:
+        with (
+            ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+            Progress(f"index {ds['name']}", len(cand)) as progress,
+        ):
             checks = list(tracked(pool.map(check_image, cand["path"], chunksize=64), progress))
     cand["present"] = not ds["metadata_only"]
     for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
@@ -499,12 +570,17 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
     reasons = pd.Series([c.reason for c in checks], index=cand.index)
     bad = reasons.notna()
-    skipped = [{"image_id": i, "path": p, "reason": r} for i, p, r in zip(cand.loc[bad, "image_id"], cand.loc[bad, "path"], reasons[bad])]
+    skipped = [
+        {"image_id": i, "path": p, "reason": r}
+        for i, p, r in zip(cand.loc[bad, "image_id"], cand.loc[bad, "path"], reasons[bad])
+    ]
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
     table = cand.loc[~bad].reset_index(drop=True)
     if table.empty:
-        raise ConfigError(f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}")
+        raise ConfigError(
+            f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}"
+        )
     near = _near_duplicates(table, ds)
     for message in warnings:
         log.warning(message)
@@ -516,8 +592,11 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
     report["label_map"] = label_mapping
     if repeated:
-        log.warning("%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
-                    len(repeated), source)
+        log.warning(
+            "%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
+            len(repeated),
+            source,
+        )
     return table, report
 
 
@@ -528,7 +607,11 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
     table["near_duplicate_cluster"] = pd.array([None] * len(table), dtype="Int64")
     has = table["fingerprint"].notna().to_numpy()
     if not settings["enabled"] or has.sum() < 2:
-        why = "dataset.near_duplicates.enabled is false" if not settings["enabled"] else "no fingerprints (images not opened)"
+        why = (
+            "dataset.near_duplicates.enabled is false"
+            if not settings["enabled"]
+            else "no fingerprints (images not opened)"
+        )
         return {"searched": False, "why": why, "max_distance": settings["max_distance"]}
     rows = np.flatnonzero(has)
     start = time.perf_counter()
@@ -551,19 +634,33 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
     for c in first_seen:
         members = members_of[c]
         edges = edges_of[c]
-        described.append({
-            "cluster": number[c],
-            "images": table["image_id"].iloc[members].tolist(),
-            "patients": sorted(set(table["patient_id"].iloc[members])),
-            "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
-            "pairs": [{"a": table["image_id"].iat[a], "b": table["image_id"].iat[b], "distance": int(d),
-                       "how": fp.ORIENTATION_NAMES[g],
-                       "exact": table["content_hash"].iat[a] == table["content_hash"].iat[b]}
-                      for a, b, d, g in edges[["a", "b", "distance", "orientation"]].itertuples(index=False)],
-        })
+        described.append(
+            {
+                "cluster": number[c],
+                "images": table["image_id"].iloc[members].tolist(),
+                "patients": sorted(set(table["patient_id"].iloc[members])),
+                "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
+                "pairs": [
+                    {
+                        "a": table["image_id"].iat[a],
+                        "b": table["image_id"].iat[b],
+                        "distance": int(d),
+                        "how": fp.ORIENTATION_NAMES[g],
+                        "exact": table["content_hash"].iat[a] == table["content_hash"].iat[b],
+                    }
+                    for a, b, d, g in edges[["a", "b", "distance", "orientation"]].itertuples(index=False)
+                ],
+            }
+        )
     joining = [c for c in described if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
-    log.info("near-duplicates: %d pairs in %d clusters (%d join patients or source splits) among %d images, %.2f s",
-             len(pairs), len(described), len(joining), len(rows), seconds)
+    log.info(
+        "near-duplicates: %d pairs in %d clusters (%d join patients or source splits) among %d images, %.2f s",
+        len(pairs),
+        len(described),
+        len(joining),
+        len(rows),
+        seconds,
+    )
     return {
         "searched": True,
         "max_distance": settings["max_distance"],
@@ -580,7 +677,11 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
 
 
 def _report(table, ds, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
-    dup_groups = table[table["content_hash"].notna() & table["content_hash"].duplicated(keep=False)].groupby("content_hash")["image_id"].apply(sorted)
+    dup_groups = (
+        table[table["content_hash"].notna() & table["content_hash"].duplicated(keep=False)]
+        .groupby("content_hash")["image_id"]
+        .apply(sorted)
+    )
     per_class = Counter(label for labels in table["labels"] for label in labels)
     unlabeled = int((table["labels"].map(len) == 0).sum())
     return {
@@ -597,7 +698,9 @@ def _report(table, ds, classes, patient_source, skipped, ignored, warnings, cand
         "patient_id_source": patient_source,
         "images_per_class": {c: int(per_class.get(c, 0)) for c in classes},
         "images_without_finding": unlabeled,
-        "source_splits": {str(k): int(v) for k, v in table["source_split"].value_counts(dropna=False).sort_index().items()},
+        "source_splits": {
+            str(k): int(v) for k, v in table["source_split"].value_counts(dropna=False).sort_index().items()
+        },
         "duplicates": {
             "groups": int(len(dup_groups)),
             "images": int(sum(len(g) for g in dup_groups)),
@@ -623,7 +726,9 @@ def read_index(path) -> tuple[pd.DataFrame, dict]:
     arrow = pq.read_table(path)
     missing = [name for name in INDEX_SCHEMA.names if name not in arrow.schema.names]
     if missing or META_KEY not in (arrow.schema.metadata or {}):
-        raise ConfigError(f"{path}: not a medfold index (missing columns {missing} or metadata); rebuild it with the index rule")
+        raise ConfigError(
+            f"{path}: not a medfold index (missing columns {missing} or metadata); rebuild it with the index rule"
+        )
     meta = json.loads(arrow.schema.metadata[META_KEY])
     return _frame(arrow), meta
 
@@ -648,8 +753,12 @@ def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
     """A hand-made table (tests, user scripts) completed with the columns indexing adds on its
     own: no fingerprint, no near-duplicate cluster, no patient aliases."""
     table = table.copy()
-    for column, value in (("fingerprint", None), ("near_duplicate_cluster", None), ("study_uid", None),
-                          ("series_uid", None)):
+    for column, value in (
+        ("fingerprint", None),
+        ("near_duplicate_cluster", None),
+        ("study_uid", None),
+        ("series_uid", None),
+    ):
         if column not in table:
             table[column] = value
     if "patient_aliases" not in table:

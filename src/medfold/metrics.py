@@ -56,8 +56,9 @@ def predict(task: str, probs: np.ndarray, thresholds: list[float] | None) -> np.
     return probs.argmax(1)
 
 
-def evaluate(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray,
-             thresholds: list[float] | None = None) -> dict:
+def evaluate(
+    task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, thresholds: list[float] | None = None
+) -> dict:
     """Every metric of one set of predictions; None where a metric is undefined."""
     y = np.asarray(y)
     probs = np.asarray(probs, dtype=np.float64)
@@ -77,21 +78,34 @@ def evaluate(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray,
         if task == "multilabel":
             out["accuracy"] = float(skm.accuracy_score(y, pred))  # exact match of the whole label set
             out["label_accuracy"] = float((y == pred).mean())
-            out["balanced_accuracy"] = float(np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j])
-                                                      for j in range(len(classes))]))
-            out["confusion"] = {c: skm.confusion_matrix(y[:, j], pred[:, j], labels=[0, 1]).tolist()
-                                for j, c in enumerate(classes)}
+            out["balanced_accuracy"] = float(
+                np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(len(classes))])
+            )
+            out["confusion"] = {
+                c: skm.confusion_matrix(y[:, j], pred[:, j], labels=[0, 1]).tolist() for j, c in enumerate(classes)
+            }
         else:
             labels = list(range(len(classes)))
             out["accuracy"] = float(skm.accuracy_score(y, pred))
             out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
             out["confusion"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
         for average in ("macro", "weighted"):
-            p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=average, zero_division=0,
-                                                             labels=None if task == "multilabel" else list(range(len(classes))))
+            p, r, f, _ = skm.precision_recall_fscore_support(
+                y,
+                pred,
+                average=average,
+                zero_division=0,
+                labels=None if task == "multilabel" else list(range(len(classes))),
+            )
             out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"] = float(p), float(r), float(f)
-        report = skm.classification_report(y, pred, target_names=classes, zero_division=0, output_dict=True,
-                                           labels=None if task == "multilabel" else list(range(len(classes))))
+        report = skm.classification_report(
+            y,
+            pred,
+            target_names=classes,
+            zero_division=0,
+            output_dict=True,
+            labels=None if task == "multilabel" else list(range(len(classes))),
+        )
     out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in classes}
     if task == "binary":
         tn, fp, fn, tp = np.asarray(out["confusion"]).ravel()
@@ -102,8 +116,17 @@ def evaluate(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray,
     return out
 
 
-SCALARS = ("auroc_macro", "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
-           "precision_weighted", "recall_weighted", "f1_weighted")
+SCALARS = (
+    "auroc_macro",
+    "accuracy",
+    "balanced_accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+)
 
 
 def scalar_metrics(result: dict) -> dict:

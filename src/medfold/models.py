@@ -45,8 +45,17 @@ class SmallCNN(nn.Module):
     The 4x4 grid (rather than global pooling) keeps where a feature is, which is what several
     findings are about (a wide heart shadow, fluid at a lung's base), at any input size."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: list[int], convs_per_block: int = 1,
-                 hidden: int = 64, batch_norm: bool = False, dropout: float = 0.0, separable: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: list[int],
+        convs_per_block: int = 1,
+        hidden: int = 64,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        separable: bool = False,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -56,8 +65,13 @@ class SmallCNN(nn.Module):
             cin = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * 16, hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(cin * 16, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)))
@@ -66,6 +80,7 @@ class SmallCNN(nn.Module):
 def _small(widths, convs=1, hidden=64, separable=False):
     def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
         return SmallCNN(in_channels, num_classes, widths, convs, hidden, batch_norm, dropout, separable)
+
     return build
 
 
@@ -77,7 +92,9 @@ def _first_conv(module: nn.Module, attr_path: str, in_channels: int) -> None:
     conv = parent[int(last)] if last.isdigit() else getattr(parent, last)
     if conv.in_channels == in_channels:
         return
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
     if last.isdigit():
         parent[int(last)] = new
     else:
@@ -99,6 +116,7 @@ def _torchvision(builder, first_conv: str, head: str):
         else:
             setattr(parent, last, new)
         return model
+
     return build
 
 
@@ -114,8 +132,15 @@ ARCHITECTURES = {
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, init_seed: int = 0, pretrained: str | None = None,
-                batch_norm: bool = False, dropout: float = 0.0) -> nn.Module:
+def build_model(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    init_seed: int = 0,
+    pretrained: str | None = None,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+) -> nn.Module:
     if name not in ARCHITECTURES:
         raise ConfigError(f"training.model: {name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}")
     with torch.random.fork_rng(devices=[]):
@@ -129,7 +154,9 @@ def build_model(name: str, in_channels: int, num_classes: int, init_seed: int = 
 def load_pretrained(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"training.pretrained: weights file {path} does not exist (weights load only from local files)")
+        raise ConfigError(
+            f"training.pretrained: weights file {path} does not exist (weights load only from local files)"
+        )
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -141,16 +168,28 @@ def load_pretrained(model: nn.Module, path: str) -> None:
             skipped.append(key)
         elif value.shape == own[key].shape:
             usable[key] = value
-        elif value.ndim == 4 and own[key].ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1 \
-                and value.shape[0] == own[key].shape[0]:
+        elif (
+            value.ndim == 4
+            and own[key].ndim == 4
+            and value.shape[1] == 3
+            and own[key].shape[1] == 1
+            and value.shape[0] == own[key].shape[0]
+        ):
             usable[key] = value.sum(1, keepdim=True)  # RGB filters onto one gray channel
         else:
             skipped.append(key)
     if not usable:
-        raise ConfigError(f"training.pretrained: {path} has no tensor that fits this model (keys like {list(state)[:3]})")
+        raise ConfigError(
+            f"training.pretrained: {path} has no tensor that fits this model (keys like {list(state)[:3]})"
+        )
     model.load_state_dict(usable, strict=False)
-    log.info("loaded %d tensors from %s; kept initial values for %d (e.g. the classifier): %s",
-             len(usable), path, len(own) - len(usable), skipped[:5])
+    log.info(
+        "loaded %d tensors from %s; kept initial values for %d (e.g. the classifier): %s",
+        len(usable),
+        path,
+        len(own) - len(usable),
+        skipped[:5],
+    )
 
 
 # ----------------------------------------------------------------------------- parts of a model
@@ -175,8 +214,13 @@ def feature_blocks(model: nn.Module) -> list[list[nn.Module]]:
         return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
     if isinstance(model, tv.DenseNet):
         f = model.features
-        return [[f.conv0, f.norm0], [f.denseblock1, f.transition1], [f.denseblock2, f.transition2],
-                [f.denseblock3, f.transition3], [f.denseblock4, f.norm5]]
+        return [
+            [f.conv0, f.norm0],
+            [f.denseblock1, f.transition1],
+            [f.denseblock2, f.transition2],
+            [f.denseblock3, f.transition3],
+            [f.denseblock4, f.norm5],
+        ]
     if isinstance(model, tv.EfficientNet):
         return [[block] for block in model.features]
     if isinstance(model, tv.VGG):

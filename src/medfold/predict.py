@@ -55,9 +55,16 @@ def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> 
         if other["classes"] != saved["classes"] or other["image_size"] != saved["image_size"]:
             raise ConfigError(f"{path}: classes or image size differ from {paths[0]}'s; not one experiment's folds")
     models = [m for m, _ in loaded]
-    return Predictor(models, saved["classes"], saved["task"], saved["image_size"], saved["in_channels"],
-                     thresholds if thresholds is not None else saved.get("thresholds"),
-                     {"model": what, "files": [str(p) for p in paths], "thresholds_from": source}, models)
+    return Predictor(
+        models,
+        saved["classes"],
+        saved["task"],
+        saved["image_size"],
+        saved["in_channels"],
+        thresholds if thresholds is not None else saved.get("thresholds"),
+        {"model": what, "files": [str(p) for p in paths], "thresholds_from": source},
+        models,
+    )
 
 
 def load_predictor(path) -> Predictor:
@@ -68,7 +75,9 @@ def load_predictor(path) -> Predictor:
     if path.is_dir():
         folds = sorted(path.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
         if not folds:
-            raise ConfigError(f"{path}: no fold_*/model.pt below it; give an experiment's folder, a model.pt or a model.pt2")
+            raise ConfigError(
+                f"{path}: no fold_*/model.pt below it; give an experiment's folder, a model.pt or a model.pt2"
+            )
         ensemble = path / "cv" / "ensemble_test.json"
         thresholds = json.loads(ensemble.read_text()).get("thresholds") if ensemble.exists() else None
         source = f"{ensemble} (pooled out-of-fold predictions)" if thresholds is not None else "each fold's validation"
@@ -83,9 +92,19 @@ def load_predictor(path) -> Predictor:
         metrics = path.parent / "metrics.json"
         thresholds = json.loads(metrics.read_text())["val"].get("thresholds") if metrics.exists() else None
         run = FixedBatch(compiled(module), 32) if meta.get("method") in INT8_METHODS else module
-        return Predictor([run], meta["classes"], meta["task"], meta["image_size"], meta["in_channels"], thresholds,
-                         {"model": f"variant {meta.get('variant')} ({meta.get('method')})", "files": [str(path)],
-                          "thresholds_from": str(metrics)})
+        return Predictor(
+            [run],
+            meta["classes"],
+            meta["task"],
+            meta["image_size"],
+            meta["in_channels"],
+            thresholds,
+            {
+                "model": f"variant {meta.get('variant')} ({meta.get('method')})",
+                "files": [str(path)],
+                "thresholds_from": str(metrics),
+            },
+        )
     return _from_fold_models([path], None, f"{path} (its validation set)", "one fold model")
 
 
@@ -96,9 +115,16 @@ def list_images(source, column: str | None = None) -> pd.DataFrame:
 
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and (p.suffix.lower() in IMAGE_EXTENSIONS or (not p.suffix and looks_like_dicom(p))))
-        return pd.DataFrame({"image": [p.relative_to(source).as_posix() for p in files], "path": [str(p) for p in files]})
+        files = sorted(
+            p
+            for p in source.rglob("*")
+            if p.is_file()
+            and not p.name.startswith(".")
+            and (p.suffix.lower() in IMAGE_EXTENSIONS or (not p.suffix and looks_like_dicom(p)))
+        )
+        return pd.DataFrame(
+            {"image": [p.relative_to(source).as_posix() for p in files], "path": [str(p) for p in files]}
+        )
     if source.suffix.lower() in (".csv", ".gz"):
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
         column = column or next((c for c in PATH_COLUMNS if c in table.columns), None)
@@ -112,15 +138,16 @@ def list_images(source, column: str | None = None) -> pd.DataFrame:
     raise ConfigError(f"{source}: not a folder, a CSV or an image")
 
 
-def predict_images(predictor: Predictor, images: pd.DataFrame, out_dir, batch_size: int = 64,
-                   gradcam: bool = False) -> dict:
+def predict_images(
+    predictor: Predictor, images: pd.DataFrame, out_dir, batch_size: int = 64, gradcam: bool = False
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, unreadable, done = [], [], []
     probs_all = []
     with Progress("predict", len(images)) as progress:
         for start in range(0, len(images), batch_size):
-            chunk = images.iloc[start:start + batch_size]
+            chunk = images.iloc[start : start + batch_size]
             pixels, kept = [], []
             for image, path in zip(chunk["image"], chunk["path"]):
                 try:
@@ -153,9 +180,16 @@ def predict_images(predictor: Predictor, images: pd.DataFrame, out_dir, batch_si
         log.warning("unreadable, left out: %s: %s", item["path"], item["reason"])
     if gradcam and done:
         _gradcam(predictor, np.concatenate([r for r in rows if r is not None]), table, out / "gradcam")
-    summary = {**predictor.description, "classes": predictor.classes, "task": predictor.task,
-               "image_size": predictor.image_size, "thresholds": predictor.thresholds, "images": len(images),
-               "predicted": len(table), "unreadable": len(unreadable)}
+    summary = {
+        **predictor.description,
+        "classes": predictor.classes,
+        "task": predictor.task,
+        "image_size": predictor.image_size,
+        "thresholds": predictor.thresholds,
+        "images": len(images),
+        "predicted": len(table),
+        "unreadable": len(unreadable),
+    }
     (out / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("predicted %d images (%d unreadable) into %s", len(table), len(unreadable), out)
     return summary

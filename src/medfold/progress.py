@@ -55,12 +55,16 @@ class Progress:
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         share = 100 * self.done / max(self.total, 1)
-        return (f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.1f} %), {rate:,.1f} {self.unit}/s, "
-                f"{_duration(left) if left != float('inf') else '?'} left")
+        return (
+            f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.1f} %), {rate:,.1f} {self.unit}/s, "
+            f"{_duration(left) if left != float('inf') else '?'} left"
+        )
 
     def close(self) -> None:
         if self.spoke:
-            log.info("%s: %s %s in %s", self.what, f"{self.done:,}", self.unit, _duration(time.monotonic() - self.start))
+            log.info(
+                "%s: %s %s in %s", self.what, f"{self.done:,}", self.unit, _duration(time.monotonic() - self.start)
+            )
 
     def __enter__(self) -> Progress:
         return self

@@ -96,8 +96,14 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 class Pruner:
     """Holds the masks of one model's prunable layers and moves them along the schedule."""
 
-    def __init__(self, model: nn.Module, schedule: Schedule, scope: str = "global", layers: str = "conv",
-                 adaptive_targets: list | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        scope: str = "global",
+        layers: str = "conv",
+        adaptive_targets: list | None = None,
+    ):
         if scope not in ("global", "per_layer", "adaptive"):
             raise ConfigError(f"pruning.scope: {scope!r} is not one of global, per_layer, adaptive")
         if scope == "adaptive" and not adaptive_targets:
@@ -106,8 +112,12 @@ class Pruner:
         self.layers = prunable_layers(model, layers)
         if not self.layers:
             raise ConfigError(f"pruning.layers: the model has no {layers} layers to prune")
-        self.final = {name: (adaptive_target(m.weight.shape[0], adaptive_targets) if scope == "adaptive"
-                             else schedule.final_sparsity) for name, m in self.layers}
+        self.final = {
+            name: (
+                adaptive_target(m.weight.shape[0], adaptive_targets) if scope == "adaptive" else schedule.final_sparsity
+            )
+            for name, m in self.layers
+        }
         for _, module in self.layers:
             torch_prune.identity(module, "weight")
         self.current = 0.0
@@ -122,7 +132,7 @@ class Pruner:
                 offset = 0
                 for _, m in self.layers:
                     n = m.weight_mask.numel()
-                    m.weight_mask.copy_(~pruned[offset:offset + n].view_as(m.weight_mask))
+                    m.weight_mask.copy_(~pruned[offset : offset + n].view_as(m.weight_mask))
                     offset += n
             else:
                 for name, m in self.layers:
@@ -133,9 +143,11 @@ class Pruner:
 
     def after_step(self, epoch: int, every: int):
         """A ``train_epoch`` hook: update the masks every ``every`` steps and after the last one."""
+
         def hook(step: int, steps: int) -> None:
             if (step + 1) % every == 0 or step + 1 == steps:
                 self.update(epoch + (step + 1) / steps)
+
         return hook
 
     def sparsity(self) -> dict:
@@ -166,8 +178,11 @@ def encode_sparse(state_dict: dict) -> dict:
         t = t.detach().cpu()
         if _worth_packing(t):
             nonzero = (t != 0).flatten().numpy()
-            packed[name] = {"shape": list(t.shape), "bits": torch.from_numpy(np.packbits(nonzero)),
-                            "values": t.flatten()[torch.from_numpy(nonzero)].clone()}
+            packed[name] = {
+                "shape": list(t.shape),
+                "bits": torch.from_numpy(np.packbits(nonzero)),
+                "values": t.flatten()[torch.from_numpy(nonzero)].clone(),
+            }
         else:
             dense[name] = t.clone()
     return {"format": FORMAT, "packed": packed, "dense": dense}
@@ -199,4 +214,3 @@ def gzip_size(path) -> int:
     """Size of the file gzip-compressed (level 6), without writing it."""
     with open(path, "rb") as fh:
         return len(gzip.compress(fh.read(), compresslevel=6))
-

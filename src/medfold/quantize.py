@@ -14,10 +14,10 @@ is the maintained home of the same flow. int8 kernels are only used after
 1 with it, no faster without).
 
 The artifact is a ``torch.export`` archive (``.pt2``) of the converted graph with a dynamic
-batch dimension, its JSON (the graph) deflated. ``convert_pt2e`` leaves the float weights it replaced as unused attributes;
-they are dropped before export, so the file holds only the tensors the graph uses (ResNet18:
-0.29x the fp32 file instead of 1.29x). ``torch.export.load`` falls back to unpickling when a
-weight is stored pickled; ``load_artifact`` refuses such files first.
+batch dimension, its JSON (the graph) deflated. ``convert_pt2e`` leaves the float weights it
+replaced as unused attributes; they are dropped before export, so the file holds only the
+tensors the graph uses (ResNet18: 0.29x the fp32 file instead of 1.29x). ``torch.export.load``
+falls back to unpickling when a weight is stored pickled; ``load_artifact`` refuses such files first.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def export(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProg
 
 def _quantizer(is_qat: bool = False, is_dynamic: bool = False):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic))
@@ -84,7 +86,9 @@ def drop_unused_tensors(graph_module: torch.fx.GraphModule) -> int:
 
 
 @torch.no_grad()
-def post_training_int8(model: nn.Module, calibration, example: torch.Tensor, dynamic: bool = False) -> torch.fx.GraphModule:
+def post_training_int8(
+    model: nn.Module, calibration, example: torch.Tensor, dynamic: bool = False
+) -> torch.fx.GraphModule:
     """``calibration``: an iterable of input batches (dynamic quantization only runs ``example``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -199,5 +203,6 @@ def compiled(module: nn.Module) -> nn.Module:
 
 
 def method_error(method: str) -> ConfigError:
-    return ConfigError(f"variants: method {method!r} is not one of prune, {', '.join(INT8_METHODS)}, "
-                       f"{', '.join(FLOAT_METHODS)}")
+    return ConfigError(
+        f"variants: method {method!r} is not one of prune, {', '.join(INT8_METHODS)}, {', '.join(FLOAT_METHODS)}"
+    )

@@ -40,10 +40,14 @@ def expand_grids(experiments: dict, schema_path) -> tuple[dict, dict]:
             expanded[name] = overrides
             continue
         if not isinstance(grid, dict) or not grid:
-            raise ConfigError(f"experiments.{name}.grid: expected a map of training keys to lists of values, got {grid!r}")
+            raise ConfigError(
+                f"experiments.{name}.grid: expected a map of training keys to lists of values, got {grid!r}"
+            )
         for key, values in grid.items():
             if key.split(".")[0] not in training_keys:
-                raise ConfigError(f"experiments.{name}.grid: {key!r} is not a training key (config/README.md lists them)")
+                raise ConfigError(
+                    f"experiments.{name}.grid: {key!r} is not a training key (config/README.md lists them)"
+                )
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"experiments.{name}.grid.{key}: expected a non-empty list of values, got {values!r}")
         combos = list(itertools.product(*grid.values()))
@@ -129,8 +133,12 @@ def train_resources(settings: dict) -> dict:
     spread = parallel["backend"] != "none"
     gpu = (parallel["gpus"] if spread else settings["gpus"]) if uses_gpu(settings) else 0
     ddp = parallel["backend"] == "ddp"
-    return {"gpu": gpu, "tasks": parallel["gpus"] if ddp else 1, "tasks_per_gpu": 1 if ddp and gpu else 0,
-            "mpi": "srun" if ddp else ""}
+    return {
+        "gpu": gpu,
+        "tasks": parallel["gpus"] if ddp else 1,
+        "tasks_per_gpu": 1 if ddp and gpu else 0,
+        "mpi": "srun" if ddp else "",
+    }
 
 
 def compress_gpus(settings: dict, variant: dict) -> int:

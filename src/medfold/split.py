@@ -36,8 +36,9 @@ def image_groups(index: pd.DataFrame) -> np.ndarray:
     aliases = index["patient_aliases"] if "patient_aliases" in index else pd.Series([[]] * n, index=index.index)
     alias_rows = np.repeat(np.arange(n), aliases.map(len).to_numpy())
     alias_ids = [a for group in aliases for a in group]
-    patient_codes, patients = pd.factorize(pd.concat([index["patient_id"], pd.Series(alias_ids, dtype=object)],
-                                                     ignore_index=True))
+    patient_codes, patients = pd.factorize(
+        pd.concat([index["patient_id"], pd.Series(alias_ids, dtype=object)], ignore_index=True)
+    )
     rows = [np.arange(n), alias_rows]
     cols = [patient_codes]
     offset = len(patients)
@@ -141,11 +142,15 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
     if cfg["test_from_source"]:
         source = index["source_split"].fillna("")
         if (source == "").all():
-            raise ConfigError("split.test_from_source is true but the index has no source split (folder or dataset.source_split_column)")
+            raise ConfigError(
+                "split.test_from_source is true but the index has no source split "
+                "(folder or dataset.source_split_column)"
+            )
         image_test = source.isin(cfg["source_test_names"]).to_numpy()
         if not image_test.any():
             raise ConfigError(
-                f"split.test_from_source: no image's source split is in split.source_test_names {cfg['source_test_names']}; "
+                "split.test_from_source: no image's source split is in split.source_test_names "
+                f"{cfg['source_test_names']}; "
                 f"source splits are {sorted(source.unique())}"
             )
         per_group = pd.Series(image_test).groupby(groups).agg(["min", "max"])
@@ -155,9 +160,11 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
             raise LeakageError(
                 f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
                 f"training sets (split.on_source_leak is 'stop'): "
-                + "; ".join(f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
-                            + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
-                            for leak in source_leaks[:5])
+                + "; ".join(
+                    f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
+                    + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
+                    for leak in source_leaks[:5]
+                )
             )
         if len(mixed):
             test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
@@ -169,19 +176,25 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
         is_test = iterative_stratification(counts, ratios, cfg["seed"]) == 0
     cv_groups = np.flatnonzero(~is_test)
     if len(cv_groups) < cfg["folds"]:
-        raise ConfigError(f"split.folds is {cfg['folds']} but only {len(cv_groups)} patients remain outside the test set")
+        raise ConfigError(
+            f"split.folds is {cfg['folds']} but only {len(cv_groups)} patients remain outside the test set"
+        )
     group_fold = np.full(n_groups, -1, np.int64)
     group_fold[cv_groups] = iterative_stratification(counts[cv_groups], [1.0] * cfg["folds"], cfg["seed"] + 1)
     fold = group_fold[groups]
-    splits = pd.DataFrame({
-        "image_id": index["image_id"].to_numpy(),
-        "patient_id": index["patient_id"].to_numpy(),
-        "group": groups,
-        "set": np.where(fold < 0, TEST, CV),
-        "fold": fold,
-    })
+    splits = pd.DataFrame(
+        {
+            "image_id": index["image_id"].to_numpy(),
+            "patient_id": index["patient_id"].to_numpy(),
+            "group": groups,
+            "set": np.where(fold < 0, TEST, CV),
+            "fold": fold,
+        }
+    )
     summary = summarize(index, splits, classes)
-    summary.update({"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks})
+    summary.update(
+        {"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks}
+    )
     return splits, summary
 
 
@@ -192,51 +205,75 @@ def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[p
     per copy, so roles never mix across folds."""
     source = index["source_split"].fillna("")
     if (source == "").all():
-        raise ConfigError("split.method is 'source' but the index has no source split (split folders, "
-                          "dataset.source_split_column or dataset.source_split_lists)")
+        raise ConfigError(
+            "split.method is 'source' but the index has no source split (split folders, "
+            "dataset.source_split_column or dataset.source_split_lists)"
+        )
     role_of = {name.lower(): role for role, names in cfg["source_roles"].items() for name in names}
     roles = source.map(lambda s: role_of.get(s.rsplit("/", 1)[-1].lower()))
     if roles.isna().any():
         bad = index.loc[roles.isna()].iloc[0]
-        raise ConfigError(f"split.source_roles: source split {bad['source_split']!r} of image {bad['image_id']!r} names no "
-                          f"role; the roles are {dict(cfg['source_roles'])} ({int(roles.isna().sum())} such images)")
+        raise ConfigError(
+            f"split.source_roles: source split {bad['source_split']!r} of image {bad['image_id']!r} names no "
+            f"role; the roles are {dict(cfg['source_roles'])} ({int(roles.isna().sum())} such images)"
+        )
     if cfg["source_fold_pattern"]:
         try:
             pattern = re.compile(cfg["source_fold_pattern"])
         except re.error as exc:
-            raise ConfigError(f"split.source_fold_pattern: {cfg['source_fold_pattern']!r} is not a regular expression: {exc}") from exc
+            raise ConfigError(
+                f"split.source_fold_pattern: {cfg['source_fold_pattern']!r} is not a regular expression: {exc}"
+            ) from exc
         found = source.map(lambda s: pattern.search(s))
         if found.isna().any():
             bad = index.loc[found.isna()].iloc[0]
-            raise ConfigError(f"split.source_fold_pattern {cfg['source_fold_pattern']!r} does not match source split "
-                              f"{bad['source_split']!r} of image {bad['image_id']!r}")
+            raise ConfigError(
+                f"split.source_fold_pattern {cfg['source_fold_pattern']!r} does not match source split "
+                f"{bad['source_split']!r} of image {bad['image_id']!r}"
+            )
         fold = found.map(lambda m: int(m.group(1))).to_numpy()
     else:
         fold = np.zeros(len(index), np.int64)
     present = sorted(set(fold.tolist()))
     if present != list(range(cfg["folds"])):
-        raise ConfigError(f"split.folds is {cfg['folds']} but the dataset's own folds are {present}; set split.folds "
-                          f"to {len(present)} (numbered from 0)")
+        raise ConfigError(
+            f"split.folds is {cfg['folds']} but the dataset's own folds are {present}; set split.folds "
+            f"to {len(present)} (numbered from 0)"
+        )
     roles = roles.to_numpy()
     for k in present:
         for role in ("train", "val"):
             if not ((fold == k) & (roles == role)).any():
-                raise ConfigError(f"split.method 'source': fold {k} has no {role} images (split.source_roles.{role} "
-                                  f"{cfg['source_roles'][role]})")
-    splits = pd.DataFrame({
-        "image_id": index["image_id"].to_numpy(),
-        "patient_id": index["patient_id"].to_numpy(),
-        "group": image_groups(index),
-        "set": roles,
-        "fold": fold,
-    })
+                raise ConfigError(
+                    f"split.method 'source': fold {k} has no {role} images (split.source_roles.{role} "
+                    f"{cfg['source_roles'][role]})"
+                )
+    splits = pd.DataFrame(
+        {
+            "image_id": index["image_id"].to_numpy(),
+            "patient_id": index["patient_id"].to_numpy(),
+            "group": image_groups(index),
+            "set": roles,
+            "fold": fold,
+        }
+    )
     dropped = _drop_later_copies(index, splits) if cfg["on_source_duplicate"] == "drop" else []
     summary = summarize(index, splits, classes)
-    summary.update({"seed": None, "folds": cfg["folds"], "test_method": "the dataset's own folds and roles",
-                    "method": "source", "source_leaks": [],
-                    "dropped_copies": {"count": len(dropped), "images": dropped,
-                                       "rule": "split.on_source_duplicate 'drop': the earliest copy (train, val, "
-                                               "test) kept, the others set aside"}})
+    summary.update(
+        {
+            "seed": None,
+            "folds": cfg["folds"],
+            "test_method": "the dataset's own folds and roles",
+            "method": "source",
+            "source_leaks": [],
+            "dropped_copies": {
+                "count": len(dropped),
+                "images": dropped,
+                "rule": "split.on_source_duplicate 'drop': the earliest copy (train, val, "
+                "test) kept, the others set aside",
+            },
+        }
+    )
     return splits, summary
 
 
@@ -251,8 +288,10 @@ def _drop_later_copies(index: pd.DataFrame, splits: pd.DataFrame) -> list[dict]:
     frame = pd.DataFrame({"fold": splits["fold"].to_numpy(), "copy": copy_group, "rank": rank})
     first = frame.groupby(["fold", "copy"])["rank"].transform("min").to_numpy()
     later = rank > first
-    dropped = [{"image_id": i, "fold": int(f), "role": r} for i, f, r in
-               zip(splits.loc[later, "image_id"], splits.loc[later, "fold"], splits.loc[later, "set"])]
+    dropped = [
+        {"image_id": i, "fold": int(f), "role": r}
+        for i, f, r in zip(splits.loc[later, "image_id"], splits.loc[later, "fold"], splits.loc[later, "set"])
+    ]
     splits.loc[later, "set"] = EXCLUDED
     return dropped
 
@@ -261,16 +300,21 @@ def _describe_groups(index, groups, which, image_test) -> list[dict]:
     out = []
     for g in which[:50]:
         rows = np.flatnonzero(groups == g)
-        out.append({
-            "patients": sorted(index["patient_id"].iloc[rows].unique().tolist()),
-            "test_images": index["image_id"].iloc[rows[image_test[rows]]].tolist(),
-            "other_images": index["image_id"].iloc[rows[~image_test[rows]]].tolist(),
-        })
+        out.append(
+            {
+                "patients": sorted(index["patient_id"].iloc[rows].unique().tolist()),
+                "test_images": index["image_id"].iloc[rows[image_test[rows]]].tolist(),
+                "other_images": index["image_id"].iloc[rows[~image_test[rows]]].tolist(),
+            }
+        )
         if "near_duplicate_cluster" in index and index["near_duplicate_cluster"].iloc[rows].notna().any():
             members = index.iloc[rows].assign(part=np.where(image_test[rows], TEST, "other"))
             clustered = members.dropna(subset=["near_duplicate_cluster"])
-            out[-1]["near_duplicates"] = [_near_duplicate_crossing(m) for _, m in
-                                          clustered.groupby("near_duplicate_cluster") if m["part"].nunique() > 1]
+            out[-1]["near_duplicates"] = [
+                _near_duplicate_crossing(m)
+                for _, m in clustered.groupby("near_duplicate_cluster")
+                if m["part"].nunique() > 1
+            ]
     return out
 
 
@@ -315,7 +359,9 @@ def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> 
             "patients": int(index.loc[mask, "patient_id"].nunique()),
             "images_per_class": {c: int(v) for c, v in zip(classes, labels[mask].sum(0))},
             "images_without_finding": int((labels[mask].sum(1) == 0).sum()),
-            "prevalence_minus_overall_pp": {c: round(float(100 * (p - o)), 3) for c, p, o in zip(classes, prevalence, overall)},
+            "prevalence_minus_overall_pp": {
+                c: round(float(100 * (p - o)), 3) for c, p, o in zip(classes, prevalence, overall)
+            },
         }
     return out
 
@@ -338,10 +384,14 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
     used = splits[splits["set"] != EXCLUDED]
     # with the dataset's own folds, sets are compared within a fold only
     scope = used["fold"] if is_source(splits) else pd.Series(0, index=used.index)
-    columns = ["image_id", "patient_id", "content_hash"] + [c for c in ("near_duplicate_cluster", "patient_aliases",
-                                                                        "fingerprint") if c in index]
-    merged = used[["image_id"]].assign(part=partition_names(used), scope=scope.to_numpy()).merge(
-        index[columns], on="image_id", how="inner")
+    columns = ["image_id", "patient_id", "content_hash"] + [
+        c for c in ("near_duplicate_cluster", "patient_aliases", "fingerprint") if c in index
+    ]
+    merged = (
+        used[["image_id"]]
+        .assign(part=partition_names(used), scope=scope.to_numpy())
+        .merge(index[columns], on="image_id", how="inner")
+    )
     patients = merged[["image_id", "part", "scope", "patient_id"]]
     if "patient_aliases" in merged:
         aliases = merged[["image_id", "part", "scope", "patient_aliases"]].explode("patient_aliases").dropna()
@@ -375,8 +425,11 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
         "problems": problems,
     }
     if problems:
-        hint = (" (copies across a fold's roles: split.on_source_duplicate 'drop' keeps the earliest copy)"
-                if is_source(splits) else "")
+        hint = (
+            " (copies across a fold's roles: split.on_source_duplicate 'drop' keeps the earliest copy)"
+            if is_source(splits)
+            else ""
+        )
         raise LeakageError("split check failed: " + " | ".join(problems) + hint)
     return report
 
@@ -388,7 +441,7 @@ def _near_duplicate_crossing(members: pd.DataFrame) -> str:
     rows = members[["image_id", "part", "fingerprint"]].values.tolist()
     found = []
     for i, (a, part_a, fa) in enumerate(rows):
-        for b, part_b, fb in rows[i + 1:]:
+        for b, part_b, fb in rows[i + 1 :]:
             if part_a != part_b and fa and fb:
                 d, how = distance(fa, fb)
                 found.append((d, f"{a} ({part_a}) ~ {b} ({part_b}): distance {d}, {how}"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import MedfoldError
 
@@ -14,12 +15,14 @@ def setup_logging(log_path: str | None = None, append: bool = False, level: int 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode="a" if append else "w"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
 
 
-def guarded(name: str, log_path: str | None, work: Callable[[], None], append: bool = False,
-            level: int = logging.INFO) -> None:
+def guarded(
+    name: str, log_path: str | None, work: Callable[[], None], append: bool = False, level: int = logging.INFO
+) -> None:
     """Run ``work()`` with logging set up; a MedfoldError ends the process with its message
     and exit status 1, no traceback."""
     setup_logging(log_path, append, level)

@@ -23,14 +23,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import distributed, files, hardware
 from .cache import open_cache
-from . import distributed
-from . import files, hardware
-from .progress import Progress, tracked
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
 from .models import build_model, set_trainable, train_mode
+from .progress import Progress, tracked
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
 
@@ -53,8 +52,10 @@ def check_fold(rows: dict[str, np.ndarray], targets: np.ndarray, classes: list[s
     present = train.sum(0) > 0 if task == "multilabel" else np.bincount(train, minlength=len(classes)) > 0
     missing = [c for c, ok in zip(classes, present) if not ok]
     if missing:
-        raise DataError(f"fold {fold}: class(es) {missing} have no image in the training set, so the model cannot "
-                        f"learn them; use fewer split.folds, drop the class from dataset.labels, or add data")
+        raise DataError(
+            f"fold {fold}: class(es) {missing} have no image in the training set, so the model cannot "
+            f"learn them; use fewer split.folds, drop the class from dataset.labels, or add data"
+        )
 
 
 def sample_weights(targets: np.ndarray, task: str, classes: list[str], mode: str, target: dict) -> np.ndarray | None:
@@ -112,7 +113,9 @@ class Criterion:
             self.neg = torch.tensor(p, dtype=torch.float32, device=device)
         elif class_weights:
             counts = np.bincount(train_targets, minlength=n_classes).astype(np.float64)
-            self.weight = torch.tensor(len(train_targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+            self.weight = torch.tensor(
+                len(train_targets) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
+            )
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -130,7 +133,14 @@ class Runner:
     """What a fold's training needs at hand: model, data, device switches."""
 
     def __init__(self, cfg: dict, cache: np.ndarray, targets: np.ndarray, task: str, device: torch.device, model):
-        self.cfg, self.cache, self.targets, self.task, self.device, self.model = cfg, cache, targets, task, device, model
+        self.cfg, self.cache, self.targets, self.task, self.device, self.model = (
+            cfg,
+            cache,
+            targets,
+            task,
+            device,
+            model,
+        )
         self.cuda = device.type == "cuda"
         self.amp = self.cuda and cfg["amp"]
         self.channels_last = self.cuda and cfg["channels_last"]
@@ -151,7 +161,9 @@ class Runner:
         return torch.as_tensor(self.targets[rows.numpy()], device=self.device)
 
     @torch.no_grad()
-    def predict(self, rows: np.ndarray, criterion: Criterion | None = None, model=None) -> tuple[np.ndarray, float | None]:
+    def predict(
+        self, rows: np.ndarray, criterion: Criterion | None = None, model=None
+    ) -> tuple[np.ndarray, float | None]:
         """Probabilities for ``rows``; ``model`` (any callable, e.g. a quantized graph) defaults to
         the runner's model. The caller puts the model in eval mode."""
         probs, total, seen = [], 0.0, 0
@@ -191,8 +203,13 @@ def _read_checkpoint(path: Path, device):
     except Exception as exc:  # truncated zip, bad pickle, CRC: any of torch's many ways to say it
         aside = path.with_name(path.name + ".unreadable")
         os.replace(path, aside)
-        log.warning("%s cannot be read (%s: %s); set aside as %s, training from the start", path,
-                    type(exc).__name__, str(exc)[:200], aside.name)
+        log.warning(
+            "%s cannot be read (%s: %s); set aside as %s, training from the start",
+            path,
+            type(exc).__name__,
+            str(exc)[:200],
+            aside.name,
+        )
         return None
 
 
@@ -210,8 +227,18 @@ class FoldData:
         check_fold(self.rows, self.targets, self.classes, self.task, fold)
 
 
-def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: AugmentConfig, criterion: Criterion,
-                optimizer: torch.optim.Optimizer, gen, fold: int, epoch: int, after_step=None) -> tuple[float, int, float]:
+def train_epoch(
+    runner: Runner,
+    step_model,
+    batches: CachedBatches,
+    augment: AugmentConfig,
+    criterion: Criterion,
+    optimizer: torch.optim.Optimizer,
+    gen,
+    fold: int,
+    epoch: int,
+    after_step=None,
+) -> tuple[float, int, float]:
     """One pass over the training batches; ``after_step(step, steps)`` runs after each optimizer
     step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
     start, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -221,9 +248,11 @@ def train_epoch(runner: Runner, step_model, batches: CachedBatches, augment: Aug
         logits = runner.forward(runner.prepare(images, augment, gen), step_model)
         loss = criterion(logits, runner.target(batch_rows))
         if not torch.isfinite(loss):
-            raise DataError(f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
-                            f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
-                            f"the inputs")
+            raise DataError(
+                f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
+                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
+                f"the inputs"
+            )
         optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
         loss.backward()
         optimizer.step()
@@ -257,8 +286,15 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    model = build_model(cfg["model"], cache.shape[1], len(classes), cfg["init_seed"], cfg["pretrained"],
-                        cfg["batch_norm"], cfg["dropout"]).to(device)
+    model = build_model(
+        cfg["model"],
+        cache.shape[1],
+        len(classes),
+        cfg["init_seed"],
+        cfg["pretrained"],
+        cfg["batch_norm"],
+        cfg["dropout"],
+    ).to(device)
     runner = Runner(cfg, cache, targets, task, device, model)
     if runner.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -280,19 +316,45 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         if cfg["compile"]:
             step_model = torch.compile(step_model)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=cfg["plateau"]["factor"], patience=cfg["plateau"]["patience"],
-            min_lr=cfg["plateau"]["min_lr"])
+            optimizer,
+            mode=mode,
+            factor=cfg["plateau"]["factor"],
+            patience=cfg["plateau"]["patience"],
+            min_lr=cfg["plateau"]["min_lr"],
+        )
         return frozen_norms, step_model, optimizer, scheduler, sum(p.numel() for p in trainable)
 
     criterion = Criterion(task, targets[rows["train"]], len(classes), cfg["class_weights"], device)
-    weights = sample_weights(targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"])
-    batches = CachedBatches(cache, rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * fold,
-                            weights=weights, rank=ctx.rank, world=ctx.world)
+    weights = sample_weights(
+        targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"]
+    )
+    batches = CachedBatches(
+        cache,
+        rows["train"],
+        cfg["batch_size"],
+        shuffle=True,
+        seed=cfg["seed"] + 7919 * fold,
+        weights=weights,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
     augment = AugmentConfig.from_config(cfg["augment"])
 
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_state": None,
-             "stopped_early": False, "train_seconds": 0.0, "stage": 0, "stage_epoch": 0, "stage_best": None,
-             "stage_best_state": None, "stages": []}
+    state = {
+        "epoch": 0,
+        "best": None,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "best_state": None,
+        "stopped_early": False,
+        "train_seconds": 0.0,
+        "stage": 0,
+        "stage_epoch": 0,
+        "stage_best": None,
+        "stage_best_state": None,
+        "stages": [],
+    }
     ckpt_path = out / CHECKPOINT
     ckpt = _read_checkpoint(ckpt_path, device)
     if ckpt is not None:
@@ -318,9 +380,17 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         for row in state["history"]:  # a resumed run's event files hold the whole run
             _log_scalars(writer, row)
     total = sum(stage["epochs"] for stage in stages)
-    log.info("fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s", fold, len(rows["train"]),
-             len(rows["val"]), len(rows["test"]), cfg["model"], device, total,
-             f" in {len(stages)} stages" if cfg["stages"] else "")
+    log.info(
+        "fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s",
+        fold,
+        len(rows["train"]),
+        len(rows["val"]),
+        len(rows["test"]),
+        cfg["model"],
+        device,
+        total,
+        f" in {len(stages)} stages" if cfg["stages"] else "",
+    )
 
     while state["stage"] < len(stages):
         stage = stages[state["stage"]]
@@ -328,8 +398,9 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         gen = seed_epoch(cfg, fold, epoch, device, ctx.rank)
         batches.set_epoch(epoch)
         train_mode(model, frozen_norms)
-        train_loss, seen, seconds = train_epoch(runner, step_model, batches, augment, criterion, optimizer, gen, fold,
-                                                epoch)
+        train_loss, seen, seconds = train_epoch(
+            runner, step_model, batches, augment, criterion, optimizer, gen, fold, epoch
+        )
         train_loss, seen = distributed.mean(ctx, train_loss), round(distributed.mean(ctx, seen) * ctx.world)
         distributed.average_buffers(ctx, model)
         model.eval()
@@ -347,40 +418,86 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
             state["bad_epochs"] += 1
         improved = _better(value, state["best"], mode, cfg["early_stopping"]["min_delta"])
         if improved:
-            state.update(best=value, best_epoch=epoch + 1,
-                         best_state=weights_now or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-               "val_loss": val_loss, "val_auroc_macro": val["auroc_macro"], "val_accuracy": val["accuracy"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "images_per_s": seen / seconds, "seconds": seconds}
+            state.update(
+                best=value,
+                best_epoch=epoch + 1,
+                best_state=weights_now or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            )
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_auroc_macro": val["auroc_macro"],
+            "val_accuracy": val["accuracy"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "images_per_s": seen / seconds,
+            "seconds": seconds,
+        }
         if cfg["stages"]:
             row.update(stage=state["stage"] + 1, trainable_parameters=trainable)
         state["history"].append(row)
         state["train_seconds"] += seconds
         if writer is not None:
             _log_scalars(writer, row)
-        log.info("fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s", fold, epoch + 1,
-                 total, row["train_loss"], val_loss, _fmt(val["auroc_macro"]), row["lr"], row["images_per_s"],
-                 "  *best*" if improved else "")
+        log.info(
+            "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
+            fold,
+            epoch + 1,
+            total,
+            row["train_loss"],
+            val_loss,
+            _fmt(val["auroc_macro"]),
+            row["lr"],
+            row["images_per_s"],
+            "  *best*" if improved else "",
+        )
         state["epoch"] = epoch + 1
         state["stage_epoch"] += 1
         stopped = cfg["early_stopping"]["enabled"] and state["bad_epochs"] >= cfg["early_stopping"]["patience"]
         if stopped:
-            log.info("fold %d: early stop after epoch %d (no %s improvement for %d epochs)", fold, epoch + 1, metric,
-                     state["bad_epochs"])
+            log.info(
+                "fold %d: early stop after epoch %d (no %s improvement for %d epochs)",
+                fold,
+                epoch + 1,
+                metric,
+                state["bad_epochs"],
+            )
         if stopped or state["stage_epoch"] >= stage["epochs"]:
-            state["stages"].append({**stage, "epochs_run": state["stage_epoch"], "stopped_early": bool(stopped),
-                                    "best_value": state["stage_best"], "trainable_parameters": trainable})
+            state["stages"].append(
+                {
+                    **stage,
+                    "epochs_run": state["stage_epoch"],
+                    "stopped_early": bool(stopped),
+                    "best_value": state["stage_best"],
+                    "trainable_parameters": trainable,
+                }
+            )
             state["stopped_early"] = bool(stopped)
             state.update(stage=state["stage"] + 1, stage_epoch=0, stage_best=None, bad_epochs=0)
             if state["stage"] < len(stages):
                 model.load_state_dict(state["stage_best_state"])  # the next stage starts from this one's best
-                log.info("fold %d: stage %d/%d (%s) starts from the previous stage's best weights", fold,
-                         state["stage"] + 1, len(stages), stages[state["stage"]]["train"])
+                log.info(
+                    "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
+                    fold,
+                    state["stage"] + 1,
+                    len(stages),
+                    stages[state["stage"]]["train"],
+                )
                 frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(state["stage"])
         if ctx.main:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "state": state, "rng_cpu": torch.get_rng_state(),
-                          "settings": settings_digest(cfg), "fold": fold}, ckpt_path)
+            _save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "state": state,
+                    "rng_cpu": torch.get_rng_state(),
+                    "settings": settings_digest(cfg),
+                    "fold": fold,
+                },
+                ckpt_path,
+            )
     if writer is not None:
         writer.close()
 
@@ -390,8 +507,12 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     model.load_state_dict(state["best_state"])
     result = None
     if ctx.main:
-        state["distributed"] = {"backend": ctx.backend, "world_size": ctx.world, "lr": stages[0]["lr"] * lr_scale,
-                                "replicas_identical": identical}
+        state["distributed"] = {
+            "backend": ctx.backend,
+            "world_size": ctx.world,
+            "lr": stages[0]["lr"] * lr_scale,
+            "replicas_identical": identical,
+        }
         result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
         ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
     distributed.barrier(ctx)
@@ -403,7 +524,9 @@ def stage_plan(cfg: dict) -> list[dict]:
     """The training stages: the configured ones, or one stage training everything."""
     if not cfg["stages"]:
         return [{"epochs": cfg["epochs"], "lr": cfg["lr"], "train": "all", "blocks": 1, "freeze_batch_norm": True}]
-    return [{"blocks": 1, "freeze_batch_norm": True, **stage, "lr": stage.get("lr") or cfg["lr"]} for stage in cfg["stages"]]
+    return [
+        {"blocks": 1, "freeze_batch_norm": True, **stage, "lr": stage.get("lr") or cfg["lr"]} for stage in cfg["stages"]
+    ]
 
 
 def _better(value: float, best, mode: str, min_delta: float) -> bool:
@@ -428,8 +551,12 @@ def evaluate_fold(runner: Runner, criterion: Criterion | None, data: FoldData, m
     y, rows, task, classes = data.targets, data.rows, data.task, data.classes
     val_probs, val_loss = runner.predict(rows["val"], criterion, model)
     thresholds = choose_thresholds(task, y[rows["val"]], val_probs)
-    result = {"fold": data.fold, "task": task, "classes": classes,
-              "val": evaluate(task, classes, y[rows["val"]], val_probs, thresholds)}
+    result = {
+        "fold": data.fold,
+        "task": task,
+        "classes": classes,
+        "val": evaluate(task, classes, y[rows["val"]], val_probs, thresholds),
+    }
     result["val"]["loss"] = val_loss
     frames = [_prediction_frame(data.index, rows["val"], val_probs, classes, "val", data.fold)]
     if len(rows["test"]):
@@ -448,32 +575,63 @@ def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict
 
 
 def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path) -> None:
-    files.save_torch_atomic({"state_dict": model.state_dict(), "model": cfg["model"], "in_channels": data.cache.shape[1],
-                "num_classes": len(data.classes), "classes": data.classes, "task": data.task,
-                "image_size": cfg["image_size"], "batch_norm": cfg["batch_norm"], "dropout": cfg["dropout"],
-                "thresholds": thresholds, "settings": json.dumps(cfg)}, path)
+    files.save_torch_atomic(
+        {
+            "state_dict": model.state_dict(),
+            "model": cfg["model"],
+            "in_channels": data.cache.shape[1],
+            "num_classes": len(data.classes),
+            "classes": data.classes,
+            "task": data.task,
+            "image_size": cfg["image_size"],
+            "batch_norm": cfg["batch_norm"],
+            "dropout": cfg["dropout"],
+            "thresholds": thresholds,
+            "settings": json.dumps(cfg),
+        },
+        path,
+    )
 
 
 def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path) -> dict:
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data)
-    result.update({"best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],
-                   "stopped_early": state["stopped_early"], "train_seconds": state["train_seconds"],
-                   "monitor": cfg["early_stopping"]["metric"], "settings": cfg,
-                   "distributed": state.get("distributed"), "hardware": hardware.cpu() | {"device": str(runner.device)}})
+    result.update(
+        {
+            "best_epoch": state["best_epoch"],
+            "epochs_trained": state["epoch"],
+            "stopped_early": state["stopped_early"],
+            "train_seconds": state["train_seconds"],
+            "monitor": cfg["early_stopping"]["metric"],
+            "settings": cfg,
+            "distributed": state.get("distributed"),
+            "hardware": hardware.cpu() | {"device": str(runner.device)},
+        }
+    )
     if cfg["stages"]:
         result["stages"] = state["stages"]
     write_evaluation(result, predictions, state["history"], out)
     save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt")
-    log.info("fold %d: best epoch %d; val AUROC %s, test AUROC %s", data.fold, state["best_epoch"],
-             _fmt(result["val"]["auroc_macro"]), _fmt(result.get("test", {}).get("auroc_macro")))
+    log.info(
+        "fold %d: best epoch %d; val AUROC %s, test AUROC %s",
+        data.fold,
+        state["best_epoch"],
+        _fmt(result["val"]["auroc_macro"]),
+        _fmt(result.get("test", {}).get("auroc_macro")),
+    )
     return result
 
 
 def _prediction_frame(index, rows, probs, classes, set_name, fold) -> pd.DataFrame:
-    frame = pd.DataFrame({"image_id": index["image_id"].to_numpy()[rows],
-                          "patient_id": index["patient_id"].to_numpy()[rows],
-                          "labels": index["labels"].iloc[rows].to_list(), "set": set_name, "fold": fold})
+    frame = pd.DataFrame(
+        {
+            "image_id": index["image_id"].to_numpy()[rows],
+            "patient_id": index["patient_id"].to_numpy()[rows],
+            "labels": index["labels"].iloc[rows].to_list(),
+            "set": set_name,
+            "fold": fold,
+        }
+    )
     for j, c in enumerate(classes):
         frame[f"prob:{c}"] = probs[:, j]
     return frame
@@ -482,14 +640,20 @@ def _prediction_frame(index, rows, probs, classes, set_name, fold) -> pd.DataFra
 def load_model(path) -> tuple[torch.nn.Module, dict]:
     """A fold's model.pt back as a model in eval mode (weights_only: never unpickles code)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(saved["model"], saved["in_channels"], saved["num_classes"], batch_norm=saved["batch_norm"],
-                        dropout=saved["dropout"])
+    model = build_model(
+        saved["model"],
+        saved["in_channels"],
+        saved["num_classes"],
+        batch_norm=saved["batch_norm"],
+        dropout=saved["dropout"],
+    )
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
 
 
-def train_fold_job(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int,
-                   log_path: str | None) -> None:
+def train_fold_job(
+    cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int, log_path: str | None
+) -> None:
     """A training job: one process in this one, or a distributed run through its launcher, each
     process running ``main`` below with the settings written next to the outputs."""
     parallel = cfg["distributed"]
@@ -507,9 +671,20 @@ def train_fold_job(cfg: dict, index_path, splits_path, cache_dir, fold: int, out
     # one positional job file: launchers (torchrun's argparse) would take a prefix of their own
     # options, such as --log for --log-dir, out of the training command's flags
     job = out / "job.json"
-    job.write_text(json.dumps({"settings": str(settings), "index": str(index_path), "splits": str(splits_path),
-                               "cache": str(cache_dir), "fold": fold, "out": str(out),
-                               "threads": max(1, threads // n), "log": str(log_path) if log_path else None}))
+    job.write_text(
+        json.dumps(
+            {
+                "settings": str(settings),
+                "index": str(index_path),
+                "splits": str(splits_path),
+                "cache": str(cache_dir),
+                "fold": fold,
+                "out": str(out),
+                "threads": max(1, threads // n),
+                "log": str(log_path) if log_path else None,
+            }
+        )
+    )
     module = ["medfold.train", str(job)]
     command = distributed.launch_command(parallel["backend"], n, parallel["launcher"], gpus_per_process, module)
     log.info("launching %d %s processes: %s", n, parallel["backend"], " ".join(command))
@@ -517,8 +692,10 @@ def train_fold_job(cfg: dict, index_path, splits_path, cache_dir, fold: int, out
         handler.flush()
     code = subprocess.run(command).returncode
     if code != 0:
-        raise MedfoldError(f"fold {fold}: distributed training ({parallel['backend']}, {n} processes) exited with "
-                           f"status {code}; its messages are above{' and in ' + str(log_path) if log_path else ''}")
+        raise MedfoldError(
+            f"fold {fold}: distributed training ({parallel['backend']}, {n} processes) exited with "
+            f"status {code}; its messages are above{' and in ' + str(log_path) if log_path else ''}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -544,10 +721,21 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"missing {', '.join('--' + k for k in missing)}")
     main_rank = distributed.launcher_rank() == 0
-    guarded("training", args.log if main_rank else None,
-            lambda: run_fold(json.loads(Path(args.settings).read_text()), args.index, args.splits, args.cache,
-                             args.fold, args.out, args.threads),
-            append=True, level=logging.INFO if main_rank else logging.WARNING)
+    guarded(
+        "training",
+        args.log if main_rank else None,
+        lambda: run_fold(
+            json.loads(Path(args.settings).read_text()),
+            args.index,
+            args.splits,
+            args.cache,
+            args.fold,
+            args.out,
+            args.threads,
+        ),
+        append=True,
+        level=logging.INFO if main_rank else logging.WARNING,
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class AugmentConfig:
     perspective: float = 0.0  # probability of a random perspective warp (distortion 0.3)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "AugmentConfig":
+    def from_config(cls, cfg: dict) -> AugmentConfig:
         return cls(**{k: float(v) for k, v in cfg.items()})
 
 
@@ -59,10 +59,14 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
         if chosen:
             h, w = x.shape[-2:]
             for i in chosen:
-                jitter = (torch.rand(4, 2, generator=gen, device=device) * 0.3 * torch.tensor([w, h], device=device) / 2).tolist()
+                jitter = (
+                    torch.rand(4, 2, generator=gen, device=device) * 0.3 * torch.tensor([w, h], device=device) / 2
+                ).tolist()
                 start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
                 sx, sy = [1, -1, -1, 1], [1, 1, -1, -1]
-                end = [[int(px + sx[k] * jitter[k][0]), int(py + sy[k] * jitter[k][1])] for k, (px, py) in enumerate(start)]
+                end = [
+                    [int(px + sx[k] * jitter[k][0]), int(py + sy[k] * jitter[k][1])] for k, (px, py) in enumerate(start)
+                ]
                 x[i] = TF.perspective(x[i], startpoints=start, endpoints=end)
     if cfg.brightness > 0:
         x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device)[:, None, None, None]
@@ -88,8 +92,12 @@ def _erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     left = torch.rand(n, generator=gen, device=device) * (w - ew)
     rows = torch.arange(h, device=device)[None, :, None]
     cols = torch.arange(w, device=device)[None, None, :]
-    box = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
-           & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))
+    box = (
+        (rows >= top[:, None, None])
+        & (rows < (top + eh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + ew)[:, None, None])
+    )
     box &= (torch.rand(n, generator=gen, device=device) < p)[:, None, None]
     return x.masked_fill(box[:, None], 0.0)
 
@@ -107,8 +115,17 @@ class CachedBatches:
     sampling with replacement in proportion to them (oversampling).
     """
 
-    def __init__(self, cache: np.ndarray, rows: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        cache: np.ndarray,
+        rows: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        weights: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.cache, self.rows, self.batch_size = cache, np.asarray(rows), batch_size
         self.shuffle, self.seed, self.weights = shuffle, seed, weights
         self.rank, self.world = rank, world
@@ -133,7 +150,7 @@ class CachedBatches:
                 rows = rows[rng.permutation(len(rows))]
         if self.world > 1:  # every rank gets the same number of batches; the tail wraps around
             per_rank = math.ceil(len(rows) / self.world)
-            rows = np.resize(rows, per_rank * self.world)[self.rank::self.world]
+            rows = np.resize(rows, per_rank * self.world)[self.rank :: self.world]
         return rows
 
     def __iter__(self):
@@ -141,5 +158,5 @@ class CachedBatches:
         for start in range(0, len(rows), self.batch_size):
             # which images form a batch is random; their order inside it does not matter, and
             # sorted reads from the memory map are one sequential pass and one copy
-            batch_rows = np.sort(rows[start:start + self.batch_size])
+            batch_rows = np.sort(rows[start : start + self.batch_size])
             yield torch.from_numpy(self.cache[batch_rows]), torch.from_numpy(batch_rows)

@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +16,9 @@ def main(s):
     predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)
     index, _ = read_index(s.input.index)
     name = s.wildcards.get("experiment") or s.wildcards.get("ensemble")
-    result = clinical.evaluate_experiment(predictions, index, agg["task"], agg["classes"], s.params.evaluation,
-                                          s.params.bootstrap, s.params.seed)
+    result = clinical.evaluate_experiment(
+        predictions, index, agg["task"], agg["classes"], s.params.evaluation, s.params.bootstrap, s.params.seed
+    )
     clinical.write(result, name, s.output)
 
 

@@ -11,8 +11,14 @@ def main(s):
     table.to_csv(s.output.table, index=False)
     predictions = {name: pd.read_parquet(path) for name, path in zip(names, s.input.test_predictions)}
     best = table.loc[table["best"], "experiment"].tolist()
-    comparisons = paired_comparisons(predictions, s.input.summaries[0], s.params.comparisons, best[0] if best else None,
-                                     s.params.bootstrap, s.params.seed)
+    comparisons = paired_comparisons(
+        predictions,
+        s.input.summaries[0],
+        s.params.comparisons,
+        best[0] if best else None,
+        s.params.bootstrap,
+        s.params.seed,
+    )
     comparisons.to_csv(s.output.comparisons, index=False)
 
 
