@@ -163,3 +163,20 @@ def trained_workflow(tmp_path_factory) -> Path:
     work = workflow_dir(tmp_path_factory.mktemp("trained_workflow"), QUICK)
     run_snakemake(work, "--cores", "2")
     return work
+
+
+def visible_test_metrics(predictions_path: Path, demo_dir: Path, classes: list[str]) -> dict:
+    """The test-set metrics of a demo fold model on the images whose findings the demo draws
+    visibly (patients under medfold.demo.WEAK_SUBGROUP_AGE; older ones are its planted weaker
+    subgroup, where findings are faint or unseen)."""
+    import pandas as pd
+
+    from medfold.demo import WEAK_SUBGROUP_AGE
+    from medfold.metrics import evaluate, targets_for
+
+    table = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").drop_duplicates("Image Index")
+    ages = table.set_index("Image Index")["Patient Age"]
+    test = pd.read_parquet(predictions_path).query("set == 'test'")
+    test = test[test["image_id"].map(ages) < WEAK_SUBGROUP_AGE]
+    probs = test[[f"prob:{c}" for c in classes]].to_numpy()
+    return evaluate("multilabel", classes, targets_for(test["labels"], classes, "multilabel"), probs)

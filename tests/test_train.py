@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import prepare_demo, resolved_config
+from conftest import prepare_demo, resolved_config, visible_test_metrics
 
 from medfold.errors import DataError
 from medfold.index import write_index
@@ -48,13 +48,15 @@ def uninterrupted(prepared, tmp_path_factory):
     return out, result
 
 
-def test_a_small_cnn_learns_the_demo_signal(uninterrupted):
+def test_a_small_cnn_learns_the_demo_signal(uninterrupted, demo_dir):
     out, result = uninterrupted
-    # Chance is 0.5 and a model that only learned prevalences scores 0.5 as well; the demo's
-    # findings are drawn visibly, and this model reached 0.97 when measured. 0.9 leaves room
-    # for platform differences while still failing a model that learned one or two findings only.
-    assert result["test"]["auroc_macro"] > 0.9
-    assert min(result["test"]["auroc"].values()) > 0.8
+    # Chance is 0.5 and a model that only learned prevalences scores 0.5 as well. Where the demo
+    # draws its findings visibly (patients under 65) this model reached 0.97 when measured; 0.9
+    # leaves room for platform differences while still failing a model that learned one or two
+    # findings only. On every test image (the 65+ subgroup's findings are faint or unseen) 0.87.
+    visible = visible_test_metrics(out / "predictions.parquet", demo_dir, result["classes"])
+    assert visible["auroc_macro"] > 0.9 and min(visible["auroc"].values()) > 0.8, visible["auroc"]
+    assert result["test"]["auroc_macro"] > 0.8
     history = pd.read_csv(out / "history.csv")
     assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
     assert (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists()

@@ -145,7 +145,7 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
 
 
 def test_the_report_finds_the_subgroup_the_demo_makes_weaker(finished):
-    # the demo draws the findings of patients aged 65+ at 15 % of their contrast (medfold.demo)
+    # in the demo's patients aged 65+ findings are faint or unseen (medfold.demo.finding_strength)
     subgroups = pd.read_csv(finished / DS / "batchnorm" / "cv" / "subgroups.csv")
     age = subgroups[(subgroups["subgroup"] == "age") & (subgroups["metric"] == "auroc_macro")].set_index("group")
     others = age.drop(index=["all", "65+"])

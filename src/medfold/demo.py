@@ -257,10 +257,22 @@ def _write_manifest(path: Path, rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
-# The planted subgroup: findings of patients this old are drawn at this share of their contrast
-# (older patients' films are often AP and harder to read), so a model is weaker on them.
+# The planted subgroup: in patients this old, half the follow-ups show their listed findings at
+# this share of their contrast and the other half not at all (the film does not show what the
+# report lists: older patients' films are often AP and harder to read), so any model, however
+# long it trains, is weaker on them.
 WEAK_SUBGROUP_AGE = 65
-WEAK_SUBGROUP_STRENGTH = 0.15
+WEAK_SUBGROUP_STRENGTH = 0.3
+WEAK_SUBGROUP_UNSEEN = 0.5
+
+
+def finding_strength(seed: int, patient: int, followup: int, age: int) -> float:
+    """How visibly one image shows its findings (1: as drawn; 0: not at all), from a stream of
+    its own so that the other images do not depend on it."""
+    if age < WEAK_SUBGROUP_AGE:
+        return 1.0
+    unseen = np.random.default_rng([seed, 14, 8, patient, followup]).random() < WEAK_SUBGROUP_UNSEEN
+    return 0.0 if unseen else WEAK_SUBGROUP_STRENGTH
 
 
 def patient_metadata(seed: int, patient: int) -> tuple[int, str]:
@@ -275,14 +287,13 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     the copies filed under other patients; the last table row repeats an image under another
     patient ID. Patients have an age and sex (``Patient Age``, ``Patient Gender``, with the
     follow-up's ``View Position``); findings of patients aged ``WEAK_SUBGROUP_AGE`` or more are
-    drawn fainter: the subgroup a subgroup analysis should find weaker."""
+    drawn faint or not at all (``finding_strength``): the subgroup an analysis should find weaker."""
     rng = np.random.default_rng([seed, 14])
     rows = []
     sixteen_bit_done = False
     (out / "signal_masks").mkdir(parents=True, exist_ok=True)
     for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
         age, sex = patient_metadata(seed, patient)
-        strength = WEAK_SUBGROUP_STRENGTH if age >= WEAK_SUBGROUP_AGE else 1.0
         # lists in FINDINGS order, never sets: set order varies with PYTHONHASHSEED and would
         # change which random draw goes to which finding from one process to the next
         carried = [f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]]
@@ -293,7 +304,9 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
             mode = _image_mode(rng, sixteen_bit_done)
             sixteen_bit_done = True
             signal = np.zeros(anatomy.size[::-1], bool)
+            strength = finding_strength(seed, patient, followup, age)
             image = render_radiograph(anatomy, set(shown), rng, signal, _followup_position(rng, followup), strength)
+            signal &= strength > 0  # an unseen finding drew nothing
             _save(image, out / "images" / name, mode)
             if shown:  # beside the images root, so the index never sees them
                 Image.fromarray(signal).save(out / "signal_masks" / name)

@@ -346,7 +346,15 @@ def comparisons_section(comparisons: pd.DataFrame) -> str:
     )
 
 
-def clinical_section(name: str, record: dict, is_open: bool) -> str:
+def _figure(path, draw) -> str:
+    """A figure the rule already wrote as PNG, embedded as it is; drawn here (SVG) without one."""
+    if path and Path(path).is_file():
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        return f'<img style="max-width:100%" alt="{esc(Path(path).name)}" src="data:image/png;base64,{data}">'
+    return svg(draw())
+
+
+def clinical_section(name: str, record: dict, is_open: bool, figures: dict | None = None) -> str:
     """Subgroups (table and forest plot), calibration, operating points and patient-level
     results of one experiment, from its clinical.json, in a collapsible block."""
     from . import clinical
@@ -412,7 +420,8 @@ def clinical_section(name: str, record: dict, is_open: bool) -> str:
             )
             + "</div>"
         )
-        parts.append('<div class="figs">' + svg(clinical.forest_figure(name, subgroups)) + "</div>")
+        forest = _figure((figures or {}).get("forest"), lambda: clinical.forest_figure(name, subgroups))
+        parts.append('<div class="figs">' + forest + "</div>")
     calib = record.get("calibration") or {}
     if calib.get("before"):
         after = calib.get("after") or {}
@@ -431,7 +440,7 @@ def clinical_section(name: str, record: dict, is_open: bool) -> str:
             )
             + table(["class", "ECE", "ECE, temperature-scaled", "Brier", "Brier, temperature-scaled"], rows)
             + '<div class="figs">'
-            + svg(clinical.reliability_figure(name, calib))
+            + _figure((figures or {}).get("reliability"), lambda: clinical.reliability_figure(name, calib))
             + "</div>"
         )
     points = pd.DataFrame(record.get("operating_points") or [])
@@ -568,6 +577,7 @@ def experiment_section(
     histories: dict[int, pd.DataFrame],
     clinical: dict | None = None,
     best: bool = False,
+    clinical_figures: dict | None = None,
 ) -> str:
     classes, task = summary["classes"], summary["task"]
     parts = [f'<h2 id="exp-{esc(name)}">Experiment: {esc(name)}</h2>']
@@ -656,7 +666,7 @@ def experiment_section(
     if histories:
         parts.append('<div class="figs">' + curves_figure(name, histories) + "</div>")
     if clinical is not None:
-        parts.append(clinical_section(name, clinical, is_open=best))
+        parts.append(clinical_section(name, clinical, is_open=best, figures=clinical_figures))
     return "".join(parts)
 
 
@@ -939,6 +949,7 @@ def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
                 histories,
                 record,
                 best=name in best,
+                clinical_figures={k: files[k] for k in ("forest", "reliability") if files.get(k)},
             )
         )
         nav.append(f'<a href="#exp-{esc(name)}">{esc(name)}</a>')

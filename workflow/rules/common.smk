@@ -224,6 +224,8 @@ def report_inputs():
             "predictions": fold_files(name, "predictions"),
             "histories": fold_files(name, "history"),
             "clinical": cv_file(name, "clinical"),
+            "forest": cv_file(name, "forest"),
+            "reliability": cv_file(name, "reliability"),
         }
         for name in EXPERIMENTS
     }
@@ -238,6 +240,8 @@ def report_inputs():
             "predictions": ensemble_files(name, "predictions"),
             "histories": [],
             "clinical": ensemble_cv_file(name, "clinical"),
+            "forest": ensemble_cv_file(name, "forest"),
+            "reliability": ensemble_cv_file(name, "reliability"),
         }
         for name in ENSEMBLES
     }
