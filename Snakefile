@@ -1,8 +1,22 @@
 # medfold: patient-level cross-validated deep learning on medical images.
 # This file is the table of contents; each stage lives in workflow/rules/.
+import os
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# medfold's own code, importable by this process and by every job, also where the job's
+# environment installs the dependencies alone (--sdm conda with envs/medfold.yaml, or a venv on
+# a shared file system without medfold installed)
+MEDFOLD_SRC = os.path.join(workflow.basedir, "src")
+if MEDFOLD_SRC not in sys.path:
+    sys.path.insert(0, MEDFOLD_SRC)
+if MEDFOLD_SRC not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (MEDFOLD_SRC, os.environ.get("PYTHONPATH")) if p
+    )
 
 
 # The demo, unless a config of one's own is given (--configfile): then that config and the

@@ -1,6 +1,7 @@
 """The real snakemake on the demo data, up to the leakage check."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,25 @@ def test_python_code_passes_ruff_lint_and_format():
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run([str(ruff), "format", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_jobs_import_medfold_from_the_workflows_own_src(tmp_path):
+    # a copy of the workflow whose medfold differs from the one installed in this venv: its jobs
+    # must run the copy's (the Snakefile puts src/ on PYTHONPATH), as they do in a conda
+    # environment that installs the dependencies alone (envs/medfold.yaml)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("Snakefile", "workflow", "src", "config", "envs"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(
+            source, copy / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {})
+        )
+    demo = copy / "src" / "medfold" / "demo.py"
+    marker = tmp_path / "marker"
+    demo.write_text(demo.read_text() + f"\nPath({str(marker)!r}).write_text(__file__)\n")
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--cores", "1", "resources/demo/cxr14/Data_Entry.csv"], cwd=copy, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.read_text() == str(demo)
+    assert "- -e " not in (REPO / "envs" / "medfold.yaml").read_text()
