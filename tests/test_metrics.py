@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medfold.aggregate import bootstrap_intervals, compare_experiments, summary_table
+from medfold.aggregate import bootstrap_intervals, compare_experiments, summary_table, weighted_balanced
 from medfold.metrics import evaluate, youden_threshold
 
 
@@ -53,6 +53,21 @@ def test_bootstrap_interval_brackets_the_estimate_and_resamples_patients():
     low, high = ci["auroc_macro"]
     assert low < estimate < high and high - low < 0.15
     assert ci == bootstrap_intervals("binary", ["n", "p"], y, probs, patients, [0.5], 300, seed=1)
+
+
+def test_weighted_balanced_accuracy_equals_sklearn_with_sample_weights():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(3)
+    for classes in (2, 4):
+        y = rng.integers(0, classes, 200)
+        pred = np.where(rng.random(200) < 0.7, y, rng.integers(0, classes, 200))
+        weights = rng.multinomial(200, np.full(200, 1 / 200), size=5).astype(float)
+        got = weighted_balanced(y, pred, weights)
+        for row, value in zip(weights, got):
+            kept = row > 0  # sklearn counts only the classes present among weighted images
+            expected = balanced_accuracy_score(y[kept], pred[kept], sample_weight=row[kept])
+            assert value == pytest.approx(expected, abs=1e-12)
 
 
 def test_summary_has_quartiles_and_compare_marks_best_on_validation(tmp_path):

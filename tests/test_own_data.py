@@ -68,6 +68,19 @@ def test_no_config_file_still_runs_the_demo(tmp_path):
     )
     jobs = planned(proc)
     assert jobs["demo_data"] == 1 and jobs["compress"] > 0 and jobs["explain"] > 0 and jobs["grid_table"] == 1
+    # the demo stays a few minutes' run on 2 cores (README's make demo): every stage is there,
+    # and the job count is kept in check (57 jobs and 16 minutes before it was cut down)
+    assert jobs["train"] == 12 and jobs["compress"] == 4 and jobs["explain"] == 1 and jobs["aggregate_ensemble"] == 1
+    assert sum(jobs.values()) <= 40, jobs
+
+
+def test_compression_and_explanation_folds_must_exist(tmp_path):
+    from conftest import run_snakemake, workflow_dir
+
+    work = workflow_dir(tmp_path, {"compression": {"folds": [0, 7]}})
+    proc = run_snakemake(work, "--dry-run", check=False)
+    assert proc.returncode != 0
+    assert "compression.folds: folds [7] do not exist (split.folds gives folds [0, 1, 2])" in proc.stdout + proc.stderr
 
 
 def _covid_table(root):

@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
+from .clinical import PatientBootstrap, interval, weighted_auroc
 from .errors import ConfigError
 from .metrics import choose_thresholds, evaluate, predict, scalar_metrics, targets_for
 
@@ -56,47 +57,44 @@ def bootstrap_intervals(
     task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, patients: np.ndarray, thresholds, n: int, seed: int
 ) -> dict:
     """95 % percentile intervals of AUROC (macro and per class), accuracy and balanced accuracy,
-    resampling patients with replacement."""
-    rng = np.random.default_rng(seed)
-    codes, inverse = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(inverse == k) for k in range(len(codes))]
+    resampling patients with replacement. Each draw is a weight per image (how often its patient
+    was drawn), all draws scored at once (``medfold.clinical``): the same statistics as scoring the
+    concatenated images of each draw, without a Python loop per draw."""
+    boot = PatientBootstrap(patients, n, seed)
     onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
     scored = [1] if task == "binary" else list(range(len(classes)))
     pred = predict(task, probs, thresholds)
-    draws: dict[str, list[float]] = {
-        "auroc_macro": [],
-        "accuracy": [],
-        "balanced_accuracy": [],
-        **{f"auroc.{classes[j]}": [] for j in scored},
-    }
-    for _ in range(n):
-        rows = np.concatenate([members[k] for k in rng.integers(0, len(codes), len(codes))])
-        aurocs = []
-        for j in scored:
-            col = onehot[rows, j]
-            value = skm.roc_auc_score(col, probs[rows, j]) if 0 < col.sum() < len(col) else np.nan
-            draws[f"auroc.{classes[j]}"].append(value)
-            aurocs.append(value)
-        draws["auroc_macro"].append(np.nanmean(aurocs) if not np.all(np.isnan(aurocs)) else np.nan)
-        if task == "multilabel":
-            draws["accuracy"].append(float(np.all(y[rows] == pred[rows], axis=1).mean()))
-            draws["balanced_accuracy"].append(
-                float(np.mean([_balanced(y[rows, j], pred[rows, j]) for j in range(len(classes))]))
-            )
-        else:
-            draws["accuracy"].append(float((y[rows] == pred[rows]).mean()))
-            draws["balanced_accuracy"].append(_balanced(y[rows], pred[rows]))
-    out = {}
-    for key, values in draws.items():
-        values = np.asarray(values, dtype=np.float64)
-        values = values[~np.isnan(values)]
-        out[key] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
-    return out
+    per_class = {classes[j]: boot.draws(lambda w, j=j: weighted_auroc(onehot[:, j], probs[:, j], w)) for j in scored}
+    aurocs = np.stack(list(per_class.values()))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no defined class: NaN
+        macro = np.nanmean(aurocs, axis=0)
+    correct = np.all(y == pred, axis=1) if task == "multilabel" else y == pred
+    accuracy = boot.draws(lambda w: (w * correct).sum(1) / w.sum(1))
+    if task == "multilabel":
+        balanced = np.mean(
+            [boot.draws(lambda w, j=j: weighted_balanced(y[:, j], pred[:, j], w)) for j in range(len(classes))], 0
+        )
+    else:
+        balanced = boot.draws(lambda w: weighted_balanced(y, pred, w))
+    out = {"auroc_macro": macro, "accuracy": accuracy, "balanced_accuracy": balanced}
+    out.update({f"auroc.{name}": values for name, values in per_class.items()})
+    return {key: interval(values, min_defined=0.0) for key, values in out.items()}
 
 
-def _balanced(y: np.ndarray, pred: np.ndarray) -> float:
-    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
-    return float(np.mean(recalls))
+def weighted_balanced(y: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Balanced accuracy (mean recall over the classes present) for each row of ``weights``
+    (draws, images); equal to sklearn's ``balanced_accuracy_score(sample_weight=row)``."""
+    recalls = []
+    for c in np.unique(y):
+        member = y == c
+        support = weights[:, member].sum(1)
+        hit = weights[:, member & (pred == c)].sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls.append(np.where(support > 0, hit / np.where(support > 0, support, 1.0), np.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(recalls), axis=0)
 
 
 def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed: int) -> dict:

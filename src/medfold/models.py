@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models as tv
 
 from .errors import ConfigError
 
@@ -101,9 +100,17 @@ def _first_conv(module: nn.Module, attr_path: str, in_channels: int) -> None:
         setattr(parent, last, new)
 
 
-def _torchvision(builder, first_conv: str, head: str):
+def _tv():
+    """torchvision's models, imported when first needed (it costs a second at every job's start,
+    and the small CNNs do not use it)."""
+    from torchvision import models
+
+    return models
+
+
+def _torchvision(builder: str, first_conv: str, head: str):
     def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
-        model = builder(weights=None)
+        model = getattr(_tv(), builder)(weights=None)
         _first_conv(model, first_conv, in_channels)
         parent = model
         *path, last = head.split(".")
@@ -124,11 +131,11 @@ ARCHITECTURES = {
     "lenet": _small([16, 32], hidden=64),
     "lenet_wide": _small([64, 128, 128], hidden=128),
     "vgg16_dws": _small([64, 128, 256, 512, 512], convs=2, hidden=256, separable=True),
-    "densenet121": _torchvision(tv.densenet121, "features.conv0", "classifier"),
-    "resnet18": _torchvision(tv.resnet18, "conv1", "fc"),
-    "resnet50": _torchvision(tv.resnet50, "conv1", "fc"),
-    "efficientnet_b0": _torchvision(tv.efficientnet_b0, "features.0.0", "classifier.1"),
-    "vgg16": _torchvision(tv.vgg16, "features.0", "classifier.6"),
+    "densenet121": _torchvision("densenet121", "features.conv0", "classifier"),
+    "resnet18": _torchvision("resnet18", "conv1", "fc"),
+    "resnet50": _torchvision("resnet50", "conv1", "fc"),
+    "efficientnet_b0": _torchvision("efficientnet_b0", "features.0.0", "classifier.1"),
+    "vgg16": _torchvision("vgg16", "features.0", "classifier.6"),
 }
 
 
@@ -210,6 +217,7 @@ def feature_blocks(model: nn.Module) -> list[list[nn.Module]]:
     """The feature extractor as blocks, input side first: what "the last N blocks" counts."""
     if isinstance(model, SmallCNN):
         return _split_at_pools(model.features)
+    tv = _tv()
     if isinstance(model, tv.ResNet):
         return [[model.conv1, model.bn1], [model.layer1], [model.layer2], [model.layer3], [model.layer4]]
     if isinstance(model, tv.DenseNet):
@@ -232,6 +240,7 @@ def classifier(model: nn.Module) -> nn.Module:
     """The layers after the feature extractor (the head a new task replaces)."""
     if isinstance(model, SmallCNN):
         return model.head
+    tv = _tv()
     if isinstance(model, tv.ResNet):
         return model.fc
     return model.classifier
@@ -241,6 +250,7 @@ def last_conv_block(model: nn.Module) -> nn.Module:
     """The layer Grad-CAM attributes to: the last convolutional block's output."""
     if isinstance(model, SmallCNN):
         return model.features
+    tv = _tv()
     if isinstance(model, tv.ResNet):
         return model.layer4
     if isinstance(model, tv.DenseNet):

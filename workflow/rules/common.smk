@@ -43,6 +43,16 @@ def check_names(key, names):
         )
 
 
+def chosen_folds(key, folds):
+    """The folds a key names (every fold when empty), each checked to exist."""
+    unknown = sorted(set(folds) - set(FOLDS))
+    if unknown:
+        raise ConfigError(
+            f"{key}: folds {unknown} do not exist (split.folds gives folds {FOLDS})"
+        )
+    return sorted(folds) or FOLDS
+
+
 ENSEMBLES = config["ensembles"]
 for _name, _ensemble in ENSEMBLES.items():
     check_names(f"ensembles.{_name}.experiments", _ensemble["experiments"])
@@ -112,6 +122,8 @@ VARIANTS = {name: variant_settings(config, name, SCHEMA) for name in config["var
 if VARIANTS:
     check_names("compression.experiments", config["compression"]["experiments"])
 COMPRESSED = (config["compression"]["experiments"] or EXPERIMENTS) if VARIANTS else []
+COMPRESSED_FOLDS = chosen_folds("compression.folds", config["compression"]["folds"])
+EXPLAINED_FOLDS = chosen_folds("explain.folds", config["explain"]["folds"])
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
 VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
 CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
@@ -168,7 +180,7 @@ def variant_files(experiment, output, variants=None):
         dataset=DATASET,
         experiment=experiment,
         variant=variants or list(VARIANTS),
-        fold=FOLDS,
+        fold=COMPRESSED_FOLDS,
     )
 
 
@@ -203,7 +215,7 @@ def explanation_files(experiment, output):
         getattr(rules.explain.output, output),
         dataset=DATASET,
         experiment=experiment,
-        fold=FOLDS,
+        fold=EXPLAINED_FOLDS,
     )
 
 
@@ -265,7 +277,10 @@ def report_inputs():
         ),
         *expand(rules.aggregate.benchmark, dataset=DATASET, experiment=EXPERIMENTS),
         *expand(
-            rules.explain.benchmark, dataset=DATASET, experiment=EXPLAINED, fold=FOLDS
+            rules.explain.benchmark,
+            dataset=DATASET,
+            experiment=EXPLAINED,
+            fold=EXPLAINED_FOLDS,
         ),
         *[
             path
@@ -275,7 +290,7 @@ def report_inputs():
                 dataset=DATASET,
                 experiment=name,
                 variant=list(VARIANTS),
-                fold=FOLDS,
+                fold=COMPRESSED_FOLDS,
             )
         ],
     ]
