@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(
 DS = "results/demo_cxr14"
 
 
-def open_in_chromium(page_path: Path, screenshot: Path) -> dict:
-    """Load a local page; return its visible text, console errors, requests and dialogs."""
+def open_in_chromium(page_path: Path, screenshot: Path, top_screenshot: Path | None = None) -> dict:
+    """Load a local page; return its text (every collapsible block opened), its heights as
+    opened, with every block collapsed and with every block open, console errors, requests and
+    dialogs."""
     from playwright.sync_api import sync_playwright
 
     seen = {"errors": [], "requests": [], "dialogs": []}
@@ -46,6 +48,16 @@ def open_in_chromium(page_path: Path, screenshot: Path) -> dict:
         page.on("request", lambda r: seen["requests"].append(r.url))
         page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
         page.goto(page_path.resolve().as_uri(), wait_until="load")
+        if top_screenshot is not None:  # the page as a reader first sees it
+            page.screenshot(path=str(top_screenshot))
+        seen["height_as_opened"] = page.evaluate("document.documentElement.scrollHeight")
+        seen["width"] = page.evaluate("document.documentElement.scrollWidth")
+        seen["details"] = page.locator("details").count()
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = false)")
+        seen["height_collapsed"] = page.evaluate("document.documentElement.scrollHeight")
+        # hidden text is not in innerText: read the page with every block open
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        seen["height_open"] = page.evaluate("document.documentElement.scrollHeight")
         seen["text"] = page.inner_text("body")
         seen["headings"] = [h.strip() for h in page.locator("h1, h2").all_inner_texts()]
         seen["svgs"] = page.locator("svg").count()
@@ -60,21 +72,26 @@ def open_in_chromium(page_path: Path, screenshot: Path) -> dict:
 def test_report_opens_in_chromium_with_every_section_and_no_network(trained_workflow, tmp_path):
     page = trained_workflow / DS / "report" / "index.html"
     shot = tmp_path / "report.png"
-    seen = open_in_chromium(page, shot)
-    print(f"screenshot: {shot}")
-    assert shot.stat().st_size > 50_000
+    # README shows the top of the page: MEDFOLD_SCREENSHOT=docs/report.png refreshes it
+    top = Path(os.environ.get("MEDFOLD_SCREENSHOT", tmp_path / "top.png"))
+    seen = open_in_chromium(page, shot, top)
+    print(f"screenshot: {shot}, top of the page: {top}")
+    assert shot.stat().st_size > 50_000 and top.stat().st_size > 20_000
+    # the comparison of experiments first, then each experiment's detail (folded), then the data
     assert seen["headings"] == [
         "medfold report: demo_cxr14",
-        "Dataset",
-        "Split",
         "Experiments",
         "Experiment: baseline",
         "Experiment: batchnorm",
         "Experiment: both",
+        "Dataset",
+        "Split",
         "Explanations",
         "Compression",
         "Provenance",
     ]
+    # tables scroll inside the page; folded blocks keep the page short
+    assert seen["width"] <= 1280 and seen["height_collapsed"] < seen["height_as_opened"] < seen["height_open"]
     assert seen["errors"] == [] and seen["dialogs"] == []
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []
     assert seen["svgs"] >= 4 and seen["images_loaded"]
@@ -176,8 +193,8 @@ def test_dataset_strings_are_escaped(tmp_path, demo_dir):
     )
     source = page.read_text()
     assert "<script" not in source.lower()
-    assert "&lt;script&gt;alert(&#x27;class&#x27;)&lt;script&gt;&amp;co" in source
-    assert "person7_&lt;script&gt;alert(&#x27;file&#x27;)&lt;script&gt;&amp;x_0.png" in source
+    assert "&lt;script&gt;alert(&#39;class&#39;)&lt;script&gt;&amp;co" in source
+    assert "person7_&lt;script&gt;alert(&#39;file&#39;)&lt;script&gt;&amp;x_0.png" in source
     assert "<img src=x" not in source and "Normal/person90_&lt;img src=x onerror=alert(1)&gt;_0.png is" in source
     seen = open_in_chromium(page, tmp_path / "escaped.png")
     assert seen["dialogs"] == [] and seen["errors"] == []
@@ -204,3 +221,72 @@ def test_snakemakes_native_report_holds_the_labelled_results(trained_workflow):
         "comparisons.csv",
     ):
         assert any(n.endswith(part) for n in names), part
+
+
+def _experiment_files(work: Path, experiment: str) -> dict:
+    """The result files the report reads for one experiment of a finished workflow."""
+    exp = work / DS / experiment
+    cv = exp / "cv"
+    return {
+        "per_fold": cv / "per_fold.csv",
+        "summary": cv / "summary.json",
+        "ensemble": cv / "ensemble_test.json",
+        "ensemble_predictions": cv / "ensemble_test_predictions.parquet",
+        "predictions": [exp / f"fold_{k}" / "predictions.parquet" for k in range(3)],
+        "histories": {k: exp / f"fold_{k}" / "history.csv" for k in range(3)},
+        "clinical": cv / "clinical.json",
+        "forest": cv / "subgroups.png",
+        "reliability": cv / "reliability.png",
+    }
+
+
+def test_a_twelve_combination_grid_keeps_the_folded_page_short(trained_workflow, tmp_path):
+    """The report of a 3x4 grid (the trained batchnorm experiment's files under 12 combination
+    names): each combination is one folded line, tables stay inside the page."""
+    ds = trained_workflow / DS
+    comparison = pd.read_csv(ds / "experiments.csv")
+    source = comparison[comparison["experiment"] == "batchnorm"].iloc[0]
+    names = [f"sweep_lr~{lr}_batch_size~{bs}" for lr in (0.001, 0.003, 0.01) for bs in (8, 16, 32, 64)]
+
+    def page(grid: list[str], name: str) -> dict:
+        rows = [source.to_dict() | {"experiment": n, "best": i == 0} for i, n in enumerate(grid)]
+        table = pd.concat([comparison.assign(best=False), pd.DataFrame(rows)], ignore_index=True)
+        table.to_csv(tmp_path / f"{name}.csv", index=False)
+        ranked = pd.DataFrame(
+            {
+                "rank": range(1, len(grid) + 1),
+                "experiment": grid,
+                "param:lr": [float(n.split("~")[1].split("_")[0]) for n in grid],
+                "param:batch_size": [int(n.split("~")[2]) for n in grid],
+                "val.auroc_macro.mean": source["val.auroc_macro.mean"],
+                "val.auroc_macro.std": source["val.auroc_macro.std"],
+                "test.auroc_macro.mean": source["test.auroc_macro.mean"],
+                "train_seconds.mean": source["train_seconds.mean"],
+            }
+        )
+        ranked.to_csv(tmp_path / f"{name}_grid.csv", index=False)
+        inputs = {
+            "index": ds / "index.parquet",
+            "index_report": ds / "index_report.json",
+            "split_summary": ds / "split_summary.json",
+            "split_check": ds / "split_check.json",
+            "cache": ds / "cache" / "64" / "images.npy",
+            "comparison": tmp_path / f"{name}.csv",
+            "experiments": {
+                n: _experiment_files(trained_workflow, e)
+                for n, e in [("baseline", "baseline"), ("batchnorm", "batchnorm")] + [(n, "batchnorm") for n in grid]
+            },
+            "grids": {"sweep": tmp_path / f"{name}_grid.csv"} if grid else {},
+        }
+        config = resolved_config({"grids": {"top_k": 12}})
+        (tmp_path / f"{name}.html").write_text(render(inputs, config, REPO))
+        return open_in_chromium(tmp_path / f"{name}.html", tmp_path / f"{name}.png")
+
+    without, with_grid = page([], "two"), page(names, "grid")
+    print({k: (without[k], with_grid[k]) for k in ("height_collapsed", "height_as_opened", "height_open", "width")})
+    assert with_grid["details"] >= without["details"] + 12 and with_grid["errors"] == []
+    assert all(f"Experiment: {n}" in with_grid["headings"] for n in names)
+    # collapsed, each combination costs its summary line and its rows in two tables, not a page
+    assert with_grid["height_collapsed"] - without["height_collapsed"] < 12 * 150
+    assert with_grid["height_collapsed"] < 9000 < with_grid["height_open"]
+    assert with_grid["width"] <= 1280

@@ -448,7 +448,8 @@ def variants_tables(record_paths, summary_paths: dict, base_summary_path) -> tup
         for column in SUMMARY_COLUMNS:
             if column in group and group[column].notna().any():
                 row[f"{column}.mean"] = float(group[column].mean())
-                row[f"{column}.std"] = float(group[column].std(ddof=1)) if len(group) > 1 else 0.0
+                # one fold compressed (compression.folds): no spread to state
+                row[f"{column}.std"] = float(group[column].std(ddof=1)) if len(group) > 1 else float("nan")
         oof = json.loads(Path(summary_paths[name]).read_text())["oof"].get("auroc_macro")
         row["oof.auroc_macro"], row["base.oof.auroc_macro"] = oof, base_oof
         rows.append(row)

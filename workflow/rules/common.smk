@@ -234,7 +234,8 @@ def report_inputs():
             "ensemble": cv_file(name, "ensemble"),
             "ensemble_predictions": cv_file(name, "ensemble_predictions"),
             "predictions": fold_files(name, "predictions"),
-            "histories": fold_files(name, "history"),
+            # fold -> its history (the report never reads a fold number from a path)
+            "histories": dict(zip(FOLDS, fold_files(name, "history"))),
             "clinical": cv_file(name, "clinical"),
             "forest": cv_file(name, "forest"),
             "reliability": cv_file(name, "reliability"),
@@ -250,7 +251,7 @@ def report_inputs():
             "ensemble": ensemble_cv_file(name, "ensemble"),
             "ensemble_predictions": ensemble_cv_file(name, "ensemble_predictions"),
             "predictions": ensemble_files(name, "predictions"),
-            "histories": [],
+            "histories": {},
             "clinical": ensemble_cv_file(name, "clinical"),
             "forest": ensemble_cv_file(name, "forest"),
             "reliability": ensemble_cv_file(name, "reliability"),
