@@ -156,12 +156,13 @@ def _num(value) -> float | None:
     return None if pd.isna(value) else float(value)
 
 
-def write_experiment(agg: dict, out_dir) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    agg["per_fold"].to_csv(out / "per_fold.csv", index=False)
-    agg["summary"].to_csv(out / "summary.csv", index_label="statistic")
-    summary = {
+def write_experiment(agg: dict, per_fold, summary_table, summary, ensemble, ensemble_predictions) -> None:
+    """The aggregation's files, at the paths the rule names."""
+    for path in (per_fold, summary_table, summary, ensemble, ensemble_predictions):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    agg["per_fold"].to_csv(per_fold, index=False)
+    agg["summary"].to_csv(summary_table, index_label="statistic")
+    record = {
         "task": agg["task"],
         "classes": agg["classes"],
         "folds": agg["folds"],
@@ -171,8 +172,9 @@ def write_experiment(agg: dict, out_dir) -> None:
         "per_class_auroc": agg["per_class_auroc"],
         "oof": agg["oof"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "ensemble_test.json").write_text(json.dumps(agg.get("ensemble_test"), indent=2) + "\n")
+    Path(summary).write_text(json.dumps(record, indent=2) + "\n")
+    Path(ensemble).write_text(json.dumps(agg.get("ensemble_test"), indent=2) + "\n")
+    agg["ensemble_predictions"].to_parquet(ensemble_predictions, index=False)
 
 
 COMPARED = ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")

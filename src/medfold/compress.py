@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import hardware, quantize
+from . import hardware, quantize, seeds
 from . import prune as pruning
 from .metrics import evaluate, scalar_metrics
 from .metrics import predict as predicted_labels
@@ -109,13 +109,17 @@ def finetune(
         data.task, data.targets[data.rows["train"]], len(data.classes), cfg["class_weights"], runner.device
     )
     batches = CachedBatches(
-        data.cache, data.rows["train"], cfg["batch_size"], shuffle=True, seed=cfg["seed"] + 7919 * data.fold + 104729
+        data.cache,
+        data.rows["train"],
+        cfg["batch_size"],
+        shuffle=True,
+        seed=seeds.finetune_order(cfg["seed"], data.fold),
     )
     augment = AugmentConfig.from_config(cfg["augment"])
     history, total = [], 0.0
     for epoch in range(epochs):
-        gen = seed_epoch(cfg, data.fold, 10_000 + epoch, runner.device)
-        batches.set_epoch(10_000 + epoch)
+        gen = seed_epoch(cfg, data.fold, seeds.FINETUNE_EPOCHS + epoch, runner.device)
+        batches.set_epoch(seeds.FINETUNE_EPOCHS + epoch)
         set_training(True)
         loss, seen, seconds = train_epoch(
             runner,
@@ -272,6 +276,8 @@ def compress_fold(
         "model": saved["model"],
         "image_size": saved["image_size"],
         "in_channels": saved["in_channels"],
+        "input_mean": cpu_runner.stats["mean"],
+        "input_std": cpu_runner.stats["std"],
     }
     size = quantize.save_artifact(variant_model, example, out / "model.pt2", metadata)
     del variant_model

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import seeds
 from .metrics import predict
 from .models import last_conv_block
 from .progress import Progress, tracked
@@ -47,9 +48,12 @@ def choose_images(
     return chosen
 
 
-def model_input(images: np.ndarray) -> torch.Tensor:
-    """The tensor a fold model takes, from cached uint8 images (N, C, H, W)."""
-    return normalize(torch.from_numpy(np.array(images)).float().div_(255))
+def model_input(images: np.ndarray, saved: dict | None = None) -> torch.Tensor:
+    """The tensor a fold model takes, from cached uint8 images (N, C, H, W), normalised with the
+    statistics saved with the model (``saved``: its model.pt contents)."""
+    saved = saved or {}
+    x = torch.from_numpy(np.array(images)).float().div_(255)
+    return normalize(x, saved.get("input_mean", 0.5), saved.get("input_std", 0.25))
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
@@ -177,12 +181,14 @@ def explain_fold(
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the activations Grad-CAM needs, not to weights
     thresholds = saved.get("thresholds")
-    chosen = choose_images(targets, test_rows, task, len(classes), cfg["images_per_class"], cfg["seed"] + fold)
+    chosen = choose_images(
+        targets, test_rows, task, len(classes), cfg["images_per_class"], seeds.explained_images(cfg["seed"], fold)
+    )
     items, cams, limes = [], [], []
     progress = Progress(f"explain fold {fold}", len(chosen))
     for k, (row, c) in enumerate(tracked(chosen, progress)):
         image = np.asarray(cache[row])
-        x = model_input(image[None])
+        x = model_input(image[None], saved)
         with torch.no_grad():
             probs = probabilities(model(x), task)[0].numpy()
         predicted = predict(task, probs[None], thresholds)[0]
@@ -199,7 +205,7 @@ def explain_fold(
             segments,
             cfg["lime"]["samples"],
             cfg["lime"]["kernel_width"],
-            cfg["seed"] + 7919 * fold + k,
+            seeds.lime(cfg["seed"], fold, k),
         )
         image_id = index["image_id"].iloc[row]
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")

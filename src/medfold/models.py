@@ -6,14 +6,29 @@ source studies: ``lenet`` (two conv-pool blocks and two dense layers), ``lenet_w
 four times the filters, and a third block), ``vgg16_dws`` (VGG16's layout with depthwise-separable
 convolutions, as in the pneumonia study). Small models take ``batch_norm`` and ``dropout``.
 
-Pretrained weights come only from a local file (``pretrained: path``), loaded with
-``weights_only=True``; the classifier is skipped when its shape differs, and a 3-channel first
-convolution is summed over its input channels for grayscale input.
+Pretrained weights (``pretrained``): ``imagenet`` (the architecture's default torchvision
+weights), a torchvision weights name (``DenseNet121_Weights.IMAGENET1K_V1`` or just
+``IMAGENET1K_V1``), or a local file. torchvision's files are read from the torch hub cache
+(``$TORCH_HOME/hub/checkpoints``), downloaded there when the machine is online; offline without
+the file, the error names the file and the folder to put it in. Every file loads with
+``weights_only=True``; DenseNet's old key names (``norm.1``, ``conv.2``) are mapped to the current
+ones; the classifier is skipped when its shape differs, and a 3-channel first convolution is summed
+over its input channels for grayscale input. A backbone tensor left at its random value is an
+error (unless ``pretrained_partial``): a "pretrained" model that trains mostly from scratch should
+not pass unnoticed.
+
+Input statistics (``normalize``): ImageNet-initialised models see inputs normalised as in
+ImageNet training (per-channel mean and std; for grayscale input the mean of the three, since the
+first convolution sums the three channels' filters: a gray image given as three equal channels
+would meet the same filters); other models mean 0.5, std 0.25. The statistics are saved with the
+model and used by everything that runs it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import socket
 from pathlib import Path
 
 import torch
@@ -127,6 +142,13 @@ def _torchvision(builder: str, first_conv: str, head: str):
     return build
 
 
+TORCHVISION = {  # medfold's name -> torchvision's
+    "densenet121": "densenet121",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "efficientnet_b0": "efficientnet_b0",
+    "vgg16": "vgg16",
+}
 ARCHITECTURES = {
     "lenet": _small([16, 32], hidden=64),
     "lenet_wide": _small([64, 128, 128], hidden=128),
@@ -147,6 +169,7 @@ def build_model(
     pretrained: str | None = None,
     batch_norm: bool = False,
     dropout: float = 0.0,
+    pretrained_partial: bool = False,
 ) -> nn.Module:
     if name not in ARCHITECTURES:
         raise ConfigError(f"training.model: {name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}")
@@ -154,23 +177,100 @@ def build_model(
         torch.manual_seed(init_seed)  # two experiments with one init_seed start from the same weights
         model = ARCHITECTURES[name](in_channels, num_classes, batch_norm=batch_norm, dropout=dropout)
     if pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, name, pretrained, pretrained_partial)
     return model
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    file = Path(path)
-    if not file.is_file():
+# ----------------------------------------------------------------------------- pretrained weights
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights' preprocessing
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def torchvision_weights(name: str, spec: str | None):
+    """The torchvision weights ``spec`` names for architecture ``name`` (``imagenet``: its default
+    weights; ``DenseNet121_Weights.IMAGENET1K_V1`` or ``IMAGENET1K_V1``), or None for a file path."""
+    if not spec:
+        return None
+    enum_name = spec.split(".", 1)[1] if spec.split(".", 1)[0].endswith("_Weights") else spec
+    if spec != "imagenet" and not re.fullmatch(r"[A-Z0-9_]+", enum_name):
+        return None  # a path
+    if name not in TORCHVISION:
         raise ConfigError(
-            f"training.pretrained: weights file {path} does not exist (weights load only from local files)"
+            f"training.pretrained: {spec!r} names torchvision weights, but {name!r} is not a torchvision "
+            f"model; give a local file instead"
         )
+    weights = _tv().get_model_weights(TORCHVISION[name])
+    if spec == "imagenet":
+        return weights.DEFAULT
+    if spec.split(".", 1)[0].endswith("_Weights") and spec.split(".", 1)[0] != weights.__name__:
+        raise ConfigError(f"training.pretrained: {spec!r} are not weights of {name} ({weights.__name__})")
+    try:
+        return weights[enum_name]
+    except KeyError:
+        raise ConfigError(
+            f"training.pretrained: {name} has no weights {enum_name!r}; it has {[w.name for w in weights]}"
+        ) from None
+
+
+def weights_path(weights) -> Path:
+    """Where torch keeps a torchvision weights file: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def fetch_weights(weights, spec: str) -> Path:
+    """The weights file from the hub cache, downloaded when missing and the machine is online."""
+    path = weights_path(weights)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+    except Exception as exc:  # offline, a proxy, a partial file: one clear stop
+        path.unlink(missing_ok=True)
+        raise ConfigError(
+            f"training.pretrained: {spec} needs the file {path.name} in {path.parent} and it could not be "
+            f"downloaded ({type(exc).__name__}: {exc}). On a machine without internet access, copy "
+            f"{path.name} (from {weights.url}) into {path.parent}, or set TORCH_HOME to the folder whose "
+            f"hub/checkpoints holds it"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return path
+
+
+# torchvision's DenseNet files predate module names with no dots: denselayer1.norm.1 -> norm1
+_DENSENET_OLD_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+
+def _current_keys(state: dict) -> dict:
+    return {_DENSENET_OLD_KEY.sub(r"\1\2.", key.removeprefix("module.")): value for key, value in state.items()}
+
+
+def head_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of the classifier, the part a new task replaces."""
+    head = classifier(model)
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    return {f"{prefix}.{key}" for key in head.state_dict()}
+
+
+def load_pretrained(model: nn.Module, name: str, spec: str, partial: bool = False) -> dict:
+    """Load ``spec`` (torchvision weights or a local file) into ``model``; returns what loaded."""
+    weights = torchvision_weights(name, spec)
+    if weights is not None:
+        file = fetch_weights(weights, spec)
+    else:
+        file = Path(spec)
+        if not file.is_file():
+            raise ConfigError(f"training.pretrained: {spec} is not a file, 'imagenet', nor a torchvision weights name")
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    state = _current_keys(state)
     own = model.state_dict()
     usable, skipped = {}, []
     for key, value in state.items():
-        key = key.removeprefix("module.")
         if key not in own:
             skipped.append(key)
         elif value.shape == own[key].shape:
@@ -186,20 +286,46 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         else:
             skipped.append(key)
     if not usable:
-        raise ConfigError(
-            f"training.pretrained: {path} has no tensor that fits this model (keys like {list(state)[:3]})"
-        )
+        raise ConfigError(f"training.pretrained: {file} has no tensor that fits {name} (keys like {list(state)[:3]})")
     model.load_state_dict(usable, strict=False)
+    backbone = [k for k in own if k not in head_keys(model) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in backbone if k not in usable]
+    if missing and not partial:
+        raise ConfigError(
+            f"training.pretrained: {file} fills {len(backbone) - len(missing)} of {name}'s {len(backbone)} "
+            f"backbone tensors; {len(missing)} would stay random (e.g. {missing[:3]}). Is it {name}'s file? "
+            f"Set training.pretrained_partial: true to train with them from scratch"
+        )
+    if skipped:
+        log.warning(
+            "%d tensors of %s not loaded (no such name or another shape; the classifier's are expected): %s",
+            len(skipped),
+            file,
+            skipped[:5],
+        )
     log.info(
-        "loaded %d tensors from %s; kept initial values for %d (e.g. the classifier): %s",
+        "loaded %d tensors from %s; %d of %d backbone tensors left at their initial values",
         len(usable),
-        path,
-        len(own) - len(usable),
-        skipped[:5],
+        file,
+        len(missing),
+        len(backbone),
     )
+    return {"file": str(file), "loaded": len(usable), "skipped": len(skipped), "backbone_missing": len(missing)}
 
 
-# ----------------------------------------------------------------------------- parts of a model
+def input_stats(normalize: str, pretrained: str | None, name: str, channels: int) -> dict:
+    """Per-channel mean and std the model's inputs are normalised with (see the module's doc)."""
+    if normalize == "auto":
+        normalize = "imagenet" if torchvision_weights(name, pretrained) is not None else "fixed"
+    if normalize == "fixed":
+        return {"mean": [0.5] * channels, "std": [0.25] * channels}
+    if channels == 3:
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if channels == 1:
+        return {"mean": [sum(IMAGENET_MEAN) / 3], "std": [sum(IMAGENET_STD) / 3]}
+    raise ConfigError(f"training.normalize: imagenet statistics need 1 or 3 channels, the cache has {channels}")
+
+
 def _split_at_pools(features: nn.Sequential) -> list[list[nn.Module]]:
     """Blocks of a plain conv stack: each ends with its max-pooling."""
     blocks, current = [], []

@@ -42,6 +42,12 @@ class Predictor:
     thresholds: list[float] | None
     description: dict = field(default_factory=dict)
     modules: list = field(default_factory=list)  # the nn.Modules, for Grad-CAM (not for .pt2 graphs)
+    mean: list | float = 0.5  # input statistics saved with the model (medfold.models.input_stats)
+    std: list | float = 0.25
+
+    def input(self, pixels: np.ndarray) -> torch.Tensor:
+        """The normalised batch the models take, from uint8 images (N, C, H, W)."""
+        return normalize(torch.from_numpy(pixels).float().div_(255), self.mean, self.std)
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -64,6 +70,8 @@ def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> 
         thresholds if thresholds is not None else saved.get("thresholds"),
         {"model": what, "files": [str(p) for p in paths], "thresholds_from": source},
         models,
+        saved.get("input_mean", 0.5),
+        saved.get("input_std", 0.25),
     )
 
 
@@ -104,6 +112,8 @@ def load_predictor(path) -> Predictor:
                 "files": [str(path)],
                 "thresholds_from": str(metrics),
             },
+            mean=meta.get("input_mean", 0.5),
+            std=meta.get("input_std", 0.25),
         )
     return _from_fold_models([path], None, f"{path} (its validation set)", "one fold model")
 
@@ -159,7 +169,7 @@ def predict_images(
             if not kept:
                 continue
             batch = np.stack(pixels)
-            x = normalize(torch.from_numpy(batch).float().div_(255))
+            x = predictor.input(batch)
             probs_all.append(predictor.probabilities(x))
             done.extend(kept)
             rows.append(batch if gradcam else None)
@@ -206,7 +216,7 @@ def _gradcam(predictor: Predictor, pixels: np.ndarray, table: pd.DataFrame, out:
     probs = table.filter(like="prob:").to_numpy()
     for k, image in enumerate(pixels):
         target = int(probs[k].argmax())
-        x = normalize(torch.from_numpy(image[None]).float().div_(255))
+        x = predictor.input(image[None])
         cam = np.mean([grad_cam(m, x.clone().requires_grad_(True), target) for m in predictor.modules], axis=0)
         title = f"{table['image'].iat[k]}: {predictor.classes[target]} (p={probs[k, target]:.2f})"
         overlay_cam(image, cam, title, out / f"{k:05d}.png")

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from . import seeds
 from .errors import ConfigError, LeakageError
 
 TEST = "test"
@@ -173,14 +174,16 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
             test_method = f"the dataset's own split {cfg['source_test_names']}"
     if is_test is None:
         ratios = [cfg["test_fraction"], 1 - cfg["test_fraction"]]
-        is_test = iterative_stratification(counts, ratios, cfg["seed"]) == 0
+        is_test = iterative_stratification(counts, ratios, seeds.split_test(cfg["seed"])) == 0
     cv_groups = np.flatnonzero(~is_test)
     if len(cv_groups) < cfg["folds"]:
         raise ConfigError(
             f"split.folds is {cfg['folds']} but only {len(cv_groups)} patients remain outside the test set"
         )
     group_fold = np.full(n_groups, -1, np.int64)
-    group_fold[cv_groups] = iterative_stratification(counts[cv_groups], [1.0] * cfg["folds"], cfg["seed"] + 1)
+    group_fold[cv_groups] = iterative_stratification(
+        counts[cv_groups], [1.0] * cfg["folds"], seeds.split_folds(cfg["seed"])
+    )
     fold = group_fold[groups]
     splits = pd.DataFrame(
         {

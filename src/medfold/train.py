@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import distributed, files, hardware
+from . import distributed, files, hardware, seeds
 from .cache import open_cache
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
-from .models import build_model, set_trainable, train_mode
+from .models import build_model, input_stats, set_trainable, train_mode
 from .progress import Progress, tracked
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
@@ -96,6 +96,13 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    # the optimisers the source studies also tried (Keras names: Adadelta, Adagrad, RMSprop)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=cfg["momentum"], weight_decay=wd)
     return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd, nesterov=cfg["momentum"] > 0)
 
 
@@ -144,12 +151,17 @@ class Runner:
         self.cuda = device.type == "cuda"
         self.amp = self.cuda and cfg["amp"]
         self.channels_last = self.cuda and cfg["channels_last"]
+        # a model's own statistics (ImageNet's for ImageNet weights); a bare cfg: the fixed ones
+        self.stats = input_stats(cfg.get("normalize", "fixed"), cfg.get("pretrained"), cfg.get("model"), cache.shape[1])
+        shape = (1, cache.shape[1], 1, 1)
+        self.mean = torch.tensor(self.stats["mean"], device=device).view(shape)
+        self.std = torch.tensor(self.stats["std"], device=device).view(shape)
 
     def prepare(self, images: torch.Tensor, augment: AugmentConfig | None, gen) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().div_(255)
         if augment is not None:
             x = augment_batch(x, augment, gen)
-        x = normalize(x)
+        x = normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor, model=None) -> torch.Tensor:
@@ -266,8 +278,8 @@ def train_epoch(
 
 def seed_epoch(cfg: dict, fold: int, epoch: int, device, rank: int = 0) -> torch.Generator:
     """Dropout and the like, and augmentation draws: the same after a resume; each rank its own."""
-    torch.manual_seed(cfg["seed"] * 100003 + epoch + 7 * rank)
-    return torch.Generator(device=device).manual_seed(cfg["seed"] * 1000003 + 7919 * fold + epoch + 104723 * rank)
+    torch.manual_seed(seeds.torch_global(cfg["seed"], epoch, rank))
+    return torch.Generator(device=device).manual_seed(seeds.augmentation(cfg["seed"], fold, epoch, rank))
 
 
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
@@ -294,6 +306,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         cfg["pretrained"],
         cfg["batch_norm"],
         cfg["dropout"],
+        cfg["pretrained_partial"],
     ).to(device)
     runner = Runner(cfg, cache, targets, task, device, model)
     if runner.channels_last:
@@ -333,7 +346,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         rows["train"],
         cfg["batch_size"],
         shuffle=True,
-        seed=cfg["seed"] + 7919 * fold,
+        seed=seeds.data_order(cfg["seed"], fold),
         weights=weights,
         rank=ctx.rank,
         world=ctx.world,
@@ -574,7 +587,7 @@ def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path) -> None:
+def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path, stats: dict) -> None:
     files.save_torch_atomic(
         {
             "state_dict": model.state_dict(),
@@ -587,6 +600,8 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
             "batch_norm": cfg["batch_norm"],
             "dropout": cfg["dropout"],
             "thresholds": thresholds,
+            "input_mean": stats["mean"],  # what every user of the model normalises inputs with
+            "input_std": stats["std"],
             "settings": json.dumps(cfg),
         },
         path,
@@ -611,7 +626,7 @@ def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path
     if cfg["stages"]:
         result["stages"] = state["stages"]
     write_evaluation(result, predictions, state["history"], out)
-    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt")
+    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt", runner.stats)
     log.info(
         "fold %d: best epoch %d; val AUROC %s, test AUROC %s",
         data.fold,

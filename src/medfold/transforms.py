@@ -102,8 +102,13 @@ def _erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(box[:, None], 0.0)
 
 
-def normalize(x: torch.Tensor, mean: float = 0.5, std: float = 0.25) -> torch.Tensor:
-    """In place: the batch is a fresh float tensor made by the data path."""
+def normalize(x: torch.Tensor, mean=0.5, std=0.25) -> torch.Tensor:
+    """In place: the batch is a fresh float tensor made by the data path. ``mean`` and ``std``:
+    one number, or one per channel (``medfold.models.input_stats``)."""
+    if isinstance(mean, list | tuple):
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
     return x.sub_(mean).div_(std)
 
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pandas as pd
 
 from medfold import clinical, step
@@ -9,8 +7,8 @@ from medfold.index import read_index
 
 def main(s):
     agg = aggregate_experiment(s.input.metrics, s.input.predictions, s.params.bootstrap, s.params.seed)
-    write_experiment(agg, Path(s.output.summary).parent)
-    agg["ensemble_predictions"].to_parquet(s.output.ensemble_predictions, index=False)
+    out = s.output
+    write_experiment(agg, out.per_fold, out.summary_table, out.summary, out.ensemble, out.ensemble_predictions)
     if not hasattr(s.output, "clinical"):  # compressed variants: cross-validation only
         return
     predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)
