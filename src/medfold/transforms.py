@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     if cfg.perspective > 0:
         chosen = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).flatten().tolist()
         if chosen:
+            from torchvision.transforms.v2 import functional as TF  # only here: a second at import
+
             h, w = x.shape[-2:]
             for i in chosen:
                 jitter = (
