@@ -98,23 +98,6 @@ def _small(widths, convs=1, hidden=64, separable=False):
     return build
 
 
-def _first_conv(module: nn.Module, attr_path: str, in_channels: int) -> None:
-    parent = module
-    *path, last = attr_path.split(".")
-    for name in path:
-        parent = getattr(parent, name) if not name.isdigit() else parent[int(name)]
-    conv = parent[int(last)] if last.isdigit() else getattr(parent, last)
-    if conv.in_channels == in_channels:
-        return
-    new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
-    )
-    if last.isdigit():
-        parent[int(last)] = new
-    else:
-        setattr(parent, last, new)
-
-
 def _tv():
     """torchvision's models, imported when first needed (it costs a second at every job's start,
     and the small CNNs do not use it)."""
@@ -123,42 +106,77 @@ def _tv():
     return models
 
 
-def _torchvision(builder: str, first_conv: str, head: str):
-    def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
-        model = getattr(_tv(), builder)(weights=None)
-        _first_conv(model, first_conv, in_channels)
-        parent = model
-        *path, last = head.split(".")
-        for name in path:
-            parent = getattr(parent, name)
-        old = parent[int(last)] if last.isdigit() else getattr(parent, last)
-        new = nn.Linear(old.in_features, num_classes)
-        if last.isdigit():
-            parent[int(last)] = new
-        else:
-            setattr(parent, last, new)
-        return model
-
-    return build
+def _replace(model: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, leaf = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf.isdigit():
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
 
 
-TORCHVISION = {  # medfold's name -> torchvision's
-    "densenet121": "densenet121",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "efficientnet_b0": "efficientnet_b0",
-    "vgg16": "vgg16",
+IMAGENET_CLASSES = 1000
+# built without ImageNet's input transform (inputs are normalised by medfold) and with their
+# auxiliary classifiers, which training adds to the loss (AUX_WEIGHT)
+_TORCHVISION_OPTIONS = {
+    "inception_v3": {"aux_logits": True, "transform_input": False, "init_weights": True},
+    "googlenet": {"aux_logits": True, "transform_input": False, "init_weights": True},
 }
-ARCHITECTURES = {
+AUX_WEIGHT = 0.3  # GoogLeNet's weight of its auxiliary classifiers' losses (Szegedy et al. 2015)
+
+
+def is_torchvision(name: str) -> bool:
+    """A torchvision classification model (``torchvision.models.list_models``)."""
+    return name not in SMALL and name in _tv().list_models(module=_tv())
+
+
+def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ``name`` with its first convolution taking ``in_channels`` and every
+    ImageNet head (the classifier and any auxiliary one) giving ``num_classes``."""
+    model = _tv().get_model(name, weights=None, **_TORCHVISION_OPTIONS.get(name, {}))
+    first, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels != in_channels:
+        _replace(
+            model,
+            first,
+            nn.Conv2d(
+                in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+            ),
+        )
+    heads = [
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) and m.out_features == IMAGENET_CLASSES)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == IMAGENET_CLASSES)  # SqueezeNet's 1x1 classifier
+    ]
+    for n in heads:
+        old = model.get_submodule(n)
+        new = (
+            nn.Linear(old.in_features, num_classes)
+            if isinstance(old, nn.Linear)
+            else nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        )
+        _replace(model, n, new)
+    model.medfold_head = heads[-1]  # the main classifier comes last in every family
+    return model
+
+
+def main_and_aux(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits, and any auxiliary classifiers' logits (Inception-v3, GoogLeNet in training)."""
+    if isinstance(output, torch.Tensor):
+        return output, []
+    return output[0], [aux for aux in output[1:] if aux is not None]
+
+
+SMALL = {
     "lenet": _small([16, 32], hidden=64),
     "lenet_wide": _small([64, 128, 128], hidden=128),
     "vgg16_dws": _small([64, 128, 256, 512, 512], convs=2, hidden=256, separable=True),
-    "densenet121": _torchvision("densenet121", "features.conv0", "classifier"),
-    "resnet18": _torchvision("resnet18", "conv1", "fc"),
-    "resnet50": _torchvision("resnet50", "conv1", "fc"),
-    "efficientnet_b0": _torchvision("efficientnet_b0", "features.0.0", "classifier.1"),
-    "vgg16": _torchvision("vgg16", "features.0", "classifier.6"),
 }
+
+
+def known_model(name: str) -> bool:
+    return name in SMALL or is_torchvision(name)
 
 
 def build_model(
@@ -171,11 +189,17 @@ def build_model(
     dropout: float = 0.0,
     pretrained_partial: bool = False,
 ) -> nn.Module:
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"training.model: {name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}")
+    if not known_model(name):
+        raise ConfigError(
+            f"training.model: {name!r} is not a known model; choose one of {sorted(SMALL)} or any torchvision "
+            f"classification model (torchvision.models.list_models(), e.g. densenet121, resnet152, efficientnet_b7)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)  # two experiments with one init_seed start from the same weights
-        model = ARCHITECTURES[name](in_channels, num_classes, batch_norm=batch_norm, dropout=dropout)
+        if name in SMALL:
+            model = SMALL[name](in_channels, num_classes, batch_norm=batch_norm, dropout=dropout)
+        else:
+            model = _torchvision(name, in_channels, num_classes)
     if pretrained:
         load_pretrained(model, name, pretrained, pretrained_partial)
     return model
@@ -194,12 +218,12 @@ def torchvision_weights(name: str, spec: str | None):
     enum_name = spec.split(".", 1)[1] if spec.split(".", 1)[0].endswith("_Weights") else spec
     if spec != "imagenet" and not re.fullmatch(r"[A-Z0-9_]+", enum_name):
         return None  # a path
-    if name not in TORCHVISION:
+    if not is_torchvision(name):
         raise ConfigError(
             f"training.pretrained: {spec!r} names torchvision weights, but {name!r} is not a torchvision "
             f"model; give a local file instead"
         )
-    weights = _tv().get_model_weights(TORCHVISION[name])
+    weights = _tv().get_model_weights(name)
     if spec == "imagenet":
         return weights.DEFAULT
     if spec.split(".", 1)[0].endswith("_Weights") and spec.split(".", 1)[0] != weights.__name__:
@@ -340,7 +364,12 @@ def _split_at_pools(features: nn.Sequential) -> list[list[nn.Module]]:
 
 
 def feature_blocks(model: nn.Module) -> list[list[nn.Module]]:
-    """The feature extractor as blocks, input side first: what "the last N blocks" counts."""
+    """The feature extractor as blocks, input side first: what "the last N blocks" counts. Per
+    family: ResNet's stem and 4 stages, DenseNet's stem and 4 dense blocks, the stages of
+    ``features`` (EfficientNet, MobileNet, ConvNeXt, Swin; VGG, AlexNet and SqueezeNet split at
+    their pooling layers), RegNet's and MaxViT's stem and stages, ViT's patch embedding and encoder
+    layers; otherwise the model's top-level layers up to its pooling (Inception, GoogLeNet,
+    ShuffleNet, MNASNet)."""
     if isinstance(model, SmallCNN):
         return _split_at_pools(model.features)
     tv = _tv()
@@ -355,25 +384,41 @@ def feature_blocks(model: nn.Module) -> list[list[nn.Module]]:
             [f.denseblock3, f.transition3],
             [f.denseblock4, f.norm5],
         ]
-    if isinstance(model, tv.EfficientNet):
-        return [[block] for block in model.features]
-    if isinstance(model, tv.VGG):
+    if isinstance(model, tv.VGG | tv.AlexNet | tv.SqueezeNet):
         return _split_at_pools(model.features)
-    raise ConfigError(f"no block structure known for {type(model).__name__}")
+    if isinstance(model, tv.RegNet):
+        return [[model.stem], *[[stage] for stage in model.trunk_output]]
+    if isinstance(model, tv.MaxVit):
+        return [[model.stem], *[[block] for block in model.blocks]]
+    if isinstance(model, tv.VisionTransformer):
+        return [[model.conv_proj], *[[layer] for layer in model.encoder.layers], [model.encoder.ln]]
+    if isinstance(getattr(model, "features", None), nn.Sequential):
+        return [[block] for block in model.features]
+    if isinstance(model, tv.MNASNet):
+        return [[layer] for layer in model.layers]
+    head = classifier(model)
+    blocks = []
+    for name, child in model.named_children():
+        if child is head or name.startswith("aux") or name == "AuxLogits":
+            continue
+        if isinstance(child, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d | nn.Dropout | nn.Flatten):
+            break  # the head side
+        blocks.append([child])
+    if not blocks:
+        raise ConfigError(f"no block structure known for {type(model).__name__}")
+    return blocks
 
 
 def classifier(model: nn.Module) -> nn.Module:
     """The layers after the feature extractor (the head a new task replaces)."""
     if isinstance(model, SmallCNN):
         return model.head
-    tv = _tv()
-    if isinstance(model, tv.ResNet):
-        return model.fc
-    return model.classifier
+    return model.get_submodule(model.medfold_head)
 
 
 def last_conv_block(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM attributes to: the last convolutional block's output."""
+    """The layer Grad-CAM attributes to: the last convolutional block's output (a feature map;
+    transformers' token outputs have none)."""
     if isinstance(model, SmallCNN):
         return model.features
     tv = _tv()
@@ -381,7 +426,11 @@ def last_conv_block(model: nn.Module) -> nn.Module:
         return model.layer4
     if isinstance(model, tv.DenseNet):
         return model.features.norm5
-    return model.features
+    if isinstance(model, tv.VisionTransformer):
+        raise ConfigError("Grad-CAM needs a convolutional feature map; a ViT has tokens (explain a CNN)")
+    if isinstance(getattr(model, "features", None), nn.Module):
+        return model.features
+    return feature_blocks(model)[-1][-1]
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

@@ -84,6 +84,13 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         first = errors[0]
         where = ".".join(str(p) for p in first.path)
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
+    from .models import known_model  # torchvision's model list, read only for a name that is not ours
+
+    if not known_model(settings["model"]):
+        raise ConfigError(
+            f"experiments.{name}.model: {settings['model']!r} is neither lenet, lenet_wide, vgg16_dws nor a "
+            f"torchvision classification model (torchvision.models.list_models())"
+        )
     return settings
 
 

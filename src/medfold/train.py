@@ -28,7 +28,7 @@ from .cache import open_cache
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
 from .metrics import choose_thresholds, evaluate, targets_for
-from .models import build_model, input_stats, set_trainable, train_mode
+from .models import AUX_WEIGHT, build_model, input_stats, main_and_aux, set_trainable, train_mode
 from .progress import Progress, tracked
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
@@ -257,8 +257,11 @@ def train_epoch(
     steps = batches.steps()
     progress = Progress(f"fold {fold} epoch {epoch + 1}", steps, "batches")
     for step, (images, batch_rows) in enumerate(tracked(batches, progress)):
-        logits = runner.forward(runner.prepare(images, augment, gen), step_model)
-        loss = criterion(logits, runner.target(batch_rows))
+        logits, aux = main_and_aux(runner.forward(runner.prepare(images, augment, gen), step_model))
+        target = runner.target(batch_rows)
+        loss = criterion(logits, target)
+        for extra in aux:  # Inception-v3's and GoogLeNet's auxiliary classifiers, in training only
+            loss = loss + AUX_WEIGHT * criterion(extra, target)
         if not torch.isfinite(loss):
             raise DataError(
                 f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
