@@ -26,13 +26,15 @@ DS = "demo_cxr14"
 TINY = {
     "demo": {"cxr14_patients": 24, "folder_patients": 10},
     "split": {"folds": 2},
-    "training": {"epochs": 2, "image_size": 32, "early_stopping": {"enabled": False}},
+    # two threads per job on 2 cores: one job at a time, so each stage's job is there to be killed
+    # (with one thread, fold 0's explain job may finish beside its compress job before the kill)
+    "training": {"epochs": 2, "image_size": 32, "early_stopping": {"enabled": False}, "threads": 2},
     "experiments": {"bn": {"batch_norm": True}},
     "ensembles": {},
     "evaluation": {"bootstrap": 100},
     "variants": {"half": {"method": "bf16"}},
-    "compression": {"experiments": ["bn"], "latency": {"repeats": 2, "warmup": 1}},
-    "explain": {"experiments": ["bn"], "images_per_class": 1, "lime": {"samples": 20}},
+    "compression": {"experiments": ["bn"], "folds": [], "latency": {"repeats": 2, "warmup": 1}},
+    "explain": {"experiments": ["bn"], "folds": [], "images_per_class": 1, "lime": {"samples": 20}},
 }
 STAGES = ["index", "cache", "train", "compress", "explain", "report"]
 # values that measure time or where a job ran, not what it computed
