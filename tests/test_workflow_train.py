@@ -137,7 +137,7 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
             "ensembles": {},
             "explain": {"experiments": []},
             "variants": {"int8": {"method": "ptq"}},
-            "compression": {"experiments": [best]},
+            "compression": {"experiments": [best], "folds": []},
         },
     )
     proc = run_snakemake(work, "--cores", "2", "--dry-run")
