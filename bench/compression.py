@@ -11,7 +11,7 @@ torch.save; int8 medfold's .pt2 artifact (graph included), and its tensors alone
 The figures hold for the ISA printed first (AVX2 only, AVX-512 VNNI or AMX): int8 kernels differ
 per ISA, and README gives the figures per ISA measured.
 
-Run: .venv/bin/python bench/compression.py [--models resnet50 densenet121] [--repeats 20]
+Run: .venv/bin/python bench/compression.py [--models resnet50 densenet121] [--repeats 20] [--engines]
      .venv/bin/python bench/compression.py --quick   (ResNet18 at 64 px, the test suite)
 """
 
@@ -36,7 +36,32 @@ def row(label: str, value: str) -> None:
     print(f"  {label:<44} {value}")
 
 
-def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int = SIZE) -> dict:
+def fx_engines(name: str, x1: torch.Tensor, calibration, repeats: int) -> dict[str, float]:
+    """Batch-1 latency of FX-mode static int8 (torch.ao's prepare_fx/convert_fx, run eagerly) on
+    each quantized engine: the alternatives to the default path, per ISA."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    out = {}
+    for engine in ("fbgemm", "x86", "onednn"):
+        if engine not in torch.backends.quantized.supported_engines:
+            continue
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            prepared = prepare_fx(
+                build_model(name, CHANNELS, CLASSES, init_seed=0).eval(), get_default_qconfig_mapping(engine), (x1,)
+            )
+            with torch.no_grad():
+                for batch in calibration:
+                    prepared(batch)
+            out[f"int8 FX {engine} eager b1"] = latency_ms(convert_fx(prepared), x1, 3, repeats)
+        finally:
+            torch.backends.quantized.engine = previous
+    return out
+
+
+def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int = SIZE, engines: bool = False) -> dict:
     global SIZE
     SIZE = size
     torch.manual_seed(0)
@@ -62,6 +87,8 @@ def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int
     t["int8 compiled b1"] = latency_ms(int8_compiled, x1, 3, repeats)
     t["int8 compiled b32"] = latency_ms(int8_compiled, x32, 2, big_repeats)
     compile_s = time.perf_counter() - start
+    if engines:
+        t.update(fx_engines(name, x1, calibration, repeats))
     with torch.no_grad():
         reference = model(x32[:8])
         error = float((int8_compiled(x32[:8]) - reference).abs().max() / reference.abs().max())
@@ -119,14 +146,18 @@ def main() -> None:
     parser.add_argument("--big-repeats", type=int, default=3, help="timed passes at batch 32")
     parser.add_argument("--size", type=int, default=SIZE, help="image side in pixels")
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, few repeats")
+    parser.add_argument("--engines", action="store_true", help="also FX-mode int8 on each quantized engine")
     args = parser.parse_args()
     if args.quick:
         args.models, args.size, args.repeats, args.big_repeats = ["resnet18"], 64, 3, 1
+        args.engines = True  # the suite runs every path the bench has
     from medfold.hardware import describe
 
     print(f"host: {describe()}  (the int8 figures hold for this ISA)")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {m: bench_model(m, args.repeats, args.big_repeats, Path(tmp), args.size) for m in args.models}
+        results = {
+            m: bench_model(m, args.repeats, args.big_repeats, Path(tmp), args.size, args.engines) for m in args.models
+        }
     print("\nsummary")
     for m, r in results.items():
         ok = r["int8_size"] <= 0.26 and r["speedup_b1"] >= 4 and r["pruned_ratio"] <= 0.4

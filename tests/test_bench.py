@@ -30,7 +30,10 @@ def test_readme_lists_every_benchmark():
             ],
         ),
         ("bench/data_path.py", [r"ratio: [\d.]+x"]),
-        ("bench/compression.py", [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x"]),
+        (
+            "bench/compression.py",
+            [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x", r"int8 FX \w+ eager b1"],
+        ),
         ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
     ],
 )
