@@ -20,6 +20,7 @@ import copy
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # also where medfold is not installed
 
 from medfold.hardware import describe  # noqa: E402
+from medfold.loop import make_optimizer, seed_epoch, train_epoch  # noqa: E402
 from medfold.models import build_model  # noqa: E402
-from medfold.train import Criterion, Runner, make_optimizer, seed_epoch, train_epoch  # noqa: E402
+from medfold.train import Criterion, Runner  # noqa: E402
 from medfold.transforms import AugmentConfig, CachedBatches, normalize  # noqa: E402
 
 CLASSES = 14
@@ -48,7 +50,7 @@ def medfold_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
     step_model = torch.compile(model) if cfg["compile"] else model
     rows = np.arange(len(cache))
     criterion = Criterion("multilabel", targets, CLASSES, True, device)
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = make_optimizer(model.parameters(), SimpleNamespace(**cfg), cfg["lr"])
     batches = CachedBatches(cache, rows, cfg["batch_size"], shuffle=True, seed=0)
     augment = AugmentConfig.from_config({"hflip": 0.5})
     model.train()
@@ -56,7 +58,15 @@ def medfold_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
     for epoch in range(epochs + 1):  # the first is warm-up (compilation, allocator)
         batches.set_epoch(epoch)
         _, n, s = train_epoch(
-            runner, step_model, batches, augment, criterion, optimizer, seed_epoch(cfg, 0, epoch, device), 0, epoch
+            runner,
+            step_model,
+            batches,
+            augment,
+            criterion,
+            optimizer,
+            seed_epoch(cfg["seed"], 0, epoch, device),
+            0,
+            epoch,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -206,7 +206,15 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
     assert trainable[0] < trainable[1] < trainable[2]
     history = pd.read_csv(out / "staged" / "fold_0" / "history.csv")
     assert history["stage"].iloc[0] == 1 and history["stage"].iloc[-1] == 3
-    assert "Explanations" in (out / "report" / "index.html").read_text()
+    # train-set metrics each epoch beside the validation ones, for the learning curves
+    assert {"train_auroc_macro", "train_accuracy", "train_f1_macro", "train_eval_loss"} <= set(history.columns)
+    assert history["train_auroc_macro"].iloc[-1] > history["train_auroc_macro"].iloc[0]
+    html = (out / "report" / "index.html").read_text()
+    assert "Explanations" in html
+    # no fold ensemble, so each fold's own classification report and confusion matrix
+    assert "Each fold on its own sets" in html
+    for fold in range(3):
+        assert f"fold {fold}, validation set" in html and f"fold {fold}, test set" in html
 
 
 # ----------------------------------------------------------------------------- NIH ChestX-ray14

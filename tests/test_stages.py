@@ -1,12 +1,14 @@
 """Staged fine-tuning: each stage trains exactly the part it names, batch-norm stays frozen
 where it says, and a stage starts from the previous stage's best weights."""
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 import torch
 
+from medfold.loop import make_optimizer
 from medfold.models import BATCH_NORMS, build_model, classifier, feature_blocks, set_trainable, train_mode
-from medfold.train import make_optimizer
 
 
 def _names(model, modules) -> set[str]:
@@ -22,7 +24,8 @@ def _steps(model, frozen_norms, in_channels: int, n: int = 3) -> None:
     """Real optimisation steps (AdamW with weight decay: decay alone would move a weight)."""
     optimizer = make_optimizer(
         [p for p in model.parameters() if p.requires_grad],
-        {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1, "momentum": 0.0},
+        SimpleNamespace(optimizer="adamw", weight_decay=0.1, momentum=0.0),
+        0.01,
     )
     gen = torch.Generator().manual_seed(0)
     for _ in range(n):

@@ -184,7 +184,7 @@ def test_pretrained_weights_load_from_a_local_file_onto_other_channels_and_class
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta"])
 def test_every_optimizer_the_schema_offers_minimises_a_least_squares_problem(name):
-    from medfold.train import make_optimizer
+    from medfold.loop import TrainSettings, make_optimizer
 
     cfg = resolved_config({"training": {"optimizer": name}})["training"]
     lr = {"adadelta": 1.0, "sgd": 0.05, "adagrad": 0.5}.get(name, 0.05)
@@ -192,7 +192,7 @@ def test_every_optimizer_the_schema_offers_minimises_a_least_squares_problem(nam
     x, true = torch.randn(64, 3, generator=gen), torch.tensor([1.0, -2.0, 0.5])
     y = x @ true
     w = torch.zeros(3, requires_grad=True)
-    optimizer = make_optimizer([w], {**cfg, "lr": lr})
+    optimizer = make_optimizer([w], TrainSettings.from_config(cfg), lr)
     assert type(optimizer).__name__.lower() == name
     first = float(((x @ w - y) ** 2).mean().detach())
     for _ in range(1000):  # Adadelta starts slowly (its step size grows from the updates' own history)

@@ -22,22 +22,19 @@ import torch
 
 from . import hardware, quantize, seeds
 from . import prune as pruning
-from .metrics import evaluate, scalar_metrics
+from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
 from .metrics import predict as predicted_labels
+from .metrics import scalar_metrics
 from .train import (
-    CachedBatches,
     Criterion,
     FoldData,
     Runner,
     evaluate_fold,
     load_model,
-    make_optimizer,
     resolve_device,
-    seed_epoch,
-    train_epoch,
     write_evaluation,
 )
-from .transforms import AugmentConfig
+from .transforms import CachedBatches
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -102,63 +99,44 @@ def finetune(
     after_step=None,
     describe=None,
 ) -> tuple[list[dict], float]:
-    """Fine-tune ``model`` on the fold's training images; the validation fold is evaluated after
-    every epoch for the history. Data order and augmentation are seeded apart from training's."""
-    optimizer = make_optimizer(model.parameters(), {**cfg, "lr": lr})
+    """Fine-tune ``model`` on the fold's training images through training's own loop, for a fixed
+    number of epochs (no early stopping: the variant is the last epoch's model); the validation
+    fold is scored after every epoch for the history. Data order and augmentation are seeded
+    apart from training's."""
+    s = TrainSettings.from_config(cfg)
+    optimizer = make_optimizer(model.parameters(), s, lr)
     criterion = Criterion(
-        data.task, data.targets[data.rows["train"]], len(data.classes), cfg["class_weights"], runner.device
+        data.task, data.targets[data.rows["train"]], len(data.classes), s.class_weights, runner.device
     )
     batches = CachedBatches(
         data.cache,
         data.rows["train"],
-        cfg["batch_size"],
+        s.batch_size,
         shuffle=True,
-        seed=seeds.finetune_order(cfg["seed"], data.fold),
+        seed=seeds.finetune_order(s.seed, data.fold),
     )
-    augment = AugmentConfig.from_config(cfg["augment"])
-    history, total = [], 0.0
-    for epoch in range(epochs):
-        gen = seed_epoch(cfg, data.fold, seeds.FINETUNE_EPOCHS + epoch, runner.device)
-        batches.set_epoch(seeds.FINETUNE_EPOCHS + epoch)
-        set_training(True)
-        loss, seen, seconds = train_epoch(
-            runner,
-            model,
-            batches,
-            augment,
-            criterion,
-            optimizer,
-            gen,
-            data.fold,
-            epoch,
-            after_step(epoch) if after_step else None,
-        )
-        set_training(False)
-        val_probs, val_loss = runner.predict(data.rows["val"], criterion, model)
-        val = evaluate(data.task, data.classes, data.targets[data.rows["val"]], val_probs)
-        extra = describe() if describe else {}
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss,
-            "val_loss": val_loss,
-            "val_auroc_macro": val["auroc_macro"],
-            "val_accuracy": val["accuracy"],
-            "images_per_s": seen / seconds,
-            "seconds": seconds,
-            **extra,
-        }
-        history.append(row)
-        total += seconds
+    loop = Epochs(runner, data, criterion, batches, s.augment, s.seed, epoch_offset=seeds.FINETUNE_EPOCHS)
+
+    def after_epoch(row: dict, improved: bool) -> None:
         log.info(
             "fine-tune epoch %d/%d  loss %.4f  val_auroc %s%s",
-            epoch + 1,
+            row["epoch"],
             epochs,
-            loss,
-            "n/a" if val["auroc_macro"] is None else f"{val['auroc_macro']:.4f}",
-            "".join(f"  {k} {v:.3f}" for k, v in extra.items()),
+            row["train_loss"],
+            "n/a" if row["val_auroc_macro"] is None else f"{row['val_auroc_macro']:.4f}",
+            "".join(f"  {k} {row[k]:.3f}" for k in (describe() if describe else {})),
         )
-    return history, total
+
+    state = TrainState()
+    plan = Fit(
+        epochs,
+        set_training=set_training,
+        after_step=after_step,
+        describe=describe,
+        after_epoch=after_epoch,
+    )
+    fit(loop, model, model, optimizer, state, plan)
+    return state.history, state.train_seconds
 
 
 # ----------------------------------------------------------------------------- the methods

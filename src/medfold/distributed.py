@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -33,16 +32,142 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Context:
-    backend: str = "none"  # none | horovod | ddp
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class Single:
+    """One process: the interface every backend has, doing nothing across ranks."""
+
+    name = "none"
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @property
+    def backend(self) -> str:
+        return self.name
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def device_for(self, device: torch.device) -> torch.device:
+        return device
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        """The model to step with and the optimizer to step, both averaging gradients across ranks."""
+        return model, optimizer
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over ranks."""
+        return value
+
+    def average_buffers(self, model: torch.nn.Module) -> None:
+        """Average floating-point buffers (batch-norm running statistics) across ranks: each rank's
+        were updated from its own batches, and validation must see the same model everywhere."""
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                self._average_buffer(name, buffer)
+
+    def _average_buffer(self, name: str, buffer: torch.Tensor) -> None:
+        pass
+
+    def replicas_identical(self, model: torch.nn.Module) -> bool:
+        """True when every rank holds the same weights, byte for byte (checked at the end of training)."""
+        return len(set(self._gather(weights_digest(model)))) == 1
+
+    def _gather(self, value: str) -> list[str]:
+        return [value]
+
+    def barrier(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Parallel(Single):
+    def device_for(self, device: torch.device) -> torch.device:
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
+
+
+class Horovod(_Parallel):
+    name = "horovod"
+
+    def __init__(self):
+        try:
+            import horovod.torch as hvd
+        except ImportError as err:
+            raise ConfigError(
+                "distributed.backend is horovod but Horovod is not installed; run "
+                "install/horovod.sh (see docs/cluster.md) or use backend: ddp"
+            ) from err
+        self.hvd = hvd
+        hvd.init()
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank())
+
+    def wrap(self, model, optimizer, device):
+        optimizer = self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        return model, optimizer
+
+    def mean(self, value: float) -> float:
+        return float(self.hvd.allreduce(torch.tensor([value], dtype=torch.float64), op=self.hvd.Average, name="mean"))
+
+    def _average_buffer(self, name, buffer) -> None:
+        buffer.copy_(self.hvd.allreduce(buffer.detach(), op=self.hvd.Average, name=f"buffer.{name}"))
+
+    def _gather(self, value: str) -> list[str]:
+        return self.hvd.allgather_object(value)
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+class DDP(_Parallel):
+    name = "ddp"
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        _slurm_to_torchrun_env()
+        if "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "distributed.backend is ddp but no launcher set WORLD_SIZE; start training with "
+                "torchrun or srun (the train rule does this)"
+            )
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        super().__init__(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+    def wrap(self, model, optimizer, device):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids), optimizer
+
+    def mean(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        self.dist.all_reduce(tensor)
+        return float(tensor) / self.world
+
+    def _average_buffer(self, name, buffer) -> None:
+        self.dist.all_reduce(buffer.data)
+        buffer.data.div_(self.world)
+
+    def _gather(self, value: str) -> list[str]:
+        values = [None] * self.world
+        self.dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
 
 
 def _slurm_to_torchrun_env() -> None:
@@ -56,32 +181,14 @@ def _slurm_to_torchrun_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def init(backend: str, device: torch.device) -> Context:
+def init(backend: str, device: torch.device) -> Single:
     """Join the process group of ``backend``; a single process needs no launcher."""
     if backend == "none":
-        return Context()
+        return Single()
     if backend == "horovod":
-        try:
-            import horovod.torch as hvd
-        except ImportError as err:
-            raise ConfigError(
-                "distributed.backend is horovod but Horovod is not installed; run "
-                "install/horovod.sh (see docs/cluster.md) or use backend: ddp"
-            ) from err
-        hvd.init()
-        ctx = Context("horovod", hvd.rank(), hvd.size(), hvd.local_rank())
+        ctx = Horovod()
     elif backend == "ddp":
-        import torch.distributed as dist
-
-        _slurm_to_torchrun_env()
-        if "WORLD_SIZE" not in os.environ:
-            raise ConfigError(
-                "distributed.backend is ddp but no launcher set WORLD_SIZE; start training with "
-                "torchrun or srun (the train rule does this)"
-            )
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        ctx = Context("ddp", dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        ctx = DDP(device)
     else:
         raise ConfigError(f"distributed.backend: {backend!r} is not one of none, horovod, ddp")
     if device.type == "cuda":
@@ -90,106 +197,12 @@ def init(backend: str, device: torch.device) -> Context:
     return ctx
 
 
-def device_for(ctx: Context, device: torch.device) -> torch.device:
-    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" and ctx.backend != "none" else device
-
-
-def wrap(ctx: Context, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
-    """The model to step with and the optimizer to step, both averaging gradients across ranks."""
-    if ctx.backend == "horovod":
-        import horovod.torch as hvd
-
-        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        return model, optimizer
-    if ctx.backend == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids), optimizer
-    return model, optimizer
-
-
-def mean(ctx: Context, value: float) -> float:
-    """``value`` averaged over ranks."""
-    if ctx.backend == "none":
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if ctx.backend == "horovod":
-        import horovod.torch as hvd
-
-        return float(hvd.allreduce(tensor, op=hvd.Average, name="mean"))
-    import torch.distributed as dist
-
-    dist.all_reduce(tensor)
-    return float(tensor) / ctx.world
-
-
-def average_buffers(ctx: Context, model: torch.nn.Module) -> None:
-    """Average floating-point buffers (batch-norm running statistics) across ranks: each rank's
-    were updated from its own batches, and validation must see the same model everywhere."""
-    if ctx.backend == "none":
-        return
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point():
-            if ctx.backend == "horovod":
-                import horovod.torch as hvd
-
-                buffer.copy_(hvd.allreduce(buffer.detach(), op=hvd.Average, name=f"buffer.{name}"))
-            else:
-                import torch.distributed as dist
-
-                dist.all_reduce(buffer.data)
-                buffer.data.div_(ctx.world)
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def replicas_identical(ctx: Context, model: torch.nn.Module) -> bool:
-    """True when every rank holds the same weights, byte for byte (checked at the end of training)."""
-    if ctx.backend == "none":
-        return True
-    digest = weights_digest(model)
-    if ctx.backend == "horovod":
-        import horovod.torch as hvd
-
-        digests = hvd.allgather_object(digest)
-    else:
-        import torch.distributed as dist
-
-        digests = [None] * ctx.world
-        dist.all_gather_object(digests, digest)
-    return len(set(digests)) == 1
-
-
-def barrier(ctx: Context) -> None:
-    if ctx.backend == "horovod":
-        import horovod.torch as hvd
-
-        hvd.barrier()
-    elif ctx.backend == "ddp":
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def shutdown(ctx: Context) -> None:
-    if ctx.backend == "horovod":
-        import horovod.torch as hvd
-
-        hvd.shutdown()
-    elif ctx.backend == "ddp":
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- launching

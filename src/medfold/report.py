@@ -180,6 +180,7 @@ class ExperimentView:
     roc: Markup
     curves: Markup | None
     clinical: Clinical | None
+    fold_reports: list = field(default_factory=list)  # of FoldReport, when there is no fold ensemble
 
 
 @dataclass
@@ -655,17 +656,23 @@ def clinical_view(name: str, record: dict | None, figures: dict | None = None) -
     return view
 
 
-def ensemble_view(ensemble: dict, classes: list[str], task: str) -> Ensemble:
-    ci = ensemble["ci95"]
-    metrics = [
-        [m, ensemble.get(m), f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if ci.get(m) else "–"]
-        for m in ("auroc_macro", "accuracy", "balanced_accuracy")
-    ] + [[m, ensemble.get(m), "–"] for m in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro")]
+@dataclass
+class FoldReport:
+    """One fold's classification report and confusion matrices on its own validation (and test)
+    set: what the report shows when the folds share no test set (a dataset's own folds)."""
+
+    title: str
+    per_class: Table
+    confusion: list[tuple[str, Table]]
+
+
+def report_tables(result: dict, classes: list[str], task: str) -> tuple[Table, list[tuple[str, Table]]]:
+    """The classification report and confusion matrices of one ``metrics.evaluate`` result."""
     per_class = [
         [
             c,
-            *[ensemble["per_class"][c][k] for k in ("precision", "recall", "f1-score")],
-            int(ensemble["per_class"][c]["support"]),
+            *[result["per_class"][c][k] for k in ("precision", "recall", "f1-score")],
+            int(result["per_class"][c]["support"]),
         ]
         for c in classes
     ]
@@ -675,22 +682,41 @@ def ensemble_view(ensemble: dict, classes: list[str], task: str) -> Ensemble:
                 c,
                 Table(
                     ["", "predicted no", "predicted yes"],
-                    [["no", *ensemble["confusion"][c][0]], ["yes", *ensemble["confusion"][c][1]]],
+                    [["no", *result["confusion"][c][0]], ["yes", *result["confusion"][c][1]]],
                 ),
             )
             for c in classes
         ]
     else:
         confusion = [
-            (
-                "",
-                Table(["truth \\ prediction", *classes], [[c, *row] for c, row in zip(classes, ensemble["confusion"])]),
-            )
+            ("", Table(["truth \\ prediction", *classes], [[c, *row] for c, row in zip(classes, result["confusion"])]))
         ]
+    return Table(["class", "precision", "recall", "f1-score", "support"], per_class), confusion
+
+
+def fold_reports(metrics_paths: dict, classes: list[str], task: str) -> list[FoldReport]:
+    """Each fold's report on the sets it was evaluated on (thresholds chosen on its validation set)."""
+    out = []
+    for fold, path in sorted((int(k), v) for k, v in metrics_paths.items()):
+        result = json.loads(Path(path).read_text())
+        for part, label in (("val", "validation"), ("test", "test")):
+            if part in result and "per_class" in result[part]:
+                table, confusion = report_tables(result[part], classes, task)
+                out.append(FoldReport(f"fold {fold}, {label} set ({result[part]['images']} images)", table, confusion))
+    return out
+
+
+def ensemble_view(ensemble: dict, classes: list[str], task: str) -> Ensemble:
+    ci = ensemble["ci95"]
+    metrics = [
+        [m, ensemble.get(m), f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if ci.get(m) else "–"]
+        for m in ("auroc_macro", "accuracy", "balanced_accuracy")
+    ] + [[m, ensemble.get(m), "–"] for m in ("f1_macro", "f1_weighted", "precision_macro", "recall_macro")]
+    per_class_table, confusion = report_tables(ensemble, classes, task)
     return Ensemble(
         models=ensemble["models"],
         metrics=Table(["metric", "value", "95% CI (patient bootstrap)"], metrics),
-        per_class=Table(["class", "precision", "recall", "f1-score", "support"], per_class),
+        per_class=per_class_table,
         confusion=confusion,
     )
 
@@ -756,6 +782,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         roc=roc_figure(name, predictions, ens_pred if ens_pred is not None else predictions.iloc[:0], classes, task),
         curves=curves_figure(name, histories) if histories else None,
         clinical=clinical_view(name, record, figures) if record is not None else None,
+        fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
     )
 
 
@@ -946,18 +973,39 @@ def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, cla
     return svg(fig)
 
 
+CURVES = (  # (title, training column, validation column)
+    ("loss", "train_eval_loss", "val_loss"),
+    ("macro AUROC", "train_auroc_macro", "val_auroc_macro"),
+    ("accuracy", "train_accuracy", "val_accuracy"),
+    ("macro F1", "train_f1_macro", "val_f1_macro"),
+)
+
+
 def curves_figure(name: str, histories: dict[int, pd.DataFrame]) -> str:
-    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
-    for k, (fold, h) in enumerate(sorted(histories.items())):
-        color = PALETTE[k % len(PALETTE)]
-        loss_ax.plot(h["epoch"], h["train_loss"], color=color, lw=1.2, label=f"fold {fold} train")
-        loss_ax.plot(h["epoch"], h["val_loss"], color=color, lw=1.2, ls="--", label=f"fold {fold} validation")
-        auc_ax.plot(h["epoch"], h["val_auroc_macro"], color=color, lw=1.2, label=f"fold {fold}")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: validation)")
-    auc_ax.set(xlabel="epoch", ylabel="macro AUROC", title="validation macro AUROC")
-    loss_ax.legend(fontsize=7, ncol=2)
-    auc_ax.legend(fontsize=7)
-    fig.suptitle(f"{name}: training curves")
+    """Learning curves, training set (solid) against validation (dashed), one colour per fold. The
+    training values are those of the fixed subsample scored in eval mode after each epoch, so both
+    lines measure the same model the same way; the running loss of the augmented batches is dotted.
+    Histories from before train-set metrics existed plot their validation lines only."""
+    panels = [c for c in CURVES if any(c[2] in h for h in histories.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6), layout="constrained", squeeze=False)
+    for ax, (title, train_col, val_col) in zip(axes[0], panels):
+        for k, (fold, h) in enumerate(sorted(histories.items())):
+            color = PALETTE[k % len(PALETTE)]
+            if train_col in h and h[train_col].notna().any():
+                ax.plot(h["epoch"], h[train_col], color=color, lw=1.2, label=f"fold {fold} train")
+            elif val_col == "val_loss" and "train_loss" in h:
+                ax.plot(h["epoch"], h["train_loss"], color=color, lw=1.2, label=f"fold {fold} train")
+            if val_col == "val_loss" and train_col in h:
+                ax.plot(h["epoch"], h["train_loss"], color=color, lw=0.8, ls=":")
+            if val_col in h:
+                ax.plot(h["epoch"], h[val_col], color=color, lw=1.2, ls="--", label=f"fold {fold} validation")
+        ax.set(xlabel="epoch", title=title)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle(
+        f"{name}: learning curves (solid: training set, dashed: validation; "
+        "dotted: running loss of the augmented batches)",
+        fontsize=9,
+    )
     return svg(fig)
 
 

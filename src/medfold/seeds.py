@@ -12,6 +12,7 @@ FOLD = 7919  # the 1000th prime: fold k's streams start k * FOLD apart
 RANK = 104723  # rank r's augmentation draws, r * RANK apart
 FINETUNE = 104729  # a compressed variant's fine-tuning data order, apart from training's
 FINETUNE_EPOCHS = 10_000  # fine-tuning epochs are numbered from here, apart from training's
+TRAIN_METRICS = 1299709  # the 100,000th prime: the training images scored for train-set metrics
 
 
 def split_test(seed: int) -> int:
@@ -52,3 +53,8 @@ def explained_images(seed: int, fold: int) -> int:
 def lime(seed: int, fold: int, image: int) -> int:
     """LIME's perturbations of one explained image."""
     return seed + FOLD * fold + image
+
+
+def train_metrics(seed: int, fold: int) -> int:
+    """Which training images are scored every epoch for the train-set metrics."""
+    return seed + FOLD * fold + TRAIN_METRICS

@@ -11,11 +11,10 @@ order and augmentation from generators seeded by (seed, epoch).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,19 @@ from . import distributed, files, hardware, seeds
 from .cache import open_cache
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
+from .loop import (
+    Epochs,
+    Fit,
+    Stage,
+    TrainSettings,
+    TrainState,
+    fit,
+    make_optimizer,
+    train_metric_rows,
+)
 from .metrics import choose_thresholds, evaluate, targets_for
-from .models import AUX_WEIGHT, build_model, input_stats, main_and_aux, set_trainable, train_mode
-from .progress import Progress, tracked
+from .models import build_model, input_stats, set_trainable, train_mode
+from .progress import Progress
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
 
@@ -88,22 +97,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"training.device is {name!r} but no CUDA device is visible")
     return torch.device(name)
-
-
-def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    # the optimisers the source studies also tried (Keras names: Adadelta, Adagrad, RMSprop)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=cfg["momentum"], weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=wd, nesterov=cfg["momentum"] > 0)
 
 
 class Criterion:
@@ -193,10 +186,6 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------- the run
-def monitor_mode(metric: str) -> str:
-    return "min" if metric == "loss" else "max"
-
-
 def settings_digest(cfg: dict) -> str:
     return json.dumps(cfg, sort_keys=True)
 
@@ -239,316 +228,206 @@ class FoldData:
         check_fold(self.rows, self.targets, self.classes, self.task, fold)
 
 
-def train_epoch(
-    runner: Runner,
-    step_model,
-    batches: CachedBatches,
-    augment: AugmentConfig,
-    criterion: Criterion,
-    optimizer: torch.optim.Optimizer,
-    gen,
-    fold: int,
-    epoch: int,
-    after_step=None,
-) -> tuple[float, int, float]:
-    """One pass over the training batches; ``after_step(step, steps)`` runs after each optimizer
-    step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
-    start, seen, loss_sum = time.perf_counter(), 0, 0.0
-    steps = batches.steps()
-    progress = Progress(f"fold {fold} epoch {epoch + 1}", steps, "batches")
-    for step, (images, batch_rows) in enumerate(tracked(batches, progress)):
-        logits, aux = main_and_aux(runner.forward(runner.prepare(images, augment, gen), step_model))
-        target = runner.target(batch_rows)
-        loss = criterion(logits, target)
-        for extra in aux:  # Inception-v3's and GoogLeNet's auxiliary classifiers, in training only
-            loss = loss + AUX_WEIGHT * criterion(extra, target)
-        if not torch.isfinite(loss):
-            raise DataError(
-                f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
-                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
-                f"the inputs"
-            )
-        optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step(step, steps)
-        loss_sum += float(loss.detach()) * len(batch_rows)
-        seen += len(batch_rows)
-    progress.close()
-    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
-
-
-def seed_epoch(cfg: dict, fold: int, epoch: int, device, rank: int = 0) -> torch.Generator:
-    """Dropout and the like, and augmentation draws: the same after a resume; each rank its own."""
-    torch.manual_seed(seeds.torch_global(cfg["seed"], epoch, rank))
-    return torch.Generator(device=device).manual_seed(seeds.augmentation(cfg["seed"], fold, epoch, rank))
-
-
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
     """Train on the fold's training folds, select on its validation fold, evaluate on both and
     on the held-out test set. Writes model.pt, history.csv, predictions.parquet, metrics.json
     and tensorboard/ under ``out_dir``; returns the metrics."""
+    s = TrainSettings.from_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, threads))
     data = FoldData(index_path, splits_path, cache_dir, fold)
     classes, task, cache, targets, rows = data.classes, data.task, data.cache, data.targets, data.rows
-    parallel = cfg["distributed"]
-    device = resolve_device(cfg["device"])
-    ctx = distributed.init(parallel["backend"], device)
-    device = distributed.device_for(ctx, device)
+    ctx = distributed.init(s.distributed.backend, resolve_device(s.device))
+    device = ctx.device_for(resolve_device(s.device))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = build_model(
-        cfg["model"],
-        cache.shape[1],
-        len(classes),
-        cfg["init_seed"],
-        cfg["pretrained"],
-        cfg["batch_norm"],
-        cfg["dropout"],
-        cfg["pretrained_partial"],
+        s.model, cache.shape[1], len(classes), s.init_seed, s.pretrained, s.batch_norm, s.dropout, s.pretrained_partial
     ).to(device)
     runner = Runner(cfg, cache, targets, task, device, model)
     if runner.channels_last:
         model.to(memory_format=torch.channels_last)
-    lr_scale = ctx.world if parallel["scale_lr"] else 1
-    stages = stage_plan(cfg)
-    metric = cfg["early_stopping"]["metric"]
-    mode = monitor_mode(metric)
+    lr_scale = ctx.world if s.distributed.scale_lr else 1
 
-    def begin_stage(number: int):
+    def begin_stage(stage: Stage):
         """Freeze what the stage keeps fixed; a fresh optimizer and LR schedule over the rest."""
-        stage = stages[number]
-        frozen_norms = set_trainable(model, stage["train"], stage["blocks"], stage["freeze_batch_norm"])
+        frozen_norms = set_trainable(model, stage.train, stage.blocks, stage.freeze_batch_norm)
         for p in model.parameters():
             p.grad = None  # a gradient left from the previous stage must not move a frozen weight
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, {**cfg, "lr": stage["lr"] * lr_scale})
+        optimizer = make_optimizer(trainable, s, stage.lr * lr_scale)
         # every rank starts from rank 0's weights; a resume below loads the same file on every rank
-        step_model, optimizer = distributed.wrap(ctx, model, optimizer, device)
-        if cfg["compile"]:
+        step_model, optimizer = ctx.wrap(model, optimizer, device)
+        if s.compile:
             step_model = torch.compile(step_model)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
-            mode=mode,
-            factor=cfg["plateau"]["factor"],
-            patience=cfg["plateau"]["patience"],
-            min_lr=cfg["plateau"]["min_lr"],
+            mode=s.early_stopping.mode,
+            factor=s.plateau.factor,
+            patience=s.plateau.patience,
+            min_lr=s.plateau.min_lr,
         )
         return frozen_norms, step_model, optimizer, scheduler, sum(p.numel() for p in trainable)
 
-    criterion = Criterion(task, targets[rows["train"]], len(classes), cfg["class_weights"], device)
-    weights = sample_weights(
-        targets[rows["train"]], task, classes, cfg["oversample"]["mode"], cfg["oversample"]["target"]
-    )
+    criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device)
+    weights = sample_weights(targets[rows["train"]], task, classes, s.oversample["mode"], s.oversample["target"])
     batches = CachedBatches(
         cache,
         rows["train"],
-        cfg["batch_size"],
+        s.batch_size,
         shuffle=True,
-        seed=seeds.data_order(cfg["seed"], fold),
+        seed=seeds.data_order(s.seed, fold),
         weights=weights,
         rank=ctx.rank,
         world=ctx.world,
     )
-    augment = AugmentConfig.from_config(cfg["augment"])
+    loop = Epochs(
+        runner,
+        data,
+        criterion,
+        batches,
+        s.augment,
+        s.seed,
+        ctx,
+        train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
+    )
 
-    state = {
-        "epoch": 0,
-        "best": None,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "history": [],
-        "best_state": None,
-        "stopped_early": False,
-        "train_seconds": 0.0,
-        "stage": 0,
-        "stage_epoch": 0,
-        "stage_best": None,
-        "stage_best_state": None,
-        "stages": [],
-    }
+    state = TrainState()
     ckpt_path = out / CHECKPOINT
     ckpt = _read_checkpoint(ckpt_path, device)
     if ckpt is not None:
-        if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold:
+        resumed = TrainState.from_dict(ckpt["state"])
+        if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold and resumed is not None:
             model.load_state_dict(ckpt["model"])
-            state = ckpt["state"]
+            state = resumed
             torch.set_rng_state(ckpt["rng_cpu"])
-            log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state["epoch"])
+            log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state.epoch)
         else:
-            log.warning("%s was written with other settings; training fold %d from the start", ckpt_path, fold)
+            log.warning(
+                "%s was written with other settings or by another version; training fold %d from the start",
+                ckpt_path,
+                fold,
+            )
             ckpt = None
-    if state["stage"] < len(stages):
-        frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(state["stage"])
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
 
     writer = None
     if ctx.main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-        for row in state["history"]:  # a resumed run's event files hold the whole run
+        for row in state.history:  # a resumed run's event files hold the whole run
             _log_scalars(writer, row)
-    total = sum(stage["epochs"] for stage in stages)
+    total = sum(stage.epochs for stage in s.stages)
+    staged = len(cfg["stages"]) > 0
     log.info(
         "fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s",
         fold,
         len(rows["train"]),
         len(rows["val"]),
         len(rows["test"]),
-        cfg["model"],
+        s.model,
         device,
         total,
-        f" in {len(stages)} stages" if cfg["stages"] else "",
+        f" in {len(s.stages)} stages" if staged else "",
     )
 
-    while state["stage"] < len(stages):
-        stage = stages[state["stage"]]
-        epoch = state["epoch"]
-        gen = seed_epoch(cfg, fold, epoch, device, ctx.rank)
-        batches.set_epoch(epoch)
-        train_mode(model, frozen_norms)
-        train_loss, seen, seconds = train_epoch(
-            runner, step_model, batches, augment, criterion, optimizer, gen, fold, epoch
-        )
-        train_loss, seen = distributed.mean(ctx, train_loss), round(distributed.mean(ctx, seen) * ctx.world)
-        distributed.average_buffers(ctx, model)
-        model.eval()
-        val_probs, val_loss = runner.predict(rows["val"], criterion)
-        val = evaluate(task, classes, targets[rows["val"]], val_probs)
-        value = val_loss if metric == "loss" else val.get(metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            value = -math.inf if mode == "max" else math.inf
-        scheduler.step(value)
-        weights_now = None
-        if _better(value, state["stage_best"], mode, cfg["early_stopping"]["min_delta"]):
-            weights_now = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            state.update(stage_best=value, stage_best_state=weights_now, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        improved = _better(value, state["best"], mode, cfg["early_stopping"]["min_delta"])
-        if improved:
-            state.update(
-                best=value,
-                best_epoch=epoch + 1,
-                best_state=weights_now or {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    while state.stage < len(s.stages):
+        stage = s.stages[state.stage]
+        frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(stage)
+        if ckpt is not None:  # the stage the checkpoint was written in
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            ckpt = None
+
+        def after_epoch(row: dict, improved: bool) -> None:
+            if staged:
+                row.update(stage=state.stage + 1, trainable_parameters=trainable)
+            if writer is not None:
+                _log_scalars(writer, row)
+            log.info(
+                "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
+                fold,
+                row["epoch"],
+                total,
+                row["train_loss"],
+                row["val_loss"],
+                _fmt(row["val_auroc_macro"]),
+                row["lr"],
+                row["images_per_s"],
+                "  *best*" if improved else "",
             )
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_auroc_macro": val["auroc_macro"],
-            "val_accuracy": val["accuracy"],
-            "val_balanced_accuracy": val["balanced_accuracy"],
-            "images_per_s": seen / seconds,
-            "seconds": seconds,
-        }
-        if cfg["stages"]:
-            row.update(stage=state["stage"] + 1, trainable_parameters=trainable)
-        state["history"].append(row)
-        state["train_seconds"] += seconds
-        if writer is not None:
-            _log_scalars(writer, row)
-        log.info(
-            "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
-            fold,
-            epoch + 1,
-            total,
-            row["train_loss"],
-            val_loss,
-            _fmt(val["auroc_macro"]),
-            row["lr"],
-            row["images_per_s"],
-            "  *best*" if improved else "",
+            if ctx.main:
+                _save_atomic(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "state": state.to_dict(),
+                        "rng_cpu": torch.get_rng_state(),
+                        "settings": settings_digest(cfg),
+                        "fold": fold,
+                    },
+                    ckpt_path,
+                )
+
+        plan = Fit(
+            stage.epochs,
+            s.early_stopping,
+            scheduler,
+            set_training=lambda on: train_mode(model, frozen_norms) if on else model.eval(),
+            after_epoch=after_epoch,
         )
-        state["epoch"] = epoch + 1
-        state["stage_epoch"] += 1
-        stopped = cfg["early_stopping"]["enabled"] and state["bad_epochs"] >= cfg["early_stopping"]["patience"]
-        if stopped:
+        stopper = fit(loop, model, step_model, optimizer, state, plan)
+        if stopper.stop:
             log.info(
                 "fold %d: early stop after epoch %d (no %s improvement for %d epochs)",
                 fold,
-                epoch + 1,
-                metric,
-                state["bad_epochs"],
+                state.epoch,
+                s.early_stopping.metric,
+                stopper.bad_epochs,
             )
-        if stopped or state["stage_epoch"] >= stage["epochs"]:
-            state["stages"].append(
-                {
-                    **stage,
-                    "epochs_run": state["stage_epoch"],
-                    "stopped_early": bool(stopped),
-                    "best_value": state["stage_best"],
-                    "trainable_parameters": trainable,
-                }
-            )
-            state["stopped_early"] = bool(stopped)
-            state.update(stage=state["stage"] + 1, stage_epoch=0, stage_best=None, bad_epochs=0)
-            if state["stage"] < len(stages):
-                model.load_state_dict(state["stage_best_state"])  # the next stage starts from this one's best
-                log.info(
-                    "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
-                    fold,
-                    state["stage"] + 1,
-                    len(stages),
-                    stages[state["stage"]]["train"],
-                )
-                frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(state["stage"])
-        if ctx.main:
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "state": state,
-                    "rng_cpu": torch.get_rng_state(),
-                    "settings": settings_digest(cfg),
-                    "fold": fold,
-                },
-                ckpt_path,
+        state.stages.append(
+            {
+                **dataclasses.asdict(stage),
+                "epochs_run": state.stage_epoch,
+                "stopped_early": stopper.stop,
+                "best_value": stopper.best,
+                "trainable_parameters": trainable,
+            }
+        )
+        state.stopped_early = stopper.stop
+        state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
+        if state.stage < len(s.stages):
+            model.load_state_dict(stopper.weights)  # the next stage starts from this one's best
+            log.info(
+                "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
+                fold,
+                state.stage + 1,
+                len(s.stages),
+                s.stages[state.stage].train,
             )
     if writer is not None:
         writer.close()
 
-    identical = distributed.replicas_identical(ctx, model)
+    identical = ctx.replicas_identical(model)
     if not identical:
         raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
-    model.load_state_dict(state["best_state"])
+    model.load_state_dict(state.best_state)
     result = None
     if ctx.main:
-        state["distributed"] = {
+        distributed_summary = {
             "backend": ctx.backend,
             "world_size": ctx.world,
-            "lr": stages[0]["lr"] * lr_scale,
+            "lr": s.stages[0].lr * lr_scale,
             "replicas_identical": identical,
         }
-        result = _evaluate_and_write(runner, criterion, data, cfg, state, out)
+        result = _evaluate_and_write(runner, criterion, data, cfg, state, distributed_summary, out)
         ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
-    distributed.barrier(ctx)
-    distributed.shutdown(ctx)
+    ctx.barrier()
+    ctx.shutdown()
     return result
-
-
-def stage_plan(cfg: dict) -> list[dict]:
-    """The training stages: the configured ones, or one stage training everything."""
-    if not cfg["stages"]:
-        return [{"epochs": cfg["epochs"], "lr": cfg["lr"], "train": "all", "blocks": 1, "freeze_batch_norm": True}]
-    return [
-        {"blocks": 1, "freeze_batch_norm": True, **stage, "lr": stage.get("lr") or cfg["lr"]} for stage in cfg["stages"]
-    ]
-
-
-def _better(value: float, best, mode: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 def _fmt(value) -> str:
@@ -611,29 +490,29 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
     )
 
 
-def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state, out: Path) -> dict:
+def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: Path) -> dict:
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data)
     result.update(
         {
-            "best_epoch": state["best_epoch"],
-            "epochs_trained": state["epoch"],
-            "stopped_early": state["stopped_early"],
-            "train_seconds": state["train_seconds"],
+            "best_epoch": state.best_epoch,
+            "epochs_trained": state.epoch,
+            "stopped_early": state.stopped_early,
+            "train_seconds": state.train_seconds,
             "monitor": cfg["early_stopping"]["metric"],
             "settings": cfg,
-            "distributed": state.get("distributed"),
+            "distributed": parallel,
             "hardware": hardware.cpu() | {"device": str(runner.device)},
         }
     )
     if cfg["stages"]:
-        result["stages"] = state["stages"]
-    write_evaluation(result, predictions, state["history"], out)
+        result["stages"] = state.stages
+    write_evaluation(result, predictions, state.history, out)
     save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt", runner.stats)
     log.info(
         "fold %d: best epoch %d; val AUROC %s, test AUROC %s",
         data.fold,
-        state["best_epoch"],
+        state.best_epoch,
         _fmt(result["val"]["auroc_macro"]),
         _fmt(result.get("test", {}).get("auroc_macro")),
     )

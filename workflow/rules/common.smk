@@ -236,6 +236,7 @@ def report_inputs():
             "predictions": fold_files(name, "predictions"),
             # fold -> its history (the report never reads a fold number from a path)
             "histories": dict(zip(FOLDS, fold_files(name, "history"))),
+            "metrics": dict(zip(FOLDS, fold_files(name, "metrics"))),
             "clinical": cv_file(name, "clinical"),
             "forest": cv_file(name, "forest"),
             "reliability": cv_file(name, "reliability"),
@@ -252,6 +253,7 @@ def report_inputs():
             "ensemble_predictions": ensemble_cv_file(name, "ensemble_predictions"),
             "predictions": ensemble_files(name, "predictions"),
             "histories": {},
+            "metrics": dict(zip(FOLDS, ensemble_files(name, "metrics"))),
             "clinical": ensemble_cv_file(name, "clinical"),
             "forest": ensemble_cv_file(name, "forest"),
             "reliability": ensemble_cv_file(name, "reliability"),

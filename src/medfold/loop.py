@@ -1,0 +1,375 @@
+"""The training loop, once: typed settings, the state a run carries (which is the checkpoint
+format), early stopping, one epoch, and ``fit``. Fold training (every stage of a staged
+fine-tuning) and the fine-tuning of a compressed variant both run through ``fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import seeds
+from .distributed import Single
+from .errors import DataError
+from .metrics import evaluate
+from .models import AUX_WEIGHT, main_and_aux
+from .progress import Progress, tracked
+from .transforms import AugmentConfig, CachedBatches
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Plateau:
+    factor: float
+    patience: int
+    min_lr: float
+
+
+@dataclass(frozen=True)
+class Stopping:
+    enabled: bool
+    metric: str
+    patience: int
+    min_delta: float
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "loss" else "max"
+
+
+@dataclass(frozen=True)
+class Parallel:
+    backend: str
+    gpus: int
+    scale_lr: bool
+    launcher: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    epochs: int
+    lr: float
+    train: str = "all"
+    blocks: int = 1
+    freeze_batch_norm: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """An experiment's resolved ``training`` settings (schema-checked), typed. ``raw`` keeps the
+    dictionary they came from: it is what checkpoints compare and what metrics.json records."""
+
+    model: str
+    pretrained: str | None
+    pretrained_partial: bool
+    normalize: str
+    init_seed: int
+    batch_norm: bool
+    dropout: float
+    image_size: int
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    class_weights: bool
+    plateau: Plateau
+    early_stopping: Stopping
+    augment: AugmentConfig
+    oversample: dict
+    device: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+    seed: int
+    distributed: Parallel
+    stages: tuple[Stage, ...]
+    train_metrics_images: int
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> TrainSettings:
+        nested = {
+            "plateau": Plateau(**cfg["plateau"]),
+            "early_stopping": Stopping(**cfg["early_stopping"]),
+            "augment": AugmentConfig.from_config(cfg["augment"]),
+            "distributed": Parallel(**cfg["distributed"]),
+            "stages": _stages(cfg),
+            "train_metrics_images": cfg.get("train_metrics", {}).get("images", 0),
+        }
+        plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
+        return cls(**plain, **nested, raw=cfg)
+
+
+def _stages(cfg: dict) -> tuple[Stage, ...]:
+    """The training stages: the configured ones, or one stage training everything."""
+    if not cfg["stages"]:
+        return (Stage(epochs=cfg["epochs"], lr=cfg["lr"]),)
+    return tuple(Stage(**{**stage, "lr": stage.get("lr") or cfg["lr"]}) for stage in cfg["stages"])
+
+
+def make_optimizer(params, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    name, wd = s.optimizer, s.weight_decay
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    # the optimisers the source studies also tried (Keras names: Adadelta, Adagrad, RMSprop)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=s.momentum, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=wd, nesterov=s.momentum > 0)
+
+
+# ----------------------------------------------------------------------------- state
+def weights_copy(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class EarlyStopping:
+    """The best value of the monitored metric in one stage, the weights that reached it, and the
+    epochs since: ``stop`` once ``patience`` epochs passed without an improvement of
+    ``min_delta`` (when enabled)."""
+
+    def __init__(self, rule: Stopping):
+        self.rule = rule
+        self.best: float | None = None
+        self.weights: dict | None = None
+        self.bad_epochs = 0
+
+    def better(self, value: float, than: float | None) -> bool:
+        if than is None:
+            return True
+        delta = self.rule.min_delta
+        return value > than + delta if self.rule.mode == "max" else value < than - delta
+
+    def update(self, value: float, model: torch.nn.Module) -> bool:
+        """Record one epoch's value; True (and the weights kept) when it improved."""
+        if self.better(value, self.best):
+            self.best, self.weights, self.bad_epochs = value, weights_copy(model), 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.rule.enabled and self.bad_epochs >= self.rule.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "weights": self.weights, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.weights, self.bad_epochs = state["best"], state["weights"], state["bad_epochs"]
+
+
+@dataclass
+class TrainState:
+    """Everything a run has done, as plain values and tensors: with the model, optimizer, scheduler
+    and RNG state it is the checkpoint (``torch.load(weights_only=True)`` reads it back)."""
+
+    epoch: int = 0  # epochs finished, over all stages
+    best: float | None = None  # the best monitored value over all stages, and where
+    best_epoch: int = -1
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    stage: int = 0
+    stage_epoch: int = 0
+    stopper: dict | None = None  # the current stage's EarlyStopping
+    stages: list[dict] = field(default_factory=list)  # finished stages
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TrainState | None:
+        """The state back from a checkpoint; None when it was written by a version that kept other fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**state) if set(state) == names else None
+
+
+# ----------------------------------------------------------------------------- one epoch
+def seed_epoch(seed: int, fold: int, epoch: int, device, rank: int = 0) -> torch.Generator:
+    """Dropout and the like, and augmentation draws: the same after a resume; each rank its own."""
+    torch.manual_seed(seeds.torch_global(seed, epoch, rank))
+    return torch.Generator(device=device).manual_seed(seeds.augmentation(seed, fold, epoch, rank))
+
+
+def train_metric_rows(rows: np.ndarray, images: int, seed: int, fold: int) -> np.ndarray:
+    """The fixed subsample of training images scored every epoch for train-set metrics (all of
+    them when there are no more than ``images``; none when ``images`` is 0)."""
+    if images <= 0 or len(rows) <= images:
+        return rows if images > 0 else rows[:0]
+    rng = np.random.default_rng(seeds.train_metrics(seed, fold))
+    return np.sort(rng.choice(rows, size=images, replace=False))
+
+
+def train_epoch(
+    runner,
+    step_model,
+    batches: CachedBatches,
+    augment: AugmentConfig,
+    criterion,
+    optimizer: torch.optim.Optimizer,
+    gen,
+    fold: int,
+    epoch: int,
+    after_step=None,
+) -> tuple[float, int, float]:
+    """One pass over the training batches; ``after_step(step, steps)`` runs after each optimizer
+    step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
+    start, seen, loss_sum = time.perf_counter(), 0, 0.0
+    steps = batches.steps()
+    progress = Progress(f"fold {fold} epoch {epoch + 1}", steps, "batches")
+    for step, (images, batch_rows) in enumerate(tracked(batches, progress)):
+        logits, aux = main_and_aux(runner.forward(runner.prepare(images, augment, gen), step_model))
+        target = runner.target(batch_rows)
+        loss = criterion(logits, target)
+        for extra in aux:  # Inception-v3's and GoogLeNet's auxiliary classifiers, in training only
+            loss = loss + AUX_WEIGHT * criterion(extra, target)
+        if not torch.isfinite(loss):
+            raise DataError(
+                f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
+                f"{step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or check "
+                f"the inputs"
+            )
+        optimizer.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step, steps)
+        loss_sum += float(loss.detach()) * len(batch_rows)
+        seen += len(batch_rows)
+    progress.close()
+    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
+
+
+@dataclass
+class Epochs:
+    """What every epoch of one fit uses: the fold's data and its runner, the loss, the batches,
+    augmentation, and where its epochs' random streams start."""
+
+    runner: Any  # train.Runner
+    data: Any  # train.FoldData
+    criterion: Any  # train.Criterion
+    batches: Any  # transforms.CachedBatches
+    augment: AugmentConfig
+    seed: int
+    ctx: Single = field(default_factory=Single)
+    epoch_offset: int = 0  # compression fine-tuning numbers its epochs apart from training's
+    train_rows: np.ndarray | None = None  # scored after each epoch for train-set metrics
+
+    def run(self, step_model, model, optimizer, epoch: int, set_training, after_step=None) -> dict:
+        """Train one epoch, then score the training subsample and the validation fold in eval
+        mode. Returns the history row, with the validation loss and metrics under ``val_``."""
+        numbered = self.epoch_offset + epoch
+        gen = seed_epoch(self.seed, self.data.fold, numbered, self.runner.device, self.ctx.rank)
+        self.batches.set_epoch(numbered)
+        set_training(True)
+        loss, seen, seconds = train_epoch(
+            self.runner,
+            step_model,
+            self.batches,
+            self.augment,
+            self.criterion,
+            optimizer,
+            gen,
+            self.data.fold,
+            epoch,
+            after_step,
+        )
+        loss, seen = self.ctx.mean(loss), round(self.ctx.mean(seen) * self.ctx.world)
+        self.ctx.average_buffers(model)
+        set_training(False)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss}
+        scored = {"val": self.data.rows["val"]}
+        if self.train_rows is not None and len(self.train_rows):
+            scored = {"train_eval": self.train_rows, **scored}
+        for name, rows in scored.items():
+            probs, set_loss = self.runner.predict(rows, self.criterion, model)
+            metrics = evaluate(self.data.task, self.data.classes, self.data.targets[rows], probs)
+            prefix = "train" if name == "train_eval" else "val"
+            if name == "train_eval":
+                row["train_eval_loss"] = set_loss
+            else:
+                row["val_loss"] = set_loss
+                self.val = metrics  # every validation metric of the epoch (early stopping may watch any)
+            for key in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro"):
+                row[f"{prefix}_{key}"] = metrics[key]
+        row.update(images_per_s=seen / seconds, seconds=seconds)
+        return row
+
+
+# ----------------------------------------------------------------------------- the loop
+def monitored(row: dict, val: dict, metric: str, mode: str) -> float:
+    """The validation value early stopping and the LR schedule watch (undefined or NaN: the worst)."""
+    value = row["val_loss"] if metric == "loss" else val.get(metric)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return -math.inf if mode == "max" else math.inf
+    return value
+
+
+@dataclass
+class Fit:
+    """One stretch of training on fixed trainable parameters: up to ``epochs`` epochs of
+    ``Epochs.run``, each followed by the schedule, early stopping and the run's best weights (when
+    ``stopping`` is given), the history row, and ``after_epoch`` (logging, checkpointing)."""
+
+    epochs: int
+    stopping: Stopping | None = None
+    scheduler: Any = None
+    set_training: Callable[[bool], None] | None = None
+    after_step: Callable[[int], Callable] | None = None  # by epoch, what runs after each optimizer step (pruning)
+    describe: Callable[[], dict] | None = None  # extra columns for each history row
+    after_epoch: Callable[[dict, bool], None] | None = None  # (row, improved)
+    label: str = "epoch"
+
+
+def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit) -> EarlyStopping | None:
+    """Train until ``plan.epochs`` epochs of this stretch ran (``state.stage_epoch``) or early
+    stopping says stop; resumes from ``state`` as a checkpoint left it. Returns the stopper."""
+    stopper = None
+    if plan.stopping is not None:
+        stopper = EarlyStopping(plan.stopping)
+        if state.stopper is not None:
+            stopper.load_state_dict(state.stopper)
+    set_training = plan.set_training or (lambda on: model.train(on))
+    while state.stage_epoch < plan.epochs and not (stopper is not None and stopper.stop):
+        epoch = state.epoch
+        after_step = plan.after_step(state.stage_epoch) if plan.after_step is not None else None
+        row = loop.run(step_model, model, optimizer, epoch, set_training, after_step)
+        if plan.describe is not None:
+            row.update(plan.describe())
+        improved = False
+        if stopper is not None:
+            value = monitored(row, loop.val, plan.stopping.metric, plan.stopping.mode)
+            if plan.scheduler is not None:
+                plan.scheduler.step(value)
+            stage_improved = stopper.update(value, model)
+            # a new best of the run is a new best of its stage too, so the stage's copy is this epoch's
+            improved = stage_improved and stopper.better(value, state.best)
+            if improved:
+                state.best, state.best_epoch, state.best_state = value, epoch + 1, stopper.weights
+            state.stopper = stopper.state_dict()
+        state.history.append(row)
+        state.train_seconds += row["seconds"]
+        state.epoch, state.stage_epoch = epoch + 1, state.stage_epoch + 1
+        if plan.after_epoch is not None:
+            plan.after_epoch(row, improved)
+    return stopper
