@@ -97,6 +97,7 @@ class TrainSettings:
     distributed: Parallel
     stages: tuple[Stage, ...]
     train_metrics_images: int
+    network: dict | None  # the layers of a CNN described in config (``networks``), else None
     raw: dict = field(repr=False, compare=False)
 
     @classmethod
@@ -108,6 +109,7 @@ class TrainSettings:
             "distributed": Parallel(**cfg["distributed"]),
             "stages": _stages(cfg),
             "train_metrics_images": cfg.get("train_metrics", {}).get("images", 0),
+            "network": cfg.get("network"),
         }
         plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
         return cls(**plain, **nested, raw=cfg)

@@ -91,6 +91,71 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
+class LayerCNN(SmallCNN):
+    """A CNN described in config (``networks:``), layer by layer, as the source studies describe
+    theirs (study 000's Table II, study 004's LeNet-5). Convolutions: conv -> batch norm ->
+    activation -> dropout; a depthwise-separable one is a k x k depthwise convolution (one filter
+    per input channel) and a 1 x 1 pointwise one, both with bias, as in study 000. Then the
+    feature map is flattened (its size follows from ``image_size``), or averaged to an n x n grid
+    first (``pooling: n``); then the dense layers, each linear -> batch norm -> activation ->
+    dropout; then the linear classifier (no activation on the logits)."""
+
+    def __init__(self, in_channels: int, num_classes: int, spec: dict, image_size: int):
+        nn.Module.__init__(self)
+        layers: list[nn.Module] = []
+        cin, size = in_channels, image_size
+        for i, layer in enumerate(spec["layers"]):
+            if "pool" in layer:
+                k = layer.get("size", 2)
+                stride = layer.get("stride", k)
+                layers.append(nn.MaxPool2d(k, stride) if layer["pool"] == "max" else nn.AvgPool2d(k, stride))
+                size = (size - k) // stride + 1
+            else:
+                cout, k, stride = layer["conv"], layer.get("kernel", 3), layer.get("stride", 1)
+                pad = layer.get("padding", k // 2)
+                if layer.get("separable", False):
+                    layers += [
+                        nn.Conv2d(cin, cin, k, stride, pad, groups=cin),
+                        nn.Conv2d(cin, cout, 1),
+                    ]
+                else:
+                    layers.append(nn.Conv2d(cin, cout, k, stride, pad))
+                if layer.get("batch_norm", False):
+                    layers.append(nn.BatchNorm2d(cout))
+                layers += _activation(layer.get("activation", "relu"))
+                if layer.get("dropout", 0.0):
+                    layers.append(nn.Dropout2d(layer["dropout"]))
+                cin, size = cout, (size + 2 * pad - k) // stride + 1
+            if size < 1:
+                raise ConfigError(
+                    f"networks: layer {i + 1} ({layer}) shrinks a {image_size} px image to nothing; use larger "
+                    f"images or fewer pooling layers"
+                )
+        self.features = nn.Sequential(*layers)
+        grid = spec.get("pooling", "flatten")
+        self.pool = nn.Identity() if grid == "flatten" else nn.AdaptiveAvgPool2d(grid)
+        width = cin * (size * size if grid == "flatten" else grid * grid)
+        head: list[nn.Module] = [nn.Flatten()]
+        for dense in spec.get("head", []):
+            head.append(nn.Linear(width, dense["dense"]))
+            if dense.get("batch_norm", False):
+                head.append(nn.BatchNorm1d(dense["dense"]))
+            head += _activation(dense.get("activation", "relu"))
+            if dense.get("dropout", 0.0):
+                head.append(nn.Dropout(dense["dropout"]))
+            width = dense["dense"]
+        head.append(nn.Linear(width, num_classes))
+        self.head = nn.Sequential(*head)
+
+
+def _activation(name: str) -> list[nn.Module]:
+    return {"relu": [nn.ReLU(inplace=True)], "tanh": [nn.Tanh()], "sigmoid": [nn.Sigmoid()], "none": []}[name]
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _small(widths, convs=1, hidden=64, separable=False):
     def build(in_channels, num_classes, batch_norm=False, dropout=0.0):
         return SmallCNN(in_channels, num_classes, widths, convs, hidden, batch_norm, dropout, separable)
@@ -188,7 +253,18 @@ def build_model(
     batch_norm: bool = False,
     dropout: float = 0.0,
     pretrained_partial: bool = False,
+    network: dict | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
+    """``network``: the layers of a CNN described in config (``name`` is then its name there);
+    such a network needs the ``image_size`` it will see when it flattens its feature map."""
+    if network is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = LayerCNN(in_channels, num_classes, network, image_size or 0)
+        if pretrained:
+            load_pretrained(model, name, pretrained, pretrained_partial)
+        return model
     if not known_model(name):
         raise ConfigError(
             f"training.model: {name!r} is not a known model; choose one of {sorted(SMALL)} or any torchvision "

@@ -86,9 +86,19 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
     from .models import known_model  # torchvision's model list, read only for a name that is not ours
 
-    if not known_model(settings["model"]):
+    networks = config.get("networks") or {}
+    if settings["model"] in networks:
+        settings["network"] = networks[settings["model"]]  # travels with the settings into model.pt
+        import torch
+
+        from .models import LayerCNN
+
+        with torch.device("meta"):  # its shapes checked at this image size, nothing allocated
+            LayerCNN(1, 2, settings["network"], settings["image_size"])
+    elif not known_model(settings["model"]):
         raise ConfigError(
-            f"experiments.{name}.model: {settings['model']!r} is neither lenet, lenet_wide, vgg16_dws nor a "
+            f"experiments.{name}.model: {settings['model']!r} is neither a network of networks: "
+            f"({', '.join(sorted(networks)) or 'none defined'}), lenet, lenet_wide, vgg16_dws nor a "
             f"torchvision classification model (torchvision.models.list_models())"
         )
     return settings

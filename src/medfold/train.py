@@ -244,7 +244,16 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = build_model(
-        s.model, cache.shape[1], len(classes), s.init_seed, s.pretrained, s.batch_norm, s.dropout, s.pretrained_partial
+        s.model,
+        cache.shape[1],
+        len(classes),
+        s.init_seed,
+        s.pretrained,
+        s.batch_norm,
+        s.dropout,
+        s.pretrained_partial,
+        s.network,
+        s.image_size,
     ).to(device)
     runner = Runner(cfg, cache, targets, task, device, model)
     if runner.channels_last:
@@ -481,6 +490,7 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
             "image_size": cfg["image_size"],
             "batch_norm": cfg["batch_norm"],
             "dropout": cfg["dropout"],
+            "network": json.dumps(cfg["network"]) if cfg.get("network") else "",  # a config-described CNN's layers
             "thresholds": thresholds,
             "input_mean": stats["mean"],  # what every user of the model normalises inputs with
             "input_std": stats["std"],
@@ -543,6 +553,8 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
         saved["num_classes"],
         batch_norm=saved["batch_norm"],
         dropout=saved["dropout"],
+        network=json.loads(saved["network"]) if saved.get("network") else None,
+        image_size=saved["image_size"],
     )
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
