@@ -83,6 +83,28 @@ def test_compression_and_explanation_folds_must_exist(tmp_path):
     assert "compression.folds: folds [7] do not exist (split.folds gives folds [0, 1, 2])" in proc.stdout + proc.stderr
 
 
+def test_an_experiment_can_train_on_chosen_folds_only(tmp_path):
+    """A grid tuned on fold 0 (study 002 tuned on Fold0): one training per combination; an
+    ensemble or a compression that needs the other folds of it is refused before any job."""
+    from conftest import planned, run_snakemake, workflow_dir
+
+    tuned = {"baseline": {}, "tune": {"folds": [0], "grid": {"lr": [0.001, 0.003, 0.01]}}}
+    plain = {"variants": {}, "ensembles": {}, "explain": {"experiments": []}}
+    work = workflow_dir(tmp_path / "ok", {**plain, "experiments": tuned})
+    jobs = planned(run_snakemake(work, "--dry-run"))
+    assert jobs["train"] == 3 + 3 * 1 and jobs["grid_table"] == 1 and jobs["aggregate"] == 4
+    bad = {**plain, "experiments": tuned, "ensembles": {"all": {"experiments": ["baseline", "tune_lr~0.01"]}}}
+    proc = run_snakemake(workflow_dir(tmp_path / "bad", bad), "--dry-run", check=False)
+    assert proc.returncode != 0
+    assert (
+        "ensembles.all.experiments: experiment 'tune_lr~0.01' trains on folds [0] only (its folds key), "
+        "not on folds [1, 2]" in proc.stdout + proc.stderr
+    )
+    unknown = {**plain, "experiments": {"tune": {"folds": [5], "grid": {"lr": [0.001]}}}}
+    proc = run_snakemake(workflow_dir(tmp_path / "unknown", unknown), "--dry-run", check=False)
+    assert "experiments.tune_lr~0.001.folds: folds [5] do not exist" in proc.stdout + proc.stderr
+
+
 def _covid_table(root):
     """A public COVID-19 collection's metadata as it comes: X-ray and CT, several views, raw
     findings to be mapped, one row to be done."""

@@ -172,7 +172,8 @@ def test_glaucoma_folds_are_honoured_as_given_and_checked_within_each_fold(tmp_p
     with pytest.raises(ConfigError, match=r"split.folds is 9 but the dataset's own folds are \[0, 1, .*9\]"):
         make_splits(index, config["classes"], {**config["split"], "folds": 9})
     jobs = dry_run(tmp_path, config)
-    assert jobs["train"] == 2 * 10 and jobs["explain"] == 10
+    # two experiments on every fold, and the study's 16-combination search on fold 0 only
+    assert jobs["train"] == 2 * 10 + 16 and jobs["explain"] == 10 and jobs["grid_table"] == 1
 
 
 def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(tmp_path):

@@ -15,6 +15,7 @@ collapsible ``<details>`` blocks, and wide tables scroll inside the page.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -189,6 +190,7 @@ class GridView:
     combinations: int
     rank_by: str
     top: Table
+    folds: list[int] | None = None  # the folds it was tuned on, when not every fold
 
 
 @dataclass
@@ -1065,7 +1067,10 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
     every = {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}
     details = [experiment_view(name, files, name in best) for name, files in every.items()]
     grids = [
-        grid_view(name, pd.read_csv(path), config["grids"]["rank_by"], config["grids"]["top_k"])
+        dataclasses.replace(
+            grid_view(name, pd.read_csv(path), config["grids"]["rank_by"], config["grids"]["top_k"]),
+            folds=sorted((config["experiments"].get(name) or {}).get("folds") or []) or None,
+        )
         for name, path in (inputs.get("grids") or {}).items()
     ]
     explanations = [

@@ -76,7 +76,9 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         experiments, _ = expand_grids(config["experiments"], schema_path)
     if name not in experiments:
         raise ConfigError(f"experiments: no experiment named {name!r}; there are {sorted(experiments)}")
-    settings = deep_merge(config["training"], experiments[name] or {})
+    overrides = dict(experiments[name] or {})
+    overrides.pop("folds", None)  # which folds it trains on: the workflow's business, not training's
+    settings = deep_merge(config["training"], overrides)
     with open(schema_path) as fh:
         training_schema = yaml.safe_load(fh)["properties"]["training"]
     errors = sorted(jsonschema.Draft202012Validator(training_schema).iter_errors(settings), key=lambda e: list(e.path))

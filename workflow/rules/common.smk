@@ -53,11 +53,35 @@ def chosen_folds(key, folds):
     return sorted(folds) or FOLDS
 
 
+# an experiment may train on some folds only (``folds: [0]``: a grid tuned on one fold, as
+# study 002 tuned on Fold0); its aggregate, fold ensemble and report cover those folds
+EXPERIMENT_FOLDS = {}
+for _name in EXPERIMENTS:
+    _folds = OVERRIDES[_name].get("folds") or []
+    if not isinstance(_folds, list) or not all(isinstance(f, int) for f in _folds):
+        raise ConfigError(
+            f"experiments.{_name}.folds: expected a list of fold numbers, got {_folds!r}"
+        )
+    EXPERIMENT_FOLDS[_name] = chosen_folds(f"experiments.{_name}.folds", _folds)
+
+
+def covers(key, names, folds):
+    """Experiments that ``key`` uses on ``folds`` must have trained on them."""
+    for name in names:
+        missing = sorted(set(folds) - set(EXPERIMENT_FOLDS[name]))
+        if missing:
+            raise ConfigError(
+                f"{key}: experiment {name!r} trains on folds {EXPERIMENT_FOLDS[name]} only "
+                f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
+            )
+
+
 ENSEMBLES = config["ensembles"]
 for _name, _ensemble in ENSEMBLES.items():
     check_names(f"ensembles.{_name}.experiments", _ensemble["experiments"])
     if _name in EXPERIMENTS:
         raise ConfigError(f"ensembles.{_name}: the name is an experiment's too")
+    covers(f"ensembles.{_name}.experiments", _ensemble["experiments"], FOLDS)
 # the index carries the table's metadata columns that subgroups are evaluated on
 EVALUATION = config["evaluation"]
 INDEX_DATASET = {
@@ -124,6 +148,8 @@ if VARIANTS:
 COMPRESSED = (config["compression"]["experiments"] or EXPERIMENTS) if VARIANTS else []
 COMPRESSED_FOLDS = chosen_folds("compression.folds", config["compression"]["folds"])
 EXPLAINED_FOLDS = chosen_folds("explain.folds", config["explain"]["folds"])
+covers("compression.experiments", COMPRESSED, COMPRESSED_FOLDS)
+covers("explain.experiments", EXPLAINED, EXPLAINED_FOLDS)
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
 VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
 CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
@@ -170,7 +196,7 @@ def fold_files(experiment, output):
         getattr(rules.train.output, output),
         dataset=DATASET,
         experiment=experiment,
-        fold=FOLDS,
+        fold=EXPERIMENT_FOLDS[experiment],
     )
 
 
@@ -235,8 +261,8 @@ def report_inputs():
             "ensemble_predictions": cv_file(name, "ensemble_predictions"),
             "predictions": fold_files(name, "predictions"),
             # fold -> its history (the report never reads a fold number from a path)
-            "histories": dict(zip(FOLDS, fold_files(name, "history"))),
-            "metrics": dict(zip(FOLDS, fold_files(name, "metrics"))),
+            "histories": dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "history"))),
+            "metrics": dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "metrics"))),
             "clinical": cv_file(name, "clinical"),
             "forest": cv_file(name, "forest"),
             "reliability": cv_file(name, "reliability"),
@@ -275,9 +301,16 @@ def report_inputs():
         *expand(rules.split.benchmark, dataset=DATASET),
         *expand(rules.check_split.benchmark, dataset=DATASET),
         *expand(rules.cache.benchmark, dataset=DATASET, size=sizes),
-        *expand(
-            rules.train.benchmark, dataset=DATASET, experiment=EXPERIMENTS, fold=FOLDS
-        ),
+        *[
+            path
+            for name in EXPERIMENTS
+            for path in expand(
+                rules.train.benchmark,
+                dataset=DATASET,
+                experiment=name,
+                fold=EXPERIMENT_FOLDS[name],
+            )
+        ],
         *expand(rules.aggregate.benchmark, dataset=DATASET, experiment=EXPERIMENTS),
         *expand(
             rules.explain.benchmark,
