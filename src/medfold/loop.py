@@ -48,6 +48,51 @@ class Stopping:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """``plateau``: ReduceLROnPlateau on the monitored metric each epoch (``training.plateau``);
+    ``cosine``: linear warm-up then cosine decay to 0 over each stage, per step; ``onecycle``:
+    Smith's one-cycle, warm-up from lr/25 then cosine down to lr/1e4, per step."""
+
+    name: str = "plateau"
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), one draw per batch: with probability
+    ``prob`` the batch is mixed with a shuffled copy of itself, by mixup or (half the time when
+    both are on) CutMix, and the loss is the same mix of the two targets' losses."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    def draw(self, x: torch.Tensor, gen: torch.Generator):
+        """The mixed batch, the partner of each image and the first image's weight; or None."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+        rng = np.random.default_rng(seed)
+        if rng.random() >= self.prob:
+            return None
+        perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < 0.5)
+        if not use_cutmix:
+            lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+            return x * lam + x[perm] * (1 - lam), perm, lam
+        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+        h, w = x.shape[-2:]
+        ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        mixed = x.clone()
+        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        return mixed, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the weight of the area actually kept
+
+
+@dataclass(frozen=True)
 class Parallel:
     backend: str
     gpus: int
@@ -97,6 +142,11 @@ class TrainSettings:
     distributed: Parallel
     stages: tuple[Stage, ...]
     train_metrics_images: int
+    schedule: Schedule
+    label_smoothing: float
+    mixing: Mixing
+    ema_decay: float
+    tta: str
     network: dict | None  # the layers of a CNN described in config (``networks``), else None
     raw: dict = field(repr=False, compare=False)
 
@@ -110,6 +160,11 @@ class TrainSettings:
             "stages": _stages(cfg),
             "train_metrics_images": cfg.get("train_metrics", {}).get("images", 0),
             "network": cfg.get("network"),
+            "schedule": Schedule(**cfg.get("schedule", {})),
+            "label_smoothing": cfg.get("label_smoothing", 0.0),
+            "mixing": Mixing(**cfg.get("mixup", {})),
+            "ema_decay": cfg.get("ema", {}).get("decay", 0.0),
+            "tta": cfg.get("tta", "none"),
         }
         plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
         return cls(**plain, **nested, raw=cfg)
@@ -136,6 +191,36 @@ def make_optimizer(params, s: TrainSettings, lr: float) -> torch.optim.Optimizer
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=s.momentum, weight_decay=wd)
     return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=wd, nesterov=s.momentum > 0)
+
+
+def step_schedule(optimizer, schedule: Schedule, epochs: int, steps_per_epoch: int):
+    """A per-step LR schedule over one stage (``cosine`` or ``onecycle``); None for ``plateau``."""
+    if schedule.name == "plateau":
+        return None
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, round(schedule.warmup_epochs * steps_per_epoch))
+    if schedule.name == "onecycle":
+        warmup = warmup or round(0.3 * total)  # OneCycleLR's default pct_start
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            start = 1 / 25 if schedule.name == "onecycle" else 0.0
+            return start + (1 - start) * (step + 1) / warmup
+        progress = (step - warmup + 1) / max(1, total - warmup)  # the last step ends the decay
+        end = 1e-4 if schedule.name == "onecycle" else 0.0
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def ema_model(model: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights (batch-norm statistics included), updated
+    after every step; validation, selection and the saved model use it. None when ``decay`` is 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 # ----------------------------------------------------------------------------- state
@@ -233,18 +318,32 @@ def train_epoch(
     fold: int,
     epoch: int,
     after_step=None,
+    mixing: Mixing | None = None,
 ) -> tuple[float, int, float]:
     """One pass over the training batches; ``after_step(step, steps)`` runs after each optimizer
-    step (pruning updates its masks there). Returns mean loss, images seen and seconds."""
+    step (pruning's masks, a per-step LR schedule, the weights' average). Returns mean loss,
+    images seen and seconds."""
     start, seen, loss_sum = time.perf_counter(), 0, 0.0
     steps = batches.steps()
     progress = Progress(f"fold {fold} epoch {epoch + 1}", steps, "batches")
     for step, (images, batch_rows) in enumerate(tracked(batches, progress)):
-        logits, aux = main_and_aux(runner.forward(runner.prepare(images, augment, gen), step_model))
+        x = runner.prepare(images, augment, gen)
         target = runner.target(batch_rows)
-        loss = criterion(logits, target)
+        mixed = mixing.draw(x, gen) if mixing is not None and mixing.enabled else None
+        if mixed is not None:
+            x, partner, lam = mixed
+
+            def loss_of(out):
+                return lam * criterion.training(out, target) + (1 - lam) * criterion.training(out, target[partner])
+        else:
+
+            def loss_of(out):
+                return criterion.training(out, target)
+
+        logits, aux = main_and_aux(runner.forward(x, step_model))
+        loss = loss_of(logits)
         for extra in aux:  # Inception-v3's and GoogLeNet's auxiliary classifiers, in training only
-            loss = loss + AUX_WEIGHT * criterion(extra, target)
+            loss = loss + AUX_WEIGHT * loss_of(extra)
         if not torch.isfinite(loss):
             raise DataError(
                 f"fold {fold}: the training loss became {float(loss.detach())} at epoch {epoch + 1}, batch "
@@ -276,10 +375,13 @@ class Epochs:
     ctx: Single = field(default_factory=Single)
     epoch_offset: int = 0  # compression fine-tuning numbers its epochs apart from training's
     train_rows: np.ndarray | None = None  # scored after each epoch for train-set metrics
+    mixing: Mixing | None = None
 
-    def run(self, step_model, model, optimizer, epoch: int, set_training, after_step=None) -> dict:
+    def run(self, step_model, model, optimizer, epoch: int, set_training, after_step=None, scored_model=None) -> dict:
         """Train one epoch, then score the training subsample and the validation fold in eval
-        mode. Returns the history row, with the validation loss and metrics under ``val_``."""
+        mode with ``scored_model`` (default ``model``; the weights' average when there is one).
+        Returns the history row, with the validation loss and metrics under ``val_``."""
+        scored_model = model if scored_model is None else scored_model
         numbered = self.epoch_offset + epoch
         gen = seed_epoch(self.seed, self.data.fold, numbered, self.runner.device, self.ctx.rank)
         self.batches.set_epoch(numbered)
@@ -295,16 +397,18 @@ class Epochs:
             self.data.fold,
             epoch,
             after_step,
+            self.mixing,
         )
         loss, seen = self.ctx.mean(loss), round(self.ctx.mean(seen) * self.ctx.world)
         self.ctx.average_buffers(model)
         set_training(False)
+        scored_model.eval()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss}
         scored = {"val": self.data.rows["val"]}
         if self.train_rows is not None and len(self.train_rows):
             scored = {"train_eval": self.train_rows, **scored}
         for name, rows in scored.items():
-            probs, set_loss = self.runner.predict(rows, self.criterion, model)
+            probs, set_loss = self.runner.predict(rows, self.criterion, scored_model)
             metrics = evaluate(self.data.task, self.data.classes, self.data.targets[rows], probs)
             prefix = "train" if name == "train_eval" else "val"
             if name == "train_eval":
@@ -340,7 +444,8 @@ class Fit:
     after_step: Callable[[int], Callable] | None = None  # by epoch, what runs after each optimizer step (pruning)
     describe: Callable[[], dict] | None = None  # extra columns for each history row
     after_epoch: Callable[[dict, bool], None] | None = None  # (row, improved)
-    label: str = "epoch"
+    step_scheduler: Any = None  # a per-step LR schedule (cosine, one-cycle)
+    ema: Any = None  # AveragedModel: scored, selected and kept instead of the raw weights
 
 
 def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit) -> EarlyStopping | None:
@@ -352,10 +457,10 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
         if state.stopper is not None:
             stopper.load_state_dict(state.stopper)
     set_training = plan.set_training or (lambda on: model.train(on))
+    scored = plan.ema.module if plan.ema is not None else model
     while state.stage_epoch < plan.epochs and not (stopper is not None and stopper.stop):
         epoch = state.epoch
-        after_step = plan.after_step(state.stage_epoch) if plan.after_step is not None else None
-        row = loop.run(step_model, model, optimizer, epoch, set_training, after_step)
+        row = loop.run(step_model, model, optimizer, epoch, set_training, _after_step(plan, state, model), scored)
         if plan.describe is not None:
             row.update(plan.describe())
         improved = False
@@ -363,7 +468,7 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
             value = monitored(row, loop.val, plan.stopping.metric, plan.stopping.mode)
             if plan.scheduler is not None:
                 plan.scheduler.step(value)
-            stage_improved = stopper.update(value, model)
+            stage_improved = stopper.update(value, scored)
             # a new best of the run is a new best of its stage too, so the stage's copy is this epoch's
             improved = stage_improved and stopper.better(value, state.best)
             if improved:
@@ -375,3 +480,27 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
         if plan.after_epoch is not None:
             plan.after_epoch(row, improved)
     return stopper
+
+
+def _after_step(plan: Fit, state: TrainState, model):
+    """What runs after each optimizer step this epoch: the caller's hook (pruning), the per-step
+    LR schedule, the weights' average."""
+    hooks = []
+    if plan.after_step is not None:
+        hook = plan.after_step(state.stage_epoch)
+        if hook is not None:
+            hooks.append(hook)
+    if plan.step_scheduler is not None:
+        hooks.append(lambda step, steps: plan.step_scheduler.step())
+    if plan.ema is not None:
+        hooks.append(lambda step, steps: plan.ema.update_parameters(model))
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def run(step: int, steps: int) -> None:
+        for hook in hooks:
+            hook(step, steps)
+
+    return run

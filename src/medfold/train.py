@@ -32,8 +32,10 @@ from .loop import (
     Stage,
     TrainSettings,
     TrainState,
+    ema_model,
     fit,
     make_optimizer,
+    step_schedule,
     train_metric_rows,
 )
 from .metrics import choose_thresholds, evaluate, targets_for
@@ -104,8 +106,16 @@ class Criterion:
     N / (C * N_c); BCE weighs positives by w+ = |N| / (|P| + |N|) and negatives by
     w- = |P| / (|P| + |N|) per class, as in CheXNet (Rajpurkar et al. 2017)."""
 
-    def __init__(self, task: str, train_targets: np.ndarray, n_classes: int, class_weights: bool, device):
-        self.task = task
+    def __init__(
+        self,
+        task: str,
+        train_targets: np.ndarray,
+        n_classes: int,
+        class_weights: bool,
+        device,
+        label_smoothing: float = 0.0,
+    ):
+        self.task, self.smoothing = task, label_smoothing
         self.weight = self.pos = self.neg = None
         if class_weights and task == "multilabel":
             p = train_targets.mean(0)
@@ -123,6 +133,16 @@ class Criterion:
             weight = None if self.pos is None else y * self.pos + (1 - y) * self.neg
             return F.binary_cross_entropy_with_logits(logits, y, weight=weight)
         return F.cross_entropy(logits, y, weight=self.weight)
+
+    def training(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss training minimises: with label smoothing when configured (cross-entropy's own
+        ``label_smoothing``; for BCE each target moved toward 0.5 by half the smoothing). Validation
+        and test losses stay the plain ones, comparable across settings."""
+        if not self.smoothing:
+            return self(logits, y)
+        if self.task == "multilabel":
+            return self(logits, y * (1 - self.smoothing) + 0.5 * self.smoothing)
+        return F.cross_entropy(logits.float(), y, weight=self.weight, label_smoothing=self.smoothing)
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -143,6 +163,7 @@ class Runner:
         )
         self.cuda = device.type == "cuda"
         self.amp = self.cuda and cfg["amp"]
+        self.tta = cfg.get("tta", "none")
         self.channels_last = self.cuda and cfg["channels_last"]
         # a model's own statistics (ImageNet's for ImageNet weights); a bare cfg: the fixed ones
         self.stats = input_stats(cfg.get("normalize", "fixed"), cfg.get("pretrained"), cfg.get("model"), cache.shape[1])
@@ -175,11 +196,15 @@ class Runner:
         batches = CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False)
         progress = Progress("evaluate", len(rows))
         for images, batch_rows in batches:
-            logits = self.forward(self.prepare(images, None, None), model)
+            x = self.prepare(images, None, None)
+            logits = self.forward(x, model)
             if criterion is not None:
                 total += float(criterion(logits, self.target(batch_rows))) * len(batch_rows)
                 seen += len(batch_rows)
-            probs.append(probabilities(logits, self.task).cpu().numpy())
+            p = probabilities(logits, self.task)
+            if self.tta == "hflip":  # test-time augmentation: the mean with the mirrored image's
+                p = (p + probabilities(self.forward(x.flip(-1), model), self.task)) / 2
+            probs.append(p.cpu().numpy())
             progress.update(len(batch_rows))
         progress.close()
         return np.concatenate(probs), (total / seen if seen else None)
@@ -271,16 +296,20 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         step_model, optimizer = ctx.wrap(model, optimizer, device)
         if s.compile:
             step_model = torch.compile(step_model)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            mode=s.early_stopping.mode,
-            factor=s.plateau.factor,
-            patience=s.plateau.patience,
-            min_lr=s.plateau.min_lr,
-        )
+        # the LR schedule: per epoch on the monitored metric, or per step (cosine, one-cycle)
+        scheduler = step_schedule(optimizer, s.schedule, stage.epochs, batches.steps())
+        if scheduler is None:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode=s.early_stopping.mode,
+                factor=s.plateau.factor,
+                patience=s.plateau.patience,
+                min_lr=s.plateau.min_lr,
+            )
         return frozen_norms, step_model, optimizer, scheduler, sum(p.numel() for p in trainable)
 
-    criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device)
+    criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device, s.label_smoothing)
+    ema = ema_model(model, s.ema_decay)
     weights = sample_weights(targets[rows["train"]], task, classes, s.oversample["mode"], s.oversample["target"])
     batches = CachedBatches(
         cache,
@@ -301,6 +330,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         s.seed,
         ctx,
         train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
+        mixing=s.mixing,
     )
 
     state = TrainState()
@@ -310,6 +340,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         resumed = TrainState.from_dict(ckpt["state"])
         if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold and resumed is not None:
             model.load_state_dict(ckpt["model"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             state = resumed
             torch.set_rng_state(ckpt["rng_cpu"])
             log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state.epoch)
@@ -374,6 +406,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "state": state.to_dict(),
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
                         "rng_cpu": torch.get_rng_state(),
                         "settings": settings_digest(cfg),
                         "fold": fold,
@@ -381,12 +414,15 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
                     ckpt_path,
                 )
 
+        per_step = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         plan = Fit(
             stage.epochs,
             s.early_stopping,
-            scheduler,
+            None if per_step else scheduler,
             set_training=lambda on: train_mode(model, frozen_norms) if on else model.eval(),
             after_epoch=after_epoch,
+            step_scheduler=scheduler if per_step else None,
+            ema=ema,
         )
         stopper = fit(loop, model, step_model, optimizer, state, plan)
         if stopper.stop:
@@ -410,6 +446,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
         if state.stage < len(s.stages):
             model.load_state_dict(stopper.weights)  # the next stage starts from this one's best
+            if ema is not None:
+                ema.module.load_state_dict(stopper.weights)
             log.info(
                 "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
                 fold,
