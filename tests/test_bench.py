@@ -35,6 +35,10 @@ def test_readme_lists_every_benchmark():
             [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x", r"int8 FX \w+ eager b1"],
         ),
         ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
+        (
+            "bench/recipe.py",
+            [r"^plain +[\d.]+ +\+0\.000", r"^all of them +[\d.]+", r"RATIO all/plain test AUROC: [\d.]+"],
+        ),
     ],
 )
 def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
@@ -45,4 +49,4 @@ def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^host: .*ISA (avx2|avx512|avx512_vnni|amx|baseline)", proc.stdout, re.M), proc.stdout[:500]
     for pattern in expected:
-        assert re.search(pattern, proc.stdout), (pattern, proc.stdout[-2000:])
+        assert re.search(pattern, proc.stdout, re.M), (pattern, proc.stdout[-2000:])
