@@ -118,8 +118,12 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
         " ISA ",
         "compress_batchnorm_int8_fold_0",
         "explain_batchnorm_fold_0",
+        "Training recipe per experiment",
     ):
         assert word in text
+    # the learning curves plot the training subsample against validation
+    history = pd.read_csv(trained_workflow / DS / "baseline" / "fold_0" / "history.csv")
+    assert {"train_auroc_macro", "train_accuracy", "val_f1_macro"} <= set(history.columns)
     # one overlay per class and fold, each captioned with what it explains
     record = json.loads(
         (trained_workflow / DS / "batchnorm" / "fold_2" / "explanations" / "explanations.json").read_text()

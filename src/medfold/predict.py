@@ -44,6 +44,7 @@ class Predictor:
     modules: list = field(default_factory=list)  # the nn.Modules, for Grad-CAM (not for .pt2 graphs)
     mean: list | float = 0.5  # input statistics saved with the model (medfold.models.input_stats)
     std: list | float = 0.25
+    tta: str = "none"  # the training settings' test-time augmentation, applied here alike
 
     def input(self, pixels: np.ndarray) -> torch.Tensor:
         """The normalised batch the models take, from uint8 images (N, C, H, W)."""
@@ -51,7 +52,11 @@ class Predictor:
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return np.mean([probabilities(m(x), self.task).numpy() for m in self.models], axis=0)
+            per_model = [probabilities(m(x), self.task).numpy() for m in self.models]
+            if self.tta == "hflip":  # each model's mean with the mirrored image, as in evaluation
+                mirrored = [probabilities(m(x.flip(-1)), self.task).numpy() for m in self.models]
+                per_model = [(a + b) / 2 for a, b in zip(per_model, mirrored)]
+            return np.mean(per_model, axis=0)
 
 
 def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> Predictor:
@@ -72,6 +77,7 @@ def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> 
         models,
         saved.get("input_mean", 0.5),
         saved.get("input_std", 0.25),
+        json.loads(saved.get("settings") or "{}").get("tta", "none"),
     )
 
 

@@ -227,6 +227,7 @@ class Provenance:
     about: Table
     timings: Table | None
     config: str
+    recipe: Table | None = None  # each experiment's training recipe, from its fold models' settings
 
 
 @dataclass
@@ -946,6 +947,36 @@ def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None) -> P
     )
 
 
+def recipe_table(experiments: dict) -> Table | None:
+    """Each experiment's training recipe as its first fold model was trained (metrics.json)."""
+    rows = []
+    for name, files in experiments.items():
+        paths = list((files.get("metrics") or {}).values())
+        if not paths:
+            continue
+        t = json.loads(Path(paths[0]).read_text()).get("settings") or {}
+        schedule = t.get("schedule") or {"name": "plateau"}
+        mix = t.get("mixup") or {}
+        rows.append(
+            [
+                name,
+                t.get("model"),
+                t.get("optimizer"),
+                t.get("lr"),
+                schedule["name"] + (f", {schedule['warmup_epochs']} warm-up" if schedule.get("warmup_epochs") else ""),
+                t.get("label_smoothing", 0.0),
+                mix.get("mixup_alpha", 0.0),
+                mix.get("cutmix_alpha", 0.0),
+                (t.get("ema") or {}).get("decay", 0.0),
+                t.get("tta", "none"),
+                (t.get("train_metrics") or {}).get("images", 0),
+            ]
+        )
+    heads = ["experiment", "model", "optimizer", "lr", "schedule", "label smoothing", "mixup α", "CutMix α"]
+    heads += ["weights average", "TTA", "train-metric images"]
+    return Table(heads, rows, left=5) if rows else None
+
+
 # ----------------------------------------------------------------------------- figures
 def roc_figure(name: str, predictions: pd.DataFrame, ensemble: pd.DataFrame, classes: list[str], task: str) -> str:
     scored = [classes[1]] if task == "binary" else classes
@@ -1093,7 +1124,10 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         split=split_view(split_summary, check),
         explanations=explanations,
         compression=compression_view(variants, config) if variants else None,
-        provenance=provenance_view(config, read_timings(inputs.get("benchmarks", [])), repo),
+        provenance=dataclasses.replace(
+            provenance_view(config, read_timings(inputs.get("benchmarks", [])), repo),
+            recipe=recipe_table(inputs.get("experiments", {})),
+        ),
     )
 
 
