@@ -1,6 +1,7 @@
 """Compression variants: the pruning schedule and masks, the compressed format, the quantized
 artifacts (closeness to fp32, save/load in a fresh process), and the workflow's variant jobs."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -268,3 +269,28 @@ def test_bad_variant_config_stops_before_any_job(tmp_path, overrides, message):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Job stats" not in proc.stdout + proc.stderr
+
+
+def test_conv_only_quantization_leaves_the_linear_layers_float():
+    """The thesis's conv-only scope: int8 weights for the convolutions, float for the dense head."""
+    from medfold import quantize
+    from medfold.models import build_model
+
+    model = build_model("lenet", 1, 4, init_seed=0).eval()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    example = torch.rand(2, 1, 32, 32)
+    calibration = [torch.rand(8, 1, 32, 32)]
+
+    def int8_weights(graph) -> int:
+        tensors = [*graph.parameters(), *graph.buffers()]
+        attrs = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
+        tensors += [functools.reduce(getattr, target.split("."), graph) for target in attrs]
+        return len({id(t) for t in tensors if t.dtype == torch.int8 and t.dim() >= 2})
+
+    whole = quantize.post_training_int8(model, calibration, example)
+    conv_only = quantize.post_training_int8(model, calibration, example, layers="conv")
+    assert int8_weights(whole) == convs + linears
+    assert int8_weights(conv_only) == convs
+    with torch.no_grad():
+        assert torch.allclose(conv_only(example), model(example), atol=0.05)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prepare_demo, resolved_config
+from conftest import SCHEMA, prepare_demo, resolved_config
 
 from medfold.loop import Mixing, Schedule, ema_model, step_schedule
 from medfold.train import Criterion, run_fold
@@ -146,3 +146,32 @@ def test_the_whole_recipe_learns_and_resumes_exactly_after_a_kill(prepared, tmp_
     full = history.drop(columns=["images_per_s", "seconds"])
     pd.testing.assert_frame_equal(full, pd.read_csv(out / "history.csv").drop(columns=["images_per_s", "seconds"]))
     assert not any(math.isnan(v) for v in full["train_loss"])
+
+
+def test_pruning_while_training_ends_at_the_final_sparsity_and_still_learns(prepared, tmp_path):
+    """The thesis's schedule shortened: 10 % at epoch 0.5 to 50 % by epoch 3 of 8; the chosen
+    epoch is one at the final sparsity, and the saved model's convolutions are that sparse."""
+    from medfold.train import load_model
+
+    pruning = {"enabled": True, "initial_sparsity": 0.1, "final_sparsity": 0.5, "start_epoch": 0.5, "end_epoch": 3}
+    cfg = dict(batch_norm=True, device="cpu", epochs=8, threads=2, pruning=pruning)
+    settings = resolved_config({"training": cfg})["training"]
+    args = [prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache", 0]
+    result = run_fold(settings, *args, tmp_path / "pruned", threads=2)
+    assert result["pruning"]["overall"] == pytest.approx(0.5, abs=0.01) and result["best_epoch"] >= 3
+    model, _ = load_model(tmp_path / "pruned" / "model.pt")  # plain weights: the masks made permanent
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    zeros = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
+    assert zeros == pytest.approx(0.5, abs=0.01)
+    assert result["test"]["auroc_macro"] > 0.75
+
+
+def test_pruning_must_reach_its_final_sparsity_within_the_epochs():
+    from medfold.errors import ConfigError
+    from medfold.settings import experiment_settings
+
+    config = resolved_config(
+        {"training": {"epochs": 5, "pruning": {"enabled": True, "end_epoch": 7}}, "experiments": {"a": {}}}
+    )
+    with pytest.raises(ConfigError, match=r"experiments.a.pruning.end_epoch: 7 is after the last of the 5 epochs"):
+        experiment_settings(config, "a", SCHEMA)

@@ -166,7 +166,7 @@ def _prune(base, runner, data, cfg, variant, example):
 
 
 def _qat(base, runner, data, cfg, variant, example):
-    prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device))
+    prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device), variant["quantize_layers"])
     history, seconds = finetune(
         runner,
         prepared,
@@ -189,7 +189,7 @@ def _post_training(base, runner, data, cfg, variant, example):
     )
     dynamic = variant["method"] == "dynamic_int8"
     start = time.perf_counter()
-    model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic)
+    model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic, layers=variant["quantize_layers"])
     return model, [], time.perf_counter() - start, {"calibration_images": 0 if dynamic else int(len(rows))}
 
 

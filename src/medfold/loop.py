@@ -446,6 +446,7 @@ class Fit:
     after_epoch: Callable[[dict, bool], None] | None = None  # (row, improved)
     step_scheduler: Any = None  # a per-step LR schedule (cosine, one-cycle)
     ema: Any = None  # AveragedModel: scored, selected and kept instead of the raw weights
+    select_from: int = 0  # the first epoch (1-based) that may be chosen and counts for early stopping
 
 
 def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit) -> EarlyStopping | None:
@@ -468,7 +469,8 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
             value = monitored(row, loop.val, plan.stopping.metric, plan.stopping.mode)
             if plan.scheduler is not None:
                 plan.scheduler.step(value)
-            stage_improved = stopper.update(value, scored)
+            # before ``select_from`` (pruning still on its way to the final sparsity) no epoch can be chosen
+            stage_improved = epoch + 1 >= plan.select_from and stopper.update(value, scored)
             # a new best of the run is a new best of its stage too, so the stage's copy is this epoch's
             improved = stage_improved and stopper.better(value, state.best)
             if improved:
@@ -487,7 +489,7 @@ def _after_step(plan: Fit, state: TrainState, model):
     LR schedule, the weights' average."""
     hooks = []
     if plan.after_step is not None:
-        hook = plan.after_step(state.stage_epoch)
+        hook = plan.after_step(state.epoch)
         if hook is not None:
             hooks.append(hook)
     if plan.step_scheduler is not None:

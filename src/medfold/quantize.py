@@ -59,14 +59,20 @@ def export(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProg
     return torch.export.export(model, (example,), dynamic_shapes=_batch_dim(), strict=True)
 
 
-def _quantizer(is_qat: bool = False, is_dynamic: bool = False):
+def _quantizer(is_qat: bool = False, is_dynamic: bool = False, layers: str = "all"):
+    """x86's int8 quantizer for the whole model, or (``layers: conv``) its convolutions only, as
+    the thesis's conv-only QAT: linear layers (the classifier among them) stay float."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic))
+    config = get_default_x86_inductor_quantization_config(is_qat=is_qat, is_dynamic=is_dynamic)
+    if layers == "conv":
+        quantizer.set_module_type_qconfig(torch.nn.Conv2d, config)
+    else:
+        quantizer.set_global(config)
     return quantizer
 
 
@@ -87,12 +93,12 @@ def drop_unused_tensors(graph_module: torch.fx.GraphModule) -> int:
 
 @torch.no_grad()
 def post_training_int8(
-    model: nn.Module, calibration, example: torch.Tensor, dynamic: bool = False
+    model: nn.Module, calibration, example: torch.Tensor, dynamic: bool = False, layers: str = "all"
 ) -> torch.fx.GraphModule:
     """``calibration``: an iterable of input batches (dynamic quantization only runs ``example``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    prepared = prepare_pt2e(export(model.eval(), example).module(), _quantizer(is_dynamic=dynamic))
+    prepared = prepare_pt2e(export(model.eval(), example).module(), _quantizer(is_dynamic=dynamic, layers=layers))
     # weight observers record their ranges in a forward pass, so even dynamic quantization needs one
     seen = 0
     for x in [example] if dynamic else calibration:
@@ -104,11 +110,11 @@ def post_training_int8(
     return converted
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """The training graph with fake quantization, ready for fine-tuning."""
+def prepare_qat(model: nn.Module, example: torch.Tensor, layers: str = "all") -> torch.fx.GraphModule:
+    """The training graph with fake quantization (of ``layers``: all, or conv), ready for fine-tuning."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    return prepare_qat_pt2e(export(model.train(), example).module(), _quantizer(is_qat=True))
+    return prepare_qat_pt2e(export(model.train(), example).module(), _quantizer(is_qat=True, layers=layers))
 
 
 def set_training(graph_module: torch.fx.GraphModule, training: bool) -> None:

@@ -86,6 +86,23 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         first = errors[0]
         where = ".".join(str(p) for p in first.path)
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
+    prune = settings.get("pruning") or {}
+    if prune.get("enabled"):
+        import math
+
+        where = f"experiments.{name}.pruning"
+        try:
+            check_schedule(prune["initial_sparsity"], prune["final_sparsity"], prune["start_epoch"], prune["end_epoch"])
+        except ConfigError as err:
+            raise ConfigError(f"experiments.{name}.{err}") from None
+        epochs = sum(stage["epochs"] for stage in settings["stages"]) if settings["stages"] else settings["epochs"]
+        if math.ceil(prune["end_epoch"]) > epochs:
+            raise ConfigError(
+                f"{where}.end_epoch: {prune['end_epoch']} is after the last of the {epochs} epochs, so no epoch "
+                f"would have the final sparsity to be chosen; lower it or train longer"
+            )
+        if (settings.get("ema") or {}).get("decay"):
+            raise ConfigError(f"{where}: pruning during training and ema (a weights average) do not combine")
     from .models import known_model  # torchvision's model list, read only for a name that is not ours
 
     networks = config.get("networks") or {}

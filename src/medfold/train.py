@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -310,6 +311,16 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
 
     criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device, s.label_smoothing)
     ema = ema_model(model, s.ema_decay)
+    pruner, select_from = None, 0
+    if s.raw.get("pruning", {}).get("enabled"):  # gradual pruning from the start, as the thesis did
+        from . import prune as pruning
+
+        p = s.raw["pruning"]
+        schedule = pruning.Schedule(
+            p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"]
+        )
+        pruner = pruning.Pruner(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
+        select_from = math.ceil(p["end_epoch"])  # the chosen model has the final sparsity
     weights = sample_weights(targets[rows["train"]], task, classes, s.oversample["mode"], s.oversample["target"])
     batches = CachedBatches(
         cache,
@@ -423,6 +434,8 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
             after_epoch=after_epoch,
             step_scheduler=scheduler if per_step else None,
             ema=ema,
+            after_step=(lambda epoch: pruner.after_step(epoch, s.raw["pruning"]["update_every"])) if pruner else None,
+            select_from=select_from,
         )
         stopper = fit(loop, model, step_model, optimizer, state, plan)
         if stopper.stop:
@@ -470,7 +483,12 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
             "lr": s.stages[0].lr * lr_scale,
             "replicas_identical": identical,
         }
-        result = _evaluate_and_write(runner, criterion, data, cfg, state, distributed_summary, out)
+        pruned = None
+        if pruner is not None:
+            pruned = pruner.sparsity()
+            pruner.make_permanent()  # plain weights with zeros: what every later stage reads
+            log.info("fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"])
+        result = _evaluate_and_write(runner, criterion, data, cfg, state, distributed_summary, out, pruned)
         ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
     ctx.barrier()
     ctx.shutdown()
@@ -538,7 +556,9 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
     )
 
 
-def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: Path) -> dict:
+def _evaluate_and_write(
+    runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: Path, pruned: dict | None = None
+) -> dict:
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data)
     result.update(
@@ -550,6 +570,7 @@ def _evaluate_and_write(runner, criterion, data: FoldData, cfg, state: TrainStat
             "monitor": cfg["early_stopping"]["metric"],
             "settings": cfg,
             "distributed": parallel,
+            **({"pruning": pruned} if pruned is not None else {}),
             "hardware": hardware.cpu() | {"device": str(runner.device)},
         }
     )
