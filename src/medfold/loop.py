@@ -402,7 +402,8 @@ class Epochs:
         loss, seen = self.ctx.mean(loss), round(self.ctx.mean(seen) * self.ctx.world)
         self.ctx.average_buffers(model)
         set_training(False)
-        scored_model.eval()
+        if scored_model is not model:  # the weights' average (an exported QAT graph takes no .eval())
+            scored_model.eval()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss}
         scored = {"val": self.data.rows["val"]}
         if self.train_rows is not None and len(self.train_rows):
