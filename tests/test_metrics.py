@@ -94,3 +94,18 @@ def test_summary_has_quartiles_and_compare_marks_best_on_validation(tmp_path):
         ens[name].write_text(json.dumps({"auroc_macro": test, "ci95": {"auroc_macro": [test - 0.1, test]}}))
     table = compare_experiments(paths, ens)
     assert table.set_index("experiment")["best"].to_dict() == {"a": False, "b": True}
+
+
+@pytest.mark.parametrize("task,k", [("multilabel", 4), ("multiclass", 3), ("binary", 2)])
+def test_an_epochs_scores_equal_the_full_evaluation(task, k):
+    """What each epoch logs and early stopping watches is ``evaluate``'s numbers, computed lighter."""
+    from medfold.metrics import epoch_scores, evaluate
+
+    rng = np.random.default_rng(k)
+    classes = ["a", "b", "c", "d"][:k]
+    for n in (7, 60, 301):
+        y = (rng.random((n, k)) < 0.3).astype(int) if task == "multilabel" else rng.integers(0, k, n)
+        p = rng.random((n, k))
+        p = p if task == "multilabel" else p / p.sum(1, keepdims=True)
+        full, light = evaluate(task, classes, y, p), epoch_scores(task, classes, y, p)
+        assert light == {key: full[key] for key in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")}

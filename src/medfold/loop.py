@@ -19,7 +19,7 @@ import torch
 from . import seeds
 from .distributed import Single
 from .errors import DataError
-from .metrics import evaluate
+from .metrics import epoch_scores
 from .models import AUX_WEIGHT, main_and_aux
 from .progress import Progress, tracked
 from .transforms import AugmentConfig, CachedBatches
@@ -410,7 +410,7 @@ class Epochs:
             scored = {"train_eval": self.train_rows, **scored}
         for name, rows in scored.items():
             probs, set_loss = self.runner.predict(rows, self.criterion, scored_model)
-            metrics = evaluate(self.data.task, self.data.classes, self.data.targets[rows], probs)
+            metrics = epoch_scores(self.data.task, self.data.classes, self.data.targets[rows], probs)
             prefix = "train" if name == "train_eval" else "val"
             if name == "train_eval":
                 row["train_eval_loss"] = set_loss

@@ -56,6 +56,37 @@ def predict(task: str, probs: np.ndarray, thresholds: list[float] | None) -> np.
     return probs.argmax(1)
 
 
+def epoch_scores(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray) -> dict:
+    """The metrics an epoch logs and early stopping may watch (macro AUROC, accuracy, balanced
+    accuracy, macro F1), equal to ``evaluate``'s without its reports: about a tenth of its time,
+    which matters when a small model's epoch takes a second."""
+    y = np.asarray(y)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = predict(task, probs, None)
+    onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
+    if task == "binary":
+        auroc = _auroc(onehot[:, 1], probs[:, 1])
+    else:
+        defined = [v for v in (_auroc(onehot[:, j], probs[:, j]) for j in range(len(classes))) if v is not None]
+        auroc = float(np.mean(defined)) if defined else None
+    out = {
+        "auroc_macro": auroc,
+        "accuracy": float((pred == y).all(1).mean() if task == "multilabel" else (pred == y).mean()),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if task == "multilabel":
+            out["balanced_accuracy"] = float(
+                np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(len(classes))])
+            )
+            labels = None
+        else:
+            out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
+            labels = list(range(len(classes)))
+        out["f1_macro"] = float(skm.f1_score(y, pred, average="macro", zero_division=0, labels=labels))
+    return out
+
+
 def evaluate(
     task: str, classes: list[str], y: np.ndarray, probs: np.ndarray, thresholds: list[float] | None = None
 ) -> dict:
