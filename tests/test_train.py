@@ -202,3 +202,24 @@ def test_every_optimizer_the_schema_offers_minimises_a_least_squares_problem(nam
         optimizer.step()
     final = float(loss.detach())
     assert final < 0.05 * first, (name, first, final)
+
+
+def test_each_output_goes_where_the_rule_says(prepared, tmp_path):
+    """The library writes to the paths it is given (the rule's), not to names of its own in a folder."""
+    from medfold.train import FoldOutputs
+
+    outputs = FoldOutputs(
+        tmp_path / "a" / "weights.pt",
+        tmp_path / "b" / "curve.csv",
+        tmp_path / "c" / "scores.parquet",
+        tmp_path / "d" / "numbers.json",
+        tmp_path / "e" / "events",
+    )
+    cfg = settings(device="cpu", epochs=2, threads=1)
+    result = run_fold(cfg, prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache", FOLD, outputs)
+    for path in (outputs.model, outputs.history, outputs.predictions, outputs.metrics):
+        assert path.is_file(), path
+    assert list(outputs.tensorboard.glob("events.out.tfevents.*"))
+    assert json.loads(outputs.metrics.read_text())["fold"] == result["fold"] == FOLD
+    assert len(pd.read_csv(outputs.history)) == 2 and not outputs.checkpoint.exists()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["weights.pt"]

@@ -49,6 +49,49 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldOutputs:
+    """Where a fold's training writes: the paths its rule declares. A folder (tests, the command
+    line) means the usual names in it. The checkpoint, and a distributed run's settings and job
+    files, are work files beside the model."""
+
+    model: Path
+    history: Path
+    predictions: Path
+    metrics: Path
+    tensorboard: Path
+
+    @classmethod
+    def of(cls, where) -> FoldOutputs:
+        if isinstance(where, cls):
+            return where
+        if isinstance(where, dict):
+            return cls(**{k: Path(v) for k, v in where.items()})
+        folder = Path(where)
+        return cls(
+            folder / "model.pt",
+            folder / "history.csv",
+            folder / "predictions.parquet",
+            folder / "metrics.json",
+            folder / "tensorboard",
+        )
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.model.with_name(CHECKPOINT)
+
+    @property
+    def work(self) -> Path:
+        return self.model.parent
+
+    def as_dict(self) -> dict:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+    def create(self) -> None:
+        for path in (self.model, self.history, self.predictions, self.metrics):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
 # ----------------------------------------------------------------------------- data
 def fold_rows(splits: pd.DataFrame, index: pd.DataFrame, fold: int) -> dict[str, np.ndarray]:
     position = pd.Series(np.arange(len(index)), index=index["image_id"].to_numpy())
@@ -254,13 +297,13 @@ class FoldData:
         check_fold(self.rows, self.targets, self.classes, self.task, fold)
 
 
-def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int = 1) -> dict:
+def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
     """Train on the fold's training folds, select on its validation fold, evaluate on both and
-    on the held-out test set. Writes model.pt, history.csv, predictions.parquet, metrics.json
-    and tensorboard/ under ``out_dir``; returns the metrics."""
+    on the held-out test set. Writes the model, history, predictions, metrics and TensorBoard
+    events to ``outputs`` (a FoldOutputs, or a folder for the usual names); returns the metrics."""
     s = TrainSettings.from_config(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = FoldOutputs.of(outputs)
+    out.create()
     torch.set_num_threads(max(1, threads))
     data = FoldData(index_path, splits_path, cache_dir, fold)
     classes, task, cache, targets, rows = data.classes, data.task, data.cache, data.targets, data.rows
@@ -345,7 +388,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     )
 
     state = TrainState()
-    ckpt_path = out / CHECKPOINT
+    ckpt_path = out.checkpoint
     ckpt = _read_checkpoint(ckpt_path, device)
     if ckpt is not None:
         resumed = TrainState.from_dict(ckpt["state"])
@@ -368,7 +411,7 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, 
     if ctx.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+        writer = SummaryWriter(str(out.tensorboard))
         for row in state.history:  # a resumed run's event files hold the whole run
             _log_scalars(writer, row)
     total = sum(stage.epochs for stage in s.stages)
@@ -527,11 +570,14 @@ def evaluate_fold(runner: Runner, criterion: Criterion | None, data: FoldData, m
     return result, pd.concat(frames, ignore_index=True)
 
 
-def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict], out: Path) -> None:
-    with files.writing(out, "writing the fold's results"):
-        predictions.to_parquet(out / "predictions.parquet", index=False)
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict], outputs) -> None:
+    """The predictions, history and metrics files (``outputs``: anything with those three paths,
+    or a folder for the usual names)."""
+    out = FoldOutputs.of(outputs) if isinstance(outputs, str | Path) else outputs
+    with files.writing(out.metrics.parent, "writing the fold's results"):
+        predictions.to_parquet(out.predictions, index=False)
+        pd.DataFrame(history).to_csv(out.history, index=False)
+        out.metrics.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path, stats: dict) -> None:
@@ -557,7 +603,7 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
 
 
 def _evaluate_and_write(
-    runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: Path, pruned: dict | None = None
+    runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: FoldOutputs, pruned=None
 ) -> dict:
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data)
@@ -577,7 +623,7 @@ def _evaluate_and_write(
     if cfg["stages"]:
         result["stages"] = state.stages
     write_evaluation(result, predictions, state.history, out)
-    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out / "model.pt", runner.stats)
+    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out.model, runner.stats)
     log.info(
         "fold %d: best epoch %d; val AUROC %s, test AUROC %s",
         data.fold,
@@ -620,18 +666,19 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
 
 
 def train_fold_job(
-    cfg: dict, index_path, splits_path, cache_dir, fold: int, out_dir, threads: int, log_path: str | None
+    cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int, log_path: str | None
 ) -> None:
     """A training job: one process in this one, or a distributed run through its launcher, each
     process running ``main`` below with the settings written next to the outputs."""
     parallel = cfg["distributed"]
     if parallel["backend"] == "none":
-        run_fold(cfg, index_path, splits_path, cache_dir, fold, out_dir, threads)
+        run_fold(cfg, index_path, splits_path, cache_dir, fold, outputs, threads)
         return
     import subprocess
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    outs = FoldOutputs.of(outputs)
+    outs.create()
+    out = outs.work
     settings = out / "settings.json"
     settings.write_text(json.dumps(cfg, indent=2))
     n = parallel["gpus"]
@@ -647,7 +694,7 @@ def train_fold_job(
                 "splits": str(splits_path),
                 "cache": str(cache_dir),
                 "fold": fold,
-                "out": str(out),
+                "out": outs.as_dict(),
                 "threads": max(1, threads // n),
                 "log": str(log_path) if log_path else None,
             }

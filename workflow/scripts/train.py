@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from medfold import step
-from medfold.train import train_fold_job
+from medfold.train import FoldOutputs, train_fold_job
 
 
 def main(s):
@@ -11,7 +11,13 @@ def main(s):
         s.input.splits,
         Path(s.input.cache[0]).parent,
         int(s.wildcards.fold),
-        Path(s.output.model).parent,
+        FoldOutputs(  # the paths the rule declares, each written where the rule says
+            Path(s.output.model),
+            Path(s.output.history),
+            Path(s.output.predictions),
+            Path(s.output.metrics),
+            Path(s.output.tensorboard),
+        ),
         s.threads,
         s.log[0] if len(s.log) else None,
     )
