@@ -37,29 +37,21 @@ rule compress:
         "../scripts/compress.py"
 
 
-rule aggregate_variant:
+# a variant's folds are aggregated as an experiment's are (cross-validation only: no clinical files)
+use rule aggregate as aggregate_variant with:
     input:
         metrics=lambda w: variant_files(w.experiment, "metrics", [w.variant]),
         predictions=lambda w: variant_files(w.experiment, "predictions", [w.variant]),
     output:
-        per_fold=f"{VARIANT_DIR}/cv/per_fold.csv",
-        summary_table=f"{VARIANT_DIR}/cv/summary.csv",
-        summary=f"{VARIANT_DIR}/cv/summary.json",
-        ensemble=f"{VARIANT_DIR}/cv/ensemble_test.json",
-        ensemble_predictions=f"{VARIANT_DIR}/cv/ensemble_test_predictions.parquet",
+        **{
+            name: f"{VARIANT_DIR}/cv/{Path(path).name}"
+            for name, path in rules.aggregate.output.items()
+            if name in ("per_fold", "summary_table", "summary", "ensemble", "ensemble_predictions")
+        },
     log:
         f"{VARIANT_DIR}/cv/aggregate.log",
-    conda:
-        "../../envs/medfold.yaml"
-    resources:
-        **site_resources(),
-        mem_mb=2000,
-        runtime=20,
-    params:
-        bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
-    script:
-        "../scripts/aggregate.py"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/aggregate_{{experiment}}_{{variant}}.tsv"
 
 
 rule variants_table:
