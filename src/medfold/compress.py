@@ -10,17 +10,19 @@ model, measured in this job on the same machine and the same test images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import hardware, quantize, seeds
+from . import files, hardware, quantize, seeds
 from . import prune as pruning
 from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
 from .metrics import predict as predicted_labels
@@ -204,6 +206,25 @@ METHODS = {
 
 
 # ----------------------------------------------------------------------------- the job
+@dataclasses.dataclass(frozen=True)
+class VariantOutputs(files.Outputs):
+    """Where one variant of one fold is written (the compress rule's outputs); a pruned variant's
+    sparse file is a work file beside the model."""
+
+    model: Path
+    history: Path
+    predictions: Path
+    metrics: Path
+    compression: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "model": "model.pt2",
+        "history": "history.csv",
+        "predictions": "predictions.parquet",
+        "metrics": "metrics.json",
+        "compression": "compression.json",
+    }
+
+
 def compress_fold(
     name: str,
     variant: dict,
@@ -214,13 +235,15 @@ def compress_fold(
     cache_dir,
     fold: int,
     base_path,
-    out_dir,
+    outputs,
     threads: int = 1,
 ) -> dict:
+    """Make, save, reload, evaluate and measure one variant of one fold's model; writes the
+    compress rule's outputs (``outputs``: a VariantOutputs, or a folder for the usual names)."""
     if variant["method"] not in METHODS:
         raise quantize.method_error(variant["method"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = VariantOutputs.of(outputs)
+    out.create()
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(cfg["seed"])
     data = FoldData(index_path, splits_path, cache_dir, fold)
@@ -257,9 +280,9 @@ def compress_fold(
         "input_mean": cpu_runner.stats["mean"],
         "input_std": cpu_runner.stats["std"],
     }
-    size = quantize.save_artifact(variant_model, example, out / "model.pt2", metadata)
+    size = quantize.save_artifact(variant_model, example, out.model, metadata)
     del variant_model
-    loaded, loaded_meta = quantize.load_artifact(out / "model.pt2")  # evaluate what was saved, not what is in memory
+    loaded, loaded_meta = quantize.load_artifact(out.model)  # evaluate what was saved, not what is in memory
     int8 = variant["method"] in quantize.INT8_METHODS
     runnable = quantize.compiled(loaded) if int8 else loaded
     largest = max(compression["latency"]["batch_sizes"])
@@ -312,7 +335,7 @@ def compress_fold(
     record["deltas"] = metric_deltas(base_result, result)
     record["agreement"] = agreement(base_result, base_predictions, result, predictions, data)
     if variant["method"] == "prune":
-        sparse_size = pruning.save_sparse(extra["state_dict"], out / "model_sparse.pt")
+        sparse_size = pruning.save_sparse(extra["state_dict"], out.model.with_name("model_sparse.pt"))
         record["sparsity"] = extra["sparsity"]
         record["compressed"] = {
             "format": pruning.FORMAT,
@@ -320,7 +343,7 @@ def compress_fold(
             "size_bytes": sparse_size,
             "ratio": sparse_size / base_size,
             "dense_size_bytes": size,
-            "gzip_of_dense_bytes": pruning.gzip_size(out / "model.pt2"),
+            "gzip_of_dense_bytes": pruning.gzip_size(out.model),
         }
         record["compressed"]["gzip_ratio"] = record["compressed"]["gzip_of_dense_bytes"] / base_size
     if "calibration_images" in extra:
@@ -338,7 +361,7 @@ def compress_fold(
         }
     )
     write_evaluation(result, predictions, history, out)
-    (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.compression.write_text(json.dumps(record, indent=2) + "\n")
     log.info(
         "%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s",
         name,

@@ -16,14 +16,17 @@ true class; the predicted labels are shown beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from . import seeds
+from . import files, seeds
 from .metrics import predict
 from .models import last_conv_block
 from .progress import Progress, tracked
@@ -164,16 +167,28 @@ def overlay(image: np.ndarray, cam: np.ndarray, lime_map: np.ndarray, segments: 
     _save(fig, title, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExplainOutputs(files.Outputs):
+    """Where a fold's explanations are written (the explain rule's outputs)."""
+
+    record: Path
+    maps: Path
+    overlays: Path
+    NAMES: ClassVar[dict[str, str]] = {"record": "explanations.json", "maps": "maps.npz", "overlays": "overlays"}
+
+
 def explain_fold(
-    model_path, index_path, splits_path, cache_dir, fold: int, out_dir, cfg: dict, threads: int = 1
+    model_path, index_path, splits_path, cache_dir, fold: int, outputs, cfg: dict, threads: int = 1
 ) -> dict:
     """Explain ``cfg['images_per_class']`` test images per class with Grad-CAM and LIME. Writes
     ``explanations.json`` (what was explained, true and predicted labels, probabilities, overlay
     file), ``maps.npz`` (image_ids, classes, gradcam and lime maps at the input's size) and
-    ``overlays/*.png`` under ``out_dir``; returns the JSON's content."""
+    ``overlays/*.png`` to ``outputs`` (an ExplainOutputs, or a folder for the usual names);
+    returns the JSON's content."""
     torch.set_num_threads(max(1, threads))
-    out = Path(out_dir)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    out = ExplainOutputs.of(outputs)
+    out.create()
+    out.overlays.mkdir(parents=True, exist_ok=True)
     data = FoldData(index_path, splits_path, cache_dir, fold)
     index, classes, task, cache, targets = data.index, data.classes, data.task, data.cache, data.targets
     test_rows = data.rows["test"]
@@ -214,7 +229,7 @@ def explain_fold(
             f"{image_id}  explains: {classes[c]} (p={probs[c]:.2f})\n"
             f"true: {', '.join(true_labels) or 'no finding'}   predicted: {', '.join(predicted_labels) or 'no finding'}"
         )
-        overlay(image, cam, weights, segments, title, out / "overlays" / file)
+        overlay(image, cam, weights, segments, title, out.overlays / file)
         items.append(
             {
                 "image_id": image_id,
@@ -224,7 +239,7 @@ def explain_fold(
                 "predicted_labels": predicted_labels,
                 "probabilities": {cls: float(p) for cls, p in zip(classes, probs)},
                 "superpixels": int(segments.max() + 1),
-                "overlay": f"overlays/{file}",
+                "overlay": os.path.relpath(out.overlays / file, out.record.parent),  # beside the record
             }
         )
         cams.append(cam)
@@ -240,7 +255,7 @@ def explain_fold(
     progress.close()
     size = tuple(cache.shape[-2:])
     np.savez_compressed(
-        out / "maps.npz",
+        out.maps,
         image_ids=np.array([i["image_id"] for i in items], dtype=str),
         classes=np.array([i["explained_class"] for i in items], dtype=str),
         gradcam=np.array(cams, np.float32).reshape(-1, *size),
@@ -262,7 +277,7 @@ def explain_fold(
         },
         "images": items,
     }
-    (out / "explanations.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.record.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -90,3 +91,32 @@ def array_bytes(path) -> int:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(fh)
         return fh.tell() + int(np.prod(shape)) * dtype.itemsize
+
+
+class Outputs:
+    """The output paths of one rule, as the rule declares them; a library function writes each
+    file where its field says. A folder (tests, the command line) means the usual ``NAMES`` in it.
+    Subclasses are frozen dataclasses of ``Path`` fields named as the rule's outputs."""
+
+    NAMES: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def of(cls, where):
+        if isinstance(where, cls):
+            return where
+        if isinstance(where, dict):
+            return cls(**{k: Path(v) for k, v in where.items()})
+        folder = Path(where)
+        return cls(**{k: folder / name for k, name in cls.NAMES.items()})
+
+    @classmethod
+    def from_rule(cls, output):
+        """From a Snakemake job's ``output`` (named like the fields)."""
+        return cls(**{k: Path(getattr(output, k)) for k in cls.NAMES})
+
+    def as_dict(self) -> dict:
+        return {k: str(getattr(self, k)) for k in self.NAMES}
+
+    def create(self) -> None:
+        for k in self.NAMES:
+            getattr(self, k).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -50,31 +51,22 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldOutputs:
-    """Where a fold's training writes: the paths its rule declares. A folder (tests, the command
-    line) means the usual names in it. The checkpoint, and a distributed run's settings and job
-    files, are work files beside the model."""
+class FoldOutputs(files.Outputs):
+    """Where a fold's training writes (the train rule's outputs). The checkpoint, and a
+    distributed run's settings and job files, are work files beside the model."""
 
     model: Path
     history: Path
     predictions: Path
     metrics: Path
     tensorboard: Path
-
-    @classmethod
-    def of(cls, where) -> FoldOutputs:
-        if isinstance(where, cls):
-            return where
-        if isinstance(where, dict):
-            return cls(**{k: Path(v) for k, v in where.items()})
-        folder = Path(where)
-        return cls(
-            folder / "model.pt",
-            folder / "history.csv",
-            folder / "predictions.parquet",
-            folder / "metrics.json",
-            folder / "tensorboard",
-        )
+    NAMES: ClassVar[dict[str, str]] = {
+        "model": "model.pt",
+        "history": "history.csv",
+        "predictions": "predictions.parquet",
+        "metrics": "metrics.json",
+        "tensorboard": "tensorboard",
+    }
 
     @property
     def checkpoint(self) -> Path:
@@ -83,13 +75,6 @@ class FoldOutputs:
     @property
     def work(self) -> Path:
         return self.model.parent
-
-    def as_dict(self) -> dict:
-        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
-
-    def create(self) -> None:
-        for path in (self.model, self.history, self.predictions, self.metrics):
-            path.parent.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- data

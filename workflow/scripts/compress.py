@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from medfold import step
-from medfold.compress import compress_fold
+from medfold.compress import VariantOutputs, compress_fold
 
 
 def main(s):
@@ -15,7 +15,7 @@ def main(s):
         Path(s.input.cache[0]).parent,
         int(s.wildcards.fold),
         s.input.base,
-        Path(s.output.model).parent,
+        VariantOutputs.from_rule(s.output),  # each file where the rule says
         s.threads,
     )
 

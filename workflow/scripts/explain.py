@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from medfold import step
-from medfold.explain import explain_fold
+from medfold.explain import ExplainOutputs, explain_fold
 
 
 def main(s):
@@ -11,7 +11,7 @@ def main(s):
         s.input.splits,
         Path(s.input.cache[0]).parent,
         int(s.wildcards.fold),
-        Path(s.output.record).parent,
+        ExplainOutputs.from_rule(s.output),  # each file where the rule says
         s.params.explain,
         s.threads,
     )

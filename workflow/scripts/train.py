@@ -11,13 +11,7 @@ def main(s):
         s.input.splits,
         Path(s.input.cache[0]).parent,
         int(s.wildcards.fold),
-        FoldOutputs(  # the paths the rule declares, each written where the rule says
-            Path(s.output.model),
-            Path(s.output.history),
-            Path(s.output.predictions),
-            Path(s.output.metrics),
-            Path(s.output.tensorboard),
-        ),
+        FoldOutputs.from_rule(s.output),  # each file where the rule says
         s.threads,
         s.log[0] if len(s.log) else None,
     )
