@@ -183,7 +183,9 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
     glaucoma_tree(tmp_path / "glaucoma", 3, 90, np.random.default_rng(5), size=64)
     config = preset("glaucoma_folds", root=str(tmp_path / "glaucoma"))
     config["split"]["folds"] = 3
-    config["training"].update(model="lenet", batch_norm=True, image_size=32, gpus=0, batch_size=16, threads=2)
+    config["training"].update(
+        model="lenet", pretrained=None, batch_norm=True, image_size=32, gpus=0, batch_size=16, threads=2
+    )
     config["experiments"] = {
         "staged": {
             "stages": [
