@@ -51,7 +51,7 @@ use rule aggregate as aggregate_variant with:
     log:
         f"{VARIANT_DIR}/cv/aggregate.log",
     benchmark:
-        f"{RESULTS}/{{dataset}}/benchmarks/aggregate_{{experiment}}_{{variant}}.tsv"
+        f"{RESULTS}/{{dataset}}/benchmarks/variants/aggregate_{{experiment}}_{{variant}}.tsv"
 
 
 rule variants_table:
