@@ -46,7 +46,14 @@ use rule aggregate as aggregate_variant with:
         **{
             name: f"{VARIANT_DIR}/cv/{Path(path).name}"
             for name, path in rules.aggregate.output.items()
-            if name in ("per_fold", "summary_table", "summary", "ensemble", "ensemble_predictions")
+            if name
+            in (
+                "per_fold",
+                "summary_table",
+                "summary",
+                "ensemble",
+                "ensemble_predictions",
+            )
         },
     log:
         f"{VARIANT_DIR}/cv/aggregate.log",
