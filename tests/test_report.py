@@ -283,6 +283,7 @@ def test_a_twelve_combination_grid_keeps_the_folded_page_short(trained_workflow,
             "grids": {"sweep": tmp_path / f"{name}_grid.csv"} if grid else {},
         }
         config = resolved_config({"grids": {"top_k": 12}})
+        config["experiments"]["sweep"]["folds"] = [0]  # tuned on one fold: the page says so
         (tmp_path / f"{name}.html").write_text(render(inputs, config, REPO))
         return open_in_chromium(tmp_path / f"{name}.html", tmp_path / f"{name}.png")
 
@@ -294,3 +295,4 @@ def test_a_twelve_combination_grid_keeps_the_folded_page_short(trained_workflow,
     assert with_grid["height_collapsed"] - without["height_collapsed"] < 12 * 150
     assert with_grid["height_collapsed"] < 9000 < with_grid["height_open"]
     assert with_grid["width"] <= 1280
+    assert "Tuned on fold 0 only" in with_grid["text"] and "Tuned on fold" not in without["text"]

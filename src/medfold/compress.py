@@ -118,6 +118,7 @@ def finetune(
         seed=seeds.finetune_order(s.seed, data.fold),
     )
     loop = Epochs(runner, data, criterion, batches, s.augment, s.seed, epoch_offset=seeds.FINETUNE_EPOCHS)
+    extra = list(describe()) if describe else []  # the columns ``describe`` adds, logged too
 
     def after_epoch(row: dict, improved: bool) -> None:
         log.info(
@@ -126,7 +127,7 @@ def finetune(
             epochs,
             row["train_loss"],
             "n/a" if row["val_auroc_macro"] is None else f"{row['val_auroc_macro']:.4f}",
-            "".join(f"  {k} {row[k]:.3f}" for k in (describe() if describe else {})),
+            "".join(f"  {k} {row[k]:.3f}" for k in extra),
         )
 
     state = TrainState()
@@ -144,11 +145,8 @@ def finetune(
 # ----------------------------------------------------------------------------- the methods
 def _prune(base, runner, data, cfg, variant, example):
     p = variant["pruning"]
-    schedule = pruning.Schedule(
-        p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"]
-    )
     model = base.to(runner.device)
-    pruner = pruning.Pruner(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
+    pruner = pruning.Pruner.from_config(model, p)
     history, seconds = finetune(
         runner,
         model,

@@ -147,6 +147,7 @@ class TrainSettings:
     mixing: Mixing
     ema_decay: float
     tta: str
+    pruning: dict  # pruning while training (``training.pruning``)
     network: dict | None  # the layers of a CNN described in config (``networks``), else None
     raw: dict = field(repr=False, compare=False)
 
@@ -158,13 +159,11 @@ class TrainSettings:
             "augment": AugmentConfig.from_config(cfg["augment"]),
             "distributed": Parallel(**cfg["distributed"]),
             "stages": _stages(cfg),
-            "train_metrics_images": cfg.get("train_metrics", {}).get("images", 0),
-            "network": cfg.get("network"),
-            "schedule": Schedule(**cfg.get("schedule", {})),
-            "label_smoothing": cfg.get("label_smoothing", 0.0),
-            "mixing": Mixing(**cfg.get("mixup", {})),
-            "ema_decay": cfg.get("ema", {}).get("decay", 0.0),
-            "tta": cfg.get("tta", "none"),
+            "train_metrics_images": cfg["train_metrics"]["images"],
+            "network": cfg.get("network"),  # present only for a network described in config
+            "schedule": Schedule(**cfg["schedule"]),
+            "mixing": Mixing(**cfg["mixup"]),
+            "ema_decay": cfg["ema"]["decay"],
         }
         plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
         return cls(**plain, **nested, raw=cfg)
@@ -274,12 +273,16 @@ class TrainState:
     best_epoch: int = -1
     best_state: dict | None = None
     history: list[dict] = field(default_factory=list)
-    stopped_early: bool = False
     train_seconds: float = 0.0
     stage: int = 0
     stage_epoch: int = 0
     stopper: dict | None = None  # the current stage's EarlyStopping
     stages: list[dict] = field(default_factory=list)  # finished stages
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the last finished stage ended by early stopping."""
+        return bool(self.stages) and self.stages[-1]["stopped_early"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -405,28 +408,23 @@ class Epochs:
         if scored_model is not model:  # the weights' average (an exported QAT graph takes no .eval())
             scored_model.eval()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss}
-        scored = {"val": self.data.rows["val"]}
         if self.train_rows is not None and len(self.train_rows):
-            scored = {"train_eval": self.train_rows, **scored}
-        for name, rows in scored.items():
-            probs, set_loss = self.runner.predict(rows, self.criterion, scored_model)
-            metrics = epoch_scores(self.data.task, self.data.classes, self.data.targets[rows], probs)
-            prefix = "train" if name == "train_eval" else "val"
-            if name == "train_eval":
-                row["train_eval_loss"] = set_loss
-            else:
-                row["val_loss"] = set_loss
-                self.val = metrics  # every validation metric of the epoch (early stopping may watch any)
-            for key in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro"):
-                row[f"{prefix}_{key}"] = metrics[key]
+            row["train_eval_loss"], scores = self._score(self.train_rows, scored_model)
+            row.update({f"train_{k}": v for k, v in scores.items()})
+        row["val_loss"], scores = self._score(self.data.rows["val"], scored_model)
+        row.update({f"val_{k}": v for k, v in scores.items()})
         row.update(images_per_s=seen / seconds, seconds=seconds)
         return row
 
+    def _score(self, rows: np.ndarray, model) -> tuple[float | None, dict]:
+        probs, loss = self.runner.predict(rows, self.criterion, model)
+        return loss, epoch_scores(self.data.task, self.data.classes, self.data.targets[rows], probs)
+
 
 # ----------------------------------------------------------------------------- the loop
-def monitored(row: dict, val: dict, metric: str, mode: str) -> float:
+def monitored(row: dict, metric: str, mode: str) -> float:
     """The validation value early stopping and the LR schedule watch (undefined or NaN: the worst)."""
-    value = row["val_loss"] if metric == "loss" else val.get(metric)
+    value = row[f"val_{metric}"]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return -math.inf if mode == "max" else math.inf
     return value
@@ -440,12 +438,11 @@ class Fit:
 
     epochs: int
     stopping: Stopping | None = None
-    scheduler: Any = None
+    scheduler: Any = None  # ReduceLROnPlateau: per epoch on the monitored value; any other: per step
     set_training: Callable[[bool], None] | None = None
     after_step: Callable[[int], Callable] | None = None  # by epoch, what runs after each optimizer step (pruning)
     describe: Callable[[], dict] | None = None  # extra columns for each history row
     after_epoch: Callable[[dict, bool], None] | None = None  # (row, improved)
-    step_scheduler: Any = None  # a per-step LR schedule (cosine, one-cycle)
     ema: Any = None  # AveragedModel: scored, selected and kept instead of the raw weights
     select_from: int = 0  # the first epoch (1-based) that may be chosen and counts for early stopping
 
@@ -467,8 +464,8 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
             row.update(plan.describe())
         improved = False
         if stopper is not None:
-            value = monitored(row, loop.val, plan.stopping.metric, plan.stopping.mode)
-            if plan.scheduler is not None:
+            value = monitored(row, plan.stopping.metric, plan.stopping.mode)
+            if isinstance(plan.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 plan.scheduler.step(value)
             # before ``select_from`` (pruning still on its way to the final sparsity) no epoch can be chosen
             stage_improved = epoch + 1 >= plan.select_from and stopper.update(value, scored)
@@ -486,24 +483,16 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
 
 
 def _after_step(plan: Fit, state: TrainState, model):
-    """What runs after each optimizer step this epoch: the caller's hook (pruning), the per-step
-    LR schedule, the weights' average."""
-    hooks = []
-    if plan.after_step is not None:
-        hook = plan.after_step(state.epoch)
-        if hook is not None:
-            hooks.append(hook)
-    if plan.step_scheduler is not None:
-        hooks.append(lambda step, steps: plan.step_scheduler.step())
+    """What runs after each optimizer step this epoch: the caller's hook (pruning), a per-step LR
+    schedule, the weights' average."""
+    hooks = [plan.after_step(state.epoch)] if plan.after_step is not None else []
+    if plan.scheduler is not None and not isinstance(plan.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        hooks.append(lambda step, steps: plan.scheduler.step())
     if plan.ema is not None:
         hooks.append(lambda step, steps: plan.ema.update_parameters(model))
-    if not hooks:
-        return None
-    if len(hooks) == 1:
-        return hooks[0]
 
     def run(step: int, steps: int) -> None:
         for hook in hooks:
             hook(step, steps)
 
-    return run
+    return run if hooks else None

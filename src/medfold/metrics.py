@@ -56,34 +56,41 @@ def predict(task: str, probs: np.ndarray, thresholds: list[float] | None) -> np.
     return probs.argmax(1)
 
 
-def epoch_scores(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray) -> dict:
-    """The metrics an epoch logs and early stopping may watch (macro AUROC, accuracy, balanced
-    accuracy, macro F1), equal to ``evaluate``'s without its reports: about a tenth of its time,
-    which matters when a small model's epoch takes a second."""
-    y = np.asarray(y)
-    probs = np.asarray(probs, dtype=np.float64)
-    pred = predict(task, probs, None)
+def _aurocs(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray) -> tuple[dict, float | None]:
+    """AUROC per reported class (binary: the positive class only) and their macro mean."""
     onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
-    if task == "binary":
-        auroc = _auroc(onehot[:, 1], probs[:, 1])
-    else:
-        defined = [v for v in (_auroc(onehot[:, j], probs[:, j]) for j in range(len(classes))) if v is not None]
-        auroc = float(np.mean(defined)) if defined else None
-    out = {
-        "auroc_macro": auroc,
-        "accuracy": float((pred == y).all(1).mean() if task == "multilabel" else (pred == y).mean()),
-    }
+    scored = [1] if task == "binary" else range(len(classes))
+    per_class = {classes[j]: _auroc(onehot[:, j], probs[:, j]) for j in scored}
+    defined = [v for v in per_class.values() if v is not None]
+    return per_class, (float(np.mean(defined)) if defined else None)
+
+
+def _decisions(task: str, classes: list[str], y: np.ndarray, pred: np.ndarray) -> dict:
+    """Accuracy (multi-label: the whole label set exact) and balanced accuracy (multi-label: the
+    mean over labels) of hard decisions."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if task == "multilabel":
-            out["balanced_accuracy"] = float(
-                np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(len(classes))])
-            )
-            labels = None
+            balanced = np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(len(classes))])
         else:
-            out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
-            labels = list(range(len(classes)))
-        out["f1_macro"] = float(skm.f1_score(y, pred, average="macro", zero_division=0, labels=labels))
+            balanced = skm.balanced_accuracy_score(y, pred)
+    return {"accuracy": float(skm.accuracy_score(y, pred)), "balanced_accuracy": float(balanced)}
+
+
+def _labels(task: str, classes: list[str]) -> list[int] | None:
+    return None if task == "multilabel" else list(range(len(classes)))
+
+
+def epoch_scores(task: str, classes: list[str], y: np.ndarray, probs: np.ndarray) -> dict:
+    """The metrics an epoch logs and early stopping may watch (macro AUROC, accuracy, balanced
+    accuracy, macro F1), equal to ``evaluate``'s without its reports: about a fifth of its time,
+    which matters when a small model's epoch takes a second."""
+    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    pred = predict(task, probs, None)
+    out = {"auroc_macro": _aurocs(task, classes, y, probs)[1], **_decisions(task, classes, y, pred)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["f1_macro"] = float(skm.f1_score(y, pred, average="macro", zero_division=0, labels=_labels(task, classes)))
     return out
 
 
@@ -95,38 +102,24 @@ def evaluate(
     probs = np.asarray(probs, dtype=np.float64)
     out: dict = {"images": int(len(probs))}
     pred = predict(task, probs, thresholds)
-    onehot = y if task == "multilabel" else np.eye(len(classes), dtype=int)[y]
-    per_class = {c: _auroc(onehot[:, j], probs[:, j]) for j, c in enumerate(classes)}
-    if task == "binary":
-        out["auroc"] = {classes[1]: per_class[classes[1]]}
-        out["auroc_macro"] = per_class[classes[1]]
-    else:
-        out["auroc"] = per_class
-        defined = [v for v in per_class.values() if v is not None]
-        out["auroc_macro"] = float(np.mean(defined)) if defined else None
+    out["auroc"], out["auroc_macro"] = _aurocs(task, classes, y, probs)
+    out.update(_decisions(task, classes, y, pred))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero_division is set; undefined cases report 0
         if task == "multilabel":
-            out["accuracy"] = float(skm.accuracy_score(y, pred))  # exact match of the whole label set
             out["label_accuracy"] = float((y == pred).mean())
-            out["balanced_accuracy"] = float(
-                np.mean([skm.balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(len(classes))])
-            )
             out["confusion"] = {
                 c: skm.confusion_matrix(y[:, j], pred[:, j], labels=[0, 1]).tolist() for j, c in enumerate(classes)
             }
         else:
-            labels = list(range(len(classes)))
-            out["accuracy"] = float(skm.accuracy_score(y, pred))
-            out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
-            out["confusion"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
+            out["confusion"] = skm.confusion_matrix(y, pred, labels=_labels(task, classes)).tolist()
         for average in ("macro", "weighted"):
             p, r, f, _ = skm.precision_recall_fscore_support(
                 y,
                 pred,
                 average=average,
                 zero_division=0,
-                labels=None if task == "multilabel" else list(range(len(classes))),
+                labels=_labels(task, classes),
             )
             out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"] = float(p), float(r), float(f)
         report = skm.classification_report(
@@ -135,7 +128,7 @@ def evaluate(
             target_names=classes,
             zero_division=0,
             output_dict=True,
-            labels=None if task == "multilabel" else list(range(len(classes))),
+            labels=_labels(task, classes),
         )
     out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in classes}
     if task == "binary":

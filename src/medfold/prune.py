@@ -122,6 +122,12 @@ class Pruner:
             torch_prune.identity(module, "weight")
         self.current = 0.0
 
+    @classmethod
+    def from_config(cls, model: nn.Module, p: dict) -> Pruner:
+        """From a ``pruning`` config block (a variant's, or training's)."""
+        schedule = Schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"])
+        return cls(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
+
     def update(self, t: float) -> None:
         """Recompute the masks for fractional epoch ``t``."""
         with torch.no_grad():

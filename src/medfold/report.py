@@ -15,7 +15,6 @@ collapsible ``<details>`` blocks, and wide tables scroll inside the page.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 import io
 import json
@@ -789,7 +788,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
     )
 
 
-def grid_view(name: str, ranked: pd.DataFrame, rank_by: str, top_k: int) -> GridView:
+def grid_view(name: str, ranked: pd.DataFrame, rank_by: str, top_k: int, folds: list[int] | None = None) -> GridView:
     """A grid's best combinations by mean validation metric, with their values and costs."""
     params = [c for c in ranked.columns if c.startswith("param:")]
     test = rank_by.replace("val.", "test.", 1)
@@ -823,6 +822,7 @@ def grid_view(name: str, ranked: pd.DataFrame, rank_by: str, top_k: int) -> Grid
             left=2 + len(params),
             row_classes=["best" if i == 0 else "" for i in range(len(rows))],
         ),
+        folds=folds,
     )
 
 
@@ -909,7 +909,7 @@ def compression_view(variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], con
     )
 
 
-def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None) -> Provenance:
+def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None, recipe: Table | None = None) -> Provenance:
     import snakemake
     import torch
     import torchvision
@@ -944,6 +944,7 @@ def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None) -> P
         if len(timings)
         else None,
         config=yaml.safe_dump(config, sort_keys=False),
+        recipe=recipe,
     )
 
 
@@ -1098,9 +1099,12 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
     every = {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}
     details = [experiment_view(name, files, name in best) for name, files in every.items()]
     grids = [
-        dataclasses.replace(
-            grid_view(name, pd.read_csv(path), config["grids"]["rank_by"], config["grids"]["top_k"]),
-            folds=sorted((config["experiments"].get(name) or {}).get("folds") or []) or None,
+        grid_view(
+            name,
+            pd.read_csv(path),
+            config["grids"]["rank_by"],
+            config["grids"]["top_k"],
+            sorted((config["experiments"].get(name) or {}).get("folds") or []) or None,
         )
         for name, path in (inputs.get("grids") or {}).items()
     ]
@@ -1124,9 +1128,8 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         split=split_view(split_summary, check),
         explanations=explanations,
         compression=compression_view(variants, config) if variants else None,
-        provenance=dataclasses.replace(
-            provenance_view(config, read_timings(inputs.get("benchmarks", [])), repo),
-            recipe=recipe_table(inputs.get("experiments", {})),
+        provenance=provenance_view(
+            config, read_timings(inputs.get("benchmarks", [])), repo, recipe_table(inputs.get("experiments", {}))
         ),
     )
 

@@ -91,10 +91,7 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         import math
 
         where = f"experiments.{name}.pruning"
-        try:
-            check_schedule(prune["initial_sparsity"], prune["final_sparsity"], prune["start_epoch"], prune["end_epoch"])
-        except ConfigError as err:
-            raise ConfigError(f"experiments.{name}.{err}") from None
+        check_pruning(prune, f"experiments.{name}")
         epochs = sum(stage["epochs"] for stage in settings["stages"]) if settings["stages"] else settings["epochs"]
         if math.ceil(prune["end_epoch"]) > epochs:
             raise ConfigError(
@@ -142,12 +139,16 @@ def variant_settings(config: dict, name: str, schema_path) -> dict:
         where = ".".join(str(p) for p in errors[0].path)
         raise ConfigError(f"variants.{name}{'.' + where if where else ''}: {errors[0].message}")
     if settings["method"] == "prune":
-        p = settings["pruning"]
-        try:
-            check_schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"])
-        except ConfigError as err:
-            raise ConfigError(f"variants.{name}.{err}") from None
+        check_pruning(settings["pruning"], f"variants.{name}")
     return settings
+
+
+def check_pruning(p: dict, where: str) -> None:
+    """A ``pruning`` block's schedule can run; the error names ``where`` it is."""
+    try:
+        check_schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"])
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{err}") from None
 
 
 def check_schedule(initial: float, final: float, start: float, end: float) -> None:

@@ -292,8 +292,9 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
     torch.set_num_threads(max(1, threads))
     data = FoldData(index_path, splits_path, cache_dir, fold)
     classes, task, cache, targets, rows = data.classes, data.task, data.cache, data.targets, data.rows
-    ctx = distributed.init(s.distributed.backend, resolve_device(s.device))
-    device = ctx.device_for(resolve_device(s.device))
+    device = resolve_device(s.device)
+    ctx = distributed.init(s.distributed.backend, device)
+    device = ctx.device_for(device)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -340,15 +341,11 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
     criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device, s.label_smoothing)
     ema = ema_model(model, s.ema_decay)
     pruner, select_from = None, 0
-    if s.raw.get("pruning", {}).get("enabled"):  # gradual pruning from the start, as the thesis did
-        from . import prune as pruning
+    if s.pruning["enabled"]:  # gradual pruning from the start, as the thesis did
+        from .prune import Pruner
 
-        p = s.raw["pruning"]
-        schedule = pruning.Schedule(
-            p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"]
-        )
-        pruner = pruning.Pruner(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
-        select_from = math.ceil(p["end_epoch"])  # the chosen model has the final sparsity
+        pruner = Pruner.from_config(model, s.pruning)
+        select_from = math.ceil(s.pruning["end_epoch"])  # the chosen model has the final sparsity
     weights = sample_weights(targets[rows["train"]], task, classes, s.oversample["mode"], s.oversample["target"])
     batches = CachedBatches(
         cache,
@@ -453,16 +450,14 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
                     ckpt_path,
                 )
 
-        per_step = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         plan = Fit(
             stage.epochs,
             s.early_stopping,
-            None if per_step else scheduler,
+            scheduler,
             set_training=lambda on: train_mode(model, frozen_norms) if on else model.eval(),
             after_epoch=after_epoch,
-            step_scheduler=scheduler if per_step else None,
             ema=ema,
-            after_step=(lambda epoch: pruner.after_step(epoch, s.raw["pruning"]["update_every"])) if pruner else None,
+            after_step=(lambda epoch: pruner.after_step(epoch, s.pruning["update_every"])) if pruner else None,
             select_from=select_from,
         )
         stopper = fit(loop, model, step_model, optimizer, state, plan)
@@ -483,7 +478,6 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
                 "trainable_parameters": trainable,
             }
         )
-        state.stopped_early = stopper.stop
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
         if state.stage < len(s.stages):
             model.load_state_dict(stopper.weights)  # the next stage starts from this one's best
