@@ -175,3 +175,26 @@ def test_pruning_must_reach_its_final_sparsity_within_the_epochs():
     )
     with pytest.raises(ConfigError, match=r"experiments.a.pruning.end_epoch: 7 is after the last of the 5 epochs"):
         experiment_settings(config, "a", SCHEMA)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_predict():
+    """Runner (validation, test, compression) and Predictor (medfold predict) alike."""
+    from medfold.models import build_model
+    from medfold.predict import Predictor
+    from medfold.train import Runner, probabilities
+
+    model = build_model("lenet", 1, 3, init_seed=1).eval()
+    cache = np.random.default_rng(0).integers(0, 256, (5, 1, 32, 32), dtype=np.uint8)
+    targets = np.array([0, 1, 2, 0, 1])
+    cfg = resolved_config({"training": {"tta": "hflip", "device": "cpu"}})["training"]
+    runner = Runner(cfg, cache, targets, "multiclass", torch.device("cpu"), model)
+    x = runner.prepare(torch.from_numpy(cache), None, None)
+    with torch.no_grad():
+        plain, mirrored = probabilities(model(x), "multiclass"), probabilities(model(x.flip(-1)), "multiclass")
+    assert not torch.allclose(plain, mirrored)  # the flip changes this model's outputs
+    probs, _ = runner.predict(np.arange(5))
+    assert np.allclose(probs, ((plain + mirrored) / 2).numpy(), atol=1e-6)
+    predictor = Predictor([model], ["a", "b", "c"], "multiclass", 32, 1, None, tta="hflip")
+    assert np.allclose(predictor.probabilities(x), probs, atol=1e-6)
+    without = Predictor([model], ["a", "b", "c"], "multiclass", 32, 1, None)
+    assert np.allclose(without.probabilities(x), plain.numpy(), atol=1e-6)
