@@ -1,7 +1,7 @@
 """Train and evaluate one model on one cross-validation fold.
 
-One function, ``run_fold``, driven by the resolved experiment settings (``training`` defaults
-with the experiment's overrides), which are stored in every checkpoint and in metrics.json.
+One function, ``run_fold`` (a ``FoldRun``), driven by the resolved experiment settings (``training``
+defaults with the experiment's overrides), which are stored in every checkpoint and in metrics.json.
 A checkpoint written after every epoch holds model, optimizer, scheduler, epoch, early-stopping
 state, best weights, history and RNG state, so a killed run continues where it stopped and, on
 CPU, ends with the same numbers as one that was never interrupted: every epoch draws its data
@@ -282,52 +282,159 @@ class FoldData:
         check_fold(self.rows, self.targets, self.classes, self.task, fold)
 
 
-def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
-    """Train on the fold's training folds, select on its validation fold, evaluate on both and
-    on the held-out test set. Writes the model, history, predictions, metrics and TensorBoard
-    events to ``outputs`` (a FoldOutputs, or a folder for the usual names); returns the metrics."""
-    s = TrainSettings.from_config(cfg)
-    out = FoldOutputs.of(outputs)
-    out.create()
-    torch.set_num_threads(max(1, threads))
-    data = FoldData(index_path, splits_path, cache_dir, fold)
-    classes, task, cache, targets, rows = data.classes, data.task, data.cache, data.targets, data.rows
-    device = resolve_device(s.device)
-    ctx = distributed.init(s.distributed.backend, device)
-    device = ctx.device_for(device)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+@dataclasses.dataclass
+class StageRun:
+    """What one stage trains with: the optimiser over its trainable weights, the model a step
+    runs (wrapped for the backend, compiled), its LR schedule, the batch norms it keeps fixed."""
 
-    model = build_model(
-        s.model,
-        cache.shape[1],
-        len(classes),
-        s.init_seed,
-        s.pretrained,
-        s.batch_norm,
-        s.dropout,
-        s.pretrained_partial,
-        s.network,
-        s.image_size,
-    ).to(device)
-    runner = Runner(cfg, cache, targets, task, device, model)
-    if runner.channels_last:
-        model.to(memory_format=torch.channels_last)
-    lr_scale = ctx.world if s.distributed.scale_lr else 1
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step_model: torch.nn.Module
+    frozen_norms: set
+    trainable: int
 
-    def begin_stage(stage: Stage):
+
+class FoldRun:
+    """One fold's training run. Built once: settings, data, device and backend, model, loss,
+    batches, the weights' average and pruning while training. ``run`` resumes from the checkpoint
+    when there is one, runs one ``fit`` per stage (writing the checkpoint after every epoch) and
+    evaluates and writes the chosen weights."""
+
+    def __init__(self, cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1):
+        self.cfg, self.fold = cfg, fold
+        self.s = s = TrainSettings.from_config(cfg)
+        self.out = FoldOutputs.of(outputs)
+        self.out.create()
+        torch.set_num_threads(max(1, threads))
+        self.data = data = FoldData(index_path, splits_path, cache_dir, fold)
+        rows, targets = data.rows, data.targets
+        device = resolve_device(s.device)
+        self.ctx = distributed.init(s.distributed.backend, device)
+        self.device = device = self.ctx.device_for(device)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.model = build_model(
+            s.model,
+            data.cache.shape[1],
+            len(data.classes),
+            s.init_seed,
+            s.pretrained,
+            s.batch_norm,
+            s.dropout,
+            s.pretrained_partial,
+            s.network,
+            s.image_size,
+        ).to(device)
+        self.runner = Runner(cfg, data.cache, targets, data.task, device, self.model)
+        if self.runner.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.lr_scale = self.ctx.world if s.distributed.scale_lr else 1
+        self.criterion = Criterion(
+            data.task, targets[rows["train"]], len(data.classes), s.class_weights, device, s.label_smoothing
+        )
+        self.ema = ema_model(self.model, s.ema_decay)
+        self.pruner, self.select_from = None, 0
+        if s.pruning["enabled"]:  # gradual pruning from the start, as the thesis did
+            from .prune import Pruner
+
+            self.pruner = Pruner.from_config(self.model, s.pruning)
+            self.select_from = math.ceil(s.pruning["end_epoch"])  # the chosen model has the final sparsity
+        weights = sample_weights(
+            targets[rows["train"]], data.task, data.classes, s.oversample["mode"], s.oversample["target"]
+        )
+        self.batches = CachedBatches(
+            data.cache,
+            rows["train"],
+            s.batch_size,
+            shuffle=True,
+            seed=seeds.data_order(s.seed, fold),
+            weights=weights,
+            rank=self.ctx.rank,
+            world=self.ctx.world,
+        )
+        self.loop = Epochs(
+            self.runner,
+            data,
+            self.criterion,
+            self.batches,
+            s.augment,
+            s.seed,
+            self.ctx,
+            train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
+            mixing=s.mixing,
+        )
+        self.state = TrainState()
+        self.total = sum(stage.epochs for stage in s.stages)
+        self.staged = len(cfg["stages"]) > 0
+        self.writer = None
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict | None:
+        """Train every stage left, then evaluate; the metrics on rank 0, None on the others."""
+        s, rows = self.s, self.data.rows
+        ckpt = self.resume()
+        if self.ctx.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out.tensorboard))
+            for row in self.state.history:  # a resumed run's event files hold the whole run
+                _log_scalars(self.writer, row)
+        log.info(
+            "fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s",
+            self.fold,
+            len(rows["train"]),
+            len(rows["val"]),
+            len(rows["test"]),
+            s.model,
+            self.device,
+            self.total,
+            f" in {len(s.stages)} stages" if self.staged else "",
+        )
+        while self.state.stage < len(s.stages):
+            self.run_stage(s.stages[self.state.stage], ckpt)
+            ckpt = None  # only the stage the checkpoint was written in resumes its optimiser
+        if self.writer is not None:
+            self.writer.close()
+        return self.finish()
+
+    def resume(self) -> dict | None:
+        """Load the checkpoint into the model, the weights' average, the state and the RNG; the
+        checkpoint (for the optimiser and schedule of its stage), or None to start afresh."""
+        path = self.out.checkpoint
+        ckpt = _read_checkpoint(path, self.device)
+        if ckpt is None:
+            return None
+        resumed = TrainState.from_dict(ckpt["state"])
+        if ckpt["settings"] != settings_digest(self.cfg) or ckpt["fold"] != self.fold or resumed is None:
+            log.warning(
+                "%s was written with other settings or by another version; training fold %d from the start",
+                path,
+                self.fold,
+            )
+            return None
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.state = resumed
+        torch.set_rng_state(ckpt["rng_cpu"])
+        log.info("resumed fold %d from %s after epoch %d", self.fold, path, resumed.epoch)
+        return ckpt
+
+    def begin_stage(self, stage: Stage) -> StageRun:
         """Freeze what the stage keeps fixed; a fresh optimizer and LR schedule over the rest."""
+        s, model = self.s, self.model
         frozen_norms = set_trainable(model, stage.train, stage.blocks, stage.freeze_batch_norm)
         for p in model.parameters():
             p.grad = None  # a gradient left from the previous stage must not move a frozen weight
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, s, stage.lr * lr_scale)
-        # every rank starts from rank 0's weights; a resume below loads the same file on every rank
-        step_model, optimizer = ctx.wrap(model, optimizer, device)
+        optimizer = make_optimizer(trainable, s, stage.lr * self.lr_scale)
+        # every rank starts from rank 0's weights; a resume loads the same file on every rank
+        step_model, optimizer = self.ctx.wrap(model, optimizer, self.device)
         if s.compile:
             step_model = torch.compile(step_model)
         # the LR schedule: per epoch on the monitored metric, or per step (cosine, one-cycle)
-        scheduler = step_schedule(optimizer, s.schedule, stage.epochs, batches.steps())
+        scheduler = step_schedule(optimizer, s.schedule, stage.epochs, self.batches.steps())
         if scheduler is None:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer,
@@ -336,135 +443,31 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
                 patience=s.plateau.patience,
                 min_lr=s.plateau.min_lr,
             )
-        return frozen_norms, step_model, optimizer, scheduler, sum(p.numel() for p in trainable)
+        return StageRun(optimizer, scheduler, step_model, frozen_norms, sum(p.numel() for p in trainable))
 
-    criterion = Criterion(task, targets[rows["train"]], len(classes), s.class_weights, device, s.label_smoothing)
-    ema = ema_model(model, s.ema_decay)
-    pruner, select_from = None, 0
-    if s.pruning["enabled"]:  # gradual pruning from the start, as the thesis did
-        from .prune import Pruner
-
-        pruner = Pruner.from_config(model, s.pruning)
-        select_from = math.ceil(s.pruning["end_epoch"])  # the chosen model has the final sparsity
-    weights = sample_weights(targets[rows["train"]], task, classes, s.oversample["mode"], s.oversample["target"])
-    batches = CachedBatches(
-        cache,
-        rows["train"],
-        s.batch_size,
-        shuffle=True,
-        seed=seeds.data_order(s.seed, fold),
-        weights=weights,
-        rank=ctx.rank,
-        world=ctx.world,
-    )
-    loop = Epochs(
-        runner,
-        data,
-        criterion,
-        batches,
-        s.augment,
-        s.seed,
-        ctx,
-        train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
-        mixing=s.mixing,
-    )
-
-    state = TrainState()
-    ckpt_path = out.checkpoint
-    ckpt = _read_checkpoint(ckpt_path, device)
-    if ckpt is not None:
-        resumed = TrainState.from_dict(ckpt["state"])
-        if ckpt["settings"] == settings_digest(cfg) and ckpt["fold"] == fold and resumed is not None:
-            model.load_state_dict(ckpt["model"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            state = resumed
-            torch.set_rng_state(ckpt["rng_cpu"])
-            log.info("resumed fold %d from %s after epoch %d", fold, ckpt_path, state.epoch)
-        else:
-            log.warning(
-                "%s was written with other settings or by another version; training fold %d from the start",
-                ckpt_path,
-                fold,
-            )
-            ckpt = None
-
-    writer = None
-    if ctx.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out.tensorboard))
-        for row in state.history:  # a resumed run's event files hold the whole run
-            _log_scalars(writer, row)
-    total = sum(stage.epochs for stage in s.stages)
-    staged = len(cfg["stages"]) > 0
-    log.info(
-        "fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s",
-        fold,
-        len(rows["train"]),
-        len(rows["val"]),
-        len(rows["test"]),
-        s.model,
-        device,
-        total,
-        f" in {len(s.stages)} stages" if staged else "",
-    )
-
-    while state.stage < len(s.stages):
-        stage = s.stages[state.stage]
-        frozen_norms, step_model, optimizer, scheduler, trainable = begin_stage(stage)
-        if ckpt is not None:  # the stage the checkpoint was written in
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            ckpt = None
-
-        def after_epoch(row: dict, improved: bool) -> None:
-            if staged:
-                row.update(stage=state.stage + 1, trainable_parameters=trainable)
-            if writer is not None:
-                _log_scalars(writer, row)
-            log.info(
-                "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
-                fold,
-                row["epoch"],
-                total,
-                row["train_loss"],
-                row["val_loss"],
-                _fmt(row["val_auroc_macro"]),
-                row["lr"],
-                row["images_per_s"],
-                "  *best*" if improved else "",
-            )
-            if ctx.main:
-                _save_atomic(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "state": state.to_dict(),
-                        **({"ema": ema.state_dict()} if ema is not None else {}),
-                        "rng_cpu": torch.get_rng_state(),
-                        "settings": settings_digest(cfg),
-                        "fold": fold,
-                    },
-                    ckpt_path,
-                )
-
+    def run_stage(self, stage: Stage, ckpt: dict | None) -> None:
+        """One ``fit`` over the stage; the next stage starts from this one's best weights."""
+        s, state, model = self.s, self.state, self.model
+        run = self.begin_stage(stage)
+        if ckpt is not None:
+            run.optimizer.load_state_dict(ckpt["optimizer"])
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+        pruner = self.pruner
         plan = Fit(
             stage.epochs,
             s.early_stopping,
-            scheduler,
-            set_training=lambda on: train_mode(model, frozen_norms) if on else model.eval(),
-            after_epoch=after_epoch,
-            ema=ema,
+            run.scheduler,
+            set_training=lambda on: train_mode(model, run.frozen_norms) if on else model.eval(),
+            after_epoch=lambda row, improved: self.after_epoch(row, improved, run),
+            ema=self.ema,
             after_step=(lambda epoch: pruner.after_step(epoch, s.pruning["update_every"])) if pruner else None,
-            select_from=select_from,
+            select_from=self.select_from,
         )
-        stopper = fit(loop, model, step_model, optimizer, state, plan)
+        stopper = fit(self.loop, model, run.step_model, run.optimizer, state, plan)
         if stopper.stop:
             log.info(
                 "fold %d: early stop after epoch %d (no %s improvement for %d epochs)",
-                fold,
+                self.fold,
                 state.epoch,
                 s.early_stopping.metric,
                 stopper.bad_epochs,
@@ -475,46 +478,91 @@ def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, 
                 "epochs_run": state.stage_epoch,
                 "stopped_early": stopper.stop,
                 "best_value": stopper.best,
-                "trainable_parameters": trainable,
+                "trainable_parameters": run.trainable,
             }
         )
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
         if state.stage < len(s.stages):
-            model.load_state_dict(stopper.weights)  # the next stage starts from this one's best
-            if ema is not None:
-                ema.module.load_state_dict(stopper.weights)
+            model.load_state_dict(stopper.weights)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(stopper.weights)
             log.info(
                 "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
-                fold,
+                self.fold,
                 state.stage + 1,
                 len(s.stages),
                 s.stages[state.stage].train,
             )
-    if writer is not None:
-        writer.close()
 
-    identical = ctx.replicas_identical(model)
-    if not identical:
-        raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
-    model.load_state_dict(state.best_state)
-    result = None
-    if ctx.main:
-        distributed_summary = {
-            "backend": ctx.backend,
-            "world_size": ctx.world,
-            "lr": s.stages[0].lr * lr_scale,
-            "replicas_identical": identical,
-        }
-        pruned = None
-        if pruner is not None:
-            pruned = pruner.sparsity()
-            pruner.make_permanent()  # plain weights with zeros: what every later stage reads
-            log.info("fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"])
-        result = _evaluate_and_write(runner, criterion, data, cfg, state, distributed_summary, out, pruned)
-        ckpt_path.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
-    ctx.barrier()
-    ctx.shutdown()
-    return result
+    def after_epoch(self, row: dict, improved: bool, run: StageRun) -> None:
+        """Log the epoch (TensorBoard, the job log) and write the checkpoint."""
+        if self.staged:
+            row.update(stage=self.state.stage + 1, trainable_parameters=run.trainable)
+        if self.writer is not None:
+            _log_scalars(self.writer, row)
+        log.info(
+            "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
+            self.fold,
+            row["epoch"],
+            self.total,
+            row["train_loss"],
+            row["val_loss"],
+            _fmt(row["val_auroc_macro"]),
+            row["lr"],
+            row["images_per_s"],
+            "  *best*" if improved else "",
+        )
+        if self.ctx.main:
+            _save_atomic(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "state": self.state.to_dict(),
+                    **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                    "rng_cpu": torch.get_rng_state(),
+                    "settings": settings_digest(self.cfg),
+                    "fold": self.fold,
+                },
+                self.out.checkpoint,
+            )
+
+    def finish(self) -> dict | None:
+        """Check the replicas agree, load the chosen weights, evaluate and write on rank 0."""
+        ctx, fold = self.ctx, self.fold
+        identical = ctx.replicas_identical(self.model)
+        if not identical:
+            raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
+        self.model.load_state_dict(self.state.best_state)
+        result = None
+        if ctx.main:
+            distributed_summary = {
+                "backend": ctx.backend,
+                "world_size": ctx.world,
+                "lr": self.s.stages[0].lr * self.lr_scale,
+                "replicas_identical": identical,
+            }
+            pruned = None
+            if self.pruner is not None:
+                pruned = self.pruner.sparsity()
+                self.pruner.make_permanent()  # plain weights with zeros: what every later stage reads
+                log.info(
+                    "fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"]
+                )
+            result = _evaluate_and_write(
+                self.runner, self.criterion, self.data, self.cfg, self.state, distributed_summary, self.out, pruned
+            )
+            self.out.checkpoint.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
+        ctx.barrier()
+        ctx.shutdown()
+        return result
+
+
+def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
+    """Train on the fold's training folds, select on its validation fold, evaluate on both and
+    on the held-out test set. Writes the model, history, predictions, metrics and TensorBoard
+    events to ``outputs`` (a FoldOutputs, or a folder for the usual names); returns the metrics."""
+    return FoldRun(cfg, index_path, splits_path, cache_dir, fold, outputs, threads).run()
 
 
 def _fmt(value) -> str:
