@@ -34,7 +34,7 @@ horovod: $(HOROVOD)  ## optional: Horovod for distributed.backend horovod
 system-packages: $(SYSTEM)
 
 test: $(STAMP) $(SYSTEM) $(HOROVOD)  ## the test suite
-	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
