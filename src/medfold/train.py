@@ -244,10 +244,6 @@ def settings_digest(cfg: dict) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    files.save_torch_atomic(obj, path)
-
-
 def _read_checkpoint(path: Path, device):
     """The checkpoint, or None when there is none or it cannot be read (a truncated or altered
     file is set aside as ``<name>.unreadable`` and the fold trains from the start)."""
@@ -513,7 +509,7 @@ class FoldRun:
             "  *best*" if improved else "",
         )
         if self.ctx.main:
-            _save_atomic(
+            files.save_torch_atomic(
                 {
                     "model": self.model.state_dict(),
                     "optimizer": run.optimizer.state_dict(),
