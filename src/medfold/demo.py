@@ -123,8 +123,12 @@ def render_radiograph(
     drawn = np.zeros((height, width), bool)
     img = np.full((height, width), 0.08, np.float32)
     img[_ellipse(xx, yy, anatomy.cx, 0.55, 0.42, 0.52)] = 0.55  # soft tissue
-    # ribs: faint horizontal stripes across the chest
-    img += 0.04 * (np.sin(yy * 2 * np.pi * 9) > 0.6)
+    # ribs: faint stripes across the chest, spaced and placed as this person's are, moved a
+    # little by this film's breath
+    ribs = np.random.default_rng([anatomy.detail, 1])
+    spacing, phase, slope = ribs.uniform(8, 10.5), ribs.uniform(0, 2 * np.pi), ribs.uniform(-0.25, 0.25)
+    phase += rng.uniform(-1.2, 1.2)
+    img += 0.04 * (np.sin((yy + slope * (xx - anatomy.cx)) * 2 * np.pi * spacing + phase) > 0.6)
     left_cx, right_cx = anatomy.cx - 0.2, anatomy.cx + 0.2
     lungs = {}
     for side, lcx in (("left", left_cx), ("right", right_cx)):
@@ -171,6 +175,10 @@ def render_radiograph(
     if signal is not None:
         signal[...] = drawn
     img = gaussian_filter(img, sigma=width / 200) * anatomy.brightness
+    # this exposure's own mottle, coarse enough to survive a thumbnail: what tells two films of
+    # one body apart (and distinct radiographs with alike shapes), as real films' grain does
+    mottle = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), sigma=width / 80)
+    img *= 1 + 0.15 * mottle / (mottle.std() + 1e-9)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
@@ -209,6 +217,18 @@ PLANTED = (
     ("padded_", "padded with a white border", ".png"),
 )
 TWIN_SHARE = 0.1
+# Re-published copies (medfold.republish), filed under other patients in the CSV form: what a
+# second collection did to a film before it was scraped again. Sources have no finding, so no
+# signal mask needs the same geometry.
+REPUBLISHED = (
+    ("mild", "cropped up to 5 %, gamma 0.7-1.4, re-encoded as JPEG"),
+    ("text", "a burned-in marker or date stamp"),
+    ("arrow", "an annotation arrow"),
+    (
+        "combined",
+        "two to four changes stacked (crop, shift, aspect, rotation, gamma, contrast, JPEG, border, text, arrow)",
+    ),
+)
 
 
 def _transform_copy(image: Image.Image, which: int, nearest: bool = False) -> Image.Image:
@@ -282,9 +302,30 @@ def patient_metadata(seed: int, patient: int) -> tuple[int, str]:
     return int(np.clip(round(rng.normal(50, 18)), 1, 95)), ("M", "F")[int(rng.random() < 0.45)]
 
 
+def _republish(out: Path, rows: list[tuple], first_patient: int, rng: np.random.Generator) -> list[tuple]:
+    """REPUBLISHED copies of images without findings, each under a patient of its own; appends
+    their table rows and returns their manifest rows (copy, original, what was done)."""
+    from .images import pixels_to_uint8
+    from .republish import republished
+
+    originals = len(rows) - len(PLANTED)  # not a copy of a copy
+    sources = [i for i, row in enumerate(rows[:originals]) if row[1] == "No Finding"]
+    planted = []
+    for k, i in enumerate(rng.choice(sources, len(REPUBLISHED), replace=False)):
+        name, labels, _, _, age, sex, view = rows[int(i)]
+        kind, what = REPUBLISHED[k]
+        with Image.open(out / "images" / name) as image:
+            pixels = pixels_to_uint8(image)
+        copy = f"{first_patient + k:08d}_000.png"
+        Image.fromarray(republished(pixels, kind, rng)).save(out / "images" / copy)
+        rows.append((copy, labels, 0, first_patient + k, age, sex, view))
+        planted.append((copy, name, what))
+    return planted
+
+
 def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     """NIH-like multi-label tree. Returns the CSV path. ``planted_copies.csv`` beside it lists
-    the copies filed under other patients; the last table row repeats an image under another
+    the copies filed under other patients (PLANTED transforms, then REPUBLISHED ones); the last table row repeats an image under another
     patient ID. Patients have an age and sex (``Patient Age``, ``Patient Gender``, with the
     follow-up's ``View Position``); findings of patients aged ``WEAK_SUBGROUP_AGE`` or more are
     drawn faint or not at all (``finding_strength``): the subgroup an analysis should find weaker."""
@@ -323,8 +364,9 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
                 _transform_copy(mask.convert("L"), which, nearest=True).save(out / "signal_masks" / copy, format="PNG")
         rows.append((copy, labels, 0, patients + 1 + which, age, sex, view))
         planted.append((copy, name, PLANTED[which][1]))
-    _write_manifest(out / "planted_copies.csv", planted)
     listed_twice = rows[int(rng.integers(len(rows) - len(PLANTED)))]
+    planted += _republish(out, rows, patients + len(PLANTED) + 2, np.random.default_rng([seed, 23]))
+    _write_manifest(out / "planted_copies.csv", planted)
     rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1, *listed_twice[4:]))
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:

@@ -76,21 +76,32 @@ def _trim_borders(grey: np.ndarray) -> np.ndarray:
     return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def _bits(pixels: np.ndarray) -> np.ndarray:
+def trimmed_grey(pixels: np.ndarray) -> np.ndarray:
+    """Grey levels (float32, the mean of RGB) with flat borders trimmed: what every signature of
+    an image (this fingerprint, medfold.matching's descriptor and thumbnail) starts from."""
     grey = pixels.astype(np.float32)
     if grey.ndim == 3:
         grey = grey.mean(2)
-    grey = _trim_borders(grey)
-    # float32 for the large product (the 32 x W side first), float64 for the small one
-    narrow = _area_matrix(grey.shape[0], SIDE).astype(np.float32) @ grey
-    small = narrow.astype(np.float64) @ _area_matrix(grey.shape[1], SIDE).T
+    return _trim_borders(grey)
+
+
+def area_average(grey: np.ndarray, side: int = SIDE) -> np.ndarray:
+    """The exact area average of ``grey`` to ``side`` x ``side`` (float64)."""
+    # float32 for the large product (the side x W one first), float64 for the small one
+    narrow = _area_matrix(grey.shape[0], side).astype(np.float32) @ grey
+    return narrow.astype(np.float64) @ _area_matrix(grey.shape[1], side).T
+
+
+def _bits(pixels: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
+    small = area_average(trimmed_grey(pixels)) if small is None else small
     block = dctn(small, norm="ortho")[:BLOCK, :BLOCK]
     return (block.ravel()[1:] > 0).astype(np.uint8)
 
 
-def fingerprint(pixels: np.ndarray) -> str:
-    """The 120-bit fingerprint of a uint8 image (H, W) or (H, W, 3), as 30 hex digits."""
-    return bits_to_hex(_bits(pixels)[None])[0]
+def fingerprint(pixels: np.ndarray, small: np.ndarray | None = None) -> str:
+    """The 120-bit fingerprint of a uint8 image (H, W) or (H, W, 3), as 30 hex digits
+    (``small``: its ``area_average(trimmed_grey(pixels))`` when the caller has it already)."""
+    return bits_to_hex(_bits(pixels, small)[None])[0]
 
 
 def bits_to_hex(bits: np.ndarray) -> list[str]:
@@ -105,14 +116,15 @@ def hex_to_bits(fingerprints) -> np.ndarray:
     return np.unpackbits(raw.reshape(len(fingerprints), -1), axis=1)[:, :BITS]
 
 
-@lru_cache(maxsize=1)
-def orientation_maps() -> tuple[np.ndarray, np.ndarray]:
-    """(8, 120) source positions and (8, 120) XOR masks: orientation g of a fingerprint ``b`` is
-    ``b[perm[g]] ^ mask[g]``."""
-    u, v = np.divmod(np.arange(BLOCK * BLOCK), BLOCK)
+@lru_cache(maxsize=4)
+def orientation_maps(block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(8, block² - 1) source positions and sign masks: orientation g of a fingerprint ``b`` (the
+    DCT block's coefficients but DC, row by row) is ``b[perm[g]] ^ mask[g]``; of a vector of the
+    coefficients themselves, ``c[perm[g]] * (1 - 2 * mask[g])``."""
+    u, v = np.divmod(np.arange(block * block), block)
     perms, masks = [], []
     for transpose, mirror, flip in ORIENTATIONS:
-        source = (v * BLOCK + u) if transpose else np.arange(BLOCK * BLOCK)
+        source = (v * block + u) if transpose else np.arange(block * block)
         sign = (v * mirror + u * flip) % 2
         perms.append(source[1:] - 1)  # DC (position 0) maps to itself and is not stored
         masks.append(sign[1:].astype(np.uint8))

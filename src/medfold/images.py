@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .fingerprint import fingerprint
+from .fingerprint import area_average, fingerprint, trimmed_grey
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
@@ -29,6 +29,15 @@ class ImageCheck:
     dicom_patient_id: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+    signature: object | None = None  # medfold.matching.Signature: for the near-duplicate search, not the table
+
+
+def signatures(pixels: np.ndarray) -> tuple[str, object]:
+    """The fingerprint and the matching signature of decoded pixels, from one trimming."""
+    from .matching import signature
+
+    grey = trimmed_grey(pixels)
+    return fingerprint(pixels, area_average(grey)), signature(grey)
 
 
 @dataclass(frozen=True)
@@ -122,13 +131,15 @@ def check_image(path: str | Path) -> ImageCheck:
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageCheck(file_bytes=size, reason=f"corrupt image: {exc}")
     pixels, dicom = decoded.pixels, decoded.dicom
+    print_, signature = signatures(pixels)
     return ImageCheck(
         pixels.shape[1],
         pixels.shape[0],
         decoded.mode,
         size,
         content_hash(pixels),
-        fingerprint=fingerprint(pixels),
+        fingerprint=print_,
+        signature=signature,
         dicom_patient_id=dicom.patient_id if dicom else None,
         study_uid=dicom.study_uid if dicom else None,
         series_uid=dicom.series_uid if dicom else None,

@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 from . import fingerprint as fp
 from .dicom import looks_like_dicom
 from .errors import ConfigError
-from .fingerprint import fingerprint
-from .images import ImageCheck, check_image, content_hash
+from .images import ImageCheck, check_image, content_hash, signatures
 from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
@@ -399,6 +398,7 @@ def _check_npz(path: str, indices: np.ndarray, source_splits: pd.Series) -> list
                     checks.append(ImageCheck(reason=f"array dtype {pixels.dtype} is not uint8"))
                     continue
                 mode = "L" if pixels.ndim == 2 else "RGB"
+                print_, signature = signatures(pixels)
                 checks.append(
                     ImageCheck(
                         pixels.shape[1],
@@ -406,7 +406,8 @@ def _check_npz(path: str, indices: np.ndarray, source_splits: pd.Series) -> list
                         mode,
                         pixels.nbytes,
                         content_hash(pixels),
-                        fingerprint=fingerprint(pixels),
+                        fingerprint=print_,
+                        signature=signature,
                     )
                 )
     return checks
@@ -577,11 +578,12 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
     table = cand.loc[~bad].reset_index(drop=True)
+    kept_signatures = [c.signature for c, is_bad in zip(checks, bad.to_numpy()) if not is_bad]
     if table.empty:
         raise ConfigError(
             f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}"
         )
-    near = _near_duplicates(table, ds)
+    near = _near_duplicates(table, ds, kept_signatures, threads)
     for message in warnings:
         log.warning(message)
     # through the Arrow schema: a wrong type fails here, not in a later rule
@@ -600,12 +602,16 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     return table, report
 
 
-def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
+def _near_duplicates(table: pd.DataFrame, ds: dict, signatures: list, threads: int = 1) -> dict:
     """Fill ``near_duplicate_cluster`` and describe each cluster for the report: its images,
-    their patients and source splits, and the pairs found with distance and orientation."""
+    their patients and source splits, and its accepted pairs with kind, verification score,
+    fingerprint distance and orientation (medfold.matching); ``pair_list`` holds every accepted
+    pair for check_split, ``closest_rejected`` the best-scoring pairs that were not accepted."""
+    from . import matching
+
     settings = ds["near_duplicates"]
     table["near_duplicate_cluster"] = pd.array([None] * len(table), dtype="Int64")
-    has = table["fingerprint"].notna().to_numpy()
+    has = table["fingerprint"].notna().to_numpy() & np.array([s is not None for s in signatures], bool)
     if not settings["enabled"] or has.sum() < 2:
         why = (
             "dataset.near_duplicates.enabled is false"
@@ -614,10 +620,20 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
         )
         return {"searched": False, "why": why, "max_distance": settings["max_distance"]}
     rows = np.flatnonzero(has)
+    typed = matching.MatchSettings.from_config(settings)
     start = time.perf_counter()
-    pairs = fp.near_duplicate_pairs(fp.hex_to_bits(table["fingerprint"].to_numpy()[rows]), settings["max_distance"])
+    found, stats = matching.find_copies(
+        fp.hex_to_bits(table["fingerprint"].to_numpy()[rows]),
+        [signatures[i] for i in rows],
+        table["content_hash"].to_numpy()[rows],
+        _text(table["patient_id"])[rows],
+        _text(table["source_split"])[rows],
+        typed,
+        threads,
+    )
     seconds = time.perf_counter() - start
-    pairs["a"], pairs["b"] = rows[pairs["a"]], rows[pairs["b"]]
+    found["a"], found["b"] = rows[found["a"]], rows[found["b"]]
+    pairs = found[found["accepted"]].reset_index(drop=True)
     component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     sizes = np.bincount(component)
     in_cluster = sizes[component] > 1
@@ -626,35 +642,31 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
     first_seen = list(dict.fromkeys(component[order][in_cluster[order]].tolist()))
     number = {c: i for i, c in enumerate(first_seen)}
     table.loc[in_cluster, "near_duplicate_cluster"] = [number[c] for c in component[in_cluster]]
+    ids = table["image_id"].to_numpy()
+    listed = [_pair_record(ids, p) for p in pairs.itertuples(index=False)]
     # members and pairs grouped by cluster once (a scan per cluster was O(clusters x images))
     clustered = order[in_cluster[order]]  # rows in image_id order
     members_of = pd.Series(clustered).groupby(component[clustered]).agg(list)
-    edges_of = dict(list(pairs.groupby(component[pairs["a"].to_numpy()])))
+    edges_of = pd.Series(range(len(pairs))).groupby(component[pairs["a"].to_numpy()]).agg(list) if len(pairs) else {}
     described = []
     for c in first_seen:
         members = members_of[c]
-        edges = edges_of[c]
         described.append(
             {
                 "cluster": number[c],
                 "images": table["image_id"].iloc[members].tolist(),
                 "patients": sorted(set(table["patient_id"].iloc[members])),
                 "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
-                "pairs": [
-                    {
-                        "a": table["image_id"].iat[a],
-                        "b": table["image_id"].iat[b],
-                        "distance": int(d),
-                        "how": fp.ORIENTATION_NAMES[g],
-                        "exact": table["content_hash"].iat[a] == table["content_hash"].iat[b],
-                    }
-                    for a, b, d, g in edges[["a", "b", "distance", "orientation"]].itertuples(index=False)
-                ],
+                "pairs": [listed[i] for i in edges_of[c]],
             }
         )
     joining = [c for c in described if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
+    rejected = found[~found["accepted"]].sort_values(["score", "a", "b"], ascending=[False, True, True]).head(20)
     log.info(
-        "near-duplicates: %d pairs in %d clusters (%d join patients or source splits) among %d images, %.2f s",
+        "near-duplicates: %d candidate pairs, %d verified, %d accepted in %d clusters (%d join patients or "
+        "source splits) among %d images, %.2f s",
+        stats["candidates"],
+        stats["verified"],
         len(pairs),
         len(described),
         len(joining),
@@ -665,14 +677,50 @@ def _near_duplicates(table: pd.DataFrame, ds: dict) -> dict:
         "searched": True,
         "max_distance": settings["max_distance"],
         "fingerprint_bits": fp.BITS,
+        "neighbours": typed.neighbours,
+        "min_score": typed.min_score,
+        "early_score": typed.early_score,
         "seconds": round(seconds, 3),
+        "stages": stats,
         "pairs": int(len(pairs)),
+        "kinds": {k: int(v) for k, v in pairs["kind"].value_counts().sort_index().items()},
         "clusters": len(described),
         "images": int(in_cluster.sum()),
         "clusters_joining_patients_or_sources": len(joining),
         "distances": {str(k): int(v) for k, v in pairs["distance"].value_counts().sort_index().items()},
         # the ones that change the split first; clusters within one patient after them
         "cluster_list": (joining + [c for c in described if c not in joining])[:500],
+        "pair_list": listed,
+        "closest_rejected": [_pair_record(ids, p) for p in rejected.itertuples(index=False)],
+    }
+
+
+def _text(column: pd.Series) -> np.ndarray:
+    """A column as plain strings, missing values as '' (so that two missing values are equal)."""
+    return np.array(["" if pd.isna(v) else str(v) for v in column], dtype=object)
+
+
+def _pair_record(ids: np.ndarray, p) -> dict:
+    """One verified pair as the report and check_split read it."""
+    from .fingerprint import ORIENTATION_NAMES
+
+    return {
+        "a": str(ids[p.a]),
+        "b": str(ids[p.b]),
+        "kind": p.kind,
+        "score": round(float(p.score), 4),
+        "distance": int(p.distance),
+        "how": ORIENTATION_NAMES[int(p.orientation)],
+        "exact": p.kind == "exact copy",
+        "similarity": float(p.similarity),
+        "registration": {
+            "shift_x": round(float(p.shift_x), 4),
+            "shift_y": round(float(p.shift_y), 4),
+            "scale_x": round(float(p.scale_x), 4),
+            "scale_y": round(float(p.scale_y), 4),
+            "rotation_degrees": round(float(p.rotation), 2),
+            "overlap": round(float(p.overlap), 3),
+        },
     }
 
 

@@ -107,6 +107,12 @@ class NearDuplicates:
     distances: str = ""
     shown: list[NearDuplicateCluster] = field(default_factory=list)
     more: int = 0
+    kinds: str = ""
+    candidates: int = 0
+    verified: int = 0
+    min_score: float = 0.0
+    neighbours: int = 0
+    closest_rejected: str = ""
 
 
 @dataclass
@@ -394,10 +400,7 @@ def near_duplicates_view(
                 for image in cluster["images"]
                 if image in row_of
             ]
-        pairs = [
-            f"{p['b']} is {p['a']} {p['how']}, distance {p['distance']}" + (" (identical pixels)" if p["exact"] else "")
-            for p in cluster["pairs"][:6]
-        ]
+        pairs = [_pair_text(p) for p in cluster["pairs"][:6]]
         clusters.append(NearDuplicateCluster(cluster["patients"], cluster["source_splits"], pairs, pictures))
     return NearDuplicates(
         searched=True,
@@ -410,6 +413,31 @@ def near_duplicates_view(
         distances=", ".join(f"{k}: {v}" for k, v in near["distances"].items()) or "none",
         shown=clusters,
         more=max(0, len(joining) - shown),
+        kinds=", ".join(f"{v} {k}" for k, v in near.get("kinds", {}).items()) or "none",
+        candidates=near.get("stages", {}).get("candidates", 0),
+        verified=near.get("stages", {}).get("verified", 0),
+        min_score=near.get("min_score", 0.0),
+        neighbours=near.get("neighbours", 0),
+        closest_rejected="; ".join(
+            f"{p['a']} ~ {p['b']} {p['score']:.3f}" for p in near.get("closest_rejected", [])[:3]
+        ),
+    )
+
+
+def _pair_text(p: dict) -> str:
+    """'b is a mirrored left-right: registered copy, score 0.934 (shifted 2 % x -1 %, scaled
+    1.04 x 0.97, rotated 1.2°), fingerprint distance 14'."""
+    if p.get("exact"):
+        return f"{p['b']} is {p['a']} {p['how']}: identical pixels"
+    text = f"{p['b']} is {p['a']} {p['how']}"
+    if "score" not in p:  # a report of an older index
+        return f"{text}, distance {p['distance']}"
+    r = p["registration"]
+    shifted = f"shifted {100 * r['shift_x']:.0f} % x {100 * r['shift_y']:.0f} %"
+    return (
+        f"{text}: {p['kind']}, score {p['score']:.3f} ({shifted}, "
+        f"scaled {r['scale_x']:.2f} x {r['scale_y']:.2f}, rotated {r['rotation_degrees']:.1f}°), "
+        f"fingerprint distance {p['distance']}"
     )
 
 

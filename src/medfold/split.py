@@ -369,11 +369,14 @@ def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> 
     return out
 
 
-def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
+def check_split(index: pd.DataFrame, splits: pd.DataFrame, near_pairs: list[dict] | None = None) -> dict:
     """Prove the split leak-free: every indexed image once, and no patient (aliases included), no
     duplicate content hash and no near-duplicate cluster in two of {test, fold_0, ..., fold_K-1}
     (with the dataset's own folds: two roles of one fold). Images the split set aside
-    (``excluded``) take no part. Raises LeakageError naming what crosses."""
+    (``excluded``) take no part. Raises LeakageError naming what crosses: for a near-duplicate
+    cluster, its pairs across sets with their kind of match and verification score when
+    ``near_pairs`` (index_report.json's near_duplicates.pair_list) is given, else the
+    fingerprints' distance."""
     problems = []
     ids = splits["image_id"]
     if ids.duplicated().any():
@@ -413,7 +416,7 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
             for value, parts in crossing.head(5).items():
                 members = rows.loc[rows[key] == value]
                 if key == "near_duplicate_cluster":
-                    examples.append(_near_duplicate_crossing(members))
+                    examples.append(_near_duplicate_crossing(members, near_pairs))
                 else:
                     examples.append(f"{value} in {sorted(parts)} ({members[['image_id', 'part']].values.tolist()[:4]})")
             problems.append(f"{len(crossing)} {what} cross sets: " + "; ".join(examples))
@@ -437,17 +440,29 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame) -> dict:
     return report
 
 
-def _near_duplicate_crossing(members: pd.DataFrame) -> str:
-    """'a (test) ~ b (fold_1): distance 2, rotated 90°' for the closest pairs across sets."""
+def _near_duplicate_crossing(members: pd.DataFrame, near_pairs: list[dict] | None = None) -> str:
+    """'a (test) ~ b (fold_1): registered copy, score 0.93, fingerprint distance 14, mirrored
+    left-right' for the closest pairs across sets (without the verified pairs: the fingerprints'
+    distance and orientation alone)."""
     from .fingerprint import distance
 
-    rows = members[["image_id", "part", "fingerprint"]].values.tolist()
+    part = dict(zip(members["image_id"], members["part"]))
     found = []
-    for i, (a, part_a, fa) in enumerate(rows):
-        for b, part_b, fb in rows[i + 1 :]:
-            if part_a != part_b and fa and fb:
-                d, how = distance(fa, fb)
-                found.append((d, f"{a} ({part_a}) ~ {b} ({part_b}): distance {d}, {how}"))
+    if near_pairs:
+        for p in near_pairs:
+            if p["a"] in part and p["b"] in part and part[p["a"]] != part[p["b"]]:
+                text = (
+                    f"{p['a']} ({part[p['a']]}) ~ {p['b']} ({part[p['b']]}): {p['kind']}, score {p['score']:.3f}, "
+                    f"fingerprint distance {p['distance']}, {p['how']}"
+                )
+                found.append((-p["score"], text))
+    if not found:
+        rows = members[["image_id", "part", "fingerprint"]].values.tolist()
+        for i, (a, part_a, fa) in enumerate(rows):
+            for b, part_b, fb in rows[i + 1 :]:
+                if part_a != part_b and fa and fb:
+                    d, how = distance(fa, fb)
+                    found.append((d, f"{a} ({part_a}) ~ {b} ({part_b}): distance {d}, {how}"))
     return "; ".join(text for _, text in sorted(found)[:3])
 
 

@@ -71,6 +71,7 @@ rule split:
 rule check_split:
     input:
         index=rules.index.output.table,
+        report=rules.index.output.report,
         splits=rules.split.output.splits,
     output:
         check=f"{RESULTS}/{{dataset}}/split_check.json",

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pandas as pd
 
 from medfold import step
@@ -7,7 +10,8 @@ from medfold.split import check_split, write_json
 
 def main(s):
     index, _ = read_index(s.input.index)
-    write_json(check_split(index, pd.read_parquet(s.input.splits)), s.output.check)
+    near = json.loads(Path(s.input.report).read_text()).get("near_duplicates", {})
+    write_json(check_split(index, pd.read_parquet(s.input.splits), near.get("pair_list")), s.output.check)
 
 
 step.run(snakemake, main)

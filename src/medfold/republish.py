@@ -1,0 +1,214 @@
+"""Re-published copies of a radiograph, as public collections hold them: what a second journal,
+a teaching file or another collection did to the same film before it was scraped again.
+
+Each kind is one change a re-publication makes (measured against in bench/near_duplicates.py
+and tests/test_near_duplicates.py); ``combined`` stacks several, as real copies do. All draw
+from the generator they are given, so a seed gives the same copy on any host.
+
+Ranges (issue 23): crops of 1-8 % on any side, shifts, rescale 0.5-2x with and without the
+aspect, rotation up to 3 degrees, gamma 0.6-1.6, contrast and brightness, histogram
+equalisation, JPEG quality 30-95, borders, burned-in text and arrows. ``mild`` is the envelope
+the default thresholds must find with recall >= 0.99: crops up to 5 % and gamma 0.7-1.4.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+
+def _grey(pixels: np.ndarray) -> Image.Image:
+    image = Image.fromarray(pixels)
+    return image.convert("L") if image.mode != "L" else image
+
+
+def _crop(image: Image.Image, rng, most: float = 0.08) -> Image.Image:
+    """1 % to ``most`` off each of a random non-empty set of sides."""
+    w, h = image.size
+    sides = rng.random(4) < 0.5
+    sides[rng.integers(4)] = True
+    cut = np.where(sides, rng.uniform(0.01, most, 4), 0.0)
+    left, top, right, bottom = (cut * [w, h, w, h]).round().astype(int)
+    return image.crop((left, top, w - right, h - bottom))
+
+
+def crop(image, rng):
+    return _crop(image, rng, 0.08)
+
+
+def crop_mild(image, rng):
+    return _crop(image, rng, 0.05)
+
+
+def shift(image: Image.Image, rng) -> Image.Image:
+    """The film moved by up to 6 % in each direction, the uncovered edge black."""
+    w, h = image.size
+    dx, dy = (rng.uniform(-0.06, 0.06, 2) * [w, h]).round().astype(int)
+    out = Image.new("L", (w, h), 0)
+    out.paste(image, (int(dx), int(dy)))
+    return out
+
+
+def rescale(image: Image.Image, rng) -> Image.Image:
+    factor = rng.uniform(np.log(0.5), np.log(2.0))
+    w, h = image.size
+    s = float(np.exp(factor))
+    return image.resize((max(16, round(w * s)), max(16, round(h * s))), Image.Resampling.BICUBIC)
+
+
+def rescale_aspect(image: Image.Image, rng) -> Image.Image:
+    """Width and height scaled apart (0.5-2x each, the aspect changed by up to 25 %)."""
+    w, h = image.size
+    sx = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    sy = sx * float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+    sy = min(2.0, max(0.5, sy))
+    return image.resize((max(16, round(w * sx)), max(16, round(h * sy))), Image.Resampling.BILINEAR)
+
+
+def rotate(image: Image.Image, rng) -> Image.Image:
+    angle = float(rng.uniform(1.0, 3.0) * rng.choice([-1, 1]))
+    return image.rotate(angle, Image.Resampling.BILINEAR, expand=False, fillcolor=0)
+
+
+def _gamma(image: Image.Image, lo: float, hi: float, rng) -> Image.Image:
+    g = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    table = np.round(255 * (np.arange(256) / 255) ** g).astype(np.uint8)
+    return image.point(table.tolist())
+
+
+def gamma(image, rng):
+    return _gamma(image, 0.6, 1.6, rng)
+
+
+def gamma_mild(image, rng):
+    return _gamma(image, 0.7, 1.4, rng)
+
+
+def contrast(image: Image.Image, rng) -> Image.Image:
+    """a x + b, clipped: contrast 0.7-1.3, brightness -30..+30 grey levels."""
+    a, b = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
+    table = np.clip(np.round(a * (np.arange(256) - 128) + 128 + b), 0, 255).astype(np.uint8)
+    return image.point(table.tolist())
+
+
+def equalize(image: Image.Image, rng) -> Image.Image:
+    return ImageOps.equalize(image)
+
+
+def jpeg(image: Image.Image, rng) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=int(rng.integers(30, 96)))
+    buf.seek(0)
+    return Image.open(buf).convert("L")
+
+
+def border(image: Image.Image, rng) -> Image.Image:
+    """A frame of 2-10 % in black, white or grey, not always even."""
+    w, h = image.size
+    pads = (rng.uniform(0.02, 0.10, 4) * [w, h, w, h]).round().astype(int)
+    return ImageOps.expand(image, tuple(int(p) for p in pads), fill=int(rng.choice([0, 255, 128])))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # an old Pillow without scalable default font
+        return ImageFont.load_default()
+
+
+def text(image: Image.Image, rng) -> Image.Image:
+    """A burned-in side marker, date stamp or label in a corner, white or black."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    words = [
+        "L",
+        "R",
+        "PORTABLE",
+        "AP SUPINE",
+        f"{rng.integers(1, 29):02d}/{rng.integers(1, 13):02d}/20{rng.integers(10, 24)}",
+    ]
+    label = str(words[rng.integers(len(words))])
+    size = max(8, int(h * rng.uniform(0.04, 0.08)))
+    x = int(rng.uniform(0.03, 0.6) * w)
+    y = int(rng.choice([rng.uniform(0.02, 0.1), rng.uniform(0.85, 0.92)]) * h)
+    draw.text((x, y), label, fill=int(rng.choice([255, 0])), font=_font(size))
+    return out
+
+
+def arrow(image: Image.Image, rng) -> Image.Image:
+    """An annotation arrow pointing into the lung fields."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    tip = np.array([rng.uniform(0.25, 0.75) * w, rng.uniform(0.3, 0.7) * h])
+    angle = rng.uniform(0, 2 * np.pi)
+    length = rng.uniform(0.08, 0.16) * min(w, h)
+    tail = tip + length * np.array([np.cos(angle), np.sin(angle)])
+    width = max(1, int(min(w, h) * 0.012))
+    colour = int(rng.choice([255, 0]))
+    draw.line([tuple(tail), tuple(tip)], fill=colour, width=width)
+    for turn in (0.5, -0.5):  # the head: two short strokes back from the tip
+        back = tip + 0.35 * length * np.array([np.cos(angle + turn), np.sin(angle + turn)])
+        draw.line([tuple(tip), tuple(back)], fill=colour, width=width)
+    return out
+
+
+def orientation(image: Image.Image, rng) -> Image.Image:
+    """One of the 7 other dihedral orientations (rotated by 90/180/270 degrees, mirrored)."""
+    ops = [
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_180,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.FLIP_LEFT_RIGHT,
+        Image.Transpose.FLIP_TOP_BOTTOM,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    ]
+    return image.transpose(ops[rng.integers(len(ops))])
+
+
+KINDS: dict[str, Callable] = {
+    "crop": crop,
+    "shift": shift,
+    "rescale": rescale,
+    "rescale_aspect": rescale_aspect,
+    "rotate": rotate,
+    "gamma": gamma,
+    "contrast": contrast,
+    "equalize": equalize,
+    "jpeg": jpeg,
+    "border": border,
+    "text": text,
+    "arrow": arrow,
+    "orientation": orientation,
+}
+# the envelope the defaults are held to (recall >= 0.99), and what a re-publication stacks
+MILD = ("crop_mild", "gamma_mild")
+STACKABLE = ("crop", "shift", "rescale_aspect", "rotate", "gamma", "contrast", "jpeg", "border", "text", "arrow")
+
+
+def mild(image, rng):
+    """Crops up to 5 % with gamma 0.7-1.4, and a re-encode: the recall target's envelope."""
+    return jpeg(gamma_mild(crop_mild(image, rng), rng), rng)
+
+
+def combined(image, rng):
+    """Two to four of the changes in a random order, in a random orientation half the time."""
+    chosen = rng.choice(len(STACKABLE), int(rng.integers(2, 5)), replace=False)
+    for i in chosen:
+        image = KINDS[STACKABLE[i]](image, rng)
+    return orientation(image, rng) if rng.random() < 0.5 else image
+
+
+KINDS.update({"crop_mild": crop_mild, "gamma_mild": gamma_mild, "mild": mild, "combined": combined})
+
+
+def republished(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``pixels`` (uint8, grey or RGB) changed as ``kind`` (a key of KINDS) does."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of copy {kind!r}; known: {sorted(KINDS)}")
+    return np.asarray(KINDS[kind](_grey(pixels), rng))
