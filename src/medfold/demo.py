@@ -328,7 +328,8 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     the copies filed under other patients (PLANTED transforms, then REPUBLISHED ones); the
     last table row repeats an image under another patient ID. Patients have an age and sex
     (``Patient Age``, ``Patient Gender``, with the follow-up's ``View Position``); findings of
-    patients aged ``WEAK_SUBGROUP_AGE`` or more are drawn faint or not at all (``finding_strength``): the subgroup an analysis should find weaker."""
+    patients aged ``WEAK_SUBGROUP_AGE`` or more are drawn faint or not at all
+    (``finding_strength``): the subgroup an analysis should find weaker."""
     rng = np.random.default_rng([seed, 14])
     rows = []
     sixteen_bit_done = False
