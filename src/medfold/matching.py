@@ -33,7 +33,6 @@ optimiser loop around its warps.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +41,18 @@ import pandas as pd
 from scipy.fft import dctn
 
 from . import fingerprint as fp
+
+
+def _one_thread() -> None:
+    """OpenCV in one thread, in every process: its images here are 32-96 px (a pool costs more
+    than it gives), indexing's own threads are the parallelism, and a forked verification
+    worker must not inherit a thread pool whose threads it does not have."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+_one_thread()
 
 BLOCK = 6
 DIMS = BLOCK * BLOCK - 1
@@ -64,7 +75,9 @@ class Signature:
 def moment_window(grey: np.ndarray) -> np.ndarray:
     """The part of ``grey`` within 2 standard deviations of its intensity centroid, per axis
     (intensity above the 5th percentile: the body, not the background, places it)."""
-    weight = np.clip(grey - np.percentile(grey, 5), 0, None)
+    # the background level, cheaply: of the 16 x 16 area average (the same in every orientation)
+    floor = np.percentile(fp.area_average(grey, 16), 5)
+    weight = np.clip(grey - floor, 0, None)
     total = weight.sum()
     if total <= 0:
         return grey
@@ -80,7 +93,7 @@ def moment_window(grey: np.ndarray) -> np.ndarray:
         )
         bounds.append((lo, hi) if hi - lo >= 8 else (0, len(profile)))
     (r0, r1), (c0, c1) = bounds
-    return grey[r0:r1, c0:c1]
+    return np.ascontiguousarray(grey[r0:r1, c0:c1])  # a view would make the area average's product slow
 
 
 def descriptor(grey: np.ndarray) -> np.ndarray:
@@ -132,9 +145,17 @@ def inverse_orientations() -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- candidates
-def candidate_pairs(desc: np.ndarray, neighbours: int, threads: int = 1) -> pd.DataFrame:
+GROUP_SLACK = 16  # neighbours searched beyond ``neighbours`` so that one's own group can be skipped
+
+
+def candidate_pairs(
+    desc: np.ndarray, neighbours: int, threads: int = 1, groups: np.ndarray | None = None
+) -> pd.DataFrame:
     """Each image's ``neighbours`` most similar others in any of the 8 orientations: columns a < b,
-    similarity (cosine of the descriptors, best orientation), orientation (taking a to b)."""
+    similarity (cosine of the descriptors, best orientation), orientation (taking a to b). With
+    ``groups`` (an integer per row), images of the row's own group are skipped and the next ones
+    taken (up to GROUP_SLACK of them): a patient's other films are the nearest descriptors of
+    each of its films, and would crowd out a copy filed under someone else."""
     import faiss
 
     n = len(desc)
@@ -145,7 +166,7 @@ def candidate_pairs(desc: np.ndarray, neighbours: int, threads: int = 1) -> pd.D
         return empty
     base = desc.astype(np.float32)
     norms = np.maximum(np.linalg.norm(base, axis=1), 1.0)
-    k = min(neighbours + 1, n)
+    k = min(neighbours + 1 + (GROUP_SLACK if groups is not None else 0), n)
     faiss.omp_set_num_threads(1)  # one-threaded insertion: the same graph on every run and host
     index = faiss.IndexHNSWFlat(DIMS, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 80
@@ -161,6 +182,8 @@ def candidate_pairs(desc: np.ndarray, neighbours: int, threads: int = 1) -> pd.D
         keep = (b >= 0) & (b != a)
         found.append(pd.DataFrame({"query": a[keep], "b": b[keep], "orientation": g}))
     pairs = pd.concat(found, ignore_index=True)
+    if groups is not None:
+        pairs = pairs[groups[pairs["query"].to_numpy()] != groups[pairs["b"].to_numpy()]].reset_index(drop=True)
     # exact similarity of each found pair in its orientation (integers: no rounding)
     sims = np.empty(len(pairs), np.float64)
     for g, rows in pairs.groupby("orientation").indices.items():
@@ -208,7 +231,7 @@ def _band(image: np.ndarray, sigmas: tuple[float, float]) -> np.ndarray:
 
 # ECC iterations per level: the coarse level (half of REGISTER_SIDE) finds the warp, the fine
 # one polishes it (each iteration costs about 50 us at 32 px and 100 us at 64 px here)
-COARSE_ITERATIONS = 30
+COARSE_ITERATIONS = 20
 FINE_ITERATIONS = 10
 
 
@@ -269,21 +292,21 @@ def verify(thumb_a: np.ndarray, thumb_b: np.ndarray, orientation: int, early: fl
     a = thumb_a.astype(np.float32)
     b = orient_pixels(thumb_b, inverse_orientations()[orientation]).astype(np.float32)
     band_a, band_b = _band(a, BAND), _band(b, BAND)
-    pyramid = []
-    for side in (REGISTER_SIDE // 2, REGISTER_SIDE):
-        pair = [
+
+    def level(side):
+        return [
             cv2.GaussianBlur(cv2.resize(x, (side, side), interpolation=cv2.INTER_AREA), (0, 0), 1.0) for x in (a, b)
         ]
-        pyramid.append(pair)
+
     best = Verification(score=-1.0)
-    warp = _ecc(*pyramid[0], np.eye(2, 3, dtype=np.float32), COARSE_ITERATIONS)
+    warp = _ecc(*level(REGISTER_SIDE // 2), np.eye(2, 3, dtype=np.float32), COARSE_ITERATIONS)
     if warp is None:
         warp = np.eye(2, 3, dtype=np.float32)
     else:
         best = _verification(band_a, band_b, _at_size(warp, THUMB / (REGISTER_SIDE // 2)), coarse=True)
         if best.score < early:
             return best
-    fine = _ecc(*pyramid[1], _at_size(warp, 2.0).astype(np.float32), FINE_ITERATIONS)
+    fine = _ecc(*level(REGISTER_SIDE), _at_size(warp, 2.0).astype(np.float32), FINE_ITERATIONS)
     if fine is not None:
         refined = _verification(band_a, band_b, _at_size(fine, THUMB / REGISTER_SIDE), coarse=False)
         if refined.score >= best.score:
@@ -306,24 +329,45 @@ def _verification(band_a, band_b, warp: np.ndarray, coarse: bool) -> Verificatio
     )
 
 
+_FIELDS = tuple(Verification.__dataclass_fields__)
+_SHARED: dict = {}  # what forked verification workers inherit (copy-on-write, never pickled)
+PROCESS_MIN_PAIRS = 2000  # below this, worker processes cost more than they save
+
+
+def _verify_rows(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, g: np.ndarray, early: float) -> np.ndarray:
+    out = np.empty((len(a), len(_FIELDS)), np.float64)
+    for i, (x, y, o) in enumerate(zip(a, b, g)):
+        v = verify(thumbs[x], thumbs[y], int(o), early)
+        out[i] = [getattr(v, f) for f in _FIELDS]
+    return out
+
+
+def _worker_rows(rows: np.ndarray) -> np.ndarray:
+    a, b, g, early = _SHARED["a"], _SHARED["b"], _SHARED["g"], _SHARED["early"]
+    return _verify_rows(_SHARED["thumbs"], a[rows], b[rows], g[rows], early)
+
+
 def verify_pairs(thumbs: np.ndarray, pairs: pd.DataFrame, early: float = -1.0, threads: int = 1) -> pd.DataFrame:
-    """``pairs`` (a, b, orientation) with each Verification's fields as columns."""
-    import cv2
-
-    cv2.setNumThreads(1)  # the pool's threads are the parallelism (OpenCV releases the GIL)
-    triples = list(zip(pairs["a"].to_numpy(), pairs["b"].to_numpy(), pairs["orientation"].to_numpy()))
-
-    def one(t):
-        return verify(thumbs[t[0]], thumbs[t[1]], int(t[2]), early)
-
-    if threads > 1 and len(triples) > 64:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = list(pool.map(one, triples, chunksize=64))
+    """``pairs`` (a, b, orientation) with each Verification's fields as columns. With several
+    threads and many pairs, in that many forked worker processes (a registration is many small
+    OpenCV and NumPy calls, so threads would wait for each other's interpreter lock): they
+    inherit the thumbnails and run no OpenMP or OpenCV thread pool of their own (OpenCV is
+    serial in medfold, see _one_thread), and compute every pair as the parent would."""
+    a, b, g = (pairs[c].to_numpy() for c in ("a", "b", "orientation"))
+    if threads <= 1 or len(pairs) < PROCESS_MIN_PAIRS:
+        results = _verify_rows(thumbs, a, b, g, early)
     else:
-        results = [one(t) for t in triples]
-    fields = list(Verification.__dataclass_fields__)
-    columns = {name: np.array([getattr(r, name) for r in results], np.float64) for name in fields}
-    return pairs.reset_index(drop=True).assign(**columns)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _SHARED.update(thumbs=thumbs, a=a, b=b, g=g, early=early)
+        chunks = np.array_split(np.arange(len(pairs)), max(threads * 8, len(pairs) // 2000))
+        try:
+            with ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("fork")) as pool:
+                results = np.concatenate(list(pool.map(_worker_rows, chunks)))
+        finally:
+            _SHARED.clear()
+    return pairs.reset_index(drop=True).assign(**{f: results[:, i] for i, f in enumerate(_FIELDS)})
 
 
 # ----------------------------------------------------------------------------- both stages
@@ -367,7 +411,8 @@ def find_copies(
     seconds = {"fingerprint_search": time.perf_counter() - start}
     start = time.perf_counter()
     desc = np.stack([s.descriptor for s in signatures]) if signatures else np.zeros((0, DIMS), np.int8)
-    by_descriptor = candidate_pairs(desc, settings.neighbours, threads)
+    groups = pd.factorize(pd.Series(patients, dtype=object).astype(str) + "\x00" + pd.Series(sources).astype(str))[0]
+    by_descriptor = candidate_pairs(desc, settings.neighbours, threads, groups)
     seconds["descriptor_search"] = time.perf_counter() - start
     # one row per pair: the fingerprint's orientation where it matched (exact for its kinds)
     pairs = pd.concat(
