@@ -216,27 +216,30 @@ def precision_and_recall(args, names, patients, pixels) -> None:
 
 
 def nih_set(pixels: list[np.ndarray], n: int, threads: int, seed: int = 1):
-    """``n`` distinct images from the real ones (a crop of one blended with another), 1 % of them
-    re-published copies of others; their signatures."""
+    """``n`` distinct images from the real ones (crops of three blended, with random weights),
+    1 % of them re-published copies of others; their signatures. Each real image lends to about
+    3 n / len(pixels) of them, so they are closer look-alikes of each other than real films are."""
     import cv2
 
     rng = np.random.default_rng(seed)
     side = 224
-    plan = rng.integers(0, len(pixels), (n, 2))
-    windows = rng.uniform(0.75, 1.0, (n, 2))
-    corners = rng.uniform(0, 1, (n, 2))
-    weights = rng.uniform(0.25, 0.45, n)
+    plan = rng.integers(0, len(pixels), (n, 3))
+    windows = rng.uniform(0.75, 1.0, (n, 3, 2))
+    corners = rng.uniform(0, 1, (n, 3, 2))
+    weights = rng.dirichlet([4, 4, 4], n)
     copies = rng.choice(n, n // 100, replace=False)
     originals = rng.choice(np.setdiff1d(np.arange(n), copies), len(copies), replace=False)
 
-    def make(i):
-        base = pixels[plan[i, 0]]
+    def crop(i, j):
+        base = pixels[plan[i, j]]
         h, w = base.shape
-        ch, cw = int(h * windows[i, 0]), int(w * windows[i, 1])
-        y, x = int((h - ch) * corners[i, 0]), int((w - cw) * corners[i, 1])
-        crop = cv2.resize(base[y : y + ch, x : x + cw], (side, side), interpolation=cv2.INTER_AREA)
-        other = cv2.resize(pixels[plan[i, 1]], (side, side), interpolation=cv2.INTER_AREA)
-        return cv2.addWeighted(crop, 1 - weights[i], other, weights[i], 0)
+        ch, cw = int(h * windows[i, j, 0]), int(w * windows[i, j, 1])
+        y, x = int((h - ch) * corners[i, j, 0]), int((w - cw) * corners[i, j, 1])
+        return cv2.resize(base[y : y + ch, x : x + cw], (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+    def make(i):
+        mixed = sum(weights[i, j] * crop(i, j) for j in range(3))
+        return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max(1, threads)) as pool:

@@ -169,9 +169,9 @@ def candidate_pairs(
     k = min(neighbours + 1 + (GROUP_SLACK if groups is not None else 0), n)
     faiss.omp_set_num_threads(1)  # one-threaded insertion: the same graph on every run and host
     index = faiss.IndexHNSWFlat(DIMS, 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 80
+    index.hnsw.efConstruction = 40  # 80 built in twice the time, no copy found more on Kermany
     index.add(base)
-    index.hnsw.efSearch = max(64, 4 * k)
+    index.hnsw.efSearch = max(64, 3 * k)
     faiss.omp_set_num_threads(max(1, threads))  # queries are independent of each other
     found = []
     for g in range(8):
@@ -230,8 +230,9 @@ def _band(image: np.ndarray, sigmas: tuple[float, float]) -> np.ndarray:
 
 
 # ECC iterations per level: the coarse level (half of REGISTER_SIDE) finds the warp, the fine
-# one polishes it (each iteration costs about 50 us at 32 px and 100 us at 64 px here)
-COARSE_ITERATIONS = 20
+# one polishes it (each iteration costs about 50 us at 32 px and 100 us at 64 px here). 8 at
+# the coarse level gave the same scores to 600 Kermany copies as 20, in 0.63 of the time.
+COARSE_ITERATIONS = 8
 FINE_ITERATIONS = 10
 
 
@@ -382,7 +383,7 @@ class MatchSettings:
 
     max_distance: int = 5
     neighbours: int = 4
-    min_score: float = 0.8
+    min_score: float = 0.85
     early_score: float = 0.5
 
     @classmethod
