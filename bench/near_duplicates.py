@@ -170,14 +170,14 @@ def precision_and_recall(args, names, patients, pixels) -> None:
     counts = pd.Series(patients).value_counts().to_numpy()
     distinct_pairs = n_real * (n_real - 1) / 2 - float((counts * (counts - 1) / 2).sum())
     merged = pairs[distinct & pairs["accepted"]].sort_values("score", ascending=False)
-    per_million = len(merged) / (distinct_pairs / 1e6)
+    exact = (merged["kind"] == matching.EXACT).to_numpy()
+    rest = merged.loc[~exact, "score"].round(3).tolist()
+    per_million = len(rest) / (distinct_pairs / 1e6)
     print(
         f"\ndistinct-patient pairs of the real set: {distinct_pairs:,.0f}; verified {int(distinct.sum()):,}; "
-        f"accepted {len(merged)} = {per_million:.2f} per million  (target <= 1 false merge per million)"
+        f"accepted {len(merged)}, of them identical pixels (a copy the collection holds) {int(exact.sum())}"
     )
-    exact = merged["kind"] == matching.EXACT
-    rest = merged.loc[~exact, "score"].round(3).tolist()
-    print(f"  of them identical pixels: {int(exact.sum())}; the rest by score: {rest}")
+    print(f"FALSE MERGES at most {len(rest)} {rest} = {per_million:.2f} per million  (target <= 1 per million)")
     scored = pairs[distinct & ~pairs["accepted"]]["score"]
     if len(scored):
         print(f"  highest scores not accepted: {scored.nlargest(5).round(3).tolist()}")
@@ -213,6 +213,7 @@ def precision_and_recall(args, names, patients, pixels) -> None:
     ]
     write_page(Path(args.page), listed, all_pixels, "Accepted pairs of different patients")
     print(f"page with every accepted distinct-patient pair side by side: {args.page}")
+    return float(mild["found"].mean()), per_million
 
 
 def nih_set(pixels: list[np.ndarray], n: int, threads: int, seed: int = 1):
@@ -323,9 +324,11 @@ def main() -> None:
     else:
         names, patients, pixels = demo_images(40 if args.quick else 150)
         print("the demo's synthetic radiographs (give --real PATH for real ones)")
-    precision_and_recall(args, names, patients, pixels)
-    seconds, recall = nih_scale(args, pixels)
-    ok = recall >= 0.99 and (args.quick or seconds < 300)
+    mild, per_million = precision_and_recall(args, names, patients, pixels)
+    seconds, _ = nih_scale(args, pixels)
+    # the targets: recall >= 0.99 in the mild envelope, <= 1 false merge per million
+    # distinct-patient pairs, the NIH-size search in under 5 minutes (the full size only)
+    ok = mild >= 0.99 and per_million <= 1 and (args.quick or seconds < 300)
     print("TARGETS MET" if ok else "TARGETS MISSED")
 
 

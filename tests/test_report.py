@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -131,12 +132,15 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     item = record["images"][0]
     assert f"{item['image_id']}: explains {item['explained_class']}" in text
     assert seen["images_loaded"] and text.count("explains ") == 3 * 4
-    # the demo's 8 planted copies, each beside its original, with the transform found
+    # the demo's 8 transformed and 4 re-published copies, each beside its original, with the
+    # transform found, the kind of match and the verification score
     planted = pd.read_csv(trained_workflow / "resources" / "demo" / "cxr14" / "planted_copies.csv")
-    assert text.count("The same radiograph under patients") == len(planted) == 8
+    assert text.count("The same radiograph under patients") == len(planted) == 12
     for copy, original in zip(planted["copy"], planted["original"]):
         assert copy in text and original in text
     assert "rotated 90°" in text and "mirrored left-right" in text
+    assert re.search(r"registered copy, score 0\.(8[5-9]|9\d)\d \(shifted", text)
+    assert re.search(r"transformed copy, score (0\.9\d\d|1\.000)", text)
     assert "0 near-duplicate clusters crossing sets" in text
 
 
