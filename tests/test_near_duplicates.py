@@ -17,6 +17,22 @@ from medfold.index import build_index
 from medfold.split import check_split, make_splits
 
 
+def _single_label_table(table: Path, root: Path) -> dict:
+    """The dataset section of a CSV with columns file, label, patient (one label an image)."""
+    return csv_dataset(
+        root,
+        table=str(table),
+        root=str(root),
+        path_column="file",
+        label_column="label",
+        label_separator=None,
+        patient_column="patient",
+        task="multiclass",
+        labels=[],
+        no_finding_label=None,
+    )
+
+
 @pytest.mark.parametrize("form", ["csv", "folders"])
 def test_every_planted_copy_is_found_and_no_distinct_radiographs_are_merged(demo_dir, form):
     if form == "csv":
@@ -135,18 +151,7 @@ def test_on_real_radiographs_copies_are_found_among_look_alikes(tmp_path):
         rows.append((name, files[i].parent.name, f"copy{k}"))
         planted.append({files[i].name, name})
     pd.DataFrame(rows, columns=["file", "label", "patient"]).to_csv(tmp_path / "table.csv", index=False)
-    ds = csv_dataset(
-        tmp_path,
-        table=str(tmp_path / "table.csv"),
-        root=str(tmp_path / "images"),
-        path_column="file",
-        label_column="label",
-        label_separator=None,
-        patient_column="patient",
-        task="multiclass",
-        labels=[],
-        no_finding_label=None,
-    )
+    ds = _single_label_table(tmp_path / "table.csv", tmp_path / "images")
     _, report = build_index(ds, threads=2)
     near = report["near_duplicates"]
     pairs = [{p["a"], p["b"]} for p in near["pair_list"]]
@@ -248,18 +253,7 @@ def test_a_file_listed_twice_joins_its_patients_and_conflicting_labels_are_named
     single.to_csv(tmp_path / "single.csv", index=False)
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((40, 40), 100, np.uint8)).save(tmp_path / name)
-    ds = csv_dataset(
-        demo_dir,
-        table=str(tmp_path / "single.csv"),
-        root=str(tmp_path),
-        path_column="file",
-        label_column="label",
-        label_separator=None,
-        patient_column="patient",
-        task="multiclass",
-        labels=[],
-        no_finding_label=None,
-    )
+    ds = _single_label_table(tmp_path / "single.csv", tmp_path)
     with pytest.raises(ConfigError, match=r"'a.png' is listed on lines \[2, 4\] with different labels"):
         build_index(ds)
 
