@@ -127,7 +127,7 @@ def render_radiograph(
     # little by this film's breath
     ribs = np.random.default_rng([anatomy.detail, 1])
     spacing, phase, slope = ribs.uniform(8, 10.5), ribs.uniform(0, 2 * np.pi), ribs.uniform(-0.25, 0.25)
-    phase += rng.uniform(-1.2, 1.2)
+    phase += rng.uniform(-np.pi, np.pi)
     img += 0.04 * (np.sin((yy + slope * (xx - anatomy.cx)) * 2 * np.pi * spacing + phase) > 0.6)
     left_cx, right_cx = anatomy.cx - 0.2, anatomy.cx + 0.2
     lungs = {}
@@ -178,7 +178,7 @@ def render_radiograph(
     # this exposure's own mottle, coarse enough to survive a thumbnail: what tells two films of
     # one body apart (and distinct radiographs with alike shapes), as real films' grain does
     mottle = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), sigma=width / 80)
-    img *= 1 + 0.15 * mottle / (mottle.std() + 1e-9)
+    img *= 1 + 0.10 * mottle / (mottle.std() + 1e-9)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
