@@ -433,10 +433,11 @@ def _pair_text(p: dict) -> str:
     if "score" not in p:  # a report of an older index
         return f"{text}, distance {p['distance']}"
     r = p["registration"]
-    shifted = f"shifted {100 * r['shift_x']:.0f} % x {100 * r['shift_y']:.0f} %"
+    shifted = f"shifted {round(100 * r['shift_x']):d} % x {round(100 * r['shift_y']):d} %"
+    rotated = round(r["rotation_degrees"], 1) + 0.0  # no '-0.0'
     return (
         f"{text}: {p['kind']}, score {p['score']:.3f} ({shifted}, "
-        f"scaled {r['scale_x']:.2f} x {r['scale_y']:.2f}, rotated {r['rotation_degrees']:.1f}°), "
+        f"scaled {r['scale_x']:.2f} x {r['scale_y']:.2f}, rotated {rotated:.1f}°), "
         f"fingerprint distance {p['distance']}"
     )
 
