@@ -123,12 +123,8 @@ def render_radiograph(
     drawn = np.zeros((height, width), bool)
     img = np.full((height, width), 0.08, np.float32)
     img[_ellipse(xx, yy, anatomy.cx, 0.55, 0.42, 0.52)] = 0.55  # soft tissue
-    # ribs: faint stripes across the chest, spaced and placed as this person's are, moved a
-    # little by this film's breath
-    ribs = np.random.default_rng([anatomy.detail, 1])
-    spacing, phase, slope = ribs.uniform(8, 10.5), ribs.uniform(0, 2 * np.pi), ribs.uniform(-0.25, 0.25)
-    phase += rng.uniform(-np.pi, np.pi)
-    img += 0.04 * (np.sin((yy + slope * (xx - anatomy.cx)) * 2 * np.pi * spacing + phase) > 0.6)
+    # ribs: faint horizontal stripes across the chest
+    img += 0.04 * (np.sin(yy * 2 * np.pi * 9) > 0.6)
     left_cx, right_cx = anatomy.cx - 0.2, anatomy.cx + 0.2
     lungs = {}
     for side, lcx in (("left", left_cx), ("right", right_cx)):
@@ -170,15 +166,16 @@ def render_radiograph(
     if strength != 1.0:
         img = without + strength * (img - without)
     img = img * (1 + _anatomy_detail(anatomy, height, width))
+    # this exposure's own mottle outside the lung fields (where the findings are): what tells two
+    # films of one body apart, and distinct radiographs of alike shapes, as real films' grain does
+    mottle = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), sigma=width / 80)
+    outside = ~(lungs["left"][0] | lungs["right"][0])
+    img = img * (1 + 0.25 * outside * mottle / (mottle.std() + 1e-9))
     if position != Position():
         img, drawn = _place(img, position), _place(drawn.astype(np.float32), position) > 0.5
     if signal is not None:
         signal[...] = drawn
     img = gaussian_filter(img, sigma=width / 200) * anatomy.brightness
-    # this exposure's own mottle, coarse enough to survive a thumbnail: what tells two films of
-    # one body apart (and distinct radiographs with alike shapes), as real films' grain does
-    mottle = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), sigma=width / 80)
-    img *= 1 + 0.10 * mottle / (mottle.std() + 1e-9)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0)
 
