@@ -170,7 +170,7 @@ def render_radiograph(
     # films of one body apart, and distinct radiographs of alike shapes, as real films' grain does
     mottle = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), sigma=width / 80)
     outside = ~(lungs["left"][0] | lungs["right"][0])
-    img = img * (1 + 0.25 * outside * mottle / (mottle.std() + 1e-9))
+    img = img * (1 + 0.18 * outside * mottle / (mottle.std() + 1e-9))
     if position != Position():
         img, drawn = _place(img, position), _place(drawn.astype(np.float32), position) > 0.5
     if signal is not None:
