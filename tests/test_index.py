@@ -49,7 +49,7 @@ def test_folder_adapter_reads_classes_split_folders_and_patient_regex(demo_dir):
     table, report = build_index(folder_dataset(demo_dir / "chest_xray"), threads=2)
     assert report["classes"] == ["Effusion", "Normal", "Pneumonia"]
     assert set(table["source_split"]) == {"train", "test"}
-    row = table[table["image_id"].str.startswith("train/Normal/")].iloc[0]
+    row = table[table["image_id"].str.startswith("train/Normal/person")].iloc[0]
     assert row["labels"] == ["Normal"] and row["patient_id"] == row["image_id"].split("/")[-1].split("_")[0]
     # the planted copies ('90Rotated_person7_...') carry no patient the regex can read: each is
     # its own patient, warned about, and found again as a near-duplicate of its original

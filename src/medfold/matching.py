@@ -410,7 +410,9 @@ def find_copies(
 ) -> tuple[pd.DataFrame, dict]:
     """Every candidate pair of rows (fingerprints within ``max_distance``, and each image's
     ``neighbours`` nearest descriptors), verified, with ``accepted`` marking the copies. Pairs of
-    one patient in one source folder are left out: they are one group of the split already.
+    one patient are left out: they are one group of the split already (a patient leaking across
+    source folders is found as a patient), and two films of one body can look like one film.
+    ``sources`` is kept for the callers' records.
     Returns the pairs (a < b, orientation taking a to b, fingerprint distance, descriptor
     similarity, kind, the Verification's fields, accepted) and the stages' counts and times."""
     import time
@@ -420,7 +422,7 @@ def find_copies(
     seconds = {"fingerprint_search": time.perf_counter() - start}
     start = time.perf_counter()
     desc = np.stack([s.descriptor for s in signatures]) if signatures else np.zeros((0, DIMS), np.int8)
-    groups = pd.factorize(pd.Series(patients, dtype=object).astype(str) + "\x00" + pd.Series(sources).astype(str))[0]
+    groups = pd.factorize(pd.Series(patients, dtype=object).astype(str))[0]
     by_descriptor = candidate_pairs(desc, settings.neighbours, threads, groups)
     seconds["descriptor_search"] = time.perf_counter() - start
     # one row per pair: the fingerprint's orientation where it matched (exact for its kinds)
@@ -428,7 +430,7 @@ def find_copies(
         [by_print[["a", "b", "orientation"]], by_descriptor[["a", "b", "orientation"]]], ignore_index=True
     ).drop_duplicates(["a", "b"], keep="first")
     a, b, g = (pairs[c].to_numpy() for c in ("a", "b", "orientation"))
-    one_group = (patients[a] == patients[b]) & (sources[a] == sources[b])
+    one_group = patients[a] == patients[b]
     candidates = len(pairs)
     pairs = pairs.loc[~one_group].reset_index(drop=True)
     a, b, g = (pairs[c].to_numpy() for c in ("a", "b", "orientation"))
@@ -460,7 +462,7 @@ def find_copies(
         "candidates": int(candidates),
         "from_fingerprint": int(len(by_print)),
         "from_descriptor": int(len(by_descriptor)),
-        "within_one_patient_and_folder": int(one_group.sum()),
+        "within_one_patient": int(one_group.sum()),
         "verified": int((~exact).sum()),
         "refined": int((pairs.loc[~exact, "coarse"] >= settings.early_score).sum()),
         "accepted": int(pairs["accepted"].sum()),
