@@ -9,7 +9,7 @@ the time at NIH ChestX-ray14 size (112,120 images) on this machine's cores.
    found when its pair with the original is accepted (candidate recall: when it was verified).
 2. Precision: every accepted pair of two different patients of the real set is a false merge
    unless it is a copy the collection itself holds; all are written side by side to a page
-   (``--page``, default near_duplicates.html) for a person to judge. Their rate is per million
+   (``--page``, default results/near_duplicates.html) for a person to judge. Their rate is per million
    distinct-patient pairs of the real set. Pairs of one patient's films are scored too (what
    registration says of two exposures of one body).
 3. Separation: the lowest scores of the planted copies against the highest of distinct patients'
@@ -211,6 +211,7 @@ def precision_and_recall(args, names, patients, pixels) -> None:
         }
         for r in merged.to_dict("records")
     ]
+    Path(args.page).parent.mkdir(parents=True, exist_ok=True)
     write_page(Path(args.page), listed, all_pixels, "Accepted pairs of different patients")
     print(f"page with every accepted distinct-patient pair side by side: {args.page}")
     return float(mild["found"].mean()), per_million
@@ -312,7 +313,7 @@ def main() -> None:
     parser.add_argument("--nih", type=int, default=None, help="images of the NIH-size timing")
     parser.add_argument("--brute-rows", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--page", default="near_duplicates.html")
+    parser.add_argument("--page", default="results/near_duplicates.html")
     args = parser.parse_args()
     args.copies = args.copies or (6 if args.quick else 100)
     args.nih = args.nih or (3_000 if args.quick else NIH_IMAGES)
