@@ -112,11 +112,8 @@ def write_page(path: Path, rows: list[dict], pixels: list[np.ndarray], title: st
 
 
 def match(bits, sigs, hashes, patients, settings, threads):
-    sources = np.array([""] * len(patients), dtype=object)
     start = time.perf_counter()
-    pairs, stats = matching.find_copies(
-        bits, sigs, hashes, np.array(patients, dtype=object), sources, settings, threads
-    )
+    pairs, stats = matching.find_copies(bits, sigs, hashes, np.array(patients, dtype=object), settings, threads)
     return pairs, stats, time.perf_counter() - start
 
 

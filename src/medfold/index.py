@@ -627,7 +627,6 @@ def _near_duplicates(table: pd.DataFrame, ds: dict, signatures: list, threads: i
         [signatures[i] for i in rows],
         table["content_hash"].to_numpy()[rows],
         _text(table["patient_id"])[rows],
-        _text(table["source_split"])[rows],
         typed,
         threads,
     )

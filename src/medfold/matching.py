@@ -404,7 +404,6 @@ def find_copies(
     signatures: list[Signature],
     content_hashes: np.ndarray,
     patients: np.ndarray,
-    sources: np.ndarray,
     settings: MatchSettings,
     threads: int = 1,
 ) -> tuple[pd.DataFrame, dict]:
@@ -412,7 +411,6 @@ def find_copies(
     ``neighbours`` nearest descriptors), verified, with ``accepted`` marking the copies. Pairs of
     one patient are left out: they are one group of the split already (a patient leaking across
     source folders is found as a patient), and two films of one body can look like one film.
-    ``sources`` is kept for the callers' records.
     Returns the pairs (a < b, orientation taking a to b, fingerprint distance, descriptor
     similarity, kind, the Verification's fields, accepted) and the stages' counts and times."""
     import time
