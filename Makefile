@@ -1,7 +1,8 @@
 # The two commands of the README. Each one creates .venv on first use (Python 3.11),
 # installing torch/torchvision from the machine's local wheels and medfold in editable mode.
 # `make test` also installs what the tests run for real: Debian's Chromium (report), slurm-wlm
-# and munge (a real Slurm), and Horovod built from source (install/horovod.sh).
+# and munge (a real Slurm), DCMTK (JPEG encoders for the DICOM tests), and Horovod built from
+# source (install/horovod.sh).
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed

@@ -9,8 +9,14 @@ a uint8 picture as a radiologist would first see it, and the header fields the i
   1/16 of that range (a CT slice stored in 16 bits, no window) is scaled by its own range.
 * MONOCHROME1 (white = low values, as many computed radiography systems export) is inverted.
 * Colour (RGB, YBR_*) becomes RGB; multi-frame files give their first frame (reported).
-* Compressed transfer syntaxes decode when pydicom has a decoder for them (RLE always; JPEG and
-  JPEG 2000 with pylibjpeg or Pillow's plugins): otherwise the file is skipped with that reason.
+* Every transfer syntax hospitals export decodes through pydicom's pixel-data plugins, installed
+  with medfold: JPEG baseline, extended (12-bit) and lossless (process 14, SV1) and JPEG-LS with
+  pylibjpeg-libjpeg (the ISO reference codec; pydicom's GDCM plugin refuses 12-bit extended),
+  JPEG-LS also with pyjpegls (CharLS), JPEG 2000 and HTJ2K with pylibjpeg-openjpeg, RLE and
+  deflate with pydicom itself. A syntax no installed plugin decodes is skipped as "unsupported
+  transfer syntax <name> (<uid>): install <package>", never as a corrupt file.
+* Legacy ACR-NEMA files (no preamble, no file meta, the encoding guessed from the first element)
+  are read as what they are: their transfer syntax is the one pydicom found them in.
 """
 
 from __future__ import annotations
@@ -22,6 +28,24 @@ import numpy as np
 
 MAGIC_OFFSET = 128
 EXTENSIONS = (".dcm", ".dicom")
+# what to install for a syntax whose decoder is missing (pydicom's own plugins need nothing)
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG extended (12-bit)
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless, process 14
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless, SV1
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+}
+
+
+class UnsupportedTransferSyntax(ValueError):
+    """The file is sound but no installed decoder reads its pixel data's encoding."""
 
 
 @dataclass(frozen=True)
@@ -35,16 +59,32 @@ class DicomImage:
 
 
 def looks_like_dicom(path) -> bool:
-    """A .dcm/.dicom name, or the 'DICM' preamble marker (exports often have no extension)."""
+    """A .dcm/.dicom name, the 'DICM' preamble marker (exports often have no extension), or a
+    legacy ACR-NEMA stream: no preamble, starting with an element of group 0008 (or a group
+    length) in little-endian order, whose length fits in the file."""
     path = Path(path)
     if path.suffix.lower() in EXTENSIONS:
         return True
     try:
         with open(path, "rb") as fh:
-            fh.seek(MAGIC_OFFSET)
-            return fh.read(4) == b"DICM"
+            head = fh.read(MAGIC_OFFSET + 4)
+            size = fh.seek(0, 2)
     except OSError:
         return False
+    return head[MAGIC_OFFSET : MAGIC_OFFSET + 4] == b"DICM" or _acr_nema_head(head, size)
+
+
+def _acr_nema_head(head: bytes, size: int) -> bool:
+    if len(head) < 8:
+        return False
+    group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    if group not in (0x0000, 0x0008) or element > 0x1000:
+        return False
+    if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR: a two-letter VR, then a 2-byte length
+        length = int.from_bytes(head[6:8], "little")
+    else:
+        length = int.from_bytes(head[4:8], "little")
+    return 0 < length < size
 
 
 def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -78,28 +118,69 @@ def _voi_output_range(ds, bits: int) -> tuple[float, float]:
     return low, high
 
 
-def read_dicom(path) -> DicomImage:
-    """Decode ``path``; raises ValueError (with the reason) for a file that is not a usable image."""
+def read_header(path, pixels: bool = False):
+    """The pydicom dataset of ``path`` (without its pixel data unless ``pixels``). A legacy
+    ACR-NEMA file, which has no file meta, gets the transfer syntax pydicom read it in."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise ValueError(f"not a DICOM file ({exc})") from exc
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        except InvalidDicomError as exc:
+            with open(path, "rb") as fh:
+                head = fh.read(MAGIC_OFFSET + 4)
+                size = fh.seek(0, 2)
+            if not _acr_nema_head(head, size):
+                raise ValueError(f"not a DICOM file ({exc})") from exc
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+    except ValueError:
+        raise
     except Exception as exc:  # a truncated or mangled header: pydicom raises many kinds
         raise ValueError(f"DICOM header cannot be read ({type(exc).__name__}: {exc})") from exc
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ValueError("not a DICOM file (no preamble, and no image rows/columns in what reads as ACR-NEMA)")
+    implicit, little = ds.original_encoding
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _check_decoder(syntax) -> None:
+    """Raise UnsupportedTransferSyntax when no installed plugin decodes ``syntax``."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntax(
+            f"unsupported transfer syntax {syntax.name} ({syntax}): no pydicom pixel-data plugin decodes it"
+        ) from exc
+    if not decoder.is_available:
+        raise UnsupportedTransferSyntax(
+            f"unsupported transfer syntax {syntax.name} ({syntax}): install "
+            f"{DECODER_PACKAGES.get(str(syntax), 'a pydicom pixel-data plugin for it')}"
+        )
+
+
+def read_dicom(path) -> DicomImage:
+    """Decode ``path``; raises ValueError (with the reason) for a file that is not a usable image."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+
+    ds = read_header(path, pixels=True)
     if "PixelData" not in ds:
         raise ValueError(
             f"DICOM without pixel data (Modality {_text(ds, 'Modality')}, SOP class {_text(ds, 'SOPClassUID')})"
         )
+    syntax = ds.file_meta.TransferSyntaxUID
+    _check_decoder(syntax)
     try:
         array = ds.pixel_array
-    except Exception as exc:  # no decoder for the transfer syntax, truncated data...
+    except Exception as exc:  # truncated or damaged pixel data: the plugins raise many kinds
         raise ValueError(
             f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}; transfer syntax "
-            f"{ds.file_meta.get('TransferSyntaxUID', '?')})"
+            f"{syntax.name} ({syntax}))"
         ) from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))

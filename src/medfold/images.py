@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import UnsupportedTransferSyntax
 from .fingerprint import area_average, fingerprint, trimmed_grey
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -128,6 +129,8 @@ def check_image(path: str | Path) -> ImageCheck:
         message = str(exc)
         kind = "truncated image" if "truncated" in message.lower() else "corrupt image"
         return ImageCheck(file_bytes=size, reason=f"{kind}: {message}")
+    except UnsupportedTransferSyntax as exc:  # a sound file this installation cannot decode: not "corrupt"
+        return ImageCheck(file_bytes=size, reason=str(exc))
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageCheck(file_bytes=size, reason=f"corrupt image: {exc}")
     pixels, dicom = decoded.pixels, decoded.dicom
