@@ -131,9 +131,9 @@ def test_pydicom_sample_files(tmp_path):
     assert ct.pixels.dtype == np.uint8 and ct.pixels.shape == (128, 128) and ct.pixels.std() > 5
     mr, mr_rle = (read_dicom(get_testdata_file(n)) for n in ("MR_small.dcm", "MR_small_RLE.dcm"))
     assert np.array_equal(mr.pixels, mr_rle.pixels) and mr.patient_id
-    # JPEG 2000 decodes where a decoder is installed; elsewhere it is skipped with the reason
-    check = check_image(get_testdata_file("JPEG2000.dcm"))
-    assert check.reason is None or "cannot be decoded" in check.reason
+    # pydicom's own JPEG 2000 and JPEG-LS samples decode with the plugins medfold installs
+    for name in ("JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        assert check_image(get_testdata_file(name)).reason is None, name
 
 
 def test_png_high_bit_depth_is_scaled_by_the_bits_used_and_exif_orientation_applied(tmp_path):
@@ -149,3 +149,58 @@ def test_png_high_bit_depth_is_scaled_by_the_bits_used_and_exif_orientation_appl
     image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     upright = decode(tmp_path / "phone.jpg").pixels
     assert upright.shape == (40, 20) and upright[:10].mean() > 200 and upright[-10:].mean() < 50
+
+
+def test_dicom_header_fields_go_into_the_index_for_filters_and_subgroups_and_identifiers_never(tmp_path):
+    import pyarrow.parquet as pq
+
+    from medfold.errors import ConfigError
+    from medfold.index import write_index
+
+    rng = np.random.default_rng(1)
+    views = ["PA", "AP", "LL"]
+    for p in range(9):
+        cls = "Pneumonia" if p % 2 else "Normal"
+        pixels = (rng.random((40, 40)) * 4095).astype(np.uint16)
+        write_dicom(
+            tmp_path / "export" / cls / f"{p}.dcm",
+            pixels,
+            bits=12,
+            patient=f"MRN{p:07d}",
+            PatientName=f"Doe^Jane{p}",
+            PatientBirthDate="19600101",
+            PatientSex="F" if p % 3 else "M",
+            PatientAge="006M" if p == 0 else f"{40 + p:03d}Y",
+            ViewPosition=views[p % 3],
+            Manufacturer="Acme" if p < 5 else "Other",
+            AccessionNumber=f"ACC{p}",
+        )
+    index, report = build_index(
+        folder_dataset(tmp_path / "export", patient_regex=None, metadata_columns=["Manufacturer"])
+    )
+    by_name = index.set_index("image_id")
+    assert (
+        by_name.loc["Normal/0.dcm", "meta:PatientAge"] == "0.5"
+        and by_name.loc["Pneumonia/1.dcm", "meta:PatientAge"] == "41"
+    )
+    assert (
+        by_name.loc["Normal/0.dcm", "meta:ViewPosition"] == "PA"
+        and by_name.loc["Pneumonia/5.dcm", "meta:Manufacturer"] == "Other"
+    )
+    assert {"meta:PatientSex", "meta:StudyDate", "meta:InstitutionName"} <= set(index.columns)
+    write_index(index, report, tmp_path / "index.parquet", tmp_path / "report.json")
+    stored = (tmp_path / "index.parquet").read_bytes() + (tmp_path / "report.json").read_bytes()
+    assert b"Doe^Jane" not in stored and b"19600101" not in stored and b"ACC1" not in stored
+    assert "meta:Manufacturer" in pq.read_schema(tmp_path / "index.parquet").names
+    # frontal views only, and adults: by keyword, the age in years
+    frontal = folder_dataset(
+        tmp_path / "export", patient_regex=None, filter="ViewPosition in ['PA', 'AP'] and PatientAge >= 18"
+    )
+    kept, kept_report = build_index(frontal)
+    assert set(kept["meta:ViewPosition"]) == {"PA", "AP"} and len(kept) == 5  # 6 frontal, less the 6-month-old
+    assert kept_report["rows_left_out"] == {"dataset.filter": 4}
+    for keyword, message in (("PatientName", "identifies a person"), ("Manufacturor", "is not a DICOM keyword")):
+        with pytest.raises(ConfigError, match=f"dataset.dicom_metadata: '{keyword}' {message}"):
+            build_index(folder_dataset(tmp_path / "export", patient_regex=None, dicom_metadata=[keyword]))
+    with pytest.raises(ConfigError, match=r"\['Scanner'\]: not carried into the index"):
+        build_index(folder_dataset(tmp_path / "export", patient_regex=None, metadata_columns=["Scanner"]))

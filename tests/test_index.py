@@ -327,5 +327,7 @@ def test_metadata_columns_travel_into_the_index_and_a_wrong_name_is_named(demo_d
         ConfigError, match=r"column 'Age' \(dataset.metadata_columns \(or evaluation.subgroups\)\) not found"
     ):
         build_index(csv_dataset(demo_dir, metadata_columns=["Age"]))
-    with pytest.raises(ConfigError, match="format 'csv' has and format 'folders' does not"):
+    with pytest.raises(
+        ConfigError, match=r"\['Patient Age'\]: not carried into the index.*'folders' dataset carries none"
+    ):
         build_index(folder_dataset(demo_dir / "chest_xray", metadata_columns=["Patient Age"]))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import warnings
 
 import numpy as np
@@ -40,6 +39,7 @@ import pandas as pd
 from scipy import optimize, stats
 from sklearn import metrics as skm
 
+from .dicom import number_or_age
 from .errors import ConfigError
 from .metrics import choose_thresholds, evaluate, targets_for
 
@@ -285,21 +285,6 @@ def test_predictions(predictions: pd.DataFrame, classes: list[str]) -> tuple[pd.
 
 
 # ----------------------------------------------------------------------------- subgroups
-_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([YyMmWwDd]?)\s*$")
-_UNIT_YEARS = {"": 1.0, "y": 1.0, "m": 1 / 12, "w": 7 / 365.25, "d": 1 / 365.25}
-
-
-def parse_number(value) -> float | None:
-    """A number from a metadata cell: ``65``, ``65.0``, or a DICOM age string ``065Y`` / ``006M``
-    (in years). None when the cell is empty or not a number."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    match = _NUMBER.match(str(value))
-    if not match:
-        return None
-    return float(match.group(1)) * _UNIT_YEARS[match.group(2).lower()]
-
-
 def _edge(value: float) -> str:
     return f"{value:g}"
 
@@ -318,7 +303,7 @@ def subgroup_of(values: pd.Series, spec: dict) -> pd.Series:
     low, high = spec.get("valid") or [None, None]
     out = []
     for value in values:
-        number = parse_number(value)
+        number = number_or_age(value)
         if number is None:
             out.append("missing")
         elif (low is not None and number < low) or (high is not None and number > high):
@@ -406,7 +391,7 @@ def subgroup_results(
             raise ConfigError(
                 f"evaluation.subgroups: column {spec['column']!r} is not in the index (the index carries "
                 f"{sorted(c[5:] for c in meta.columns if c.startswith('meta:')) or 'no metadata columns'}); "
-                f"it is read from dataset.table, so the name must be one of that table's columns"
+                f"it is read from dataset.table or, by its keyword, from DICOM headers (dataset.dicom_metadata)"
             )
         groups = subgroup_of(meta.loc[test["image_id"], column].reset_index(drop=True), spec).to_numpy()
         name = spec.get("name") or spec["column"]

@@ -21,6 +21,7 @@ a uint8 picture as a radiologist would first see it, and the header fields the i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,105 @@ DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless RPCL
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
 }
+
+
+# header fields carried into the index as ``meta:<keyword>`` by default (dataset.dicom_metadata):
+# what subgroups by sex, age, view, scanner and site need
+HEADER_FIELDS = (
+    "PatientSex",
+    "PatientAge",
+    "ViewPosition",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "BodyPartExamined",
+    "StudyDate",
+    "InstitutionName",
+)
+# never read into any output: direct identifiers of a patient or a person in the record (HIPAA
+# Safe Harbor's names, numbers, addresses and dates of birth; DICOM PS3.15 E.1 basic profile)
+IDENTIFIERS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "MedicalRecordLocator",
+        "IssuerOfPatientID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "OperatorsName",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansOfRecord",
+        "RequestingPhysician",
+        "PatientInsurancePlanCodeSequence",
+        "MilitaryRank",
+        "StudyID",
+        "DeviceSerialNumber",
+    }
+)
+_AGE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([YyMmWwDd]?)\s*$")
+_AGE_UNIT_YEARS = {"": 1.0, "y": 1.0, "m": 1 / 12, "w": 7 / 365.25, "d": 1 / 365.25}
+
+
+def number_or_age(value) -> float | None:
+    """A number from a metadata cell: ``65``, ``65.0``, or a DICOM age string ``065Y`` / ``006M``
+    (in years). None when the cell is empty or not a number."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    match = _AGE.match(str(value))
+    if not match:
+        return None
+    return float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).lower()]
+
+
+def check_header_fields(keywords, key: str = "dataset.dicom_metadata") -> None:
+    """Refuse a keyword pydicom does not know or one that identifies a person (ConfigError)."""
+    from pydicom.datadict import tag_for_keyword
+
+    from .errors import ConfigError
+
+    for keyword in keywords:
+        if keyword in IDENTIFIERS:
+            raise ConfigError(
+                f"{key}: {keyword!r} identifies a person and is never read into medfold's outputs "
+                "(a patient is pseudonymised from PatientID by the split; see privacy)"
+            )
+        if tag_for_keyword(keyword) is None:
+            raise ConfigError(
+                f"{key}: {keyword!r} is not a DICOM keyword (pydicom's dictionary; e.g. {list(HEADER_FIELDS[:3])})"
+            )
+
+
+def header_fields(ds, keywords) -> dict[str, str | None]:
+    """The text of each of ``keywords`` in ``ds`` (None when absent or empty); ages in years
+    ("065Y" gives "65", "006M" gives "0.5")."""
+    out = {}
+    for keyword in keywords:
+        value = _text(ds, keyword)
+        if keyword == "PatientAge" and value is not None:
+            years = number_or_age(value)
+            value = None if years is None else f"{round(years, 2):g}"
+        out[keyword] = value
+    return out
+
+
+def read_header_fields(path, keywords) -> dict[str, str | None] | None:
+    """``header_fields`` of the DICOM file at ``path``; None for a file that is not DICOM or whose
+    header cannot be read (decoding it later reports why)."""
+    if not looks_like_dicom(path):
+        return None
+    try:
+        return header_fields(read_header(path), keywords)
+    except (ValueError, OSError):
+        return None
 
 
 class UnsupportedTransferSyntax(ValueError):

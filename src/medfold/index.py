@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import fingerprint as fp
-from .dicom import looks_like_dicom
+from .dicom import check_header_fields, looks_like_dicom, number_or_age, read_header_fields
 from .errors import ConfigError
 from .images import ImageCheck, check_image, content_hash, signatures
 from .progress import Progress, tracked
@@ -168,6 +168,8 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         }
     )
     for column in ds.get("metadata_columns") or []:
+        if column in (ds.get("dicom_metadata") or []) and column not in frame.columns:
+            continue  # read from the images' DICOM headers
         need("metadata_columns (or evaluation.subgroups)", column)
         out[f"meta:{column}"] = frame[column].str.strip().to_numpy()
     if ds["metadata_only"]:
@@ -529,15 +531,19 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
         raise ConfigError(
             f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}"
         )
-    if ds.get("metadata_columns") and fmt != "csv":
-        raise ConfigError(
-            f"dataset.metadata_columns (or evaluation.subgroups) {list(ds['metadata_columns'])}: metadata "
-            f"columns are read from dataset.table, which format 'csv' has and format {fmt!r} does not"
-        )
+    header_keywords = list(ds.get("dicom_metadata") or [])
+    check_header_fields(header_keywords)
     cand, ignored, filtered = ADAPTERS[fmt](ds)
     left_out = {"dataset.filter": filtered}
+    header_columns = (
+        [] if ds["metadata_only"] or fmt == "npz" else _dicom_header_columns(cand, header_keywords, threads)
+    )
+    _check_metadata_columns(cand, ds, fmt)
     if ds["filter"] and fmt != "csv":  # the table's own columns are filtered in the csv adapter
         view = cand.assign(label=[labels[0] if labels else "" for labels in cand["labels"]])
+        for column in header_columns:  # DICOM fields by their keyword, ages as numbers
+            values = cand[f"meta:{column}"]
+            view[column] = values.map(number_or_age) if column == "PatientAge" else values
         kept, left_out["dataset.filter"] = apply_filter(view, ds["filter"], str(ds["root"] or ds["npz"]))
         cand = cand.loc[kept.index].reset_index(drop=True)
     cand, label_mapping = map_labels(cand, ds)
@@ -600,6 +606,34 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
             source,
         )
     return table, report
+
+
+def _dicom_header_columns(cand: pd.DataFrame, keywords: list[str], threads: int) -> list[str]:
+    """``meta:<keyword>`` columns from the header of each DICOM file among the candidates (read
+    before dataset.filter, which can select on them); a column the dataset's table already
+    carries is kept as the table has it. Returns the keywords added."""
+    if not keywords or cand.empty:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        fields = list(pool.map(lambda path: read_header_fields(path, keywords), cand["path"], chunksize=64))
+    if all(f is None for f in fields):
+        return []
+    added = [k for k in keywords if f"meta:{k}" not in cand]
+    for keyword in added:
+        cand[f"meta:{keyword}"] = [None if f is None else f[keyword] for f in fields]
+    return added
+
+
+def _check_metadata_columns(cand: pd.DataFrame, ds: dict, fmt: str) -> None:
+    """Every column evaluation.subgroups (or dataset.metadata_columns) names must be carried."""
+    missing = [c for c in ds.get("metadata_columns") or [] if f"meta:{c}" not in cand]
+    if missing:
+        carried = sorted(c[5:] for c in cand.columns if c.startswith("meta:"))
+        raise ConfigError(
+            f"dataset.metadata_columns (or evaluation.subgroups) {missing}: not carried into the index; metadata "
+            f"comes from dataset.table's columns (format 'csv') or DICOM headers (dataset.dicom_metadata), and "
+            f"this {fmt!r} dataset carries {carried or 'none'}"
+        )
 
 
 def _near_duplicates(table: pd.DataFrame, ds: dict, signatures: list, threads: int = 1) -> dict:

@@ -5,6 +5,7 @@ import re
 
 from snakemake.utils import validate
 
+from medfold.dicom import check_header_fields
 from medfold.errors import ConfigError
 from medfold.settings import (
     compress_gpus,
@@ -93,11 +94,19 @@ INDEX_DATASET = {
         )
     ),
 }
-if INDEX_DATASET["metadata_columns"] and config["dataset"]["format"] != "csv":
+check_header_fields(config["dataset"]["dicom_metadata"])
+_from_headers = set(config["dataset"]["dicom_metadata"])
+_format = config["dataset"]["format"]
+_not_carried = [
+    c
+    for c in INDEX_DATASET["metadata_columns"]
+    if c not in _from_headers or _format == "npz"
+]
+if _not_carried and _format != "csv":
     raise ConfigError(
-        f"evaluation.subgroups / dataset.metadata_columns name {INDEX_DATASET['metadata_columns']}: "
-        f"metadata columns are read from dataset.table (format 'csv'), and dataset.format is "
-        f"{config['dataset']['format']!r}"
+        f"evaluation.subgroups / dataset.metadata_columns name {_not_carried}: metadata columns "
+        f"are read from dataset.table (format 'csv') or DICOM headers (dataset.dicom_metadata "
+        f"{sorted(_from_headers)}), and dataset.format is {_format!r}"
     )
 COMPARED = list(EXPERIMENTS) + list(ENSEMBLES)
 for _key, _names in [
