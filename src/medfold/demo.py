@@ -26,6 +26,9 @@ It also plants what public collections do to a split (``PLANTED``, ``planted_cop
   under another patient (CSV form) or, prefixed as ``90Rotated_``, ``horizontalFlipped_``...,
   in the other split folder (folder form), as the COVID-19 collections hold them;
 * one CSV row listed twice, under a second patient ID.
+
+A third form, ``dicom/``, is a hospital PACS export (``generate_dicom``): compressed transfer
+syntaxes, MONOCHROME1, header metadata, one harder scanner, and identifiers in headers and names.
 """
 
 from __future__ import annotations
@@ -416,10 +419,80 @@ def generate_folders(out: Path, patients: int, seed: int, test_fraction: float =
     return out
 
 
-def generate_demo(out: Path, cxr14_patients: int = 150, folder_patients: int = 90, seed: int = 0) -> None:
+# The DICOM form's scanners: (Manufacturer, ManufacturerModelName, InstitutionName, share of
+# patients, photometric interpretation, transfer syntax, finding strength, detector noise). The
+# bedside portable unit's films are harder (AP, noisier, findings faint or unseen): the report's
+# subgroup table by scanner must find it.
+DICOM_SCANNERS = (
+    ("Acme Medical", "Acme DR 500", "North General Hospital", 0.4, "MONOCHROME2", "1.2.840.10008.1.2.4.80", 1.0, 0.01),
+    ("Borealis", "Borealis CR 12", "South Clinic", 0.3, "MONOCHROME1", "1.2.840.10008.1.2.5", 1.0, 0.01),
+    ("Corvid", "Corvid Portable 2", "South Clinic", 0.3, "MONOCHROME2", "1.2.840.10008.1.2.4.90", 0.3, 0.05),
+)
+HARD_SCANNER = "Corvid Portable 2"
+
+
+def generate_dicom(out: Path, patients: int, seed: int) -> Path:
+    """A hospital PACS export: ``<class>/<record number>_<k>.dcm``, 12 bits stored, each scanner in
+    its own transfer syntax (JPEG-LS, RLE, JPEG 2000, all lossless) and photometric
+    interpretation, headers with sex, age (``065Y``), view, manufacturer, model and institution, and
+    the identifiers a real export carries (PatientName, PatientBirthDate, AccessionNumber, the record
+    number as PatientID and in the file name) that medfold must keep out of what it shares."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng([seed, 24])
+    finding_of = {"Normal": set(), "Pneumonia": {"Pneumonia"}, "Effusion": {"Effusion"}}
+    shares = np.array([scanner[3] for scanner in DICOM_SCANNERS])
+    records = rng.choice(np.arange(1_000_000, 10_000_000), patients, replace=False)
+    for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
+        cls = FOLDER_CLASSES[rng.choice(len(FOLDER_CLASSES), p=FOLDER_CLASS_WEIGHTS)]
+        maker, model, site, _, photometric, syntax, strength, noise = DICOM_SCANNERS[
+            int(rng.choice(len(DICOM_SCANNERS), p=shares))
+        ]
+        age, sex = patient_metadata(seed + 24, patient)
+        record = str(int(records[patient - 1]))
+        for k in range(int(rng.integers(1, 4))):
+            # on the portable unit half of the findings do not show at all (as the demo's 65+ patients)
+            shown = strength if strength == 1.0 or rng.random() >= WEAK_SUBGROUP_UNSEEN else 0.0
+            picture = render_radiograph(
+                anatomy, finding_of[cls], rng, position=_followup_position(rng, k), strength=shown
+            )
+            picture = np.clip(picture + rng.normal(0, noise, picture.shape), 0, 1)
+            values = np.round(picture * 4095).astype(np.uint16)
+            uid_of = lambda *what: generate_uid(entropy_srcs=[str(seed), record, str(k), *what])  # noqa: E731
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1")  # computed radiography
+            meta.MediaStorageSOPInstanceUID = uid_of("image")
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = uid_of("study"), uid_of("series")
+            ds.PatientID, ds.PatientName = record, f"DEMO^PATIENT{patient:04d}"
+            ds.PatientBirthDate, ds.AccessionNumber = f"{2026 - age}0101", f"A{record}{k}"
+            ds.PatientSex, ds.PatientAge = sex, f"{age:03d}Y"
+            ds.Modality, ds.BodyPartExamined, ds.StudyDate = "CR", "CHEST", f"2026{1 + k:02d}15"
+            ds.ViewPosition = "AP" if model == HARD_SCANNER else "PA"
+            ds.Manufacturer, ds.ManufacturerModelName, ds.InstitutionName = maker, model, site
+            ds.Rows, ds.Columns = values.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = (4095 - values if photometric == "MONOCHROME1" else values).tobytes()
+            ds.compress(UID(syntax), generate_instance_uid=False)  # the UIDs above stay (deterministic)
+            path = out / cls / f"{record}_{k}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return out
+
+
+def generate_demo(
+    out: Path, cxr14_patients: int = 150, folder_patients: int = 90, seed: int = 0, dicom_patients: int = 220
+) -> None:
     out = Path(out)
     generate_cxr14(out / "cxr14", cxr14_patients, seed)
     generate_folders(out / "chest_xray", folder_patients, seed)
+    generate_dicom(out / "dicom", dicom_patients, seed)
 
 
 def tree_digest(root: Path) -> str:

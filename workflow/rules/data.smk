@@ -6,6 +6,7 @@ rule demo_data:
         table=f"{config['demo']['output']}/cxr14/Data_Entry.csv",
         images=directory(f"{config['demo']['output']}/cxr14/images"),
         folders=directory(f"{config['demo']['output']}/chest_xray"),
+        dicom=directory(f"{config['demo']['output']}/dicom"),
     log:
         f"{config['demo']['output']}/demo_data.log",
     conda:
@@ -19,6 +20,7 @@ rule demo_data:
         seed=config["demo"]["seed"],
         cxr14_patients=config["demo"]["cxr14_patients"],
         folder_patients=config["demo"]["folder_patients"],
+        dicom_patients=config["demo"]["dicom_patients"],
     script:
         "../scripts/demo_data.py"
 

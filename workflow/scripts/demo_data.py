@@ -2,5 +2,8 @@ from medfold import step
 from medfold.demo import generate_demo
 
 step.run(
-    snakemake, lambda s: generate_demo(s.params.out, s.params.cxr14_patients, s.params.folder_patients, s.params.seed)
+    snakemake,
+    lambda s: generate_demo(
+        s.params.out, s.params.cxr14_patients, s.params.folder_patients, s.params.seed, s.params.dicom_patients
+    ),
 )
