@@ -331,3 +331,19 @@ def test_metadata_columns_travel_into_the_index_and_a_wrong_name_is_named(demo_d
         ConfigError, match=r"\['Patient Age'\]: not carried into the index.*'folders' dataset carries none"
     ):
         build_index(folder_dataset(demo_dir / "chest_xray", metadata_columns=["Patient Age"]))
+
+
+def test_a_table_row_whose_path_leaves_the_root_is_refused_and_listed_unless_allowed(demo_dir, tmp_path):
+    rows = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str).head(30)
+    escape = rows.iloc[:2].copy()
+    escape["Image Index"] = ["../../../../../../etc/passwd", "/etc/hostname"]
+    table = tmp_path / "table.csv"
+    pd.concat([rows, escape]).to_csv(table, index=False)
+    index, report = build_index(csv_dataset(demo_dir, table=str(table)))
+    assert len(index) == 30 and not index["path"].str.contains("/etc/").any()
+    refused = [i for i in report["ignored_files"] if "leaves dataset.root" in i["reason"]]
+    assert [r["reason"].split(":")[0] for r in refused] == ["line 32", "line 33"]
+    assert "set dataset.allow_outside_root" in refused[0]["reason"]
+    # allowed: they are opened, and skipped for what they are
+    _, allowed = build_index(csv_dataset(demo_dir, table=str(table), allow_outside_root=True))
+    assert {s["image_id"] for s in allowed["skipped"]} == {"../../../../../../etc/passwd", "/etc/hostname"}

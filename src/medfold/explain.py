@@ -222,7 +222,7 @@ def explain_fold(
             cfg["lime"]["kernel_width"],
             seeds.lime(cfg["seed"], fold, k),
         )
-        image_id = index["image_id"].iloc[row]
+        image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
         true_labels = list(index["labels"].iloc[row])
         title = (
@@ -233,7 +233,7 @@ def explain_fold(
         items.append(
             {
                 "image_id": image_id,
-                "patient_id": index["patient_id"].iloc[row],
+                "patient_id": index["shared_patient_id"].iloc[row],
                 "explained_class": classes[c],
                 "true_labels": true_labels,
                 "predicted_labels": predicted_labels,

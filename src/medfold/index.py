@@ -26,6 +26,7 @@ from . import fingerprint as fp
 from .dicom import check_header_fields, looks_like_dicom, number_or_age, read_header_fields
 from .errors import ConfigError
 from .images import ImageCheck, check_image, content_hash, signatures
+from .privacy import Pseudonyms, scrubbed_logs, scrubber
 from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ INDEX_SCHEMA = pa.schema(
         ("patient_aliases", pa.list_(pa.string())),
         ("study_uid", pa.string()),
         ("series_uid", pa.string()),
+        # what outputs meant to be shared show (medfold.privacy): pseudonyms, or the IDs as they are
+        ("shared_image_id", pa.string()),
+        ("shared_patient_id", pa.string()),
+        ("shared_patient_aliases", pa.list_(pa.string())),
     ]
 )
 META_KEY = b"medfold"
@@ -157,6 +162,7 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         unlisted: list[dict] = []
     else:
         paths, unlisted = _locate(root, image_ids, ds)
+    inside = _inside_root(root, paths, ds.get("allow_outside_root", False))
     out = pd.DataFrame(
         {
             "image_id": image_ids,
@@ -167,6 +173,12 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
             "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
         }
     )
+    refused = [
+        {"path": p, "reason": f"line {line}: path leaves dataset.root {str(root)!r} (set dataset.allow_outside_root)"}
+        for p, line, ok in zip(out["path"], out["_line"], inside)
+        if not ok
+    ]
+    out, frame = out[inside].reset_index(drop=True), frame[inside]
     for column in ds.get("metadata_columns") or []:
         if column in (ds.get("dicom_metadata") or []) and column not in frame.columns:
             continue  # read from the images' DICOM headers
@@ -175,7 +187,7 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     if ds["metadata_only"]:
         for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):
             need(key.replace("meta_", "metadata_") + "_column", column)
-            out[key] = pd.to_numeric(frame[column], errors="coerce").astype("Int64") if column else None
+            out[key] = pd.to_numeric(frame[column], errors="coerce").astype("Int64").to_numpy() if column else None
     if ds["patient_column"]:
         empty = out["patient_id"] == ""
         if empty.any():
@@ -183,7 +195,16 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
                 f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for "
                 f"{int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}"
             )
-    return out, unlisted, left_out
+    return out, unlisted + refused, left_out
+
+
+def _inside_root(root: Path, paths: list[str], allowed: bool) -> np.ndarray:
+    """Whether each path stays under ``root`` once ``..`` and absolute parts are resolved (links
+    are not followed: a dataset linked in from elsewhere is the user's own choice)."""
+    if allowed:
+        return np.ones(len(paths), bool)
+    top = os.path.normpath(os.path.abspath(root))
+    return np.array([os.path.normpath(os.path.abspath(p)).startswith(top + os.sep) for p in paths], bool)
 
 
 def apply_filter(frame: pd.DataFrame, query: str | None, source: str) -> tuple[pd.DataFrame, int]:
@@ -523,8 +544,10 @@ def _check_labels(cand: pd.DataFrame, ds: dict, source: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- main entry
-def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
-    """Return (index table, report). ``ds`` is the validated ``dataset`` config section."""
+def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None) -> tuple[pd.DataFrame, dict]:
+    """Return (index table, report). ``ds`` is the validated ``dataset`` config section. With
+    ``pseudonyms`` (medfold.privacy), the table carries each image's and patient's shared IDs and
+    the report and the log lines show only those; without, the IDs as they are."""
     fmt = ds["format"]
     source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
     if ds["metadata_only"] and fmt != "csv":
@@ -556,6 +579,12 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     if "npz_index" not in cand:
         cand["npz_index"] = None
     cand, repeated = _merge_repeated_rows(cand, source, ds)
+    if repeated:
+        log.warning(
+            "%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
+            len(repeated),
+            source,
+        )
     warnings: list[str] = []
     patient_source = _resolve_patients(cand, ds, warnings)
     classes = _check_labels(cand, ds, str(source))
@@ -575,6 +604,19 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
         cand[field] = [getattr(c, field) for c in checks]
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
+    pseudonyms = pseudonyms or Pseudonyms(None)
+    scrub = scrubber(pseudonyms, cand)  # every candidate's IDs, the skipped ones' too
+    with scrubbed_logs(scrub):
+        table, report = _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source)
+    report["listed_more_than_once"] = repeated
+    report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
+    report["label_map"] = label_mapping
+    report["identifiers"] = "raw" if pseudonyms.raw else "pseudonymized"
+    return _frame(_arrow(pseudonyms.with_shared_ids(table))), scrub.record(report)
+
+
+def _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source) -> tuple[pd.DataFrame, dict]:
+    """The decoded candidates into the table (the unusable ones listed), near-duplicates, report."""
     reasons = pd.Series([c.reason for c in checks], index=cand.index)
     bad = reasons.notna()
     skipped = [
@@ -593,18 +635,9 @@ def build_index(ds: dict, threads: int = 1) -> tuple[pd.DataFrame, dict]:
     for message in warnings:
         log.warning(message)
     # through the Arrow schema: a wrong type fails here, not in a later rule
-    table = _frame(_arrow(table))
+    table = _frame(_arrow(with_defaults(table)))
     report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
-    report["listed_more_than_once"] = repeated
     report["near_duplicates"] = near
-    report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
-    report["label_map"] = label_mapping
-    if repeated:
-        log.warning(
-            "%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
-            len(repeated),
-            source,
-        )
     return table, report
 
 
@@ -825,8 +858,9 @@ def _arrow(table: pd.DataFrame) -> pa.Table:
 def _frame(arrow: pa.Table) -> pd.DataFrame:
     """The one pandas form of an index table: nullable integers, labels as Python lists."""
     table = arrow.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    for column in ("labels", "patient_aliases"):
-        table[column] = table[column].map(lambda v: [] if v is None else list(v))
+    for column in ("labels", "patient_aliases", "shared_patient_aliases"):
+        if column in table:
+            table[column] = table[column].map(lambda v: [] if v is None else list(v))
     return table
 
 
@@ -844,4 +878,11 @@ def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
             table[column] = value
     if "patient_aliases" not in table:
         table["patient_aliases"] = [[] for _ in range(len(table))]
+    # shared IDs: the raw ones (a table made without medfold.privacy shares them as they are)
+    if "shared_image_id" not in table:
+        table["shared_image_id"] = table["image_id"]
+    if "shared_patient_id" not in table:
+        table["shared_patient_id"] = table["patient_id"]
+    if "shared_patient_aliases" not in table:
+        table["shared_patient_aliases"] = [list(a) for a in table["patient_aliases"]]
     return table

@@ -1112,8 +1112,9 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
     ensemble_predictions, histories (fold -> path), clinical, forest, reliability, explanations
     and variants."""
     from .index import read_index
+    from .privacy import shareable_view
 
-    index, _ = read_index(inputs["index"])
+    index = shareable_view(read_index(inputs["index"])[0])
     index_report = json.loads(Path(inputs["index_report"]).read_text())
     split_summary = json.loads(Path(inputs["split_summary"]).read_text())
     check = json.loads(Path(inputs["split_check"]).read_text())

@@ -35,5 +35,28 @@ def guarded(
 
 
 def run(smk: Any, work: Callable[[Any], None]) -> None:
-    """A rule's script: ``work(snakemake)`` under ``guarded``, logging to the rule's log."""
-    guarded(getattr(smk, "rule", "step"), smk.log[0] if len(smk.log) else None, lambda: work(smk))
+    """A rule's script: ``work(snakemake)`` under ``guarded``, logging to the rule's log. A rule
+    that reads the index logs only the shared IDs it carries (medfold.privacy), whatever its
+    code prints."""
+    guarded(getattr(smk, "rule", "step"), smk.log[0] if len(smk.log) else None, lambda: _private(smk, work))
+
+
+def _private(smk: Any, work: Callable[[Any], None]) -> None:
+    inputs = getattr(smk, "input", None)
+    index = inputs["index"] if inputs is not None and "index" in inputs.keys() else None
+    if not isinstance(index, str):
+        work(smk)
+        return
+    import pyarrow.parquet as pq
+
+    from .privacy import index_scrubber, scrubbed_logs
+
+    columns = ["image_id", "path", "patient_id", "patient_aliases", "shared_image_id", "shared_patient_id"]
+    names = pq.read_schema(index).names
+    table = pq.read_table(index, columns=[c for c in [*columns, "shared_patient_aliases"] if c in names]).to_pandas()
+    scrub = index_scrubber(table)
+    with scrubbed_logs(scrub):
+        try:
+            work(smk)
+        except MedfoldError as exc:  # its message is logged after this: scrubbed here
+            raise type(exc)(scrub.text(str(exc))) from None

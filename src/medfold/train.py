@@ -660,8 +660,9 @@ def _evaluate_and_write(
 def _prediction_frame(index, rows, probs, classes, set_name, fold) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
-            "image_id": index["image_id"].to_numpy()[rows],
-            "patient_id": index["patient_id"].to_numpy()[rows],
+            # what outputs meant to be shared show (medfold.privacy)
+            "image_id": index["shared_image_id"].to_numpy()[rows],
+            "patient_id": index["shared_patient_id"].to_numpy()[rows],
             "labels": index["labels"].iloc[rows].to_list(),
             "set": set_name,
             "fold": fold,

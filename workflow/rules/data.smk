@@ -44,6 +44,8 @@ rule index:
         runtime=120,
     params:
         dataset=INDEX_DATASET,
+        identifiers=config["privacy"]["identifiers"],
+        results=lambda wildcards, output: Path(output.table).parents[1],
     script:
         "../scripts/index.py"
 

@@ -3,6 +3,7 @@ import pandas as pd
 from medfold import clinical, step
 from medfold.aggregate import aggregate_experiment, write_experiment
 from medfold.index import read_index
+from medfold.privacy import shareable_view
 
 
 def main(s):
@@ -12,7 +13,7 @@ def main(s):
     if not hasattr(s.output, "clinical"):  # compressed variants: cross-validation only
         return
     predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)
-    index, _ = read_index(s.input.index)
+    index = shareable_view(read_index(s.input.index)[0])  # as the predictions name images and patients
     name = s.wildcards.get("experiment") or s.wildcards.get("ensemble")
     result = clinical.evaluate_experiment(
         predictions, index, agg["task"], agg["classes"], s.params.evaluation, s.params.bootstrap, s.params.seed

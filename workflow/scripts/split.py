@@ -1,5 +1,6 @@
 from medfold import step
 from medfold.index import read_index
+from medfold.privacy import index_scrubber
 from medfold.split import make_splits, write_json
 
 
@@ -7,7 +8,7 @@ def main(s):
     index, meta = read_index(s.input.index)
     splits, summary = make_splits(index, meta["classes"], s.params.split)
     splits.to_parquet(s.output.splits, index=False)
-    write_json(summary, s.output.summary)
+    write_json(index_scrubber(index).record(summary), s.output.summary)
 
 
 step.run(snakemake, main)
