@@ -55,6 +55,11 @@ def test_the_export_is_split_by_patient_id_with_its_headers_in_the_index(hospita
     splits = pd.read_parquet(work / DS / "splits.parquet")
     assert splits.groupby("patient_id")["fold"].nunique().max() == 1
     assert json.loads((work / DS / "split_check.json").read_text())["verdict"] == "leak-free"
+    # the shareable split: every image by its pixels' hash, its patient by pseudonym
+    manifest = pd.read_csv(work / DS / "split_manifest.csv", comment="#", dtype=str)
+    assert len(manifest) == index["content_hash"].nunique() and set(manifest["patient"]) <= set(
+        index["shared_patient_id"]
+    )
 
 
 def test_the_subgroup_table_finds_the_harder_scanner(hospital):

@@ -143,3 +143,63 @@ def test_source_test_split_is_honoured_when_clean(demo_dir):
         clean.loc[~is_test, "source_split"] == "train"
     ).all()
     assert summary["source_leaks"] == []
+
+
+def test_a_split_manifest_reproduces_the_folds_on_a_moved_and_renamed_copy(demo_dir, tmp_path):
+    import shutil
+
+    from medfold.privacy import Pseudonyms
+    from medfold.split import read_manifest, split_manifest, write_manifest
+
+    index, report = build_index(csv_dataset(demo_dir), threads=2, pseudonyms=Pseudonyms(bytes(range(32))))
+    splits, _ = make_splits(index, report["classes"], split_cfg())
+    write_manifest(split_manifest(index, splits), tmp_path / "split_manifest.csv", "demo_cxr14")
+    text = (tmp_path / "split_manifest.csv").read_text()
+    assert text.startswith("# medfold split manifest") and "# split_digest: sha256:" in text
+    listed = pd.read_csv(tmp_path / "split_manifest.csv", comment="#", dtype=str)
+    assert listed["patient"].str.fullmatch(r"P[0-9a-f]{12}").all() and not set(listed["patient"]) & set(
+        index["patient_id"]
+    )
+    # a second group's copy: every file moved and renamed, its own table, its own patient IDs
+    table = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str).drop_duplicates("Image Index")
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(table))
+    names = {old: f"batch{k % 7}/scan_{k:05d}.png" for k, old in zip(order, table["Image Index"])}
+    for old, new in names.items():
+        (tmp_path / "copy" / new).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_dir / "cxr14" / "images" / old, tmp_path / "copy" / new)
+    extra = demo_dir / "chest_xray" / "train" / "Normal"
+    shutil.copy(sorted(extra.glob("*.png"))[0], tmp_path / "copy" / "batch0" / "scan_extra.png")
+    theirs = table.assign(
+        **{"Image Index": table["Image Index"].map(names), "Patient ID": "their-" + table["Patient ID"]}
+    )
+    extra_row = theirs.iloc[:1].assign(**{"Image Index": "batch0/scan_extra.png", "Patient ID": "their-new"})
+    pd.concat([theirs, extra_row]).to_csv(tmp_path / "theirs.csv", index=False)
+    copy_ds = csv_dataset(demo_dir, table=str(tmp_path / "theirs.csv"), root=str(tmp_path / "copy"))
+    copy_index, copy_report = build_index(copy_ds, threads=2)
+    applied, summary = make_splits(
+        copy_index, copy_report["classes"], split_cfg(method="manifest", manifest=str(tmp_path / "split_manifest.csv"))
+    )
+    ours = splits.assign(hash=splits["image_id"].map(dict(zip(index["image_id"], index["content_hash"]))))
+    got = applied.assign(hash=applied["image_id"].map(dict(zip(copy_index["image_id"], copy_index["content_hash"]))))
+    mine = ours.drop_duplicates("hash").set_index("hash")[["set", "fold"]].sort_index()
+    matched = got[got["set"] != "excluded"].drop_duplicates("hash").set_index("hash")[["set", "fold"]].sort_index()
+    pd.testing.assert_frame_equal(mine, matched)  # identical folds, image for image
+    assert summary["manifest"]["images_not_in_manifest"] == ["batch0/scan_extra.png"]
+    assert summary["manifest"]["manifest_images_not_here"] == 0
+    assert check_split(copy_index, applied)["verdict"] == "leak-free"
+    # their patients are theirs: one of them with images in two sets, and the manifest would now leak
+    test_image = applied.loc[applied["set"] == "test", "image_id"].iloc[0]
+    fold_image = applied.loc[applied["fold"] == 0, "image_id"].iloc[0]
+    leaky = copy_index.copy()
+    leaky.loc[leaky["image_id"].isin([test_image, fold_image]), "patient_id"] = "their-same-person"
+    with pytest.raises(LeakageError, match="their-same-person"):
+        check_split(leaky, applied)
+    # a manifest changed by hand is refused, naming the digest
+    rows, header = read_manifest(tmp_path / "split_manifest.csv")
+    (tmp_path / "edited.csv").write_text(text.replace(",test,", ",cv,", 1))
+    with pytest.raises(ConfigError, match="the file was changed after the split wrote it"):
+        make_splits(
+            copy_index, copy_report["classes"], split_cfg(method="manifest", manifest=str(tmp_path / "edited.csv"))
+        )
+    assert header["medfold_version"] and len(rows) == index["content_hash"].nunique()

@@ -13,6 +13,7 @@ stratified group split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -132,6 +133,8 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
     """Return (splits table, summary). ``cfg`` is the validated ``split`` config section."""
     if cfg["method"] == "source":
         return source_splits(index, classes, cfg)
+    if cfg["method"] == "manifest":
+        return manifest_splits(index, classes, cfg)
     if cfg["folds"] < 2:
         raise ConfigError(f"split.folds is {cfg['folds']}; split.method 'stratified' needs at least 2")
     groups = image_groups(index)
@@ -464,6 +467,131 @@ def _near_duplicate_crossing(members: pd.DataFrame, near_pairs: list[dict] | Non
                     d, how = distance(fa, fb)
                     found.append((d, f"{a} ({part_a}) ~ {b} ({part_b}): distance {d}, {how}"))
     return "; ".join(text for _, text in sorted(found)[:3])
+
+
+# ----------------------------------------------------------------------------- shareable split
+MANIFEST_COLUMNS = ["content_hash", "patient", "set", "fold"]
+
+
+def split_manifest(index: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    """The split as others can apply it to their own copy of the images: each image by the hash
+    of its decoded pixels (names and folders differ between copies, pixels do not), its patient's
+    shared ID (medfold.privacy), set and fold; one row per distinct (hash, set, fold)."""
+    shared = index["shared_patient_id"] if "shared_patient_id" in index else index["patient_id"]
+    patient_of = dict(zip(index["image_id"], shared))
+    hash_of = dict(zip(index["image_id"], index["content_hash"]))
+    used = splits[splits["set"] != EXCLUDED]
+    rows = pd.DataFrame(
+        {
+            "content_hash": used["image_id"].map(hash_of).to_numpy(),
+            "patient": used["image_id"].map(patient_of).to_numpy(),
+            "set": used["set"].to_numpy(),
+            "fold": used["fold"].to_numpy(),
+        }
+    )
+    rows = rows.dropna(subset=["content_hash"]).drop_duplicates(["content_hash", "set", "fold"])
+    return rows.sort_values(["content_hash", "fold", "set"]).reset_index(drop=True)
+
+
+def manifest_digest(rows: pd.DataFrame) -> str:
+    """SHA-256 of the manifest's (hash, set, fold) rows in hash order: the split's identity."""
+    lines = sorted(f"{h},{s},{int(f)}" for h, s, f in zip(rows["content_hash"], rows["set"], rows["fold"]))
+    return hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest()
+
+
+def write_manifest(rows: pd.DataFrame, path, dataset: str) -> None:
+    from . import __version__
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        fh.write(
+            f"# medfold split manifest of {dataset}: apply with split.method manifest, split.manifest <this file>\n"
+            f"# medfold_version: {__version__}\n# split_digest: sha256:{manifest_digest(rows)}\n"
+            f"# images: {len(rows)}\n"
+        )
+        rows.to_csv(fh, index=False)
+
+
+def read_manifest(path) -> tuple[pd.DataFrame, dict]:
+    """The manifest's rows and header; ConfigError for a file that is not one, or whose rows no
+    longer give the digest it states (edited by hand, cut short)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"split.manifest: file {path} does not exist (the split rule writes split_manifest.csv)")
+    header = {}
+    with open(path) as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            key, _, value = line[1:].partition(":")
+            header[key.strip()] = value.strip()
+    rows = pd.read_csv(path, comment="#", dtype={"content_hash": str, "patient": str, "set": str})
+    if list(rows.columns) != MANIFEST_COLUMNS or "split_digest" not in header:
+        raise ConfigError(
+            f"split.manifest {path}: not a medfold split manifest (columns {list(rows.columns)}, expected "
+            f"{MANIFEST_COLUMNS} under a '# split_digest:' header)"
+        )
+    digest = f"sha256:{manifest_digest(rows)}"
+    if digest != header["split_digest"]:
+        raise ConfigError(
+            f"split.manifest {path}: its rows give digest {digest}, not the {header['split_digest']} it states "
+            "(the file was changed after the split wrote it)"
+        )
+    return rows, header
+
+
+def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
+    """Another group's split applied to one's own copy of its images, matched by content hash.
+    Images the manifest does not list are set aside (``excluded``) and listed; check_split then
+    proves the result leak-free with this index's own patients and near-duplicates."""
+    if not cfg.get("manifest"):
+        raise ConfigError("split.method is 'manifest' but split.manifest names no file")
+    rows, header = read_manifest(cfg["manifest"])
+    placed = rows.drop_duplicates("content_hash", keep=False)
+    if len(placed) < len(rows):
+        raise ConfigError(
+            f"split.manifest {cfg['manifest']}: some images are in several sets or folds (a manifest of a "
+            "dataset's own folds, split.method 'source'); apply it with split.method 'source' instead"
+        )
+    placed = placed.set_index("content_hash")
+    found = index["content_hash"].isin(placed.index).to_numpy()
+    set_of = np.where(found, index["content_hash"].map(placed["set"]).fillna(EXCLUDED), EXCLUDED)
+    fold = np.where(found, index["content_hash"].map(placed["fold"]).fillna(-1), -1).astype(np.int64)
+    present = sorted(set(fold[found & (set_of == CV)].tolist()))
+    if present and present != list(range(cfg["folds"])):
+        raise ConfigError(
+            f"split.folds is {cfg['folds']} but split.manifest {cfg['manifest']} has folds {present}; "
+            f"set split.folds to {len(present)}"
+        )
+    splits = pd.DataFrame(
+        {
+            "image_id": index["image_id"].to_numpy(),
+            "patient_id": index["patient_id"].to_numpy(),
+            "group": image_groups(index),
+            "set": set_of,
+            "fold": fold,
+        }
+    )
+    summary = summarize(index[found].reset_index(drop=True), splits[found].reset_index(drop=True), classes)
+    missing_here = int(len(placed) - index.loc[found, "content_hash"].nunique())
+    summary.update(
+        {
+            "seed": None,
+            "folds": cfg["folds"],
+            "method": "manifest",
+            "test_method": f"applied from split manifest {Path(cfg['manifest']).name} ({header['split_digest']})",
+            "source_leaks": [],
+            "manifest": {
+                "file": str(cfg["manifest"]),
+                "split_digest": header["split_digest"],
+                "medfold_version": header.get("medfold_version"),
+                "images_matched": int(found.sum()),
+                "images_not_in_manifest": index.loc[~found, "image_id"].tolist(),
+                "manifest_images_not_here": missing_here,
+            },
+        }
+    )
+    return splits, summary
 
 
 def write_json(obj: dict, path) -> None:

@@ -30,6 +30,13 @@ if config["split"]["method"] == "stratified" and len(FOLDS) < 2:
         f"split.folds is {len(FOLDS)}; split.method 'stratified' needs at least 2 "
         "(a single train/val/test split is split.method 'source')"
     )
+if config["split"]["method"] == "manifest" and not (
+    config["split"]["manifest"] and Path(config["split"]["manifest"]).is_file()
+):
+    raise ConfigError(
+        f"split.manifest: {config['split']['manifest']!r} is not a file; split.method 'manifest' "
+        "needs the split_manifest.csv to apply"
+    )
 # every experiment's merged settings, checked now: a bad override stops before any job runs
 SETTINGS = {
     name: experiment_settings(config, name, SCHEMA, OVERRIDES) for name in EXPERIMENTS
@@ -190,6 +197,12 @@ def dataset_inputs(wildcards):
     if ds["format"] == "npz":
         return {"npz": ds["npz"]}
     return {"root": ds["root"]}
+
+
+def manifest_input(wildcards):
+    """The split manifest the split applies (split.method manifest): a change to it reruns the split."""
+    split = config["split"]
+    return {"manifest": split["manifest"]} if split["method"] == "manifest" else {}
 
 
 # Paths below come from the rules' own output and benchmark patterns (looked up when called,

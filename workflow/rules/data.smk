@@ -52,10 +52,12 @@ rule index:
 
 rule split:
     input:
+        unpack(manifest_input),
         index=rules.index.output.table,
     output:
         splits=f"{RESULTS}/{{dataset}}/splits.parquet",
         summary=f"{RESULTS}/{{dataset}}/split_summary.json",
+        manifest=f"{RESULTS}/{{dataset}}/split_manifest.csv",
     log:
         f"{RESULTS}/{{dataset}}/logs/split.log",
     benchmark:
