@@ -35,6 +35,14 @@ def test_readme_lists_every_benchmark():
         ),
         ("bench/data_path.py", [r"ratio: [\d.]+x"]),
         (
+            "bench/index_throughput.py",
+            [
+                r"224 px JPEG +96 files +plain PIL decode +[\d.]+ +index +[\d.]+ +ratio index/decode [\d.]+",
+                r"1024 px PNG +24 files .* ratio index/decode [\d.]+",
+                r"cache 224 px .* of which decoding [\d.]+ s \(\d+%\)",
+            ],
+        ),
+        (
             "bench/compression.py",
             [r"RATIO int8/fp32 size", r"RATIO int8 speed-up b1 vs eager", r"pruned [\d.]+x", r"int8 FX \w+ eager b1"],
         ),

@@ -68,20 +68,65 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _trim_borders(grey: np.ndarray) -> np.ndarray:
-    # a border row is flat: its range is a cheap first test, the standard deviation decides
-    rows = np.flatnonzero((np.ptp(grey, 1) > BORDER_STD) & (grey.std(1) > BORDER_STD))
-    cols = np.flatnonzero((np.ptp(grey, 0) > BORDER_STD) & (grey.std(0) > BORDER_STD))
-    if len(rows) < 8 or len(cols) < 8:  # a flat image: nothing to trim towards
+    """``grey`` less its flat border rows and columns: from the first to the last row (column)
+    whose range and standard deviation both exceed BORDER_STD, when at least 8 rows (columns) do;
+    else ``grey`` as it is."""
+    rows = _kept_span(grey, 1)
+    cols = _kept_span(grey, 0)
+    if rows is None or cols is None:  # a flat image: nothing to trim towards
         return grey
-    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return grey[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1]
+
+
+def _flat(lines: np.ndarray, axis: int) -> np.ndarray:
+    # a border line is flat: its range is a cheap first test, the standard deviation decides
+    return ~((np.ptp(lines, axis) > BORDER_STD) & (lines.std(axis) > BORDER_STD))
+
+
+def _kept_span(grey: np.ndarray, axis: int, chunk: int = 32) -> tuple[int, int] | None:
+    """(first, last) line along ``axis`` (1: rows, 0: columns) that is not flat, or None when
+    fewer than 8 are. Lines are tested in chunks from each edge inwards, so a radiograph costs a
+    few chunks, not the whole image (a line's result does not depend on its chunk: numpy reduces
+    each row, and each column, in the same order whatever the slice)."""
+    n = grey.shape[0] if axis == 1 else grey.shape[1]
+
+    def line_flags(start: int, stop: int) -> np.ndarray:
+        lines = grey[start:stop] if axis == 1 else grey[:, start:stop]
+        return _flat(lines, axis)
+
+    first, at, count = None, 0, 0
+    while first is None and at < n:  # the first line that is not flat
+        found = np.flatnonzero(~line_flags(at, min(n, at + chunk)))
+        first, count = (at + int(found[0]), len(found)) if len(found) else (None, 0)
+        at += chunk
+    if first is None:
+        return None
+    last, stop = None, n
+    while last is None:  # the last one (line ``first`` is not flat: this ends)
+        start = max(first, stop - chunk)
+        found = np.flatnonzero(~line_flags(start, stop))
+        last = start + int(found[-1]) if len(found) else None
+        stop = start
+    # at least 8 lines that are not flat: the first chunk's, then further ones up to the last line
+    if at > last:  # that chunk held the last line too: count only up to it
+        count = int(np.count_nonzero(~line_flags(first, last + 1)))
+    while count < 8 and at <= last:
+        count += int(np.count_nonzero(~line_flags(at, min(last + 1, at + chunk))))
+        at += chunk
+    return (first, last) if count >= 8 else None
 
 
 def trimmed_grey(pixels: np.ndarray) -> np.ndarray:
     """Grey levels (float32, the mean of RGB) with flat borders trimmed: what every signature of
     an image (this fingerprint, medfold.matching's descriptor and thumbnail) starts from."""
-    grey = pixels.astype(np.float32)
-    if grey.ndim == 3:
-        grey = grey.mean(2)
+    if pixels.ndim == 3:
+        r, g, b = (np.ascontiguousarray(pixels[..., c]) for c in range(3))  # contiguous: compared at memory speed
+        if np.array_equal(r, g) and np.array_equal(r, b):  # a grey film saved as RGB (most JPEG exports)
+            grey = r.astype(np.float32)
+        else:  # the same float32 value as the mean of the three: an exact sum, then one division
+            grey = (r.astype(np.uint16) + g + b).astype(np.float32) / np.float32(3)
+    else:
+        grey = pixels.astype(np.float32)
     return _trim_borders(grey)
 
 

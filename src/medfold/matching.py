@@ -98,7 +98,10 @@ def moment_window(grey: np.ndarray) -> np.ndarray:
 
 def descriptor(grey: np.ndarray) -> np.ndarray:
     small = fp.area_average(moment_window(grey))
-    ranks = np.argsort(np.argsort(small.ravel(), kind="stable"), kind="stable").reshape(small.shape)
+    order = np.argsort(small.ravel(), kind="stable")
+    ranks = np.empty(order.size, np.int64)
+    ranks[order] = np.arange(order.size)  # the inverse permutation: each value's rank, ties by position
+    ranks = ranks.reshape(small.shape)
     block = dctn(ranks.astype(np.float64), norm="ortho")[:BLOCK, :BLOCK].ravel()[1:]
     norm = np.linalg.norm(block)
     return np.round(block / norm * SCALE).astype(np.int8) if norm > 0 else np.zeros(DIMS, np.int8)
