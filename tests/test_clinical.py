@@ -18,7 +18,6 @@ from medfold.clinical import (
     delong_variance,
     fit_temperature,
     interval,
-    parse_number,
     per_patient,
     reliability,
     subgroup_of,
@@ -26,6 +25,7 @@ from medfold.clinical import (
     weighted_auroc,
     weighted_rates,
 )
+from medfold.dicom import number_or_age
 
 
 def test_weighted_auroc_equals_sklearn_with_sample_weights_ties_included():
@@ -130,8 +130,8 @@ def test_temperature_scaling_recovers_a_planted_overconfidence(task):
 
 
 def test_subgroup_bands_parse_dicom_ages_and_show_missing_and_out_of_range():
-    assert parse_number("065Y") == 65 and parse_number("006M") == 0.5 and parse_number("41") == 41
-    assert parse_number("") is None and parse_number("unknown") is None
+    assert number_or_age("065Y") == 65 and number_or_age("006M") == 0.5 and number_or_age("41") == 41
+    assert number_or_age("") is None and number_or_age("unknown") is None
     values = pd.Series(["12", "18", "39", "065Y", "70", "", "412", "n/a"])
     groups = subgroup_of(values, {"column": "Patient Age", "bands": [18, 40, 65], "valid": [0, 120]})
     assert groups.tolist() == ["<18", "18-40", "18-40", "65+", "65+", "missing", "out of range", "missing"]
