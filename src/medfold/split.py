@@ -188,20 +188,25 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
         counts[cv_groups], [1.0] * cfg["folds"], seeds.split_folds(cfg["seed"])
     )
     fold = group_fold[groups]
-    splits = pd.DataFrame(
-        {
-            "image_id": index["image_id"].to_numpy(),
-            "patient_id": index["patient_id"].to_numpy(),
-            "group": groups,
-            "set": np.where(fold < 0, TEST, CV),
-            "fold": fold,
-        }
-    )
+    splits = _split_table(index, groups, np.where(fold < 0, TEST, CV), fold)
     summary = summarize(index, splits, classes)
     summary.update(
         {"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks}
     )
     return splits, summary
+
+
+def _split_table(index: pd.DataFrame, groups, sets, folds) -> pd.DataFrame:
+    """splits.parquet's rows: each image, its patient, split group, set and fold."""
+    return pd.DataFrame(
+        {
+            "image_id": index["image_id"].to_numpy(),
+            "patient_id": index["patient_id"].to_numpy(),
+            "group": groups,
+            "set": sets,
+            "fold": folds,
+        }
+    )
 
 
 def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
@@ -254,15 +259,7 @@ def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[p
                     f"split.method 'source': fold {k} has no {role} images (split.source_roles.{role} "
                     f"{cfg['source_roles'][role]})"
                 )
-    splits = pd.DataFrame(
-        {
-            "image_id": index["image_id"].to_numpy(),
-            "patient_id": index["patient_id"].to_numpy(),
-            "group": image_groups(index),
-            "set": roles,
-            "fold": fold,
-        }
-    )
+    splits = _split_table(index, image_groups(index), roles, fold)
     dropped = _drop_later_copies(index, splits) if cfg["on_source_duplicate"] == "drop" else []
     summary = summarize(index, splits, classes)
     summary.update(
@@ -563,15 +560,7 @@ def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple
             f"split.folds is {cfg['folds']} but split.manifest {cfg['manifest']} has folds {present}; "
             f"set split.folds to {len(present)}"
         )
-    splits = pd.DataFrame(
-        {
-            "image_id": index["image_id"].to_numpy(),
-            "patient_id": index["patient_id"].to_numpy(),
-            "group": image_groups(index),
-            "set": set_of,
-            "fold": fold,
-        }
-    )
+    splits = _split_table(index, image_groups(index), set_of, fold)
     summary = summarize(index[found].reset_index(drop=True), splits[found].reset_index(drop=True), classes)
     missing_here = int(len(placed) - index.loc[found, "content_hash"].nunique())
     summary.update(
