@@ -113,3 +113,26 @@ def test_no_raw_identifier_is_in_any_output_meant_to_be_shared(hospital):
     assert all(shared[i] == p for i, p in zip(predictions["image_id"], predictions["patient_id"]))
     html = (work / DS / "report" / "index.html").read_text()
     assert any(i in html for i in index["shared_image_id"])  # the report names images by their pseudonyms
+
+
+def test_a_second_site_applies_the_split_manifest_through_the_workflow(hospital, tmp_path):
+    work, _ = hospital
+    manifest = tmp_path / "their_split_manifest.csv"
+    manifest.write_bytes((work / DS / "split_manifest.csv").read_bytes())
+    config = yaml.safe_load((REPO / "config" / "examples" / "demo_dicom.yaml").read_text())
+    config["split"].update(method="manifest", manifest=str(manifest))
+    second = workflow_dir(tmp_path / "second", config, base=None)
+    run_snakemake(second, "--cores", "2", f"{DS}/split_check.json")
+    ours, theirs = (pd.read_parquet(w / DS / "splits.parquet") for w in (work, second))
+    hashes = [
+        dict(zip(*pd.read_parquet(w / DS / "index.parquet")[["image_id", "content_hash"]].T.values))
+        for w in (work, second)
+    ]
+    placed = [
+        s.assign(hash=s["image_id"].map(h)).set_index("hash")[["set", "fold"]].sort_index()
+        for s, h in zip((ours, theirs), hashes)
+    ]
+    pd.testing.assert_frame_equal(*placed)  # every image in the same set and fold
+    summary = json.loads((second / DS / "split_summary.json").read_text())
+    assert summary["method"] == "manifest" and summary["manifest"]["images_not_in_manifest"] == []
+    assert json.loads((second / DS / "split_check.json").read_text())["verdict"] == "leak-free"
