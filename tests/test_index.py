@@ -347,3 +347,43 @@ def test_a_table_row_whose_path_leaves_the_root_is_refused_and_listed_unless_all
     # allowed: they are opened, and skipped for what they are
     _, allowed = build_index(csv_dataset(demo_dir, table=str(table), allow_outside_root=True))
     assert {s["image_id"] for s in allowed["skipped"]} == {"../../../../../../etc/passwd", "/etc/hostname"}
+
+
+def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
+    from PIL import Image, ImageOps
+
+    from medfold.images import _png_by_opencv, decode, pixels_to_uint8
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (61, 47), dtype=np.uint8)
+    colour = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    kinds = {
+        "grey": Image.fromarray(grey),
+        "rgb": Image.fromarray(colour),
+        "palette": Image.fromarray(colour).convert("P"),
+        "grey_alpha": Image.fromarray(grey).convert("LA"),
+        "rgba": Image.fromarray(colour).convert("RGBA"),
+        "sixteen": Image.fromarray(grey.astype(np.uint16) * 16),
+        "one_bit": Image.fromarray(grey > 128),
+    }
+    for name, image in kinds.items():
+        image.save(tmp_path / f"{name}.png")
+    kinds["grey"].save(tmp_path / "interlaced.png", interlace=1)
+    kinds["grey"].save(tmp_path / "four_bit.png", bits=4)
+    for path in sorted(tmp_path.glob("*.png")):
+        with Image.open(path) as image:
+            image.load()
+            expected, mode = pixels_to_uint8(ImageOps.exif_transpose(image)), image.mode
+        got = decode(path)
+        assert got.mode == mode and np.array_equal(got.pixels, expected), path.name
+        with Image.open(path) as image:  # OpenCV decodes the 8-bit grey and RGB kinds, PIL the others
+            taken = _png_by_opencv(path, image) is not None
+        assert taken == (path.stem in ("grey", "rgb", "interlaced")), path.name
+    # a truncated or damaged PNG is still named for what it is (PIL decodes what OpenCV refuses)
+    data = (tmp_path / "grey.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+    assert check_image(tmp_path / "cut.png").reason.startswith("truncated image")
+    assert check_image(tmp_path / "damaged.png").reason is not None
