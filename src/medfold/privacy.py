@@ -138,15 +138,28 @@ def shared_splits(index: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
 
 
 class Scrubber:
-    """Replaces raw IDs in text and JSON-like records: whole tokens found in ``mapping`` (image
-    IDs, paths, patients), then any raw patient ID still inside a token (a file name carrying a
-    record number, a path that is not an indexed image)."""
+    """Replaces raw IDs in text and JSON-like records.
+
+    * A whole string value that is an image ID, a path or a patient (``mapping``) is replaced,
+      however short: a record's lists of patients and images.
+    * Inside free text (log lines, messages, dictionary keys), a token found in ``mapping``, and a
+      raw patient ID still inside a token (a file name carrying a record number), are replaced
+      when they can identify: not a plain number of under MIN_NUMBER digits ("fold 2", "20
+      epochs", "1,204 images/s" stay as they are, while a 7-digit record number does not)."""
+
+    MIN_NUMBER = 6
 
     def __init__(self, mapping: dict[str, str], patients: dict[str, str] | None = None):
         self.mapping = mapping
-        self.patients = {p: shared for p, shared in (patients or {}).items() if len(p) >= 4}
+        self.patients = {p: shared for p, shared in (patients or {}).items() if self._identifying(p, 4)}
         # longest first, so that a record number that contains another is replaced whole
         self.lengths = sorted({len(p) for p in self.patients}, reverse=True)
+
+    @classmethod
+    def _identifying(cls, token: str, shortest: int = 1) -> bool:
+        if _NUMBER.fullmatch(token):
+            return sum(c.isdigit() for c in token) >= cls.MIN_NUMBER
+        return len(token) >= shortest
 
     def _inner(self, token: str) -> str:
         """``token`` with each raw patient ID inside it replaced (set lookups of its substrings of
@@ -163,24 +176,27 @@ class Scrubber:
                 i += 1
         return "".join(out)
 
-    def text(self, value: str) -> str:
+    def text(self, value: str, whole: bool = False) -> str:
+        """``value`` scrubbed as free text; with ``whole``, first as one ID."""
         if not self.mapping or not value:
             return value
-        if value in self.mapping:
+        if whole and value in self.mapping:
             return self.mapping[value]
         parts = _SEPARATORS.split(value)
         for i in range(0, len(parts), 2):
             token = parts[i]
+            if not token or not self._identifying(token):
+                continue
             if token in self.mapping:
                 parts[i] = self.mapping[token]
-            elif self.lengths and token and not _NUMBER.fullmatch(token):
+            elif self.lengths:
                 parts[i] = self._inner(token)
         return "".join(parts)
 
     def record(self, value):
-        """``value`` (dicts, lists, strings, numbers) with every string scrubbed, keys included."""
+        """``value`` (dicts, lists, strings, numbers) with every string scrubbed, keys as text."""
         if isinstance(value, str):
-            return self.text(value)
+            return self.text(value, whole=True)
         if isinstance(value, dict):
             return {self.text(k) if isinstance(k, str) else k: self.record(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
