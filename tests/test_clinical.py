@@ -46,7 +46,7 @@ def test_a_bootstrap_draw_as_weights_is_the_same_as_concatenating_the_drawn_pati
     y = rng.random(len(patients)) < 0.4
     score = rng.random(len(patients)) + y
     boot = PatientBootstrap(patients.astype(str), 5, seed=3)
-    codes = np.unique(patients.astype(str))
+    codes = pd.unique(pd.Series(patients.astype(str)))  # numbered in order of first appearance
     for d in range(5):
         w = boot.weights(chunk=slice(d, d + 1))
         rows = np.concatenate(

@@ -155,11 +155,18 @@ def reference(tmp_path_factory) -> Path:
     return work
 
 
+def same_key(reference: Path, work: Path) -> Path:
+    """``work`` with the reference's privacy key: the same pseudonyms, so files compare byte for byte."""
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    shutil.copy(reference / "results" / "privacy.key", work / "results" / "privacy.key")
+    return work
+
+
 def test_killing_snakemake_at_every_stage_loses_nothing(reference, tmp_path):
     """kill -9 of the Snakemake process while a job of each stage runs (the job is orphaned and
     may finish or not). The next plain run refuses the incomplete outputs, naming them;
     --rerun-incomplete completes, and the results equal the undisturbed run's."""
-    work = workflow_dir(tmp_path, TINY)
+    work = same_key(reference, workflow_dir(tmp_path, TINY))
     killed, outcomes = [], []
     proc = _start(work)
     for stage in STAGES:
@@ -185,7 +192,7 @@ def test_killing_snakemake_at_every_stage_loses_nothing(reference, tmp_path):
 def test_killing_a_job_at_every_stage_loses_nothing(reference, tmp_path):
     """kill -9 of the job itself: Snakemake reports the failure and removes its outputs; the next
     run does the job again (training from its last checkpoint)."""
-    work = workflow_dir(tmp_path, TINY)
+    work = same_key(reference, workflow_dir(tmp_path, TINY))
     proc = _start(work)
     for stage in STAGES:
         job = _wait_for_job(proc, work, stage)

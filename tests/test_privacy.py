@@ -112,3 +112,12 @@ def test_the_shareable_view_and_splits_carry_the_shared_ids_in_the_same_rows():
     shared = shared_splits(index, splits)
     assert shared["image_id"].tolist() == [names.image("b.png"), names.image("a.png")]
     assert shared["patient_id"].tolist() == [names.patient("p2"), names.patient("p1")]
+
+
+def test_bootstrap_draws_do_not_depend_on_how_patients_are_named():
+    from medfold.clinical import PatientBootstrap
+
+    # the same patients under two keys: pseudonyms that sort in another order
+    first = PatientBootstrap(["Pb", "Pa", "Pb", "Pc", "Pa"], 50, seed=3).weights()
+    second = PatientBootstrap(["Pz", "Py", "Pz", "Px", "Py"], 50, seed=3).weights()
+    assert (first == second).all() and first.shape == (50, 5)

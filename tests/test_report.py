@@ -136,8 +136,10 @@ def test_report_opens_in_chromium_with_every_section_and_no_network(trained_work
     # transform found, the kind of match and the verification score
     planted = pd.read_csv(trained_workflow / "resources" / "demo" / "cxr14" / "planted_copies.csv")
     assert text.count("The same radiograph under patients") == len(planted) == 12
+    # named by their pseudonyms (privacy.identifiers is pseudonymized by default), never their file names
+    shared = dict(pd.read_parquet(trained_workflow / DS / "index.parquet")[["image_id", "shared_image_id"]].values)
     for copy, original in zip(planted["copy"], planted["original"]):
-        assert copy in text and original in text
+        assert shared[copy] in text and shared[original] in text and copy not in text and original not in text
     assert "rotated 90°" in text and "mirrored left-right" in text
     assert re.search(r"registered copy, score 0\.(8[5-9]|9\d)\d \(shifted", text)
     assert re.search(r"transformed copy, score (0\.9\d\d|1\.000)", text)

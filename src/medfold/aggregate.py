@@ -134,7 +134,8 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     if not shared:
         out["ensemble_test_skipped"] = "no test set shared by every fold" if len(test) else "no test set"
     else:
-        mean_probs = test.groupby("image_id", sort=True)[[f"prob:{c}" for c in classes]].mean()
+        # in the order of the predictions (fold 0's test rows), never the IDs' sort order
+        mean_probs = test.groupby("image_id", sort=False)[[f"prob:{c}" for c in classes]].mean()
         first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
         y_test = targets_for(first["labels"], classes, task)
         probs = mean_probs.to_numpy(np.float64)
@@ -235,14 +236,15 @@ def ensemble_fold(
                 f"ensembles: experiment {name!r} predicts {results[name]['classes']} ({results[name]['task']}), "
                 f"{names[0]!r} predicts {classes} ({task}); an ensemble needs the same classes"
             )
-        frames[name] = pd.read_parquet(prediction_paths[name]).set_index(["set", "image_id"]).sort_index()
+        frames[name] = pd.read_parquet(prediction_paths[name]).set_index(["set", "image_id"])
     first = frames[names[0]]
     for name in names[1:]:
-        if not frames[name].index.equals(first.index):
+        if len(frames[name]) != len(first) or not frames[name].index.isin(first.index).all():
             raise ConfigError(
                 f"ensembles: experiments {names[0]!r} and {name!r} predicted different images in fold {fold}; "
                 f"an ensemble needs one split"
             )
+        frames[name] = frames[name].loc[first.index]  # in the first member's order
     probs = sum(w * frames[name][prob_cols].to_numpy(np.float64) for w, name in zip(weights, names))
     predictions = (
         first.drop(columns=prob_cols).assign(**{c: probs[:, j] for j, c in enumerate(prob_cols)}).reset_index()

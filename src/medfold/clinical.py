@@ -51,7 +51,9 @@ class PatientBootstrap:
     """``n`` resamples of the patients of a set of images, with replacement, as weights."""
 
     def __init__(self, patients, n: int, seed: int):
-        codes, self.inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+        # patients numbered in the order they first appear, never by their IDs' sort order: a
+        # pseudonym differs between results folders, and the draws must not (medfold.privacy)
+        self.inverse, codes = pd.factorize(pd.Series(np.asarray(patients).astype(str)))
         k = len(codes)
         rng = np.random.default_rng(seed)
         # k draws with replacement among k patients: each patient's count is multinomial
@@ -262,8 +264,9 @@ def decisions(task: str, probs: np.ndarray, thresholds) -> np.ndarray:
 
 
 def test_predictions(predictions: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, str]:
-    """The held-out test predictions evaluated for an experiment, one row per image sorted by
-    image: the mean of the fold models (the fold ensemble) where every fold predicted the same
+    """The held-out test predictions evaluated for an experiment, one row per image in the order
+    the predictions list them (never by ID: IDs may be pseudonyms, which differ per results
+    folder): the mean of the fold models (the fold ensemble) where every fold predicted the same
     test set; otherwise each image's mean over the folds that predicted it. Returns (frame, how)."""
     cols = [f"{PROB}{c}" for c in classes]
     test = predictions[predictions["set"] == "test"]
@@ -271,7 +274,7 @@ def test_predictions(predictions: pd.DataFrame, classes: list[str]) -> tuple[pd.
         return pd.DataFrame(columns=["image_id", "patient_id", "labels", *cols]), "no test set"
     folds_per_image = test.groupby("image_id")["fold"].nunique()
     shared = bool((folds_per_image == test["fold"].nunique()).all())
-    mean = test.groupby("image_id", sort=True)[cols].mean()
+    mean = test.groupby("image_id", sort=False)[cols].mean()  # in the order of the predictions
     first = test.drop_duplicates("image_id").set_index("image_id").loc[mean.index]
     frame = mean.reset_index().assign(
         patient_id=first["patient_id"].astype(str).to_numpy(), labels=first["labels"].to_list()
@@ -566,7 +569,7 @@ def per_patient(frame: pd.DataFrame, task: str, classes: list[str], how: str) ->
     y1h = onehot(task, classes, y)
     work = frame[["patient_id", *cols]].copy()
     work[[f"y:{c}" for c in classes]] = y1h
-    grouped = work.groupby("patient_id", sort=True)
+    grouped = work.groupby("patient_id", sort=False)
     scores = grouped[cols].max() if how == "max" else grouped[cols].mean()
     labels = grouped[[f"y:{c}" for c in classes]].max()
     left_out = 0
@@ -637,7 +640,8 @@ def compare_pair(
     the bootstrap interval of the AUROC difference; for the macro AUROC the bootstrap alone
     (DeLong's variance is per binary outcome; the classes of one image are not independent)."""
     cols = [f"{PROB}{c}" for c in classes]
-    shared = sorted(set(a["image_id"]) & set(b["image_id"]))
+    in_b = set(b["image_id"])
+    shared = [i for i in a["image_id"] if i in in_b]  # in a's order: IDs may be pseudonyms
     a = a.set_index("image_id").loc[shared]
     b = b.set_index("image_id").loc[shared]
     y1h = onehot(task, classes, targets_for(a["labels"], classes, task))
