@@ -26,7 +26,8 @@ def _test_images(work: Path, tmp_path: Path) -> pd.DataFrame:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths = [str(work / p) for p in test["path"]]  # the index holds them relative to the workflow
-    table = pd.DataFrame({"path": [*paths, str(broken)], "image_id": [*test["image_id"], "broken"]})
+    # named as the workflow's predictions name them (pseudonyms by default: medfold.privacy)
+    table = pd.DataFrame({"path": [*paths, str(broken)], "image_id": [*test["shared_image_id"], "broken"]})
     table.to_csv(tmp_path / "new_images.csv", index=False)
     return table
 
