@@ -8,6 +8,7 @@ aborts indexing: it is listed in the report with its reason and left out of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from . import fingerprint as fp
 from .dicom import check_header_fields, looks_like_dicom, number_or_age, read_header_fields
 from .errors import ConfigError
 from .images import ImageCheck, check_image, content_hash, signatures
-from .privacy import Pseudonyms, scrubbed_logs, scrubber
+from .privacy import Pseudonyms, index_scrubber, scrubbed_logs
 from .progress import Progress, tracked
 
 log = logging.getLogger(__name__)
@@ -602,14 +603,15 @@ def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
         cand[field] = [getattr(c, field) for c in checks]
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
     pseudonyms = pseudonyms or Pseudonyms(None)
-    scrub = scrubber(pseudonyms, cand)  # every candidate's IDs, the skipped ones' too
+    cand = pseudonyms.with_shared_ids(cand)
+    scrub = index_scrubber(cand)  # every candidate's IDs, the skipped ones' too
     with scrubbed_logs(scrub):
         table, report = _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source)
     report["listed_more_than_once"] = repeated
     report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
     report["label_map"] = label_mapping
     report["identifiers"] = "raw" if pseudonyms.raw else "pseudonymized"
-    return _frame(_arrow(pseudonyms.with_shared_ids(table))), scrub.record(report)
+    return table, scrub.record(report)
 
 
 def _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source) -> tuple[pd.DataFrame, dict]:
@@ -655,21 +657,18 @@ def check_images(paths: list[str], threads: int, progress: Progress | None = Non
     OpenCV calls do not, so threads ran slower than one (Kermany, 2 threads: 279 images/s
     against 344); processes scale as the decoder does. Each image's result does not depend on
     the process that computed it."""
-    if threads <= 1 or len(paths) < PROCESS_MIN_IMAGES:
-        results = map(check_image, paths)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(
-            threads, mp_context=multiprocessing.get_context("fork"), initializer=_one_blas_thread
-        )
-        results = pool.map(check_image, paths, chunksize=16)
-    try:
+    forked = threads > 1 and len(paths) >= PROCESS_MIN_IMAGES
+    fork = multiprocessing.get_context("fork")
+    with (
+        ProcessPoolExecutor(threads, mp_context=fork, initializer=_one_blas_thread)
+        if forked
+        else contextlib.nullcontext()
+    ) as pool:
+        results = pool.map(check_image, paths, chunksize=16) if forked else map(check_image, paths)
         return list(tracked(results, progress) if progress is not None else results)
-    finally:
-        if threads > 1 and len(paths) >= PROCESS_MIN_IMAGES:
-            pool.shutdown()
 
 
 def _dicom_header_columns(cand: pd.DataFrame, keywords: list[str], threads: int) -> list[str]:

@@ -85,25 +85,6 @@ class Pseudonyms:
         suffix = PurePosixPath(str(image_id)).suffix.lower()
         return "I" + self._digest("image", str(image_id)) + (suffix if re.fullmatch(r"\.[a-z0-9]{1,6}", suffix) else "")
 
-    def mapping(self, table: pd.DataFrame) -> dict[str, str]:
-        """Raw string -> shared string for every image ID, path and patient (aliases included) of
-        ``table``: what ``scrub`` replaces."""
-        if self.raw:
-            return {}
-        out: dict[str, str] = {}
-        for image_id, path in zip(table["image_id"], table["path"] if "path" in table else table["image_id"]):
-            shared = self.image(image_id)
-            out[str(image_id)] = shared
-            if path is not None and not pd.isna(path):
-                out[str(path)] = shared
-        patients = list(table["patient_id"])
-        if "patient_aliases" in table:
-            patients += [p for aliases in table["patient_aliases"] for p in aliases]
-        for patient in patients:
-            if patient is not None and not pd.isna(patient):
-                out[str(patient)] = self.patient(patient)
-        return out
-
     def with_shared_ids(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` with ``shared_image_id``, ``shared_patient_id`` and ``shared_patient_aliases``."""
         return table.assign(
@@ -244,11 +225,3 @@ def scrubbed_logs(scrub: Scrubber):
     finally:
         for handler in handlers:
             handler.removeFilter(guard)
-
-
-def scrubber(pseudonyms: Pseudonyms, table: pd.DataFrame) -> Scrubber:
-    """The Scrubber of every ID in ``table`` (an index or its candidates)."""
-    if pseudonyms.raw:
-        return Scrubber({})
-    patients = {str(p): pseudonyms.patient(p) for p in table["patient_id"] if p is not None and not pd.isna(p)}
-    return Scrubber(pseudonyms.mapping(table), patients)
