@@ -387,3 +387,16 @@ def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their
     (tmp_path / "damaged.png").write_bytes(bytes(damaged))
     assert check_image(tmp_path / "cut.png").reason.startswith("truncated image")
     assert check_image(tmp_path / "damaged.png").reason is not None
+
+
+def test_images_checked_in_worker_processes_give_what_one_process_gives(demo_dir):
+    from medfold.index import PROCESS_MIN_IMAGES, check_images
+
+    paths = sorted(str(p) for p in (demo_dir / "cxr14" / "images").glob("*.png"))
+    assert len(paths) >= PROCESS_MIN_IMAGES  # the forked path is taken
+    one, forked = check_images(paths, 1), check_images(paths, 2)
+    assert [(c.content_hash, c.fingerprint, c.reason) for c in one] == [
+        (c.content_hash, c.fingerprint, c.reason) for c in forked
+    ]
+    assert all(np.array_equal(a.signature.descriptor, b.signature.descriptor) for a, b in zip(one, forked))
+    assert all(np.array_equal(a.signature.thumbnail, b.signature.thumbnail) for a, b in zip(one, forked))
