@@ -1,7 +1,7 @@
 """Images per second of indexing (medfold.index.check_images: decode, content hash, fingerprint,
 near-duplicate signature) against a plain PIL decode of the same files with the same number of
-threads, measured in one run (medfold decodes 8-bit grey and RGB PNGs with OpenCV's libpng, to
-the same pixels), on two kinds of file: 224 px JPEGs (the Kermany collection as
+threads, measured in one run (medfold decodes 8-bit grey and RGB PNGs with OpenCV's libpng and
+JPEGs with simplejpeg, to PIL's pixels), on two kinds of file: 224 px JPEGs (the Kermany collection as
 published) and 1024 px 8-bit PNGs (NIH ChestX-ray14's). Also the share of the cache rule's time
 that is decoding: what decoding each file once, in index and cache together, would save.
 Target (issue 24): index at least 0.7 of the plain decode's rate on both kinds.

@@ -389,6 +389,98 @@ def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their
     assert check_image(tmp_path / "damaged.png").reason is not None
 
 
+def test_jpegs_decoded_by_simplejpeg_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
+    from PIL import Image, ImageOps
+
+    from medfold.images import _jpeg_by_simplejpeg, decode, pixels_to_uint8
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:83, 0:67]
+    smooth = (np.sin(yy / 7.0) * np.cos(xx / 5.0) * 90 + 128).astype(np.uint8)
+    grey = np.clip(smooth + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+    colour = np.stack([grey, np.roll(grey, 9, 1), 255 - grey], -1)
+    saved = {
+        "grey": (Image.fromarray(grey), {}),
+        "grey_as_rgb": (Image.fromarray(grey).convert("RGB"), {}),
+        "rgb_420": (Image.fromarray(colour), {"subsampling": 2}),
+        "rgb_422": (Image.fromarray(colour), {"subsampling": 1}),
+        "rgb_444": (Image.fromarray(colour), {"subsampling": 0, "quality": 95}),
+        "progressive": (Image.fromarray(colour), {"progressive": True}),
+        "cmyk": (Image.fromarray(colour).convert("CMYK"), {}),
+    }
+    turned = Image.Exif()
+    turned[0x0112] = 6  # EXIF orientation: rotated 90 degrees
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    saved["exif_turned"] = (Image.fromarray(colour), {"exif": turned.tobytes()})
+    saved["exif_upright"] = (Image.fromarray(colour), {"exif": upright.tobytes()})
+    for name, (image, options) in saved.items():
+        image.save(tmp_path / f"{name}.jpg", **options)
+    for path in sorted(tmp_path.glob("*.jpg")):
+        with Image.open(path) as image:
+            image.load()
+            expected, mode = pixels_to_uint8(ImageOps.exif_transpose(image)), image.mode
+        got = decode(path)
+        assert got.mode == mode and np.array_equal(got.pixels, expected), path.name
+        # simplejpeg decodes grey and colour JPEGs without EXIF; PIL the CMYK and EXIF ones
+        assert (_jpeg_by_simplejpeg(path) is not None) == ("cmyk" not in path.stem and "exif" not in path.stem)
+    assert decode(tmp_path / "exif_turned.jpg").pixels.shape[:2] == (67, 83)  # turned upright by PIL
+    # damaged and truncated files: what simplejpeg decodes, PIL decodes to the same pixels
+    # (libjpeg's corrupt-data warnings are errors in both); the rest is PIL's to decode or refuse
+    data = (tmp_path / "rgb_420.jpg").read_bytes()
+    outcomes = set()
+    for at in np.linspace(len(data) * 0.3, len(data) - 40, 12).astype(int):
+        damaged = bytearray(data)
+        damaged[at : at + 12] = rng.integers(0, 256, 12, dtype=np.uint8).tobytes()
+        (tmp_path / "damaged.jpeg").write_bytes(bytes(damaged))
+        try:
+            with Image.open(tmp_path / "damaged.jpeg") as image:
+                image.load()
+                by_pil = np.asarray(image)
+        except OSError:
+            by_pil = None
+        by_simplejpeg = _jpeg_by_simplejpeg(tmp_path / "damaged.jpeg")
+        if by_simplejpeg is not None:  # what simplejpeg accepts, PIL decodes to the same pixels
+            assert by_pil is not None and np.array_equal(by_simplejpeg[0], by_pil), at
+        check = check_image(tmp_path / "damaged.jpeg")
+        assert (check.reason is None) == (by_pil is not None)
+        outcomes.add(by_pil is None)
+    assert outcomes == {True, False}  # both kinds of damage were met
+    (tmp_path / "cut.jpeg").write_bytes(data[: len(data) // 2])
+    assert check_image(tmp_path / "cut.jpeg").reason.startswith("truncated image")
+
+
+def test_a_grey_film_stored_as_rgb_has_the_hash_and_signatures_of_the_film_stored_grey(tmp_path):
+    from PIL import Image
+
+    film = Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 40), dtype=np.uint8))
+    film.save(tmp_path / "grey.png")
+    film.convert("RGB").save(tmp_path / "rgb.png")
+    grey, rgb = check_image(tmp_path / "grey.png"), check_image(tmp_path / "rgb.png")
+    assert (grey.mode, rgb.mode) == ("L", "RGB")
+    assert grey.content_hash == rgb.content_hash and grey.fingerprint == rgb.fingerprint
+    tinted = np.asarray(film.convert("RGB")).copy()
+    tinted[0, 0, 2] ^= 1  # one channel of one pixel differs: a colour image, another hash
+    Image.fromarray(tinted).save(tmp_path / "tinted.png")
+    assert check_image(tmp_path / "tinted.png").content_hash != grey.content_hash
+
+
+def test_signature_shortcuts_compute_what_numpy_computes():
+    from medfold.fingerprint import BORDER_STD, _flat
+    from medfold.matching import _fifth_percentile
+
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 3, 20, 21, 256, 257):
+        for values in (rng.normal(size=n) * 40, np.round(rng.normal(size=n) * 3)):
+            assert _fifth_percentile(values) == np.percentile(values, 5)
+    for shape in ((8, 224), (16, 61), (3, 1000)):
+        lines = rng.normal(128, rng.uniform(0.5, 3, (shape[0], 1)), shape).astype(np.float32)
+        lines[::3] = np.round(lines[::3] / 8) * 8  # flat-ish lines, near the threshold
+        for axis, view in ((1, lines), (0, lines.T)):
+            expected = ~((np.ptp(view, axis) > BORDER_STD) & (view.std(axis) > BORDER_STD))
+            assert np.array_equal(_flat(view, axis), expected)
+
+
 def test_images_checked_in_worker_processes_give_what_one_process_gives(demo_dir):
     from medfold.index import PROCESS_MIN_IMAGES, check_images
 

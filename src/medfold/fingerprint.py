@@ -67,6 +67,11 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
     return weights / weights.sum(1, keepdims=True)
 
 
+@lru_cache(maxsize=256)
+def _area_matrix32(n_in: int, n_out: int) -> np.ndarray:
+    return _area_matrix(n_in, n_out).astype(np.float32)
+
+
 def _trim_borders(grey: np.ndarray) -> np.ndarray:
     """``grey`` less its flat border rows and columns: from the first to the last row (column)
     whose range and standard deviation both exceed BORDER_STD, when at least 8 rows (columns) do;
@@ -79,52 +84,71 @@ def _trim_borders(grey: np.ndarray) -> np.ndarray:
 
 
 def _flat(lines: np.ndarray, axis: int) -> np.ndarray:
+    """Which lines are flat: range and standard deviation (float32, numpy's own two-pass std, the
+    same operations spelled out: its Python layers cost more than the arithmetic on 8 lines)."""
+    n = np.intp(lines.shape[axis])
+    spread = np.maximum.reduce(lines, axis) - np.minimum.reduce(lines, axis)
+    mean = np.add.reduce(lines, axis, keepdims=True)
+    np.true_divide(mean, n, out=mean, casting="unsafe")
+    deviation = np.subtract(lines, mean)
+    np.square(deviation, out=deviation)
+    var = np.add.reduce(deviation, axis)
+    np.true_divide(var, n, out=var, casting="unsafe")
     # a border line is flat: its range is a cheap first test, the standard deviation decides
-    return ~((np.ptp(lines, axis) > BORDER_STD) & (lines.std(axis) > BORDER_STD))
+    return ~((spread > BORDER_STD) & (np.sqrt(var) > BORDER_STD))
 
 
-def _kept_span(grey: np.ndarray, axis: int, chunk: int = 32) -> tuple[int, int] | None:
+def _kept_span(grey: np.ndarray, axis: int) -> tuple[int, int] | None:
     """(first, last) line along ``axis`` (1: rows, 0: columns) that is not flat, or None when
-    fewer than 8 are. Lines are tested in chunks from each edge inwards, so a radiograph costs a
-    few chunks, not the whole image (a line's result does not depend on its chunk: numpy reduces
-    each row, and each column, in the same order whatever the slice)."""
+    fewer than 8 are. Lines are tested in chunks from each edge inwards, 8 lines first and twice
+    as many each time (a radiograph's edge line is rarely flat: it costs 8 lines a side, a wide
+    padding a few more chunks), so not the whole image. A line's result does not depend on its
+    chunk: numpy reduces each row, and each column, in the same order whatever the slice."""
     n = grey.shape[0] if axis == 1 else grey.shape[1]
 
-    def line_flags(start: int, stop: int) -> np.ndarray:
+    def not_flat(start: int, stop: int) -> np.ndarray:  # indices from ``start`` of the lines that are not flat
         lines = grey[start:stop] if axis == 1 else grey[:, start:stop]
-        return _flat(lines, axis)
+        return np.flatnonzero(~_flat(lines, axis))
 
-    first, at, count = None, 0, 0
+    first, at, chunk, count = None, 0, 8, 0
     while first is None and at < n:  # the first line that is not flat
-        found = np.flatnonzero(~line_flags(at, min(n, at + chunk)))
+        found = not_flat(at, min(n, at + chunk))
         first, count = (at + int(found[0]), len(found)) if len(found) else (None, 0)
-        at += chunk
+        at, chunk = at + chunk, min(2 * chunk, 256)
     if first is None:
         return None
-    last, stop = None, n
+    last, stop, chunk = None, n, 8
     while last is None:  # the last one (line ``first`` is not flat: this ends)
         start = max(first, stop - chunk)
-        found = np.flatnonzero(~line_flags(start, stop))
+        found = not_flat(start, stop)
         last = start + int(found[-1]) if len(found) else None
-        stop = start
+        stop, chunk = start, min(2 * chunk, 256)
     # at least 8 lines that are not flat: the first chunk's, then further ones up to the last line
     if at > last:  # that chunk held the last line too: count only up to it
-        count = int(np.count_nonzero(~line_flags(first, last + 1)))
+        count = len(not_flat(first, last + 1))
     while count < 8 and at <= last:
-        count += int(np.count_nonzero(~line_flags(at, min(last + 1, at + chunk))))
-        at += chunk
+        count += len(not_flat(at, min(last + 1, at + 32)))
+        at += 32
     return (first, last) if count >= 8 else None
+
+
+def grey_plane(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` as one grey plane (H, W) when they are grey: stored so, or as RGB with three
+    equal channels (most JPEG exports of films); colour pixels as they are."""
+    if pixels.ndim == 3:
+        r, g, b = (np.ascontiguousarray(pixels[..., c]) for c in range(3))  # contiguous: compared at memory speed
+        if np.array_equal(r, g) and np.array_equal(r, b):
+            return r
+    return pixels
 
 
 def trimmed_grey(pixels: np.ndarray) -> np.ndarray:
     """Grey levels (float32, the mean of RGB) with flat borders trimmed: what every signature of
     an image (this fingerprint, medfold.matching's descriptor and thumbnail) starts from."""
-    if pixels.ndim == 3:
-        r, g, b = (np.ascontiguousarray(pixels[..., c]) for c in range(3))  # contiguous: compared at memory speed
-        if np.array_equal(r, g) and np.array_equal(r, b):  # a grey film saved as RGB (most JPEG exports)
-            grey = r.astype(np.float32)
-        else:  # the same float32 value as the mean of the three: an exact sum, then one division
-            grey = (r.astype(np.uint16) + g + b).astype(np.float32) / np.float32(3)
+    pixels = grey_plane(pixels)
+    if pixels.ndim == 3:  # the same float32 value as the mean of the three: an exact sum, then one division
+        r, g, b = (np.ascontiguousarray(pixels[..., c]) for c in range(3))
+        grey = (r.astype(np.uint16) + g + b).astype(np.float32) / np.float32(3)
     else:
         grey = pixels.astype(np.float32)
     return _trim_borders(grey)
@@ -133,7 +157,7 @@ def trimmed_grey(pixels: np.ndarray) -> np.ndarray:
 def area_average(grey: np.ndarray, side: int = SIDE) -> np.ndarray:
     """The exact area average of ``grey`` to ``side`` x ``side`` (float64)."""
     # float32 for the large product (the side x W one first), float64 for the small one
-    narrow = _area_matrix(grey.shape[0], side).astype(np.float32) @ grey
+    narrow = _area_matrix32(grey.shape[0], side) @ grey
     return narrow.astype(np.float64) @ _area_matrix(grey.shape[1], side).T
 
 

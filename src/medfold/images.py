@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import UnsupportedTransferSyntax
-from .fingerprint import area_average, fingerprint, trimmed_grey
+from .fingerprint import area_average, fingerprint, grey_plane, trimmed_grey
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
@@ -50,13 +50,17 @@ class Decoded:
 
 def decode(path) -> Decoded:
     """The one way medfold turns a file into pixels (indexing and caching alike): DICOM through
-    medfold.dicom, everything else through PIL with its EXIF orientation applied. Raises
+    medfold.dicom, everything else through PIL with its EXIF orientation applied (8-bit PNGs and
+    JPEGs that need no turn by faster decoders, to PIL's own pixels). Raises
     ValueError/OSError/UnidentifiedImageError for files it cannot use."""
     from .dicom import looks_like_dicom, read_dicom
 
     if looks_like_dicom(path):
         image = read_dicom(path)
         return Decoded(image.pixels, image.mode, image)
+    fast = _jpeg_by_simplejpeg(path)
+    if fast is not None:
+        return Decoded(*fast)
     with Image.open(path) as image:
         pixels = _png_by_opencv(path, image)
         if pixels is not None:
@@ -67,12 +71,66 @@ def decode(path) -> Decoded:
         return Decoded(pixels_to_uint8(upright), mode)
 
 
+JPEG_MODES = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB"}  # libjpeg's colour space: PIL's mode
+
+
+def _jpeg_by_simplejpeg(path) -> tuple[np.ndarray, str] | None:
+    """(pixels, PIL's mode) of a grey or colour JPEG without EXIF, by simplejpeg: the
+    libjpeg-turbo that PIL uses, with the same accurate DCT and fancy upsampling, without PIL's
+    Python-side parsing and buffering (224 px Kermany films decoded in 0.38 of PIL's time, the
+    same pixels on all 5,840). None for anything else (CMYK, EXIF that may turn the image, a file
+    it cannot decode): PIL then decodes it, or names what is wrong. ``strict`` makes libjpeg's
+    corrupt-data warnings errors, as PIL does ("broken data stream"): OpenCV's decoder only
+    prints them and returns the damaged image, so it is not used for JPEG (tests/test_index.py
+    checks damaged and truncated files)."""
+    import simplejpeg
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read(3)
+            if data != b"\xff\xd8\xff":
+                return None
+            data += file.read()
+        if _has_exif(data):
+            return None
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        mode = JPEG_MODES.get(space)
+        if mode is None:
+            return None
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="GRAY" if mode == "L" else "RGB", fastdct=False, fastupsample=False, strict=True
+        )
+    except (ValueError, OSError):
+        return None
+    pixels = pixels[..., 0] if mode == "L" else pixels
+    return (pixels, mode) if pixels.shape[:2] == (height, width) else None
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether a JPEG stream has an EXIF segment before its image data (its segments from SOI up
+    to the first start-of-scan; a malformed header counts as EXIF: PIL then reads the file)."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return True
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: no EXIF after this point matters
+            return False
+        if marker == 0xE1 and data[at + 4 : at + 10] == b"Exif\x00\x00":
+            return True
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return True
+
+
 def _png_by_opencv(path, image: Image.Image) -> np.ndarray | None:
-    """An 8-bit grey or RGB PNG (NIH ChestX-ray14's kind) decoded by OpenCV's libpng, which
-    inflated 1024 px films in three quarters of PIL's time (bench/index_throughput.py); the
-    pixels are the same (PNG is lossless; tests/test_index.py compares both on every PNG kind).
-    None for anything else, or when OpenCV cannot read the file: PIL then decodes it and names
-    what is wrong. ``image`` is the file opened by PIL, header only."""
+    """An 8-bit grey or RGB PNG (NIH ChestX-ray14's kind) by OpenCV's libpng, which inflated
+    1024 px films in three quarters of PIL's time (bench/index_throughput.py); PNG is lossless,
+    so the pixels are the same. A PNG with EXIF is left to PIL, which turns it upright. None
+    also when OpenCV cannot read the file: PIL then decodes it and names what is wrong.
+    ``image`` is the file opened by PIL, header only."""
     if image.format != "PNG" or image.mode not in ("L", "RGB") or "exif" in image.info:
         return None
     if len(image.tile) != 1 or image.tile[0].args != image.mode:  # 8 bits a sample, no palette or alpha
@@ -128,7 +186,9 @@ def scale_by_bits(values: np.ndarray) -> np.ndarray:
 
 
 def content_hash(pixels: np.ndarray) -> str:
-    """Hash of decoded pixels: a re-encoded copy of the same image has the same hash."""
+    """Hash of decoded pixels: a re-encoded copy of the same image has the same hash, and so has
+    a grey film stored as RGB (three equal channels) and the same film stored as grey."""
+    pixels = grey_plane(pixels)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(pixels.shape).encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
@@ -158,7 +218,7 @@ def check_image(path: str | Path) -> ImageCheck:
         return ImageCheck(file_bytes=size, reason=str(exc))
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageCheck(file_bytes=size, reason=f"corrupt image: {exc}")
-    pixels, dicom = decoded.pixels, decoded.dicom
+    pixels, dicom = grey_plane(decoded.pixels), decoded.dicom  # grey once, for the hash and the signatures
     print_, signature = signatures(pixels)
     return ImageCheck(
         pixels.shape[1],

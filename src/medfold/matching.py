@@ -76,8 +76,9 @@ def moment_window(grey: np.ndarray) -> np.ndarray:
     """The part of ``grey`` within 2 standard deviations of its intensity centroid, per axis
     (intensity above the 5th percentile: the body, not the background, places it)."""
     # the background level, cheaply: of the 16 x 16 area average (the same in every orientation)
-    floor = np.percentile(fp.area_average(grey, 16), 5)
-    weight = np.clip(grey - floor, 0, None)
+    floor = _fifth_percentile(fp.area_average(grey, 16).ravel())
+    weight = np.subtract(grey, floor, dtype=np.float64)
+    np.maximum(weight, 0, out=weight)
     total = weight.sum()
     if total <= 0:
         return grey
@@ -94,6 +95,18 @@ def moment_window(grey: np.ndarray) -> np.ndarray:
         bounds.append((lo, hi) if hi - lo >= 8 else (0, len(profile)))
     (r0, r1), (c0, c1) = bounds
     return np.ascontiguousarray(grey[r0:r1, c0:c1])  # a view would make the area average's product slow
+
+
+def _fifth_percentile(values: np.ndarray) -> float:
+    """``np.percentile(values, 5)`` (its default linear method, the same arithmetic) of a flat
+    float64 array without NaN: a partition of two ranks instead of its general machinery."""
+    virtual = (values.size - 1) * 0.05
+    lo = int(np.floor(virtual))
+    hi = min(lo + 1, values.size - 1)
+    gamma = virtual - lo
+    ranked = np.partition(values, (lo, hi))
+    a, b = ranked[lo], ranked[hi]
+    return b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma
 
 
 def descriptor(grey: np.ndarray) -> np.ndarray:
