@@ -203,3 +203,20 @@ def test_a_split_manifest_reproduces_the_folds_on_a_moved_and_renamed_copy(demo_
             copy_index, copy_report["classes"], split_cfg(method="manifest", manifest=str(tmp_path / "edited.csv"))
         )
     assert header["medfold_version"] and len(rows) == index["content_hash"].nunique()
+
+
+def test_a_leaking_source_test_set_is_kept_whole_and_what_crosses_it_set_aside_by_drop(demo_dir):
+    index, report = build_index(folder_dataset(demo_dir / "chest_xray"), threads=2)
+    splits, summary = make_splits(index, report["classes"], split_cfg(test_from_source=True, on_source_leak="drop"))
+    source_test = (index["source_split"] == "test").to_numpy()
+    # the dataset's own test set, every image of it, and nothing else
+    assert (splits.loc[source_test, "set"] == "test").all() and not (splits.loc[~source_test, "set"] == "test").any()
+    # the other images of the 8 leaking groups (person1's own films, the planted copies) are set aside
+    crossing = {i for leak in summary["source_leaks"] for i in leak["other_images"]}
+    dropped = summary["dropped_for_source_leak"]
+    assert len(summary["source_leaks"]) == 8 and crossing
+    excluded = set(splits.loc[splits["set"] == "excluded", "image_id"])
+    assert {d["image_id"] for d in dropped["images"]} == crossing == excluded
+    assert dropped["count"] == len(crossing) and "set aside" in summary["test_method"]
+    assert check_split(index, splits)["verdict"] == "leak-free"
+    assert (splits.loc[splits["set"] == "cv", "fold"] >= 0).all()

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .clinical import PatientBootstrap, interval, weighted_auroc
 from .errors import ConfigError
-from .metrics import choose_thresholds, evaluate, predict, scalar_metrics, targets_for
+from .metrics import choose_thresholds, describe_decision, evaluate, predict, scalar_metrics, targets_for
 
 
 def _load(metrics_paths) -> list[dict]:
@@ -113,7 +113,8 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     oof = predictions[predictions["set"] == "val"]
     y_oof = targets_for(oof["labels"], classes, task)
     oof_probs = _probs(oof, classes)
-    thresholds = choose_thresholds(task, y_oof, oof_probs)
+    decision = results[0].get("decision_rule")  # the experiment's, as its folds used it
+    thresholds = choose_thresholds(task, y_oof, oof_probs, decision)
     pooled = evaluate(task, classes, y_oof, oof_probs, thresholds)
     out = {
         "task": task,
@@ -122,6 +123,7 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
         "per_fold": per_fold,
         "summary": summary,
         "per_class_auroc": per_class,
+        "decision": describe_decision(decision),
         "oof": pooled,
     }
     test = predictions[predictions["set"] == "test"]
@@ -262,7 +264,9 @@ def ensemble_fold(
     }
     val = predictions[predictions["set"] == "val"]
     y_val = targets_for(val["labels"], classes, task)
-    thresholds = choose_thresholds(task, y_val, val[prob_cols].to_numpy(np.float64))
+    decision = results[names[0]].get("decision_rule")  # the first member's rule
+    result.update(decision=describe_decision(decision), decision_rule=decision)
+    thresholds = choose_thresholds(task, y_val, val[prob_cols].to_numpy(np.float64), decision)
     result["val"] = evaluate(task, classes, y_val, val[prob_cols].to_numpy(np.float64), thresholds)
     test = predictions[predictions["set"] == "test"]
     if len(test):

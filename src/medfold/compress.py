@@ -253,7 +253,7 @@ def compress_fold(
     example = images[:2]
 
     # the base model, evaluated and measured here, beside the variant
-    base_result, base_predictions = evaluate_fold(cpu_runner, None, data)
+    base_result, base_predictions = evaluate_fold(cpu_runner, None, data, decision=cfg["decision"])
     base_measured = measure(base, images, compression["latency"])
     base_size = Path(base_path).stat().st_size
 
@@ -284,7 +284,9 @@ def compress_fold(
     int8 = variant["method"] in quantize.INT8_METHODS
     runnable = quantize.compiled(loaded) if int8 else loaded
     largest = max(compression["latency"]["batch_sizes"])
-    result, predictions = evaluate_fold(cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable)
+    result, predictions = evaluate_fold(
+        cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable, decision=cfg["decision"]
+    )
     log.info("saved, loaded back and evaluated in %.1f s", time.perf_counter() - start - make_seconds)
     measured = measure(runnable, images, compression["latency"])
     if int8:  # compiled int8 against compiled fp32 too, so the gain of compiling alone is visible

@@ -50,8 +50,9 @@ class Stopping:
 @dataclass(frozen=True)
 class Schedule:
     """``plateau``: ReduceLROnPlateau on the monitored metric each epoch (``training.plateau``);
-    ``cosine``: linear warm-up then cosine decay to 0 over each stage, per step; ``onecycle``:
-    Smith's one-cycle, warm-up from lr/25 then cosine down to lr/1e4, per step."""
+    ``constant``: the stage's LR throughout; ``cosine``: linear warm-up then cosine decay to 0
+    over each stage, per step; ``onecycle``: Smith's one-cycle, warm-up from lr/25 then cosine
+    down to lr/1e4, per step."""
 
     name: str = "plateau"
     warmup_epochs: float = 0.0
@@ -107,6 +108,8 @@ class Stage:
     train: str = "all"
     blocks: int = 1
     freeze_batch_norm: bool = True
+    batch_size: int | None = None  # None: training.batch_size
+    optimizer: str | None = None  # None: training.optimizer
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class TrainSettings:
     ema_decay: float
     tta: str
     pruning: dict  # pruning while training (``training.pruning``)
+    keep: str  # "best" or "last": the weights each stage hands on and the run keeps
+    decision: dict  # the decision rule for accuracy, F1 and the confusion matrix (``training.decision``)
+    optimizer_options: OptimizerOptions
     network: dict | None  # the layers of a CNN described in config (``networks``), else None
     raw: dict = field(repr=False, compare=False)
 
@@ -164,6 +170,7 @@ class TrainSettings:
             "schedule": Schedule(**cfg["schedule"]),
             "mixing": Mixing(**cfg["mixup"]),
             "ema_decay": cfg["ema"]["decay"],
+            "optimizer_options": OptimizerOptions(**cfg["optimizer_options"]),
         }
         plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
         return cls(**plain, **nested, raw=cfg)
@@ -176,25 +183,42 @@ def _stages(cfg: dict) -> tuple[Stage, ...]:
     return tuple(Stage(**{**stage, "lr": stage.get("lr") or cfg["lr"]}) for stage in cfg["stages"])
 
 
-def make_optimizer(params, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
-    name, wd = s.optimizer, s.weight_decay
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """``training.optimizer_options``: None keeps torch's default (Keras's differ: Adam and
+    Adadelta epsilon 1e-7, Adadelta rho 0.95, Adagrad initial accumulator 0.1)."""
+
+    epsilon: float | None = None
+    rho: float | None = None  # Adadelta's rho, RMSprop's alpha
+    initial_accumulator: float | None = None  # Adagrad
+    nesterov: bool = True  # SGD with momentum: Nesterov's (False: plain momentum)
+
+
+def make_optimizer(params, s: TrainSettings, lr: float, name: str | None = None) -> torch.optim.Optimizer:
+    """The optimiser ``name`` (default ``s.optimizer``; a stage may name its own) over ``params``."""
+    name, wd, o = name or s.optimizer, s.weight_decay, s.optimizer_options
+    eps = {} if o.epsilon is None else {"eps": o.epsilon}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **eps)
     # the optimisers the source studies also tried (Keras names: Adadelta, Adagrad, RMSprop)
     if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd, rho=0.9 if o.rho is None else o.rho, **eps)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+        accumulator = 0.0 if o.initial_accumulator is None else o.initial_accumulator
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, initial_accumulator_value=accumulator, **eps)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=s.momentum, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=wd, nesterov=s.momentum > 0)
+        alpha = 0.9 if o.rho is None else o.rho
+        return torch.optim.RMSprop(params, lr=lr, alpha=alpha, momentum=s.momentum, weight_decay=wd, **eps)
+    nesterov = o.nesterov and s.momentum > 0
+    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=wd, nesterov=nesterov)
 
 
 def step_schedule(optimizer, schedule: Schedule, epochs: int, steps_per_epoch: int):
-    """A per-step LR schedule over one stage (``cosine`` or ``onecycle``); None for ``plateau``."""
-    if schedule.name == "plateau":
+    """A per-step LR schedule over one stage (``cosine`` or ``onecycle``); None for ``plateau``
+    and ``constant``."""
+    if schedule.name in ("plateau", "constant"):
         return None
     total = max(1, epochs * steps_per_epoch)
     warmup = min(total - 1, round(schedule.warmup_epochs * steps_per_epoch))
@@ -445,6 +469,7 @@ class Fit:
     after_epoch: Callable[[dict, bool], None] | None = None  # (row, improved)
     ema: Any = None  # AveragedModel: scored, selected and kept instead of the raw weights
     select_from: int = 0  # the first epoch (1-based) that may be chosen and counts for early stopping
+    keep: str = "best"  # which weights the stretch ends with and the run keeps: the best epoch's, or the last
 
 
 def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit) -> EarlyStopping | None:
@@ -479,6 +504,10 @@ def fit(loop: Epochs, model, step_model, optimizer, state: TrainState, plan: Fit
         state.epoch, state.stage_epoch = epoch + 1, state.stage_epoch + 1
         if plan.after_epoch is not None:
             plan.after_epoch(row, improved)
+    if plan.keep == "last" and state.history:  # also after a resume that found this stretch finished
+        state.best_state, state.best_epoch = weights_copy(scored), state.epoch
+        if plan.stopping is not None:
+            state.best = monitored(state.history[-1], plan.stopping.metric, plan.stopping.mode)
     return stopper
 
 

@@ -1,9 +1,11 @@
 """Classification metrics from scikit-learn, for binary, multi-class and multi-label tasks.
 
 ``y`` is a class index per image (binary, multiclass) or a 0/1 matrix (multilabel); ``probs``
-is (images, classes). Binary tasks score the second class as positive. Thresholds for binary
-and multi-label decisions are chosen on validation by Youden's J (max TPR - FPR) and applied
-unchanged to test.
+is (images, classes). Binary tasks score the second class as positive. The decision rule for
+accuracy, F1 and the confusion matrix (``training.decision``): ``youden`` (the default) chooses
+binary and multi-label thresholds on validation by Youden's J (max TPR - FPR) and applies them
+unchanged to test; ``argmax`` takes the most probable class (multi-label: each label at 0.5);
+``fixed`` one stated threshold. Multi-class decisions are always the argmax.
 """
 
 from __future__ import annotations
@@ -34,12 +36,31 @@ def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(min(thresholds[best], 1.0))
 
 
-def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray) -> list[float] | None:
+YOUDEN = {"rule": "youden", "threshold": 0.5}
+
+
+def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, decision: dict | None = None) -> list[float] | None:
+    """The decision thresholds ``decision`` (a ``training.decision`` block; default Youden) gives
+    on these labelled predictions: one for binary, one per label for multi-label; None when
+    decisions are the argmax (multi-class always)."""
+    rule = (decision or YOUDEN)["rule"]
+    if task == "multiclass" or (rule == "argmax" and task == "binary"):
+        return None
+    if rule == "argmax":  # multi-label: each label's own two-way argmax
+        return [0.5] * probs.shape[1]
+    if rule == "fixed":
+        return [float(decision["threshold"])] * (1 if task == "binary" else probs.shape[1])
     if task == "binary":
         return [youden_threshold(y, probs[:, 1])]
-    if task == "multilabel":
-        return [youden_threshold(y[:, j], probs[:, j]) for j in range(probs.shape[1])]
-    return None
+    return [youden_threshold(y[:, j], probs[:, j]) for j in range(probs.shape[1])]
+
+
+def describe_decision(decision: dict | None) -> str:
+    """The rule in words, for metrics.json and the report."""
+    decision = decision or YOUDEN
+    if decision["rule"] == "fixed":
+        return f"threshold {decision['threshold']:g}"
+    return "argmax" if decision["rule"] == "argmax" else "Youden's J on validation"
 
 
 def _auroc(y01: np.ndarray, score: np.ndarray) -> float | None:
@@ -50,7 +71,7 @@ def _auroc(y01: np.ndarray, score: np.ndarray) -> float | None:
 
 def predict(task: str, probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
     if task == "binary":
-        return (probs[:, 1] >= (thresholds or [0.5])[0]).astype(int)
+        return probs.argmax(1) if thresholds is None else (probs[:, 1] >= thresholds[0]).astype(int)
     if task == "multilabel":
         return (probs >= np.asarray(thresholds if thresholds else [0.5] * probs.shape[1])[None, :]).astype(int)
     return probs.argmax(1)

@@ -94,16 +94,21 @@ class SmallCNN(nn.Module):
 class LayerCNN(SmallCNN):
     """A CNN described in config (``networks:``), layer by layer, as the source studies describe
     theirs (study 000's Table II, study 004's LeNet-5). Convolutions: conv -> batch norm ->
-    activation -> dropout; a depthwise-separable one is a k x k depthwise convolution (one filter
-    per input channel) and a 1 x 1 pointwise one, both with bias, as in study 000. Then the
-    feature map is flattened (its size follows from ``image_size``), or averaged to an n x n grid
-    first (``pooling: n``); then the dense layers, each linear -> batch norm -> activation ->
-    dropout; then the linear classifier (no activation on the logits)."""
+    activation -> dropout (``batch_norm_position: after_activation``: conv -> activation -> batch
+    norm -> dropout, as study 000's table has it; ``conv_dropout: element``: element-wise dropout
+    instead of channel dropout, as study 001's Keras Dropout); a depthwise-separable one is a k x k
+    depthwise convolution (one filter per input channel) and a 1 x 1 pointwise one, both with
+    bias, as in study 000. Then the feature map is flattened (its size follows from
+    ``image_size``), or averaged to an n x n grid first (``pooling: n``); then the dense layers,
+    each linear -> batch norm -> activation -> dropout (batch norm placed as for convolutions);
+    then the linear classifier (no activation on the logits)."""
 
     def __init__(self, in_channels: int, num_classes: int, spec: dict, image_size: int):
         nn.Module.__init__(self)
         layers: list[nn.Module] = []
         cin, size = in_channels, image_size
+        after = spec.get("batch_norm_position", "before_activation") == "after_activation"
+        conv_dropout = nn.Dropout if spec.get("conv_dropout", "channel") == "element" else nn.Dropout2d
         for i, layer in enumerate(spec["layers"]):
             if "pool" in layer:
                 k = layer.get("size", 2)
@@ -120,11 +125,11 @@ class LayerCNN(SmallCNN):
                     ]
                 else:
                     layers.append(nn.Conv2d(cin, cout, k, stride, pad))
-                if layer.get("batch_norm", False):
-                    layers.append(nn.BatchNorm2d(cout))
-                layers += _activation(layer.get("activation", "relu"))
+                norm = [nn.BatchNorm2d(cout)] if layer.get("batch_norm", False) else []
+                activation = _activation(layer.get("activation", "relu"))
+                layers += activation + norm if after else norm + activation
                 if layer.get("dropout", 0.0):
-                    layers.append(nn.Dropout2d(layer["dropout"]))
+                    layers.append(conv_dropout(layer["dropout"]))
                 cin, size = cout, (size + 2 * pad - k) // stride + 1
             if size < 1:
                 raise ConfigError(
@@ -138,9 +143,9 @@ class LayerCNN(SmallCNN):
         head: list[nn.Module] = [nn.Flatten()]
         for dense in spec.get("head", []):
             head.append(nn.Linear(width, dense["dense"]))
-            if dense.get("batch_norm", False):
-                head.append(nn.BatchNorm1d(dense["dense"]))
-            head += _activation(dense.get("activation", "relu"))
+            norm = [nn.BatchNorm1d(dense["dense"])] if dense.get("batch_norm", False) else []
+            activation = _activation(dense.get("activation", "relu"))
+            head += activation + norm if after else norm + activation
             if dense.get("dropout", 0.0):
                 head.append(nn.Dropout(dense["dropout"]))
             width = dense["dense"]

@@ -463,7 +463,7 @@ def examples(index: pd.DataFrame, classes: list[str], cache: np.ndarray, per_cla
 def split_view(split_summary: dict, check: dict) -> SplitView:
     sets = split_summary["sets"]
     leaks = split_summary["source_leaks"]
-    dropped = split_summary.get("dropped_copies", {})
+    dropped = split_summary.get("dropped_copies") or split_summary.get("dropped_for_source_leak") or {}
     return SplitView(
         method=split_summary["test_method"],
         folds=split_summary["folds"],

@@ -86,6 +86,10 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         first = errors[0]
         where = ".".join(str(p) for p in first.path)
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
+    for key in ("brightness_range", "contrast_range"):
+        bounds = settings["augment"].get(key)
+        if bounds is not None and bounds[0] > bounds[1]:
+            raise ConfigError(f"experiments.{name}.augment.{key}: expected [low, high] with low <= high, got {bounds}")
     prune = settings.get("pruning") or {}
     if prune.get("enabled"):
         import math

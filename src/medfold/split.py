@@ -142,7 +142,7 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
     n_groups = len(counts)
     source_leaks: list[dict] = []
     test_method = "stratified by patient"
-    is_test = None
+    is_test = set_aside = None
     if cfg["test_from_source"]:
         source = index["source_split"].fillna("")
         if (source == "").all():
@@ -170,7 +170,15 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
                     for leak in source_leaks[:5]
                 )
             )
-        if len(mixed):
+        if len(mixed) and cfg["on_source_leak"] == "drop":
+            # the official test set stays whole; what crosses it from the other side is set aside
+            is_test = per_group["max"].to_numpy().astype(bool)
+            set_aside = np.isin(groups, mixed) & ~image_test
+            test_method = (
+                f"the dataset's own split {cfg['source_test_names']}; {int(set_aside.sum())} other images of the "
+                f"{len(mixed)} patients (or copies) that cross it set aside"
+            )
+        elif len(mixed):
             test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
         else:
             is_test = per_group["max"].to_numpy().astype(bool)
@@ -188,11 +196,26 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
         counts[cv_groups], [1.0] * cfg["folds"], seeds.split_folds(cfg["seed"])
     )
     fold = group_fold[groups]
-    splits = _split_table(index, groups, np.where(fold < 0, TEST, CV), fold)
+    sets = np.where(fold < 0, TEST, CV).astype(object)
+    dropped = []
+    if set_aside is not None:
+        sets[set_aside] = EXCLUDED
+        dropped = [
+            {"image_id": i, "fold": "-", "role": s}
+            for i, s in zip(index["image_id"].to_numpy()[set_aside], index["source_split"].to_numpy()[set_aside])
+        ]
+    splits = _split_table(index, groups, sets, fold)
     summary = summarize(index, splits, classes)
     summary.update(
         {"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks}
     )
+    if set_aside is not None:
+        summary["dropped_for_source_leak"] = {
+            "count": len(dropped),
+            "images": dropped,
+            "rule": "split.on_source_leak 'drop': the dataset's own test set kept whole; the other images of "
+            "every patient or copy that crosses it set aside",
+        }
     return splits, summary
 
 

@@ -40,7 +40,7 @@ from .loop import (
     step_schedule,
     train_metric_rows,
 )
-from .metrics import choose_thresholds, evaluate, targets_for
+from .metrics import YOUDEN, choose_thresholds, describe_decision, evaluate, targets_for
 from .models import build_model, input_stats, set_trainable, train_mode
 from .progress import Progress
 from .split import fold_members
@@ -424,14 +424,15 @@ class FoldRun:
         for p in model.parameters():
             p.grad = None  # a gradient left from the previous stage must not move a frozen weight
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, s, stage.lr * self.lr_scale)
+        self.batches.batch_size = stage.batch_size or s.batch_size  # before the schedule counts its steps
+        optimizer = make_optimizer(trainable, s, stage.lr * self.lr_scale, stage.optimizer)
         # every rank starts from rank 0's weights; a resume loads the same file on every rank
         step_model, optimizer = self.ctx.wrap(model, optimizer, self.device)
         if s.compile:
             step_model = torch.compile(step_model)
         # the LR schedule: per epoch on the monitored metric, or per step (cosine, one-cycle)
         scheduler = step_schedule(optimizer, s.schedule, stage.epochs, self.batches.steps())
-        if scheduler is None:
+        if s.schedule.name == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer,
                 mode=s.early_stopping.mode,
@@ -447,7 +448,8 @@ class FoldRun:
         run = self.begin_stage(stage)
         if ckpt is not None:
             run.optimizer.load_state_dict(ckpt["optimizer"])
-            run.scheduler.load_state_dict(ckpt["scheduler"])
+            if run.scheduler is not None:
+                run.scheduler.load_state_dict(ckpt["scheduler"])
         pruner = self.pruner
         plan = Fit(
             stage.epochs,
@@ -458,6 +460,7 @@ class FoldRun:
             ema=self.ema,
             after_step=(lambda epoch: pruner.after_step(epoch, s.pruning["update_every"])) if pruner else None,
             select_from=self.select_from,
+            keep=s.keep,
         )
         stopper = fit(self.loop, model, run.step_model, run.optimizer, state, plan)
         if stopper.stop:
@@ -479,15 +482,17 @@ class FoldRun:
         )
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
         if state.stage < len(s.stages):
-            model.load_state_dict(stopper.weights)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(stopper.weights)
+            if s.keep == "best":  # else the model is at the stage's last epoch already
+                model.load_state_dict(stopper.weights)
+                if self.ema is not None:
+                    self.ema.module.load_state_dict(stopper.weights)
             log.info(
-                "fold %d: stage %d/%d (%s) starts from the previous stage's best weights",
+                "fold %d: stage %d/%d (%s) starts from the previous stage's %s weights",
                 self.fold,
                 state.stage + 1,
                 len(s.stages),
                 s.stages[state.stage].train,
+                s.keep,
             )
 
     def after_epoch(self, row: dict, improved: bool, run: StageRun) -> None:
@@ -513,7 +518,7 @@ class FoldRun:
                 {
                     "model": self.model.state_dict(),
                     "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(),
+                    "scheduler": run.scheduler.state_dict() if run.scheduler is not None else {},
                     "state": self.state.to_dict(),
                     **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                     "rng_cpu": torch.get_rng_state(),
@@ -571,16 +576,21 @@ def _log_scalars(writer, row: dict) -> None:
             writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["epoch"])
 
 
-def evaluate_fold(runner: Runner, criterion: Criterion | None, data: FoldData, model=None) -> tuple[dict, pd.DataFrame]:
-    """Validation and test metrics of ``model`` (default: the runner's), with thresholds chosen on
-    validation, and the probabilities of both sets as one table."""
+def evaluate_fold(
+    runner: Runner, criterion: Criterion | None, data: FoldData, model=None, decision: dict | None = None
+) -> tuple[dict, pd.DataFrame]:
+    """Validation and test metrics of ``model`` (default: the runner's), with the decision rule
+    ``decision`` (``training.decision``; default: thresholds by Youden's J on validation), and
+    the probabilities of both sets as one table."""
     y, rows, task, classes = data.targets, data.rows, data.task, data.classes
     val_probs, val_loss = runner.predict(rows["val"], criterion, model)
-    thresholds = choose_thresholds(task, y[rows["val"]], val_probs)
+    thresholds = choose_thresholds(task, y[rows["val"]], val_probs, decision)
     result = {
         "fold": data.fold,
         "task": task,
         "classes": classes,
+        "decision": describe_decision(decision),
+        "decision_rule": decision or YOUDEN,
         "val": evaluate(task, classes, y[rows["val"]], val_probs, thresholds),
     }
     result["val"]["loss"] = val_loss
@@ -629,7 +639,7 @@ def _evaluate_and_write(
     runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: FoldOutputs, pruned=None
 ) -> dict:
     runner.model.eval()
-    result, predictions = evaluate_fold(runner, criterion, data)
+    result, predictions = evaluate_fold(runner, criterion, data, decision=cfg["decision"])
     result.update(
         {
             "best_epoch": state.best_epoch,

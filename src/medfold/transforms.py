@@ -26,11 +26,37 @@ class AugmentConfig:
     brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
     contrast: float = 0.0  # factor uniform in [1 - c, 1 + c]
     erasing: float = 0.0  # probability of erasing one rectangle (2-33 % of the area)
-    perspective: float = 0.0  # probability of a random perspective warp (distortion 0.3)
+    perspective: float = 0.0  # probability of a random perspective warp
+    rotation_prob: float = 1.0  # probability that an image is rotated at all
+    perspective_distortion: float = 0.3  # how far the warp moves each corner (torchvision's distortion_scale)
+    brightness_range: tuple[float, float] | None = None  # the factor's [low, high], instead of 1 -+ brightness
+    contrast_range: tuple[float, float] | None = None
+    clamp: bool = True  # intensities back into [0, 1] after brightness and contrast
+
+    @property
+    def intensity(self) -> bool:
+        return (
+            self.brightness > 0
+            or self.contrast > 0
+            or self.brightness_range is not None
+            or self.contrast_range is not None
+        )
 
     @classmethod
     def from_config(cls, cfg: dict) -> AugmentConfig:
-        return cls(**{k: float(v) for k, v in cfg.items()})
+        def value(key, v):
+            if key.endswith("_range"):
+                return None if v is None else (float(v[0]), float(v[1]))
+            return bool(v) if key == "clamp" else float(v)
+
+        return cls(**{k: value(k, v) for k, v in cfg.items()})
+
+
+def _factor_range(spread: float, fixed: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range an intensity factor is drawn from: ``fixed``, else 1 -+ ``spread``; None: off."""
+    if fixed is not None:
+        return fixed
+    return (1 - spread, 1 + spread) if spread > 0 else None
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -48,6 +74,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
             x[flip] = x[flip].flip(-1)
     if cfg.rotation > 0:
         angle = _uniform(n, -cfg.rotation, cfg.rotation, gen, device) * (math.pi / 180)
+        if cfg.rotation_prob < 1:  # a draw only then: the stream of every other setting is as it was
+            angle = angle * (torch.rand(n, generator=gen, device=device) < cfg.rotation_prob)
         cos, sin = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
@@ -61,7 +89,10 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
             h, w = x.shape[-2:]
             for i in chosen:
                 jitter = (
-                    torch.rand(4, 2, generator=gen, device=device) * 0.3 * torch.tensor([w, h], device=device) / 2
+                    torch.rand(4, 2, generator=gen, device=device)
+                    * cfg.perspective_distortion
+                    * torch.tensor([w, h], device=device)
+                    / 2
                 ).tolist()
                 start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
                 sx, sy = [1, -1, -1, 1], [1, 1, -1, -1]
@@ -69,12 +100,14 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
                     [int(px + sx[k] * jitter[k][0]), int(py + sy[k] * jitter[k][1])] for k, (px, py) in enumerate(start)
                 ]
                 x[i] = TF.perspective(x[i], startpoints=start, endpoints=end)
-    if cfg.brightness > 0:
-        x = x * _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device)[:, None, None, None]
-    if cfg.contrast > 0:
+    brightness = _factor_range(cfg.brightness, cfg.brightness_range)
+    if brightness is not None:
+        x = x * _uniform(n, *brightness, gen, device)[:, None, None, None]
+    contrast = _factor_range(cfg.contrast, cfg.contrast_range)
+    if contrast is not None:
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device)[:, None, None, None] + mean
-    if cfg.brightness > 0 or cfg.contrast > 0:
+        x = (x - mean) * _uniform(n, *contrast, gen, device)[:, None, None, None] + mean
+    if cfg.intensity and cfg.clamp:
         x = x.clamp(0, 1)
     if cfg.erasing > 0:
         x = _erase(x, cfg.erasing, gen)

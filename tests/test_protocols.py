@@ -1,0 +1,197 @@
+"""The settings a study's protocol needs (issue 25), each shown to change what runs: a constant
+learning rate, keeping the last epoch, per-stage batch size and optimiser, the optimisers' own
+constants, the decision rule, the networks' layer order and dropout kind, and augmentation's
+probabilities and one-sided ranges."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import prepare_demo, resolved_config
+from sklearn.metrics import accuracy_score, f1_score
+
+from medfold.errors import ConfigError
+from medfold.metrics import choose_thresholds, describe_decision, evaluate
+
+FOLD = 0
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, demo_dir):
+    return prepare_demo(tmp_path_factory.mktemp("protocols"), demo_dir, size=32)
+
+
+def training(**overrides) -> dict:
+    base = {"batch_norm": True, "device": "cpu", "image_size": 32, "early_stopping": {"enabled": False}}
+    return resolved_config({"training": {**base, **overrides}})["training"]
+
+
+@pytest.fixture(scope="module")
+def three_stages(prepared, tmp_path_factory):
+    """Stage 1 learns; stage 2 cannot move the weights (lr 1e-9), so a plateau schedule would cut
+    its lr after two epochs without improvement; stage 3 (SGD at lr 100) wrecks the head, so its
+    last epoch is far worse than the best. With keep: last and a constant schedule."""
+    from medfold.train import run_fold
+
+    cfg = training(
+        schedule={"name": "constant"},
+        keep="last",
+        plateau={"factor": 0.1, "patience": 1, "min_lr": 1e-12},
+        early_stopping={"enabled": False, "metric": "loss"},
+        decision={"rule": "argmax"},
+        stages=[
+            {"train": "head", "epochs": 3, "lr": 0.3},
+            {"train": "head", "epochs": 4, "lr": 1e-9},
+            {"train": "head", "epochs": 1, "lr": 100.0, "optimizer": "sgd", "batch_size": 7},
+        ],
+    )
+    out = tmp_path_factory.mktemp("three_stages")
+    result = run_fold(
+        cfg, prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache", FOLD, out, threads=2
+    )
+    return cfg, out, result
+
+
+def test_a_constant_schedule_keeps_each_stages_lr(three_stages):
+    _, out, _ = three_stages
+    history = pd.read_csv(out / "history.csv")
+    assert history["lr"].tolist() == [0.3] * 3 + [1e-9] * 4 + [100.0]
+
+
+def test_keep_last_keeps_the_last_epoch_and_hands_it_on(three_stages):
+    _, out, result = three_stages
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_loss"].iloc[-1] > 2 * history["val_loss"].min()  # the last epoch is not the best
+    assert result["best_epoch"] == result["epochs_trained"] == len(history) == 8
+    # the saved model is the last epoch's: its validation loss is that epoch's, not the best's
+    assert result["val"]["loss"] == pytest.approx(history["val_loss"].iloc[-1], rel=1e-5)
+    # stage 2 (lr 1e-9) started from stage 1's last epoch: its validation loss is that epoch's
+    assert history["val_loss"].iloc[3] == pytest.approx(history["val_loss"].iloc[2], rel=1e-4)
+
+
+def test_the_decision_rule_is_applied_and_named_for_folds_and_the_ensemble(three_stages):
+    from medfold.aggregate import aggregate_experiment
+
+    _, out, result = three_stages
+    assert result["decision"] == "argmax" and result["val"]["thresholds"] == [0.5] * 4  # multi-label: 0.5 each
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["decision_rule"] == {"rule": "argmax", "threshold": 0.5}
+    agg = aggregate_experiment([out / "metrics.json"], [out / "predictions.parquet"], 20, 0)
+    assert agg["decision"] == "argmax" and agg["oof"]["thresholds"] == [0.5] * 4
+
+
+def test_a_stage_trains_with_its_own_batch_size_and_optimizer(prepared, tmp_path):
+    from medfold.loop import Stage
+    from medfold.train import FoldRun
+
+    run = FoldRun(
+        training(optimizer="adam"),
+        prepared / "index.parquet",
+        prepared / "splits.parquet",
+        prepared / "cache",
+        FOLD,
+        tmp_path,
+    )
+    n = len(run.batches.rows)
+    own = run.begin_stage(Stage(epochs=1, lr=0.01, batch_size=7, optimizer="sgd"))
+    assert type(own.optimizer).__name__ == "SGD" and run.batches.steps() == -(-n // 7)
+    assert len(list(run.batches)) == -(-n // 7)
+    default = run.begin_stage(Stage(epochs=1, lr=0.01))
+    assert type(default.optimizer).__name__ == "Adam" and run.batches.batch_size == run.s.batch_size
+
+
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("adam", {"epsilon": 1e-7}, {"eps": 1e-7}),
+        ("adadelta", {"epsilon": 1e-7, "rho": 0.95}, {"eps": 1e-7, "rho": 0.95}),
+        ("adagrad", {"initial_accumulator": 0.1}, {"initial_accumulator_value": 0.1}),
+        ("rmsprop", {"rho": 0.8}, {"alpha": 0.8}),
+        ("sgd", {"nesterov": False}, {"nesterov": False, "momentum": 0.9}),
+        ("sgd", {}, {"nesterov": True}),
+    ],
+)
+def test_the_optimizers_own_constants_reach_the_optimizer(name, options, expected):
+    from medfold.loop import TrainSettings, make_optimizer
+
+    cfg = resolved_config({"training": {"optimizer": name, "optimizer_options": options}})["training"]
+    w = torch.zeros(3, requires_grad=True)
+    group = make_optimizer([w], TrainSettings.from_config(cfg), 0.1).param_groups[0]
+    assert {k: group[k] for k in expected} == expected
+    if name == "adagrad":  # the accumulator starts where it was told
+        optimizer = make_optimizer([w], TrainSettings.from_config(cfg), 0.1)
+        assert torch.equal(optimizer.state[w]["sum"], torch.full((3,), 0.1))
+
+
+def test_argmax_and_fixed_decisions_are_what_sklearn_computes():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 2)) + np.array([[0.0, 0.4]])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = (rng.random(300) < probs[:, 1]).astype(int)
+    argmax = choose_thresholds("binary", y, probs, {"rule": "argmax", "threshold": 0.5})
+    scores = evaluate("binary", ["no", "yes"], y, probs, argmax)
+    assert argmax is None
+    assert scores["accuracy"] == accuracy_score(y, probs.argmax(1))
+    fixed = choose_thresholds("binary", y, probs, {"rule": "fixed", "threshold": 0.7})
+    assert fixed == [0.7]
+    decided = (probs[:, 1] >= 0.7).astype(int)
+    assert evaluate("binary", ["no", "yes"], y, probs, fixed)["accuracy"] == accuracy_score(y, decided)
+    youden = choose_thresholds("binary", y, probs)
+    assert youden != [0.5] and evaluate("binary", ["no", "yes"], y, probs, youden)["accuracy"] != scores["accuracy"]
+    assert f1_score(y, probs.argmax(1)) > 0  # the set has both classes
+    assert describe_decision({"rule": "fixed", "threshold": 0.7}) == "threshold 0.7"
+
+
+def test_batch_norm_after_the_activation_and_element_dropout_build_as_said():
+    from torch import nn
+
+    from medfold.models import LayerCNN
+
+    layers = [{"conv": 8, "batch_norm": True, "dropout": 0.25}, {"pool": "max"}]
+    usual = LayerCNN(1, 2, {"layers": layers}, 16)
+    study = LayerCNN(1, 2, {"layers": layers, "batch_norm_position": "after_activation", "conv_dropout": "element"}, 16)
+    kinds = [type(m) for m in usual.features]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout2d, nn.MaxPool2d]
+    assert [type(m) for m in study.features] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, nn.Dropout, nn.MaxPool2d]
+    assert sum(p.numel() for p in usual.parameters()) == sum(p.numel() for p in study.parameters())
+    # element-wise dropout zeroes single activations; channel dropout whole maps
+    x = torch.ones(4, 8, 6, 6)
+    torch.manual_seed(0)
+    element = study.features[3].train()(x)
+    per_map = (element == 0).flatten(2).float().mean(2)
+    assert ((per_map > 0) & (per_map < 1)).any()
+    channel = usual.features[3].train()(x)
+    assert set((channel == 0).flatten(2).float().mean(2).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_rotation_probability_perspective_scale_and_one_sided_unclamped_intensity():
+    from medfold.transforms import AugmentConfig, augment_batch
+
+    x = torch.rand(64, 1, 24, 24, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1
+
+    def run(**cfg):
+        return augment_batch(x.clone(), AugmentConfig.from_config(cfg), torch.Generator().manual_seed(2))
+
+    changed = lambda out: (out - x).abs().flatten(1).amax(1) > 1e-5  # noqa: E731
+    assert not changed(run(rotation=30, rotation_prob=0.0)).any()
+    assert changed(run(rotation=30, rotation_prob=1.0)).all()
+    some = changed(run(rotation=30, rotation_prob=0.5)).float().mean()
+    assert 0.3 < some < 0.7
+    assert not changed(run(perspective=1.0, perspective_distortion=0.0)).any()
+    assert changed(run(perspective=1.0, perspective_distortion=0.5)).any()
+    bright = run(brightness_range=[1.2, 1.5], clamp=False)
+    ratio = (bright / x).flatten(1)
+    assert (ratio.amin(1) > 1.2 - 1e-4).all() and (ratio.amax(1) < 1.5 + 1e-4).all() and bright.max() > 1
+    assert run(brightness_range=[1.2, 1.5]).max() <= 1  # clamped by default
+    # the default draw streams are those of before: a config without the new keys is unchanged
+    assert torch.equal(run(rotation=10, hflip=0.5), run(rotation=10, hflip=0.5, rotation_prob=1.0))
+
+
+def test_a_range_with_low_above_high_is_refused_before_any_job():
+    from medfold.settings import experiment_settings
+
+    config = resolved_config({"experiments": {"e": {"augment": {"brightness_range": [1.5, 1.2]}}}})
+    with pytest.raises(ConfigError, match=r"experiments.e.augment.brightness_range: expected \[low, high\]"):
+        experiment_settings(config, "e", "workflow/schemas/config.schema.yaml")
