@@ -42,7 +42,7 @@ def three_stages(prepared, tmp_path_factory):
         early_stopping={"enabled": False, "metric": "loss"},
         decision={"rule": "argmax"},
         stages=[
-            {"train": "head", "epochs": 3, "lr": 0.3},
+            {"train": "head", "epochs": 3, "lr": 0.01},
             {"train": "head", "epochs": 4, "lr": 1e-9},
             {"train": "head", "epochs": 1, "lr": 100.0, "optimizer": "sgd", "batch_size": 7},
         ],
@@ -57,7 +57,7 @@ def three_stages(prepared, tmp_path_factory):
 def test_a_constant_schedule_keeps_each_stages_lr(three_stages):
     _, out, _ = three_stages
     history = pd.read_csv(out / "history.csv")
-    assert history["lr"].tolist() == [0.3] * 3 + [1e-9] * 4 + [100.0]
+    assert history["lr"].tolist() == [0.01] * 3 + [1e-9] * 4 + [100.0]
 
 
 def test_keep_last_keeps_the_last_epoch_and_hands_it_on(three_stages):
@@ -195,3 +195,36 @@ def test_a_range_with_low_above_high_is_refused_before_any_job():
     config = resolved_config({"experiments": {"e": {"augment": {"brightness_range": [1.5, 1.2]}}}})
     with pytest.raises(ConfigError, match=r"experiments.e.augment.brightness_range: expected \[low, high\]"):
         experiment_settings(config, "e", "workflow/schemas/config.schema.yaml")
+
+
+def test_each_stage_is_scored_on_test_and_the_report_shows_stages_and_the_studys_figures(three_stages, tmp_path):
+    from medfold.aggregate import aggregate_experiment, write_experiment
+    from medfold.report import reference_view, stages_table
+    from medfold.train import load_model
+
+    _, out, result = three_stages
+    stages = result["stages"]
+    assert [s["batch_size"] for s in stages] == [None, None, 7] and stages[2]["optimizer"] == "sgd"
+    # stage 1's weights learned; stage 3's (SGD at lr 100) are wrecked: each stage has its own result
+    assert stages[0]["test"]["auroc_macro"] > 0.6 and stages[0]["test"] != stages[2]["test"]
+    model, _ = load_model(out / "model.pt")
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert "train" in result and result["train"]["images"] > 0 and "accuracy" in result["train"]
+    table = stages_table({0: out / "metrics.json"})
+    assert [r[0] for r in table.rows] == ["fold 0, stage 1", "fold 0, stage 2", "fold 0, stage 3"]
+    assert table.rows[0][5] == stages[0]["test"]["auroc_macro"]
+    agg = aggregate_experiment([out / "metrics.json"], [out / "predictions.parquet"], 20, 0)
+    names = [("per_fold", "csv"), ("table", "csv"), ("summary", "json"), ("ensemble", "json"), ("preds", "parquet")]
+    files = {k: tmp_path / f"{k}.{ext}" for k, ext in names}
+    write_experiment(agg, files["per_fold"], files["table"], files["summary"], files["ensemble"], files["preds"])
+    reference = {
+        "study": "A study (2020)",
+        "experiments": {"e": {"test.auroc_macro": 0.9, "parameters": 1000, "ensemble.auroc_macro": 0.95}},
+    }
+    view = reference_view(reference, {"e": {"summary": files["summary"], "ensemble": files["ensemble"]}})
+    by_quantity = {r[1]: r for r in view.table.rows}
+    assert by_quantity["test.auroc_macro"][3] == pytest.approx(result["test"]["auroc_macro"])
+    assert by_quantity["test.auroc_macro"][4] == pytest.approx(result["test"]["auroc_macro"] - 0.9)
+    assert by_quantity["parameters"][2:4] == ["1000", str(result["parameters"])]
+    ensemble = json.loads(files["ensemble"].read_text())
+    assert by_quantity["ensemble.auroc_macro"][3] == (ensemble or {}).get("auroc_macro")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medfold.loop import make_optimizer
+from medfold.loop import OptimizerOptions, make_optimizer
 from medfold.models import BATCH_NORMS, build_model, classifier, feature_blocks, set_trainable, train_mode
 
 
@@ -24,7 +24,7 @@ def _steps(model, frozen_norms, in_channels: int, n: int = 3) -> None:
     """Real optimisation steps (AdamW with weight decay: decay alone would move a weight)."""
     optimizer = make_optimizer(
         [p for p in model.parameters() if p.requires_grad],
-        SimpleNamespace(optimizer="adamw", weight_decay=0.1, momentum=0.0),
+        SimpleNamespace(optimizer="adamw", weight_decay=0.1, momentum=0.0, optimizer_options=OptimizerOptions()),
         0.01,
     )
     gen = torch.Generator().manual_seed(0)

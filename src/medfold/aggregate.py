@@ -36,8 +36,10 @@ def per_fold_table(results: list[dict]) -> pd.DataFrame:
             "best_epoch": r["best_epoch"],
             "epochs_trained": r["epochs_trained"],
             "train_seconds": r["train_seconds"],
+            "seconds_per_epoch": r["train_seconds"] / r["epochs_trained"] if r.get("epochs_trained") else None,
+            "parameters": r.get("parameters"),
         }
-        for part in ("val", "test"):
+        for part in ("train", "val", "test"):
             if part in r:
                 row.update({f"{part}.{k}": v for k, v in scalar_metrics(r[part]).items()})
         rows.append(row)
@@ -144,6 +146,7 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
         ensemble = evaluate(task, classes, y_test, probs, thresholds)
         ensemble["models"] = int(test["fold"].nunique())
         ensemble["threshold_source"] = "pooled out-of-fold predictions"
+        ensemble["decision"] = out["decision"]
         ensemble["ci95"] = bootstrap_intervals(
             task, classes, y_test, probs, first["patient_id"].to_numpy(), thresholds, n_bootstrap, seed
         )
@@ -173,6 +176,7 @@ def write_experiment(agg: dict, per_fold, summary_table, summary, ensemble, ense
             col: {stat: _num(v) for stat, v in agg["summary"][col].items()} for col in agg["summary"].columns
         },
         "per_class_auroc": agg["per_class_auroc"],
+        "decision": agg["decision"],
         "oof": agg["oof"],
     }
     Path(summary).write_text(json.dumps(record, indent=2) + "\n")
@@ -204,6 +208,7 @@ def compare_experiments(
         ci = (ensemble.get("ci95") or {}).get("auroc_macro")
         row["ensemble_test.auroc_macro.ci_low"], row["ensemble_test.auroc_macro.ci_high"] = ci or (None, None)
         row["train_seconds.mean"] = (stats.get("train_seconds") or {}).get("mean")
+        row["parameters.mean"] = (stats.get("parameters") or {}).get("mean")
         rows.append(row)
     table = pd.DataFrame(rows)
     key = f"{select_on}.mean"

@@ -187,6 +187,14 @@ class ExperimentView:
     curves: Markup | None
     clinical: Clinical | None
     fold_reports: list = field(default_factory=list)  # of FoldReport, when there is no fold ensemble
+    stages: Table | None = None  # staged fine-tuning: each stage's own test result, per fold
+
+
+@dataclass
+class ReferenceView:
+    study: str
+    source: str
+    table: Table
 
 
 @dataclass
@@ -247,6 +255,7 @@ class Report:
     explanations: list[ExplanationsView]
     compression: CompressionView | None
     provenance: Provenance
+    reference: ReferenceView | None = None
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -507,11 +516,17 @@ def split_view(split_summary: dict, check: dict) -> SplitView:
 
 
 # ----------------------------------------------------------------------------- experiments
-HEADLINE = ["val.auroc_macro", "test.auroc_macro", "test.balanced_accuracy", "test.f1_macro"]
+HEADLINE = ["val.auroc_macro", "test.auroc_macro", "test.accuracy", "test.balanced_accuracy", "test.f1_macro"]
 
 
 def experiments_table(comparison: pd.DataFrame) -> Table:
-    headers = ["experiment", *[f"{m} (mean ± std)" for m in HEADLINE], "ensemble test AUROC [95% CI]", "train s/fold"]
+    headers = [
+        "experiment",
+        *[f"{m} (mean ± std)" for m in HEADLINE],
+        "ensemble test AUROC [95% CI]",
+        "parameters",
+        "train s/fold",
+    ]
     rows, marks = [], []
     for _, r in comparison.iterrows():
         cells = [r["experiment"] + (" ★" if r["best"] else "")]
@@ -525,10 +540,11 @@ def experiments_table(comparison: pd.DataFrame) -> Table:
                 r.get("ensemble_test.auroc_macro.ci_high"),
             )
         )
+        cells.append(_count(r.get("parameters.mean")))
         cells.append(r.get("train_seconds.mean"))
         rows.append(cells)
         marks.append("best" if r["best"] else "")
-    return Table(headers, rows, left=6, row_classes=marks)
+    return Table(headers, rows, left=len(HEADLINE) + 2, row_classes=marks)
 
 
 def comparisons_table(comparisons: pd.DataFrame) -> Table | None:
@@ -725,6 +741,68 @@ def report_tables(result: dict, classes: list[str], task: str) -> tuple[Table, l
     return Table(["class", "precision", "recall", "f1-score", "support"], per_class), confusion
 
 
+def stages_table(metrics_paths: dict) -> Table | None:
+    """Staged fine-tuning: per fold and stage, what it trained, its epochs and the test result of
+    the weights it handed on (as staged studies report each model in turn)."""
+    rows = []
+    for fold, path in sorted((int(k), v) for k, v in metrics_paths.items()):
+        for number, stage in enumerate(json.loads(Path(path).read_text()).get("stages") or [], 1):
+            test = stage.get("test") or {}
+            trained = stage["train"] + (f" ({stage['blocks']})" if stage["train"] == "last_blocks" else "")
+            rows.append(
+                [
+                    f"fold {fold}, stage {number}",
+                    trained,
+                    _count(stage.get("trainable_parameters")),
+                    _count(stage["epochs_run"]),
+                    stage.get("best_value"),
+                    test.get("auroc_macro"),
+                    test.get("accuracy"),
+                ]
+            )
+    if not rows:
+        return None
+    heads = ["stage", "trains", "trainable parameters", "epochs", "best monitored value", "test AUROC", "test accuracy"]
+    return Table(heads, rows, left=2)
+
+
+def run_value(name: str, summary: dict, ensemble: dict | None) -> float | None:
+    """This run's value of a quantity the ``reference`` block names (see the schema)."""
+    if name.startswith("ensemble."):
+        key = name.split(".", 1)[1]
+        if key.startswith("auroc."):
+            return ((ensemble or {}).get("auroc") or {}).get(key.split(".", 1)[1])
+        return (ensemble or {}).get(key)
+    return (summary["statistics"].get(name) or {}).get("mean")
+
+
+def reference_view(reference: dict, every: dict) -> ReferenceView | None:
+    """The study's published figures beside this run's: study / this run, and the difference."""
+    rows = []
+    for name, quantities in (reference.get("experiments") or {}).items():
+        files = every.get(name)
+        if files is None:
+            continue
+        summary = json.loads(Path(files["summary"]).read_text())
+        ensemble = json.loads(Path(files["ensemble"]).read_text())
+        for quantity, study in quantities.items():
+            ours = run_value(quantity, summary, ensemble)
+            whole = quantity in ("parameters", "epochs_trained")
+            rows.append(
+                [
+                    name,
+                    quantity,
+                    _count(study) if whole else study,
+                    _count(ours) if whole and ours is not None else ours,
+                    None if ours is None or whole else ours - study,
+                ]
+            )
+    if not rows:
+        return None
+    table = Table(["experiment", "quantity", "study", "this run", "this run - study"], rows, left=2)
+    return ReferenceView(reference.get("study", ""), reference.get("source", ""), table)
+
+
 def fold_reports(metrics_paths: dict, classes: list[str], task: str) -> list[FoldReport]:
     """Each fold's report on the sets it was evaluated on (thresholds chosen on its validation set)."""
     out = []
@@ -762,13 +840,13 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
     histories = {int(fold): pd.read_csv(path) for fold, path in (files.get("histories") or {}).items()}
     per_fold = pd.read_csv(files["per_fold"])
     classes, task = summary["classes"], summary["task"]
-    headline = [
+    headline = [f"train.{m}" for m in ("auroc_macro", "accuracy") if f"train.{m}" in per_fold.columns] + [
         f"{part}.{m}"
         for part in ("val", "test")
         for m in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
         if f"{part}.{m}" in per_fold.columns
     ]
-    shown = [c for c in per_fold.columns if c.startswith(("val.", "test.")) and ".auroc." not in c]
+    shown = [c for c in per_fold.columns if c.startswith(("train.", "val.", "test.")) and ".auroc." not in c]
     stats = summary["statistics"]
     order = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
     reference = set(classes) <= set(CHEXNET_AUROC) and len(classes) >= 10
@@ -794,6 +872,8 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
     if ensemble and ensemble.get("auroc_macro") is not None:
         ci = ensemble.get("ci95", {}).get("auroc_macro") or [None, None]
         line += ("; " if line else "") + f"ensemble test AUROC {_with_ci(ensemble['auroc_macro'], *ci)}"
+    if summary.get("decision"):  # accuracy, F1 and the confusion matrices depend on it
+        line += ("; " if line else "") + f"decisions: {summary['decision']}"
     record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
     figures = {k: files[k] for k in ("forest", "reliability") if files.get(k)}
     return ExperimentView(
@@ -801,9 +881,17 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         best=best,
         headline=line,
         per_fold=Table(
-            ["fold", *headline, "best epoch", "train s"],
+            ["fold", *headline, "best epoch", "epochs", "s/epoch", "parameters", "train s"],
             [
-                [int(r["fold"]), *[r[c] for c in headline], _count(r["best_epoch"]), r["train_seconds"]]
+                [
+                    int(r["fold"]),
+                    *[r[c] for c in headline],
+                    _count(r["best_epoch"]),
+                    _count(r.get("epochs_trained")),
+                    r.get("seconds_per_epoch"),
+                    _count(r.get("parameters")),
+                    r["train_seconds"],
+                ]
                 for _, r in per_fold.iterrows()
             ],
         ),
@@ -814,6 +902,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         curves=curves_figure(name, histories) if histories else None,
         clinical=clinical_view(name, record, figures) if record is not None else None,
         fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
+        stages=stages_table(files.get("metrics") or {}),
     )
 
 
@@ -1161,6 +1250,7 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         provenance=provenance_view(
             config, read_timings(inputs.get("benchmarks", [])), repo, recipe_table(inputs.get("experiments", {}))
         ),
+        reference=reference_view(config.get("reference") or {}, every),
     )
 
 

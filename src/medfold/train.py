@@ -478,6 +478,7 @@ class FoldRun:
                 "stopped_early": stopper.stop,
                 "best_value": stopper.best,
                 "trainable_parameters": run.trainable,
+                **({"test": self.stage_test(stopper)} if self.staged and self.ctx.main else {}),
             }
         )
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
@@ -494,6 +495,26 @@ class FoldRun:
                 s.stages[state.stage].train,
                 s.keep,
             )
+
+    def stage_test(self, stopper) -> dict | None:
+        """The weights this stage hands on (its best, or its last), scored on the test set with
+        the decision rule's thresholds from validation: each stage's own result, as staged studies
+        report Model 1, 2, 3 (on a copy: training goes on undisturbed)."""
+        import copy
+
+        rows = self.data.rows
+        if not len(rows["test"]):
+            return None
+        scored = copy.deepcopy(self.ema.module if self.ema is not None else self.model)
+        if self.s.keep == "best":
+            scored.load_state_dict(stopper.weights)
+        scored.eval()
+        y, task, classes = self.data.targets, self.data.task, self.data.classes
+        val_probs, _ = self.runner.predict(rows["val"], None, scored)
+        thresholds = choose_thresholds(task, y[rows["val"]], val_probs, self.s.decision)
+        test_probs, _ = self.runner.predict(rows["test"], None, scored)
+        scores = evaluate(task, classes, y[rows["test"]], test_probs, thresholds)
+        return {k: scores.get(k) for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")}
 
     def after_epoch(self, row: dict, improved: bool, run: StageRun) -> None:
         """Log the epoch (TensorBoard, the job log) and write the checkpoint."""
@@ -551,7 +572,15 @@ class FoldRun:
                     "fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"]
                 )
             result = _evaluate_and_write(
-                self.runner, self.criterion, self.data, self.cfg, self.state, distributed_summary, self.out, pruned
+                self.runner,
+                self.criterion,
+                self.data,
+                self.cfg,
+                self.state,
+                distributed_summary,
+                self.out,
+                pruned,
+                self.loop.train_rows,
             )
             self.out.checkpoint.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
         ctx.barrier()
@@ -636,12 +665,26 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
 
 
 def _evaluate_and_write(
-    runner, criterion, data: FoldData, cfg, state: TrainState, parallel: dict, out: FoldOutputs, pruned=None
+    runner,
+    criterion,
+    data: FoldData,
+    cfg,
+    state: TrainState,
+    parallel: dict,
+    out: FoldOutputs,
+    pruned=None,
+    train_rows=None,
 ) -> dict:
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data, decision=cfg["decision"])
+    if train_rows is not None and len(train_rows):  # the kept model on the training subsample, as studies report
+        probs, loss = runner.predict(train_rows, criterion)
+        thresholds = result["val"].get("thresholds")
+        result["train"] = evaluate(data.task, data.classes, data.targets[train_rows], probs, thresholds)
+        result["train"].update(loss=loss, images=len(train_rows))
     result.update(
         {
+            "parameters": sum(p.numel() for p in runner.model.parameters()),
             "best_epoch": state.best_epoch,
             "epochs_trained": state.epoch,
             "stopped_early": state.stopped_early,

@@ -134,6 +134,11 @@ for _key, _names in [
         raise ConfigError(
             f"{_key}: {_unknown} are neither experiments nor ensembles (there are {COMPARED})"
         )
+for _name in config["reference"]["experiments"]:
+    if _name not in COMPARED:
+        raise ConfigError(
+            f"reference.experiments.{_name}: neither an experiment nor an ensemble (there are {COMPARED})"
+        )
 EXPLAINED = config["explain"]["experiments"]
 check_names("explain.experiments", EXPLAINED)
 # the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
