@@ -304,8 +304,8 @@ def test_organsmnist_official_split_is_one_fold_and_its_grid_is_four_jobs(tmp_pa
     assert {role: len(ids) for role, ids in members.items()} == {"train": 60, "val": 20, "test": 30}
     assert all(i.startswith("val/") for i in members["val"])
     jobs = dry_run(tmp_path, config)
-    # the study's five steps, a 2x2 grid (4 combinations) and one fold: 9 trainings
-    assert jobs["train"] == 9 and jobs["grid_table"] == 1 and jobs["ensemble_fold"] == 1
+    # the study's five steps, its three ResNets, a 2x2 grid (4 combinations) and one fold: 12 trainings
+    assert jobs["train"] == 12 and jobs["grid_table"] == 1 and jobs["ensemble_fold"] == 1
 
 
 def test_nih_pneumonia_preset_makes_pneumonia_against_the_rest(tmp_path):
