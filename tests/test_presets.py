@@ -89,14 +89,20 @@ def test_kermany_patients_come_from_both_naming_schemes_and_the_test_folder_is_t
     test = set(splits.loc[splits["set"] == "test", "image_id"])
     assert test == {i for i in expected if i.startswith("test/")}
     assert sorted(splits.loc[splits["set"] == "cv", "fold"].unique()) == [0, 1, 2, 3, 4]  # val/ joined the pool
-    # a patient in both train/ and test/ makes the workflow split by patient instead
+    # a patient in both train/ and test/: the test folder stays the test set, whole, and that
+    # patient's training films are set aside (on_source_leak: drop, as the study kept its test set)
     save(
         radiograph(np.random.default_rng(2), {"Pneumonia"}),
         tmp_path / "chest_xray" / "test" / "PNEUMONIA" / "person2_virus_9.jpeg",
     )
     index, _ = index_of(config)
     splits, summary = make_splits(index, config["classes"], config["split"])
-    assert summary["test_method"].startswith("re-split") and summary["source_leaks"][0]["patients"] == ["person2"]
+    assert summary["source_leaks"][0]["patients"] == ["person2"] and "set aside" in summary["test_method"]
+    assert set(splits.loc[splits["set"] == "test", "image_id"]) == {
+        i for i in index["image_id"] if i.startswith("test/")
+    }
+    person2 = index["patient_id"] == "person2"
+    assert set(splits.loc[person2 & ~index["image_id"].str.startswith("test/"), "set"]) == {"excluded"}
     check_split(index, splits)
     jobs = dry_run(tmp_path, config)
     assert jobs["train"] == 2 * 5 and jobs["ensemble_fold"] == 5 and jobs["explain"] == 5

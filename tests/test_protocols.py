@@ -228,3 +228,19 @@ def test_each_stage_is_scored_on_test_and_the_report_shows_stages_and_the_studys
     assert by_quantity["parameters"][2:4] == ["1000", str(result["parameters"])]
     ensemble = json.loads(files["ensemble"].read_text())
     assert by_quantity["ensemble.auroc_macro"][3] == (ensemble or {}).get("auroc_macro")
+
+
+def test_per_image_max_scaling_reaches_training_and_prediction_alike():
+    from medfold.models import input_stats
+    from medfold.predict import Predictor
+    from medfold.transforms import scale_inputs
+
+    stats = input_stats("image_max", None, "lenet", 1)
+    assert stats == {"mean": [0.0], "std": [1.0], "scale": "image_max"}
+    pixels = np.stack([np.full((1, 4, 4), 60, np.uint8), np.zeros((1, 4, 4), np.uint8)])
+    pixels[0, 0, 0, 0] = 120
+    x = scale_inputs(torch.from_numpy(pixels).float().div_(255), "image_max")
+    assert x[0].max() == 1.0 and x[0, 0, 1, 1] == pytest.approx(0.5) and x[1].abs().max() == 0
+    predictor = Predictor([], ["a", "b"], "binary", 4, 1, None, mean=0.0, std=1.0, scale="image_max")
+    assert torch.equal(predictor.input(pixels), x)
+    assert not torch.equal(Predictor([], ["a", "b"], "binary", 4, 1, None, mean=0.0, std=1.0).input(pixels), x)

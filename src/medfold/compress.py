@@ -277,6 +277,7 @@ def compress_fold(
         "in_channels": saved["in_channels"],
         "input_mean": cpu_runner.stats["mean"],
         "input_std": cpu_runner.stats["std"],
+        "input_scale": cpu_runner.scale,
     }
     size = quantize.save_artifact(variant_model, example, out.model, metadata)
     del variant_model

@@ -31,7 +31,7 @@ from .metrics import predict
 from .models import last_conv_block
 from .progress import Progress, tracked
 from .train import FoldData, load_model, probabilities
-from .transforms import normalize
+from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def model_input(images: np.ndarray, saved: dict | None = None) -> torch.Tensor:
     """The tensor a fold model takes, from cached uint8 images (N, C, H, W), normalised with the
     statistics saved with the model (``saved``: its model.pt contents)."""
     saved = saved or {}
-    x = torch.from_numpy(np.array(images)).float().div_(255)
+    x = scale_inputs(torch.from_numpy(np.array(images)).float().div_(255), saved.get("input_scale", "255"))
     return normalize(x, saved.get("input_mean", 0.5), saved.get("input_std", 0.25))
 
 

@@ -422,6 +422,8 @@ def input_stats(normalize: str, pretrained: str | None, name: str, channels: int
     """Per-channel mean and std the model's inputs are normalised with (see the module's doc)."""
     if normalize == "auto":
         normalize = "imagenet" if torchvision_weights(name, pretrained) is not None else "fixed"
+    if normalize == "image_max":  # each image over its own maximum, to [0, 1]; no mean or std
+        return {"mean": [0.0] * channels, "std": [1.0] * channels, "scale": "image_max"}
     if normalize == "fixed":
         return {"mean": [0.5] * channels, "std": [0.25] * channels}
     if channels == 3:

@@ -26,7 +26,7 @@ from .images import IMAGE_EXTENSIONS
 from .metrics import predict as predicted_labels
 from .progress import Progress
 from .train import load_model, probabilities
-from .transforms import normalize
+from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
 PATH_COLUMNS = ("path", "file", "filename", "image", "Image Index")
@@ -45,10 +45,12 @@ class Predictor:
     mean: list | float = 0.5  # input statistics saved with the model (medfold.models.input_stats)
     std: list | float = 0.25
     tta: str = "none"  # the training settings' test-time augmentation, applied here alike
+    scale: str = "255"  # per-image max scaling (training.normalize: image_max) or none
 
     def input(self, pixels: np.ndarray) -> torch.Tensor:
         """The normalised batch the models take, from uint8 images (N, C, H, W)."""
-        return normalize(torch.from_numpy(pixels).float().div_(255), self.mean, self.std)
+        x = scale_inputs(torch.from_numpy(pixels).float().div_(255), self.scale)
+        return normalize(x, self.mean, self.std)
 
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -78,6 +80,7 @@ def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> 
         saved.get("input_mean", 0.5),
         saved.get("input_std", 0.25),
         json.loads(saved.get("settings") or "{}").get("tta", "none"),
+        saved.get("input_scale", "255"),
     )
 
 
@@ -120,6 +123,7 @@ def load_predictor(path) -> Predictor:
             },
             mean=meta.get("input_mean", 0.5),
             std=meta.get("input_std", 0.25),
+            scale=meta.get("input_scale", "255"),
         )
     return _from_fold_models([path], None, f"{path} (its validation set)", "one fold model")
 

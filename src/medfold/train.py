@@ -44,7 +44,7 @@ from .metrics import YOUDEN, choose_thresholds, describe_decision, evaluate, tar
 from .models import build_model, input_stats, set_trainable, train_mode
 from .progress import Progress
 from .split import fold_members
-from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize
+from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize, scale_inputs
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -199,9 +199,10 @@ class Runner:
         shape = (1, cache.shape[1], 1, 1)
         self.mean = torch.tensor(self.stats["mean"], device=device).view(shape)
         self.std = torch.tensor(self.stats["std"], device=device).view(shape)
+        self.scale = self.stats.get("scale", "255")
 
     def prepare(self, images: torch.Tensor, augment: AugmentConfig | None, gen) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().div_(255)
+        x = scale_inputs(images.to(self.device, non_blocking=True).float().div_(255), self.scale)
         if augment is not None:
             x = augment_batch(x, augment, gen)
         x = normalize(x, self.mean, self.std)
@@ -658,6 +659,7 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
             "thresholds": thresholds,
             "input_mean": stats["mean"],  # what every user of the model normalises inputs with
             "input_std": stats["std"],
+            "input_scale": stats.get("scale", "255"),
             "settings": json.dumps(cfg),
         },
         path,

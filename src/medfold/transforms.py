@@ -136,6 +136,15 @@ def _erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(box[:, None], 0.0)
 
 
+def scale_inputs(x: torch.Tensor, scale: str = "255") -> torch.Tensor:
+    """In place, on a batch already over 255: ``image_max`` divides each image by its own
+    maximum (an all-black image stays black), before augmentation as study 000 scaled; ``255``
+    leaves it."""
+    if scale == "image_max":
+        x.div_(x.amax(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-12))
+    return x
+
+
 def normalize(x: torch.Tensor, mean=0.5, std=0.25) -> torch.Tensor:
     """In place: the batch is a fresh float tensor made by the data path. ``mean`` and ``std``:
     one number, or one per channel (``medfold.models.input_stats``)."""
