@@ -244,3 +244,33 @@ def test_per_image_max_scaling_reaches_training_and_prediction_alike():
     predictor = Predictor([], ["a", "b"], "binary", 4, 1, None, mean=0.0, std=1.0, scale="image_max")
     assert torch.equal(predictor.input(pixels), x)
     assert not torch.equal(Predictor([], ["a", "b"], "binary", 4, 1, None, mean=0.0, std=1.0).input(pixels), x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "vgg11"])
+def test_a_torchvision_backbone_takes_a_global_max_pool_batch_norm_dropout_head(name, tmp_path):
+    from torch import nn
+
+    from medfold.models import build_model, classifier, feature_blocks, head_keys, replace_head
+
+    spec = {"pool": "max", "batch_norm": True, "dropout": 0.2, "dense": []}
+    model = build_model(name, 3, 2, head=spec).eval()
+    head = classifier(model)
+    assert [type(m) for m in head] == [nn.BatchNorm1d, nn.Dropout, nn.Linear] and head[-1].out_features == 2
+    assert isinstance(model.avgpool, nn.AdaptiveMaxPool2d) and feature_blocks(model)
+    assert all(k.startswith(model.medfold_head + ".") for k in head_keys(model))
+    x = torch.rand(2, 3, 64, 64)
+    assert model(x).shape == (2, 2)
+    # the max pool decides: features whose maximum moves while their mean stays change the output
+    features = model.features if hasattr(model, "features") else None
+    if features is not None:
+        pooled = model.avgpool(features(x)).flatten(1)
+        assert torch.allclose(head(pooled), model(x), atol=1e-5)
+    del replace_head
+
+
+def test_a_head_where_it_cannot_go_is_refused_before_any_job():
+    from medfold.settings import experiment_settings
+
+    config = resolved_config({"experiments": {"d": {"model": "densenet121", "head": {"pool": "max"}}}})
+    with pytest.raises(ConfigError, match=r"experiments.d.head: densenet121 keeps its own head"):
+        experiment_settings(config, "d", "workflow/schemas/config.schema.yaml")

@@ -155,6 +155,7 @@ class TrainSettings:
     decision: dict  # the decision rule for accuracy, F1 and the confusion matrix (``training.decision``)
     optimizer_options: OptimizerOptions
     network: dict | None  # the layers of a CNN described in config (``networks``), else None
+    head: dict | None  # a torchvision backbone's head in place of its own (``training.head``), else None
     raw: dict = field(repr=False, compare=False)
 
     @classmethod

@@ -231,6 +231,47 @@ def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+def replace_head(model: nn.Module, spec: dict, num_classes: int, name: str) -> nn.Module:
+    """A torchvision backbone with the head ``spec`` (``training.head``) in place of its own: a
+    global ``pool`` (avg or max), then batch norm, dropout and dense layers as given, then the
+    linear classifier. For the families whose forward pools with a module and flattens before its
+    head (ResNet, ResNeXt, Wide ResNet, RegNet; EfficientNet, MobileNet, VGG): study 002's Keras
+    GlobalMaxPooling2D -> BatchNormalization -> Dropout -> Dense. The model keeps its class, so
+    its blocks, Grad-CAM layer and stages are found as for the stock model."""
+    tv = _tv()
+    pooled = {tv.ResNet: "fc", tv.RegNet: "fc", tv.EfficientNet: "classifier", tv.MobileNetV2: "classifier"}
+    pooled |= {tv.MobileNetV3: "classifier", tv.VGG: "classifier"}
+    head_name = next((h for family, h in pooled.items() if isinstance(model, family)), None)
+    if head_name is None or not isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+        raise ConfigError(
+            f"training.head: {name} keeps its own head (a custom head fits ResNet, ResNeXt, Wide ResNet, RegNet, "
+            f"EfficientNet, MobileNet and VGG backbones); leave training.head null for {name}"
+        )
+    width = _pooled_width(model, head_name)
+    model.avgpool = nn.AdaptiveMaxPool2d(1) if spec.get("pool", "avg") == "max" else nn.AdaptiveAvgPool2d(1)
+    layers: list[nn.Module] = []
+    if spec.get("batch_norm", False):
+        layers.append(nn.BatchNorm1d(width))
+    if spec.get("dropout", 0.0):
+        layers.append(nn.Dropout(spec["dropout"]))
+    for dense in spec.get("dense", []):
+        layers += [nn.Linear(width, dense), nn.ReLU(inplace=True)]
+        width = dense
+    layers.append(nn.Linear(width, num_classes))
+    setattr(model, head_name, nn.Sequential(*layers))
+    model.medfold_head = head_name
+    return model
+
+
+def _pooled_width(model: nn.Module, head_name: str) -> int:
+    """Channels of the feature map the head pools: the input width of the first linear layer of
+    the stock head (VGG's after its 7 x 7 pooling, so divided by 49)."""
+    head = model.get_submodule(head_name)
+    head = next(m for m in ([head] if isinstance(head, nn.Linear) else head.modules()) if isinstance(m, nn.Linear))
+    tv = _tv()
+    return head.in_features // 49 if isinstance(model, tv.VGG) else head.in_features
+
+
 def main_and_aux(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The logits, and any auxiliary classifiers' logits (Inception-v3, GoogLeNet in training)."""
     if isinstance(output, torch.Tensor):
@@ -260,9 +301,11 @@ def build_model(
     pretrained_partial: bool = False,
     network: dict | None = None,
     image_size: int | None = None,
+    head: dict | None = None,
 ) -> nn.Module:
     """``network``: the layers of a CNN described in config (``name`` is then its name there);
-    such a network needs the ``image_size`` it will see when it flattens its feature map."""
+    such a network needs the ``image_size`` it will see when it flattens its feature map.
+    ``head``: a torchvision backbone's own head replaced (``training.head``, ``replace_head``)."""
     if network is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -281,6 +324,10 @@ def build_model(
             model = SMALL[name](in_channels, num_classes, batch_norm=batch_norm, dropout=dropout)
         else:
             model = _torchvision(name, in_channels, num_classes)
+            if head is not None:
+                model = replace_head(model, head, num_classes, name)
+    if head is not None and name in SMALL:
+        raise ConfigError(f"training.head: {name} is one of medfold's small CNNs; describe its head in networks")
     if pretrained:
         load_pretrained(model, name, pretrained, pretrained_partial)
     return model

@@ -188,6 +188,7 @@ class ExperimentView:
     clinical: Clinical | None
     fold_reports: list = field(default_factory=list)  # of FoldReport, when there is no fold ensemble
     stages: Table | None = None  # staged fine-tuning: each stage's own test result, per fold
+    decision: str = ""  # the rule accuracy, F1 and the confusion matrices use (training.decision)
 
 
 @dataclass
@@ -524,7 +525,6 @@ def experiments_table(comparison: pd.DataFrame) -> Table:
         "experiment",
         *[f"{m} (mean ± std)" for m in HEADLINE],
         "ensemble test AUROC [95% CI]",
-        "parameters",
         "train s/fold",
     ]
     rows, marks = [], []
@@ -540,7 +540,6 @@ def experiments_table(comparison: pd.DataFrame) -> Table:
                 r.get("ensemble_test.auroc_macro.ci_high"),
             )
         )
-        cells.append(_count(r.get("parameters.mean")))
         cells.append(r.get("train_seconds.mean"))
         rows.append(cells)
         marks.append("best" if r["best"] else "")
@@ -872,8 +871,6 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
     if ensemble and ensemble.get("auroc_macro") is not None:
         ci = ensemble.get("ci95", {}).get("auroc_macro") or [None, None]
         line += ("; " if line else "") + f"ensemble test AUROC {_with_ci(ensemble['auroc_macro'], *ci)}"
-    if summary.get("decision"):  # accuracy, F1 and the confusion matrices depend on it
-        line += ("; " if line else "") + f"decisions: {summary['decision']}"
     record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
     figures = {k: files[k] for k in ("forest", "reliability") if files.get(k)}
     return ExperimentView(
@@ -903,6 +900,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         clinical=clinical_view(name, record, figures) if record is not None else None,
         fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
         stages=stages_table(files.get("metrics") or {}),
+        decision=summary.get("decision", ""),
     )
 
 

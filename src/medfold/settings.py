@@ -115,6 +115,21 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
 
         with torch.device("meta"):  # its shapes checked at this image size, nothing allocated
             LayerCNN(1, 2, settings["network"], settings["image_size"])
+        if settings.get("head") is not None:
+            raise ConfigError(
+                f"experiments.{name}.head: {settings['model']!r} is a network of networks:; its head is "
+                f"described there (head: dense layers), training.head is for torchvision backbones"
+            )
+    elif settings.get("head") is not None:
+        import torch
+
+        from .models import build_model
+
+        try:
+            with torch.device("meta"):  # the backbone takes this head: checked now, nothing allocated
+                build_model(settings["model"], 1, 2, head=settings["head"])
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("training.head:", f"experiments.{name}.head:", 1)) from None
     elif not known_model(settings["model"]):
         raise ConfigError(
             f"experiments.{name}.model: {settings['model']!r} is neither a network of networks: "

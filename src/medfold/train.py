@@ -322,6 +322,7 @@ class FoldRun:
             s.pretrained_partial,
             s.network,
             s.image_size,
+            s.head,
         ).to(device)
         self.runner = Runner(cfg, data.cache, targets, data.task, device, self.model)
         if self.runner.channels_last:
@@ -656,6 +657,7 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
             "batch_norm": cfg["batch_norm"],
             "dropout": cfg["dropout"],
             "network": json.dumps(cfg["network"]) if cfg.get("network") else "",  # a config-described CNN's layers
+            "head": json.dumps(cfg["head"]) if cfg.get("head") else "",  # a torchvision backbone's own head
             "thresholds": thresholds,
             "input_mean": stats["mean"],  # what every user of the model normalises inputs with
             "input_std": stats["std"],
@@ -739,6 +741,7 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
         dropout=saved["dropout"],
         network=json.loads(saved["network"]) if saved.get("network") else None,
         image_size=saved["image_size"],
+        head=json.loads(saved["head"]) if saved.get("head") else None,
     )
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
