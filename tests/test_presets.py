@@ -141,7 +141,8 @@ def test_covid_radiography_classes_are_the_top_folders_and_masks_are_not_images(
 # ----------------------------------------------------------------------------- glaucoma folds
 def glaucoma_tree(root: Path, folds: int, images: int, rng, size: int = 48) -> dict:
     """Fold0..Fold<folds-1>/{train,valid,test}/{normal,abnormal}: every fold holds every image;
-    fold k tests on images i % folds == k and validates on i % folds == k + 1."""
+    fold k's test folder has images i % folds == k, its valid folder i % folds == k + 1. The
+    preset gives the folders the study's roles: test validates, valid is held out."""
     pool = [
         (radiograph(rng, {"Effusion"} if i % 2 else (), size, "RGB"), "abnormal" if i % 2 else "normal")
         for i in range(images)
@@ -152,7 +153,7 @@ def glaucoma_tree(root: Path, folds: int, images: int, rng, size: int = 48) -> d
             role = "test" if i % folds == k else "valid" if i % folds == (k + 1) % folds else "train"
             rel = f"Fold{k}/{role}/{cls}/img{i:03d}.png"
             save(image, root / rel)
-            roles[rel] = (k, {"valid": "val"}.get(role, role))
+            roles[rel] = (k, {"valid": "test", "test": "val"}.get(role, role))
     return roles
 
 
@@ -173,13 +174,14 @@ def test_glaucoma_folds_are_honoured_as_given_and_checked_within_each_fold(tmp_p
     )
     index, _ = index_of(config)
     splits, _ = make_splits(index, config["classes"], config["split"])
-    with pytest.raises(LeakageError, match=r"fold_3/test"):
+    with pytest.raises(LeakageError, match=r"fold_3/val"):
         check_split(index, splits)
     with pytest.raises(ConfigError, match=r"split.folds is 9 but the dataset's own folds are \[0, 1, .*9\]"):
         make_splits(index, config["classes"], {**config["split"], "folds": 9})
     jobs = dry_run(tmp_path, config)
-    # two experiments on every fold, and the study's 16-combination search on fold 0 only
-    assert jobs["train"] == 2 * 10 + 16 and jobs["explain"] == 10 and jobs["grid_table"] == 1
+    # the study's Models 1, 2, 3 and 5 on Fold0, its ten folds from Model 2, and its two searches
+    # on Fold0 (32 and 36 combinations)
+    assert jobs["train"] == 4 + 10 + 32 + 36 and jobs["explain"] == 10 and jobs["grid_table"] == 2
 
 
 def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(tmp_path):
@@ -190,7 +192,7 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
     config = preset("glaucoma_folds", root=str(tmp_path / "glaucoma"))
     config["split"]["folds"] = 3
     config["training"].update(
-        model="lenet", pretrained=None, batch_norm=True, image_size=32, gpus=0, batch_size=16, threads=2
+        model="lenet", pretrained=None, head=None, batch_norm=True, image_size=32, gpus=0, batch_size=16, threads=2
     )
     config["experiments"] = {
         "staged": {
@@ -202,6 +204,7 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
         }
     }
     config["explain"] = {"experiments": ["staged"], "images_per_class": 1}
+    config["reference"] = {"study": "Study 002", "experiments": {"staged": {"val.accuracy": 0.906, "parameters": 1}}}
     config["evaluation"] = {"bootstrap": 100}
     dry_run(tmp_path, config)  # writes the config
     run_snakemake(tmp_path, "--cores", "2", "--replace-workflow-config")
@@ -220,6 +223,10 @@ def test_glaucoma_preset_trains_in_stages_on_its_own_folds_through_the_workflow(
     assert history["train_auroc_macro"].iloc[-1] > history["train_auroc_macro"].iloc[0]
     html = (out / "report" / "index.html").read_text()
     assert "Explanations" in html
+    # the study's figures beside the run's, and each stage's own test result
+    assert "The study beside this run" in html and "0.906" in html
+    assert "Each stage of the staged fine-tuning" in html and "fold 2, stage 3" in html
+    assert all("test" in s and s["test"]["auroc_macro"] is not None for s in metrics["stages"])
     # no fold ensemble, so each fold's own classification report and confusion matrix
     assert "Each fold on its own sets" in html
     for fold in range(3):

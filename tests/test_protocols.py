@@ -274,3 +274,46 @@ def test_a_head_where_it_cannot_go_is_refused_before_any_job():
     config = resolved_config({"experiments": {"d": {"model": "densenet121", "head": {"pool": "max"}}}})
     with pytest.raises(ConfigError, match=r"experiments.d.head: densenet121 keeps its own head"):
         experiment_settings(config, "d", "workflow/schemas/config.schema.yaml")
+
+
+def test_an_experiment_starts_from_another_experiments_fold_model(three_stages):
+    from medfold.models import build_model, load_pretrained
+    from medfold.settings import resolve_init_from
+
+    def settings(**extra):
+        return {"model": "efficientnet_b0", "pretrained": None, "normalize": "auto", "init_from": None, **extra}
+
+    experiments = {
+        "model2": settings(pretrained="imagenet"),
+        "folds": settings(pretrained="imagenet", init_from={"experiment": "model2", "fold": 0}),
+    }
+    paths = resolve_init_from(experiments, {"model2": [0], "folds": [0, 1]}, lambda e, f: f"r/{e}/fold_{f}/model.pt")
+    assert paths == {"folds": "r/model2/fold_0/model.pt"}
+    # the start's file, and the statistics the start was trained with (ImageNet's, not "fixed")
+    assert experiments["folds"]["pretrained"] == paths["folds"] and experiments["folds"]["normalize"] == "imagenet"
+    bad = [
+        ({"x": settings(init_from={"experiment": "nope", "fold": 0})}, {"x": [0]}, "'nope' is not an experiment"),
+        (
+            {"a": settings(), "x": settings(init_from={"experiment": "a", "fold": 3})},
+            {"a": [0], "x": [0]},
+            "'a' trains on folds \\[0\\], not fold 3",
+        ),
+        (
+            {
+                "a": settings(init_from={"experiment": "b", "fold": 0}),
+                "b": settings(init_from={"experiment": "a", "fold": 0}),
+            },
+            {"a": [0], "b": [0]},
+            "start from each other: a -> b -> a",
+        ),
+    ]
+    for experiments, folds, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            resolve_init_from(experiments, folds, lambda e, f: "m.pt")
+    # a medfold model.pt is a pretrained file: every tensor of the same network loads
+    cfg, out, _ = three_stages
+    saved = torch.load(out / "model.pt", weights_only=True)
+    model = build_model(cfg["model"], 1, 4, init_seed=99, batch_norm=True)
+    loaded = load_pretrained(model, cfg["model"], str(out / "model.pt"))
+    assert loaded["backbone_missing"] == 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["state_dict"].items())

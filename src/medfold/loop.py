@@ -181,7 +181,10 @@ def _stages(cfg: dict) -> tuple[Stage, ...]:
     """The training stages: the configured ones, or one stage training everything."""
     if not cfg["stages"]:
         return (Stage(epochs=cfg["epochs"], lr=cfg["lr"]),)
-    return tuple(Stage(**{**stage, "lr": stage.get("lr") or cfg["lr"]}) for stage in cfg["stages"])
+    return tuple(
+        Stage(**{**stage, "lr": stage.get("lr") or cfg["lr"], "epochs": stage.get("epochs") or cfg["epochs"]})
+        for stage in cfg["stages"]
+    )
 
 
 @dataclass(frozen=True)

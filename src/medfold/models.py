@@ -419,6 +419,8 @@ def load_pretrained(model: nn.Module, name: str, spec: str, partial: bool = Fals
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a medfold model.pt
+        state = state["state_dict"]
     state = _current_keys(state)
     own = model.state_dict()
     usable, skipped = {}, []

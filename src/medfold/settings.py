@@ -96,7 +96,11 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
 
         where = f"experiments.{name}.pruning"
         check_pruning(prune, f"experiments.{name}")
-        epochs = sum(stage["epochs"] for stage in settings["stages"]) if settings["stages"] else settings["epochs"]
+        epochs = (
+            sum(stage.get("epochs") or settings["epochs"] for stage in settings["stages"])
+            if settings["stages"]
+            else settings["epochs"]
+        )
         if math.ceil(prune["end_epoch"]) > epochs:
             raise ConfigError(
                 f"{where}.end_epoch: {prune['end_epoch']} is after the last of the {epochs} epochs, so no epoch "
@@ -137,6 +141,47 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"torchvision classification model (torchvision.models.list_models())"
         )
     return settings
+
+
+def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], model_path) -> dict[str, str]:
+    """Experiments that start from another's trained fold model (``init_from``): each checked (the
+    experiment exists, trained that fold, is not itself nor a cycle, no ``pretrained`` beside it),
+    given that model as its pretrained file (in place of any ``pretrained``) and the statistics
+    that model was trained with.
+    ``model_path(experiment, fold)`` is the model.pt's path. Returns experiment -> that path."""
+    from .models import torchvision_weights
+
+    sources = {}
+    for name, s in settings.items():
+        start = s.get("init_from")
+        if not start:
+            continue
+        where = f"experiments.{name}.init_from"
+        source, fold = start["experiment"], start["fold"]
+        if source not in settings:
+            raise ConfigError(f"{where}: {source!r} is not an experiment (there are {sorted(settings)})")
+        if fold not in folds[source]:
+            raise ConfigError(f"{where}: {source!r} trains on folds {folds[source]}, not fold {fold}")
+        chain, at = [name], source
+        while at is not None:
+            if at in chain:
+                raise ConfigError(f"{where}: the experiments start from each other: {' -> '.join(chain + [at])}")
+            chain.append(at)
+            at = (settings[at].get("init_from") or {}).get("experiment")
+        sources[name] = str(model_path(source, fold))
+    for name in sources:  # each start's own statistics: those of the first model of its chain
+        first = name
+        while settings[first].get("init_from"):
+            first = settings[first]["init_from"]["experiment"]
+        origin = settings[first]
+        if settings[name]["normalize"] == "auto":
+            settings[name]["normalize"] = (
+                "imagenet" if torchvision_weights(origin["model"], origin.get("pretrained")) is not None else "fixed"
+            )
+            if origin["normalize"] != "auto":
+                settings[name]["normalize"] = origin["normalize"]
+        settings[name]["pretrained"] = sources[name]
+    return sources
 
 
 def schema_defaults(schema: dict):

@@ -11,6 +11,7 @@ from medfold.settings import (
     compress_gpus,
     expand_grids,
     experiment_settings,
+    resolve_init_from,
     train_resources,
     variant_settings,
 )
@@ -83,6 +84,13 @@ def covers(key, names, folds):
                 f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
             )
 
+
+# experiments that start from another's fold model: that model is an input of their training
+INIT_FROM = resolve_init_from(
+    SETTINGS,
+    EXPERIMENT_FOLDS,
+    lambda name, fold: f"{RESULTS}/{DATASET}/{name}/fold_{fold}/model.pt",
+)
 
 ENSEMBLES = config["ensembles"]
 for _name, _ensemble in ENSEMBLES.items():

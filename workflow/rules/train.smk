@@ -30,6 +30,7 @@ rule train:
         splits=rules.split.output.splits,
         split_check=rules.check_split.output.check,
         cache=lambda w: cache_of(w.experiment),
+        init=lambda w: INIT_FROM.get(w.experiment, []),
     output:
         model=f"{FOLD_DIR}/model.pt",
         history=report(
