@@ -349,10 +349,23 @@ def test_a_table_row_whose_path_leaves_the_root_is_refused_and_listed_unless_all
     assert {s["image_id"] for s in allowed["skipped"]} == {"../../../../../../etc/passwd", "/etc/hostname"}
 
 
-def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
+def _decodes_as_pil_does(path) -> None:
+    """medfold's decode gives PIL's own pixels and mode (EXIF turn applied) for ``path``."""
     from PIL import Image, ImageOps
 
-    from medfold.images import _png_by_opencv, decode, pixels_to_uint8
+    from medfold.images import decode, pixels_to_uint8
+
+    with Image.open(path) as image:
+        image.load()
+        expected, mode = pixels_to_uint8(ImageOps.exif_transpose(image)), image.mode
+    got = decode(path)
+    assert got.mode == mode and np.array_equal(got.pixels, expected), path.name
+
+
+def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
+    from PIL import Image
+
+    from medfold.images import _png_by_opencv
 
     rng = np.random.default_rng(3)
     grey = rng.integers(0, 256, (61, 47), dtype=np.uint8)
@@ -371,11 +384,7 @@ def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their
     kinds["grey"].save(tmp_path / "interlaced.png", interlace=1)
     kinds["grey"].save(tmp_path / "four_bit.png", bits=4)
     for path in sorted(tmp_path.glob("*.png")):
-        with Image.open(path) as image:
-            image.load()
-            expected, mode = pixels_to_uint8(ImageOps.exif_transpose(image)), image.mode
-        got = decode(path)
-        assert got.mode == mode and np.array_equal(got.pixels, expected), path.name
+        _decodes_as_pil_does(path)
         with Image.open(path) as image:  # OpenCV decodes the 8-bit grey and RGB kinds, PIL the others
             taken = _png_by_opencv(path, image) is not None
         assert taken == (path.stem in ("grey", "rgb", "interlaced")), path.name
@@ -390,9 +399,9 @@ def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their
 
 
 def test_jpegs_decoded_by_simplejpeg_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from medfold.images import _jpeg_by_simplejpeg, decode, pixels_to_uint8
+    from medfold.images import _jpeg_by_simplejpeg, decode
 
     rng = np.random.default_rng(4)
     yy, xx = np.mgrid[0:83, 0:67]
@@ -417,11 +426,7 @@ def test_jpegs_decoded_by_simplejpeg_are_the_pixels_pil_gives_and_bad_ones_keep_
     for name, (image, options) in saved.items():
         image.save(tmp_path / f"{name}.jpg", **options)
     for path in sorted(tmp_path.glob("*.jpg")):
-        with Image.open(path) as image:
-            image.load()
-            expected, mode = pixels_to_uint8(ImageOps.exif_transpose(image)), image.mode
-        got = decode(path)
-        assert got.mode == mode and np.array_equal(got.pixels, expected), path.name
+        _decodes_as_pil_does(path)
         # simplejpeg decodes grey and colour JPEGs without EXIF; PIL the CMYK and EXIF ones
         assert (_jpeg_by_simplejpeg(path) is not None) == ("cmyk" not in path.stem and "exif" not in path.stem)
     assert decode(tmp_path / "exif_turned.jpg").pixels.shape[:2] == (67, 83)  # turned upright by PIL
