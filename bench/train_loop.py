@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # also where medfold is not installed
 
 from medfold.hardware import describe  # noqa: E402
-from medfold.loop import make_optimizer, seed_epoch, train_epoch  # noqa: E402
+from medfold.loop import OptimizerOptions, make_optimizer, seed_epoch, train_epoch  # noqa: E402
 from medfold.models import build_model  # noqa: E402
 from medfold.train import Criterion, Runner  # noqa: E402
 from medfold.transforms import AugmentConfig, CachedBatches, normalize  # noqa: E402
@@ -50,7 +50,9 @@ def medfold_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
     step_model = torch.compile(model) if cfg["compile"] else model
     rows = np.arange(len(cache))
     criterion = Criterion("multilabel", targets, CLASSES, True, device)
-    optimizer = make_optimizer(model.parameters(), SimpleNamespace(**cfg), cfg["lr"])
+    optimizer = make_optimizer(
+        model.parameters(), SimpleNamespace(**cfg, optimizer_options=OptimizerOptions()), cfg["lr"]
+    )
     batches = CachedBatches(cache, rows, cfg["batch_size"], shuffle=True, seed=0)
     augment = AugmentConfig.from_config({"hflip": 0.5})
     model.train()
