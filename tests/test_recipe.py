@@ -164,6 +164,13 @@ def test_pruning_while_training_ends_at_the_final_sparsity_and_still_learns(prep
     zeros = sum(int((w == 0).sum()) for w in convs) / sum(w.numel() for w in convs)
     assert zeros == pytest.approx(0.5, abs=0.01)
     assert result["test"]["auroc_macro"] > 0.75
+    # what it takes to store, as the thesis reports it: the sparse file is smaller than the dense one
+    storage = result["pruning"]["storage"]
+    assert storage["sparse_gzip_bytes"] < storage["sparse_bytes"] < storage["dense_bytes"]
+    from medfold.report import pruned_line
+
+    line = pruned_line({0: tmp_path / "pruned" / "metrics.json"})
+    assert line.startswith("Pruned while training: 50.") and "MB sparse and gzip-compressed" in line
 
 
 def test_pruning_must_reach_its_final_sparsity_within_the_epochs():

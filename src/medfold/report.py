@@ -189,6 +189,7 @@ class ExperimentView:
     fold_reports: list = field(default_factory=list)  # of FoldReport, when there is no fold ensemble
     stages: Table | None = None  # staged fine-tuning: each stage's own test result, per fold
     decision: str = ""  # the rule accuracy, F1 and the confusion matrices use (training.decision)
+    pruned: str = ""  # pruning while training: sparsity and storage, over the folds
 
 
 @dataclass
@@ -740,6 +741,22 @@ def report_tables(result: dict, classes: list[str], task: str) -> tuple[Table, l
     return Table(["class", "precision", "recall", "f1-score", "support"], per_class), confusion
 
 
+def pruned_line(metrics_paths: dict) -> str:
+    """Pruning while training, over the folds: the kept models' sparsity and what they take to
+    store (dense, medfold's sparse format, that gzip-compressed), as the thesis reports it."""
+    records = [json.loads(Path(p).read_text()).get("pruning") for p in metrics_paths.values()]
+    records = [r for r in records if r and r.get("storage")]
+    if not records:
+        return ""
+    mean = lambda key: float(np.mean([r["storage"][key] for r in records])) / 1e6  # noqa: E731
+    sparsity = float(np.mean([r["overall"] for r in records]))
+    return (
+        f"Pruned while training: {100 * sparsity:.1f} % of the pruned layers' weights are zero; storage "
+        f"{mean('dense_bytes'):.2f} MB dense, {mean('sparse_bytes'):.2f} MB sparse, "
+        f"{mean('sparse_gzip_bytes'):.2f} MB sparse and gzip-compressed (means over {len(records)} folds)."
+    )
+
+
 def stages_table(metrics_paths: dict) -> Table | None:
     """Staged fine-tuning: per fold and stage, what it trained, its epochs and the test result of
     the weights it handed on (as staged studies report each model in turn)."""
@@ -901,6 +918,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
         stages=stages_table(files.get("metrics") or {}),
         decision=summary.get("decision", ""),
+        pruned=pruned_line(files.get("metrics") or {}),
     )
 
 

@@ -570,6 +570,7 @@ class FoldRun:
             if self.pruner is not None:
                 pruned = self.pruner.sparsity()
                 self.pruner.make_permanent()  # plain weights with zeros: what every later stage reads
+                pruned["storage"] = pruned_storage(self.model.state_dict())
                 log.info(
                     "fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"]
                 )
@@ -588,6 +589,24 @@ class FoldRun:
         ctx.barrier()
         ctx.shutdown()
         return result
+
+
+def pruned_storage(state_dict: dict) -> dict:
+    """What the pruned model takes to store, as the thesis measured it (its Fig. 15): the dense
+    file, medfold's bitmask-and-values file (medfold.prune's compressed format) and that file
+    gzip-compressed, in bytes."""
+    import tempfile
+
+    from .prune import gzip_size, save_sparse
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, sparse = Path(tmp) / "dense.pt", Path(tmp) / "sparse.pt"
+        torch.save(state_dict, dense)
+        return {
+            "dense_bytes": dense.stat().st_size,
+            "sparse_bytes": save_sparse(state_dict, sparse),
+            "sparse_gzip_bytes": gzip_size(sparse),
+        }
 
 
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
