@@ -317,3 +317,35 @@ def test_an_experiment_starts_from_another_experiments_fold_model(three_stages):
     loaded = load_pretrained(model, cfg["model"], str(out / "model.pt"))
     assert loaded["backbone_missing"] == 0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["state_dict"].items())
+
+
+def test_lime_takes_the_studys_kernel_surrogate_and_kmeans_segments():
+    """Study 000's LIME: exp(-d/sigma^2), a logistic surrogate on "same label", K-means segments on
+    (x, y, intensity). Each changes the map; the segments are the clusters asked for."""
+    from torch import nn
+
+    from medfold.explain import kmeans_segments, lime, superpixels
+
+    torch.manual_seed(0)
+    image = np.zeros((1, 24, 24), np.uint8)
+    image[0, 4:12, 4:12] = 200  # a bright patch the model below reads
+    image[0, 14:22, 12:20] = 90
+    model = nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1, :].view(24, 24)[4:12, 4:12] = 0.05  # class 1 rises with the bright patch
+        model[1].bias[:] = torch.tensor([1.0, -1.0])
+    x = torch.from_numpy(image).float()[None] / 255
+    segments = kmeans_segments(image, 6, seed=3)
+    assert segments.max() + 1 == 6 and np.array_equal(segments, kmeans_segments(image, 6, seed=3))
+    assert not np.array_equal(segments, superpixels(image, 6, 0.1))
+
+    def run(**kw):
+        return lime(model, x, 1, "binary", segments, 200, 0.2, 7, **kw)
+
+    ridge, exponential, same = run(), run(kernel="exponential"), run(surrogate="same_label")
+    under = segments == np.bincount(segments[4:12, 4:12].ravel()).argmax()  # the bright patch's segment
+    for weights in (ridge, exponential, same):
+        assert weights.shape == (24, 24)
+        assert weights[under].mean() == pytest.approx(weights.max(), rel=1e-5)  # it carries the most weight
+    assert not np.allclose(ridge, exponential) and not np.allclose(ridge, same)

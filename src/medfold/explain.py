@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -82,6 +83,25 @@ def superpixels(image: np.ndarray, count: int, compactness: float) -> np.ndarray
     return np.unique(segments, return_inverse=True)[1].reshape(segments.shape)  # consecutive numbers
 
 
+def kmeans_segments(image: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    """Segments of one uint8 image (C, H, W) by K-means on each pixel's (x, y, intensity), each in
+    [0, 1], as study 000 clustered (its 38 clusters); numbered from 0."""
+    from sklearn.cluster import KMeans
+
+    _, h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    features = np.stack([xx.ravel() / max(w - 1, 1), yy.ravel() / max(h - 1, 1), image.mean(0).ravel() / 255.0], 1)
+    labels = KMeans(n_clusters=min(clusters, h * w), n_init=3, random_state=seed % 2**32).fit_predict(features)
+    return np.unique(labels, return_inverse=True)[1].reshape(h, w)
+
+
+def segment(image: np.ndarray, settings: dict, seed: int) -> np.ndarray:
+    """The image's LIME features: SLIC superpixels, or K-means clusters (``explain.lime``)."""
+    if settings.get("segmentation", "slic") == "kmeans":
+        return kmeans_segments(image, settings.get("clusters", 38), seed)
+    return superpixels(image, settings["superpixels"], settings["compactness"])
+
+
 def lime(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -91,31 +111,57 @@ def lime(
     samples: int,
     kernel_width: float,
     seed: int,
+    kernel: str = "squared",
+    surrogate: str = "ridge",
 ) -> np.ndarray:
-    """LIME map of one image for class ``target``: each pixel carries its superpixel's weight."""
+    """LIME map of one image for class ``target``: each pixel carries its segment's weight.
+    ``kernel``: squared - exp(-d^2 / (2 w^2)) on cosine distance (captum's), or exponential -
+    exp(-d / w^2) (study 000's). ``surrogate``: ridge on the class probability, or same_label - a
+    logistic regression on whether the perturbed image keeps the label the model gives the image
+    (study 000's); when every perturbation keeps it (or none does) the surrogate is undefined and
+    the map is flat (logged)."""
     from captum._utils.models.linear_model import SkLearnRidge
+    from captum._utils.models.linear_model.model import SkLearnLogisticRegression
     from captum.attr import Lime
     from captum.attr._core.lime import get_exp_kernel_similarity_function
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return probabilities(model(batch), task)
+    if kernel == "exponential":
 
-    explainer = Lime(
-        forward,
-        interpretable_model=SkLearnRidge(alpha=1.0),
-        similarity_func=get_exp_kernel_similarity_function("cosine", kernel_width),
-    )
+        def similarity(original, perturbed, _, **kwargs) -> float:
+            a, b = original.flatten().float(), perturbed.flatten().float()
+            distance = 1 - torch.nn.functional.cosine_similarity(a, b, dim=0)
+            return math.exp(-float(distance) / kernel_width**2)
+    else:
+        similarity = get_exp_kernel_similarity_function("cosine", kernel_width)
+    with torch.no_grad():
+        own = probabilities(model(x), task)[0]
+
+    def label_of(p: torch.Tensor) -> torch.Tensor:  # the decision for the explained class
+        return p[:, target] >= 0.5 if task == "multilabel" else p.argmax(1) == target
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        p = probabilities(model(batch), task)
+        if surrogate == "same_label":
+            return (label_of(p) == label_of(own[None])[0]).float()
+        return p
+
+    interpretable = SkLearnLogisticRegression(C=1.0) if surrogate == "same_label" else SkLearnRidge(alpha=1.0)
+    explainer = Lime(forward, interpretable_model=interpretable, similarity_func=similarity)
     mask = torch.as_tensor(segments, dtype=torch.long)[None, None].expand_as(x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the Bernoulli draws
-        weights = explainer.attribute(
-            x,
-            target=target,
-            feature_mask=mask,
-            n_samples=samples,
-            baselines=0.0,
-            perturbations_per_eval=min(64, samples),
-        )
+        try:
+            weights = explainer.attribute(
+                x,
+                target=None if surrogate == "same_label" else target,
+                feature_mask=mask,
+                n_samples=samples,
+                baselines=0.0,
+                perturbations_per_eval=min(64, samples),
+            )
+        except ValueError as exc:  # one class among the perturbations: no logistic fit
+            log.warning("LIME: %s; every perturbation gave the same answer, the map is flat", exc)
+            return np.zeros(segments.shape, np.float32)
     return weights[0].mean(0).detach().numpy()
 
 
@@ -211,7 +257,7 @@ def explain_fold(
             [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
         )
         cam = grad_cam(model, x.clone().requires_grad_(True), c)
-        segments = superpixels(image, cfg["lime"]["superpixels"], cfg["lime"]["compactness"])
+        segments = segment(image, cfg["lime"], seeds.lime(cfg["seed"], fold, k))
         weights = lime(
             model,
             x,
@@ -221,6 +267,8 @@ def explain_fold(
             cfg["lime"]["samples"],
             cfg["lime"]["kernel_width"],
             seeds.lime(cfg["seed"], fold, k),
+            cfg["lime"]["kernel"],
+            cfg["lime"]["surrogate"],
         )
         image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
