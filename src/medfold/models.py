@@ -467,10 +467,16 @@ def load_pretrained(model: nn.Module, name: str, spec: str, partial: bool = Fals
     return {"file": str(file), "loaded": len(usable), "skipped": len(skipped), "backbone_missing": len(missing)}
 
 
+def resolved_normalize(normalize: str, pretrained: str | None, name: str) -> str:
+    """``training.normalize`` with ``auto`` decided: imagenet for torchvision weights, else fixed."""
+    if normalize != "auto":
+        return normalize
+    return "imagenet" if torchvision_weights(name, pretrained) is not None else "fixed"
+
+
 def input_stats(normalize: str, pretrained: str | None, name: str, channels: int) -> dict:
     """Per-channel mean and std the model's inputs are normalised with (see the module's doc)."""
-    if normalize == "auto":
-        normalize = "imagenet" if torchvision_weights(name, pretrained) is not None else "fixed"
+    normalize = resolved_normalize(normalize, pretrained, name)
     if normalize == "image_max":  # each image over its own maximum, to [0, 1]; no mean or std
         return {"mean": [0.0] * channels, "std": [1.0] * channels, "scale": "image_max"}
     if normalize == "fixed":

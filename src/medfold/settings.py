@@ -149,7 +149,7 @@ def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], mo
     given that model as its pretrained file (in place of any ``pretrained``) and the statistics
     that model was trained with.
     ``model_path(experiment, fold)`` is the model.pt's path. Returns experiment -> that path."""
-    from .models import torchvision_weights
+    from .models import resolved_normalize
 
     sources = {}
     for name, s in settings.items():
@@ -175,11 +175,9 @@ def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], mo
             first = settings[first]["init_from"]["experiment"]
         origin = settings[first]
         if settings[name]["normalize"] == "auto":
-            settings[name]["normalize"] = (
-                "imagenet" if torchvision_weights(origin["model"], origin.get("pretrained")) is not None else "fixed"
+            settings[name]["normalize"] = resolved_normalize(
+                origin["normalize"], origin.get("pretrained"), origin["model"]
             )
-            if origin["normalize"] != "auto":
-                settings[name]["normalize"] = origin["normalize"]
         settings[name]["pretrained"] = sources[name]
     return sources
 

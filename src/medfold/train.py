@@ -504,18 +504,12 @@ class FoldRun:
         report Model 1, 2, 3 (on a copy: training goes on undisturbed)."""
         import copy
 
-        rows = self.data.rows
-        if not len(rows["test"]):
+        if not len(self.data.rows["test"]):
             return None
         scored = copy.deepcopy(self.ema.module if self.ema is not None else self.model)
         if self.s.keep == "best":
             scored.load_state_dict(stopper.weights)
-        scored.eval()
-        y, task, classes = self.data.targets, self.data.task, self.data.classes
-        val_probs, _ = self.runner.predict(rows["val"], None, scored)
-        thresholds = choose_thresholds(task, y[rows["val"]], val_probs, self.s.decision)
-        test_probs, _ = self.runner.predict(rows["test"], None, scored)
-        scores = evaluate(task, classes, y[rows["test"]], test_probs, thresholds)
+        scores = evaluate_fold(self.runner, None, self.data, scored.eval(), self.s.decision)[0]["test"]
         return {k: scores.get(k) for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")}
 
     def after_epoch(self, row: dict, improved: bool, run: StageRun) -> None:
@@ -595,18 +589,18 @@ def pruned_storage(state_dict: dict) -> dict:
     """What the pruned model takes to store, as the thesis measured it (its Fig. 15): the dense
     file, medfold's bitmask-and-values file (medfold.prune's compressed format) and that file
     gzip-compressed, in bytes."""
-    import tempfile
+    import gzip
+    import io
 
-    from .prune import gzip_size, save_sparse
+    from .prune import encode_sparse
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dense, sparse = Path(tmp) / "dense.pt", Path(tmp) / "sparse.pt"
-        torch.save(state_dict, dense)
-        return {
-            "dense_bytes": dense.stat().st_size,
-            "sparse_bytes": save_sparse(state_dict, sparse),
-            "sparse_gzip_bytes": gzip_size(sparse),
-        }
+    def saved(obj) -> bytes:  # what torch.save writes, in memory
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    dense, sparse = saved(state_dict), saved(encode_sparse(state_dict))
+    return {"dense_bytes": len(dense), "sparse_bytes": len(sparse), "sparse_gzip_bytes": len(gzip.compress(sparse, 6))}
 
 
 def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
