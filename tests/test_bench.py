@@ -48,6 +48,13 @@ def test_readme_lists_every_benchmark():
         ),
         ("bench/train_loop.py", [r"lenet +28 px .* plain +[\d.]+ img/s +medfold +[\d.]+ img/s +ratio [\d.]+"]),
         (
+            "bench/export.py",
+            [
+                r"lenet +64 px 3 folds .* ratio onnxruntime/torch speed b1 [\d.]+x b32 [\d.]+x +max \|diff\| [\d.e-]+$",
+                r"^VERDICT the exported file under onnxruntime is .* \(lowest ratio [\d.]+x\)",
+            ],
+        ),
+        (
             "bench/recipe.py",
             [r"^plain +[\d.]+ +\+0\.000", r"^all of them +[\d.]+", r"RATIO all/plain test AUROC: [\d.]+"],
         ),

@@ -35,6 +35,8 @@ TINY = {
     "variants": {"half": {"method": "bf16"}},
     "compression": {"experiments": ["bn"], "folds": [], "latency": {"repeats": 2, "warmup": 1}},
     "explain": {"experiments": ["bn"], "folds": [], "images_per_class": 1, "lime": {"samples": 20}},
+    "export": {"experiments": []},
+    "external": {},
 }
 STAGES = ["index", "cache", "train", "compress", "explain", "report"]
 # values that measure time or where a job ran, not what it computed
@@ -207,7 +209,9 @@ def test_killing_a_job_at_every_stage_loses_nothing(reference, tmp_path):
 def test_a_second_run_in_the_same_folder_is_refused_and_the_first_is_unharmed(reference, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(reference, work, ignore=shutil.ignore_patterns("locks", "incomplete"))
-    first = _start(work, "--forcerun", "aggregate")  # a short rerun: aggregate, its tables, the report
+    # a short rerun (aggregate, explain, their tables, the report) that outlasts the two refused
+    # runs below: with aggregate alone, the first could end while a loaded machine started them
+    first = _start(work, "--forcerun", "aggregate", "explain")
     _wait_for_job(first, work, "aggregate")
     # a plain second run stops at the lock, or before it at the first's running jobs (marked
     # incomplete once their outputs appear); one told to rerun them is refused by the lock

@@ -297,9 +297,9 @@ def test_nih_official_lists_give_the_test_set(tmp_path):
         index_of(config)
     (root / "test_list.txt").write_text("\n".join(test) + "\n")
     jobs = dry_run(tmp_path, config)
-    # the thesis's twelve configurations (six pruned while training, two on 4 GPUs) on 5 folds, its
-    # two 6-combination grids on fold 0; six variants of resnet50 on each fold
-    assert jobs["train"] == 12 * 5 + 2 * 6 and jobs["compress"] == 6 * 5 and jobs["grid_table"] == 2
+    # the thesis's fourteen configurations (six pruned while training, two QAT from the start, two on
+    # 4 GPUs) on 5 folds, its two 6-combination grids on fold 0; six variants of resnet50 on each fold
+    assert jobs["train"] == 14 * 5 + 2 * 6 and jobs["compress"] == 6 * 5 and jobs["grid_table"] == 2
 
 
 # ----------------------------------------------------------------------------- MedMNIST

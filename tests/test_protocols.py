@@ -349,3 +349,82 @@ def test_lime_takes_the_studys_kernel_surrogate_and_kmeans_segments():
         assert weights.shape == (24, 24)
         assert weights[under].mean() == pytest.approx(weights.max(), rel=1e-5)  # it carries the most weight
     assert not np.allclose(ridge, exponential) and not np.allclose(ridge, same)
+
+
+def test_qat_from_the_start_trains_with_int8_fake_quantization_in_every_step(prepared, tmp_path):
+    """Study 003's QAT: fake quantization is in the model from the first training step (every
+    step of every epoch passed each layer's observer), the kept weights lie on the int8 grid,
+    model.pt keeps the quantization, and the saved predictions are the quantized model's."""
+    from torch.nn.utils import parametrize
+
+    from medfold import fakequant
+    from medfold.train import FoldData, Runner, load_model, run_fold
+    from medfold.transforms import CachedBatches
+
+    cfg = training(epochs=3, qat={"enabled": True, "layers": "all"}, train_metrics={"images": 0})
+    data_paths = (prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache")
+    result = run_fold(cfg, *data_paths, FOLD, tmp_path, threads=2)
+    assert result["val"]["auroc_macro"] > 0.65  # it learned (0.73 when measured; 0.77 without QAT)
+    model, saved = load_model(tmp_path / "model.pt")
+    layers = fakequant.quantized_layers(model, "all")
+    assert saved["qat"] == "all"
+    assert result["qat"]["quantized_layers"] == result["qat"]["observed_layers"] == len(layers)
+    data = FoldData(*data_paths, FOLD)
+    steps = CachedBatches(data.cache, data.rows["train"], cfg["batch_size"], shuffle=False).steps()
+    assert {int(m.qat_seen) for _, m in layers} == {3 * steps}  # every training step, from epoch 1's first
+    for _, layer in layers:
+        w = layer.weight.detach().flatten(1)
+        q = w / (w.abs().amax(dim=1, keepdim=True) / 127)
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127 + 1e-3
+    predictions = pd.read_parquet(tmp_path / "predictions.parquet")
+    test = predictions[predictions["set"] == "test"]
+    runner = Runner(cfg, data.cache, data.targets, data.task, torch.device("cpu"), model)
+    probs, _ = runner.predict(data.rows["test"], None)
+    assert np.allclose(probs, test[[f"prob:{c}" for c in data.classes]].to_numpy(), atol=1e-6)
+    for _, layer in layers:  # the same float weights without the quantization score otherwise
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        layer._forward_pre_hooks.clear()
+    plain, _ = runner.predict(data.rows["test"], None, model)
+    assert np.abs(plain - probs).max() > 1e-4
+
+
+def test_qat_and_pruning_while_training_are_refused_together_before_any_job():
+    from medfold.settings import experiment_settings
+
+    config = resolved_config(
+        {"experiments": {"q": {"qat": {"enabled": True}, "pruning": {"enabled": True, "end_epoch": 2}, "epochs": 3}}}
+    )
+    with pytest.raises(ConfigError, match=r"experiments.q: qat and pruning during training do not combine"):
+        experiment_settings(config, "q", "workflow/schemas/config.schema.yaml")
+
+
+def test_an_oversampled_validation_fold_is_what_the_epochs_monitor_and_nothing_else(prepared, tmp_path):
+    """Study 000's validation set oversampled to the test set's class ratio: drawn to the stated
+    shares, seeded; the epochs' validation scores use it, the fold's metrics and predictions do not."""
+    from medfold.train import oversampled_validation, run_fold
+
+    rows = np.arange(100, 300)
+    targets = np.zeros(400, int)
+    targets[rows[:40]] = 1  # 20 % "b" among the validation rows
+    setting = {"mode": "target", "target": {"a": 0.375, "b": 0.625}}
+    drawn = oversampled_validation(rows, targets, "binary", ["a", "b"], setting, seed=3)
+    assert len(drawn) == len(rows) and set(drawn) <= set(rows) and np.all(np.diff(drawn) >= 0)
+    assert abs(targets[drawn].mean() - 0.625) < 0.08
+    assert np.array_equal(drawn, oversampled_validation(rows, targets, "binary", ["a", "b"], setting, seed=3))
+    assert oversampled_validation(rows, targets, "binary", ["a", "b"], {"mode": "none", "target": {}}, 3) is None
+    with pytest.raises(ConfigError, match=r"training.val_oversample.target: \['c'\] are not classes"):
+        oversampled_validation(rows, targets, "binary", ["a", "b"], {"mode": "target", "target": {"c": 1}}, 3)
+
+    paths = (prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache")
+    runs = {}
+    for mode in ("none", "balanced"):
+        cfg = training(epochs=1, val_oversample={"mode": mode}, train_metrics={"images": 0})
+        result = run_fold(cfg, *paths, FOLD, tmp_path / mode, threads=2)
+        runs[mode] = (result, pd.read_csv(tmp_path / mode / "history.csv"))
+    (plain, plain_history), (over, over_history) = runs["none"], runs["balanced"]
+    assert plain_history["val_loss"].iloc[0] == pytest.approx(plain["val"]["loss"], rel=1e-6)
+    assert abs(over_history["val_loss"].iloc[0] - over["val"]["loss"]) > 1e-3  # it monitored other images
+    assert over["val"]["loss"] == pytest.approx(plain["val"]["loss"], rel=1e-6)  # the same model, the same fold
+    assert pd.read_parquet(tmp_path / "balanced" / "predictions.parquet").equals(
+        pd.read_parquet(tmp_path / "none" / "predictions.parquet")
+    )

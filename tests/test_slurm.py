@@ -33,6 +33,8 @@ TINY = {
     "compression": {"experiments": []},
     "ensembles": {},
     "explain": {"experiments": []},
+    "export": {"experiments": []},
+    "external": {},
 }
 
 

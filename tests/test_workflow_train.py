@@ -106,7 +106,16 @@ def test_a_bad_experiment_override_is_caught_before_any_job(tmp_path):
 def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
     grid = {"sweep": {"batch_norm": True, "grid": {"lr": [0.001, 0.01], "batch_size": [16, 32]}}}
     work = workflow_dir(
-        tmp_path, {**QUICK, "experiments": grid, "variants": {}, "ensembles": {}, "explain": {"experiments": []}}
+        tmp_path,
+        {
+            **QUICK,
+            "experiments": grid,
+            "variants": {},
+            "ensembles": {},
+            "explain": {"experiments": []},
+            "export": {"experiments": []},
+            "external": {},
+        },
     )
     target = f"{DS}/grids/sweep.csv"
     proc = run_snakemake(work, "--cores", "2", "--dry-run", target)
@@ -136,6 +145,8 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
             "experiments": grid,
             "ensembles": {},
             "explain": {"experiments": []},
+            "export": {"experiments": []},
+            "external": {},
             "variants": {"int8": {"method": "ptq"}},
             "compression": {"experiments": [best], "folds": []},
         },

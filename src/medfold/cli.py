@@ -66,6 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gradcam", action="store_true", help="also write Grad-CAM overlays of the predicted class")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    e = sub.add_parser(
+        "export",
+        help="export a fold ensemble, fold model or compressed variant as one ONNX file, with a model card",
+        description="Write DIR/model.onnx: uint8 images in, training's normalisation, the fold models averaged "
+        "(flip TTA when the experiment used it), probabilities out; thresholds, classes and input size in its "
+        "metadata. onnxruntime checks it against PyTorch before it is kept. For an experiment's folder, also "
+        "DIR/model_card.md and .json.",
+    )
+    e.add_argument("model", type=Path, help="results/<dataset>/<experiment>, .../fold_<k>/model.pt or .../model.pt2")
+    e.add_argument("--out", type=Path, required=True, help="folder for model.onnx, model.json and the model card")
+    e.add_argument("--name", default="model.onnx", help="the ONNX file's name (default model.onnx)")
+    e.add_argument(
+        "--card",
+        type=Path,
+        help="a YAML file with the card's texts (intended_use, intended_users, out_of_scope, "
+        "ethical_considerations, limitations), as export.card in the config",
+    )
     i = sub.add_parser(
         "init",
         help="write a starter config from a preset",
@@ -99,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                 args.gradcam,
             )
             print(f"{summary['predicted']} images predicted, {summary['unreadable']} unreadable: {args.out}")
+        elif args.command == "export":
+            from . import card
+            from .export import export_onnx
+
+            notes = card.read_notes(args.card) if args.card else {}  # checked before the export's work
+            record = export_onnx(args.model, args.out, args.name)
+            written = [args.out / record["file"]]
+            if args.model.is_dir():  # an experiment: its card too
+                written += card.write(card.build(args.model, notes, record), args.out)
+            print(
+                f"exported {record['model']}: {', '.join(str(p) for p in written)} "
+                f"(onnxruntime within {record['parity_max_abs_difference']:.1g} of PyTorch)"
+            )
         elif args.command == "init":
             path = init(args.preset, args.config, args.force)
             print(f"wrote {path}; edit its dataset paths, then: snakemake --cores 8 --configfile {path}")

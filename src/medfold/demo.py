@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -270,10 +271,10 @@ def _anatomies(rng: np.random.Generator, patients: int) -> list[Anatomy]:
     return out
 
 
-def _write_manifest(path: Path, rows: list[tuple]) -> None:
+def _write_manifest(path: Path, rows: list[tuple], header=("copy", "original", "transform")) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["copy", "original", "transform"])
+        writer.writerow(header)
         writer.writerows(rows)
 
 
@@ -323,15 +324,31 @@ def _republish(out: Path, rows: list[tuple], first_patient: int, rng: np.random.
     return planted
 
 
-def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
+def _label_errors(rows: list[tuple], strengths: dict) -> list[tuple]:
+    """(image, finding, how) of every label its film contradicts: the weak subgroup's films
+    whose listed findings are not drawn at all (``finding_strength`` 0), as text-mined labels
+    list findings a film does not show. The label audit must find them. (Flipping clear films'
+    labels as well was tried: it changed the stratified split and with it every demo figure.)"""
+    return [
+        (name, f, "listed, not drawn")
+        for name, labels, *_ in rows
+        if strengths.get(name) == 0.0 and labels != "No Finding"
+        for f in labels.split("|")
+    ]
+
+
+def generate_cxr14(out: Path, patients: int, seed: int, label_errors: bool = True) -> Path:
     """NIH-like multi-label tree. Returns the CSV path. ``planted_copies.csv`` beside it lists
     the copies filed under other patients (PLANTED transforms, then REPUBLISHED ones); the
-    last table row repeats an image under another patient ID. Patients have an age and sex
-    (``Patient Age``, ``Patient Gender``, with the follow-up's ``View Position``); findings of
+    last table row repeats an image under another patient ID. With ``label_errors``,
+    ``planted_label_errors.csv`` lists every label its film contradicts (``_label_errors``).
+    Patients have an age and sex (``Patient Age``, ``Patient Gender``, with the follow-up's
+    ``View Position``); findings of
     patients aged ``WEAK_SUBGROUP_AGE`` or more are drawn faint or not at all
     (``finding_strength``): the subgroup an analysis should find weaker."""
     rng = np.random.default_rng([seed, 14])
     rows = []
+    strengths = {}
     sixteen_bit_done = False
     (out / "signal_masks").mkdir(parents=True, exist_ok=True)
     for patient, anatomy in enumerate(_anatomies(rng, patients), start=1):
@@ -353,6 +370,7 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
             if shown:  # beside the images root, so the index never sees them
                 Image.fromarray(signal).save(out / "signal_masks" / name)
             labels = "|".join(shown) or "No Finding"
+            strengths[name] = strength
             view = "AP" if (age >= WEAK_SUBGROUP_AGE) == (followup % 3 != 2) else "PA"
             rows.append((name, labels, followup, patient, age, sex, view))
     planted = []
@@ -369,6 +387,8 @@ def generate_cxr14(out: Path, patients: int, seed: int) -> Path:
     planted += _republish(out, rows, patients + len(PLANTED) + 2, np.random.default_rng([seed, 23]))
     _write_manifest(out / "planted_copies.csv", planted)
     rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1, *listed_twice[4:]))
+    if label_errors:
+        _write_manifest(out / "planted_label_errors.csv", _label_errors(rows, strengths), ("image", "finding", "how"))
     table = out / "Data_Entry.csv"
     with open(table, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -486,6 +506,52 @@ def generate_dicom(out: Path, patients: int, seed: int) -> Path:
     return out
 
 
+# the second site: its scanner gives lower contrast and a brighter floor (x GAIN + OFFSET)
+SITE_GAIN, SITE_OFFSET = 0.75, 40
+
+
+def _site_shift(path: Path) -> None:
+    """Rewrite an image file with the second site's intensity response, in its own format."""
+    with Image.open(path) as image:
+        mode, pixels = image.mode, np.asarray(image)
+    if pixels.dtype == np.uint16:
+        shifted = np.clip(pixels * SITE_GAIN + SITE_OFFSET * 257, 0, 65535).astype(np.uint16)
+        Image.fromarray(shifted).save(path)
+        return
+    shifted = np.clip(np.rint(pixels * SITE_GAIN + SITE_OFFSET), 0, 255).astype(np.uint8)
+    Image.fromarray(shifted, mode=mode).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
+
+
+def generate_external_site(out: Path, training: Path, patients: int, seed: int) -> Path:
+    """A second hospital's NIH-like CSV tree for external validation: other patients, drawn with
+    another seed, every image through the site's intensity response (``SITE_GAIN``,
+    ``SITE_OFFSET``); and two of ``training``'s images planted in it under new patient IDs, one
+    byte for byte and one through the site's response: leaks an external validation must find.
+    ``planted_from_training.csv`` lists them (copy, source, how)."""
+    table = generate_cxr14(out, patients, seed, label_errors=False)
+    for path in sorted((out / "images").iterdir()):
+        _site_shift(path)
+    with open(training / "Data_Entry.csv", newline="") as fh:
+        source_rows = list(csv.reader(fh))[1:]
+    planted, rows = [], []
+    # the first films of patients 3 and 4, with their labels (both in the demo's training folds:
+    # tests/test_external.py checks it)
+    chosen = [r for r in source_rows if r[0] in ("00000003_000.png", "00000004_000.png")]
+    for which, row in enumerate(chosen):
+        copy = f"{90000 + which:08d}_000.png"
+        shutil.copyfile(training / "images" / row[0], out / "images" / copy)
+        how = "the same file"
+        if which == 1:
+            _site_shift(out / "images" / copy)
+            how = "through the site's intensity response"
+        rows.append([copy, row[1], 0, 90000 + which, *row[4:]])
+        planted.append((copy, row[0], how))
+    with open(table, "a", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    _write_manifest(out / "planted_from_training.csv", planted)
+    return table
+
+
 def generate_demo(
     out: Path, cxr14_patients: int = 150, folder_patients: int = 90, seed: int = 0, dicom_patients: int = 220
 ) -> None:
@@ -493,6 +559,7 @@ def generate_demo(
     generate_cxr14(out / "cxr14", cxr14_patients, seed)
     generate_folders(out / "chest_xray", folder_patients, seed)
     generate_dicom(out / "dicom", dicom_patients, seed)
+    generate_external_site(out / "site_b", out / "cxr14", max(20, cxr14_patients // 3), seed + 1)
 
 
 def tree_digest(root: Path) -> str:

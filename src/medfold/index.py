@@ -588,6 +588,10 @@ def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
         )
     warnings: list[str] = []
     patient_source = _resolve_patients(cand, ds, warnings)
+    pseudonyms = pseudonyms or Pseudonyms(None)
+    cand, left_out["dataset.exclude_images"], unmatched = _exclude_listed(cand, ds.get("exclude_images"), pseudonyms)
+    if unmatched:
+        warnings.append(f"dataset.exclude_images: {unmatched} listed IDs match no image of this dataset")
     classes = _check_labels(cand, ds, str(source))
 
     if ds["metadata_only"]:
@@ -602,16 +606,42 @@ def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
     for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
         cand[field] = [getattr(c, field) for c in checks]
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
-    pseudonyms = pseudonyms or Pseudonyms(None)
     cand = pseudonyms.with_shared_ids(cand)
     scrub = index_scrubber(cand)  # every candidate's IDs, the skipped ones' too
     with scrubbed_logs(scrub):
         table, report = _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source)
     report["listed_more_than_once"] = repeated
+    report["exclude_images_unmatched"] = unmatched
     report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
     report["label_map"] = label_mapping
     report["identifiers"] = "raw" if pseudonyms.raw else "pseudonymized"
     return table, scrub.record(report)
+
+
+def read_id_list(path) -> list[str]:
+    """Image IDs from a file: one per line (``#`` comments), or a CSV's image_id column."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"dataset.exclude_images {path}: no such file")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if lines and "image_id" in lines[0].split(","):
+        return pd.read_csv(path, comment=None)["image_id"].astype(str).str.strip().tolist()
+    return lines
+
+
+def _exclude_listed(cand: pd.DataFrame, path, pseudonyms: Pseudonyms) -> tuple[pd.DataFrame, int, int]:
+    """``cand`` without the images ``dataset.exclude_images`` lists (by raw ID or pseudonym),
+    before any is decoded; how many went and how many listed IDs matched nothing."""
+    if not path:
+        return cand, 0, 0
+    listed = set(read_id_list(path))
+    raw = cand["image_id"].astype(str)
+    shared = raw.map(pseudonyms.image).astype(str)
+    drop = raw.isin(listed) | shared.isin(listed)
+    unmatched = len(listed - set(raw[drop]) - set(shared[drop]))
+    log.info("dataset.exclude_images: %d images left out (%d listed IDs match none)", int(drop.sum()), unmatched)
+    return cand.loc[~drop].reset_index(drop=True), int(drop.sum()), unmatched
 
 
 def _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source) -> tuple[pd.DataFrame, dict]:

@@ -137,6 +137,7 @@ class TrainSettings:
     early_stopping: Stopping
     augment: AugmentConfig
     oversample: dict
+    val_oversample: dict  # the validation fold drawn to stated class shares for the epochs' scores
     device: str
     amp: bool
     channels_last: bool
@@ -151,6 +152,7 @@ class TrainSettings:
     ema_decay: float
     tta: str
     pruning: dict  # pruning while training (``training.pruning``)
+    qat: dict  # quantization-aware training from the first epoch (``training.qat``)
     keep: str  # "best" or "last": the weights each stage hands on and the run keeps
     decision: dict  # the decision rule for accuracy, F1 and the confusion matrix (``training.decision``)
     optimizer_options: OptimizerOptions
@@ -407,6 +409,7 @@ class Epochs:
     epoch_offset: int = 0  # compression fine-tuning numbers its epochs apart from training's
     train_rows: np.ndarray | None = None  # scored after each epoch for train-set metrics
     mixing: Mixing | None = None
+    val_rows: np.ndarray | None = None  # the monitored validation images (oversampled), else the fold's
 
     def run(self, step_model, model, optimizer, epoch: int, set_training, after_step=None, scored_model=None) -> dict:
         """Train one epoch, then score the training subsample and the validation fold in eval
@@ -439,7 +442,8 @@ class Epochs:
         if self.train_rows is not None and len(self.train_rows):
             row["train_eval_loss"], scores = self._score(self.train_rows, scored_model)
             row.update({f"train_{k}": v for k, v in scores.items()})
-        row["val_loss"], scores = self._score(self.data.rows["val"], scored_model)
+        val_rows = self.data.rows["val"] if self.val_rows is None else self.val_rows
+        row["val_loss"], scores = self._score(val_rows, scored_model)
         row.update({f"val_{k}": v for k, v in scores.items()})
         row.update(images_per_s=seen / seconds, seconds=seconds)
         return row

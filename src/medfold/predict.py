@@ -1,7 +1,8 @@
-"""Apply a trained experiment to new images: its fold ensemble, one fold model, or a compressed
-variant's ``.pt2``, with exactly the preprocessing of training (the cache's decoding, resizing and
-channel conversion, then the same normalisation), labels at the thresholds chosen on
-validation. A file that cannot be read is listed with its reason; it never stops the run.
+"""Apply a trained experiment to new images: its fold ensemble, one fold model, a compressed
+variant's ``.pt2`` or an exported ``.onnx`` (medfold.export), with exactly the preprocessing of
+training (the cache's decoding, resizing and channel conversion, then the same normalisation),
+labels at the thresholds chosen on validation. A file that cannot be read is listed with its
+reason; it never stops the run.
 
 Outputs in ``out_dir``: ``predictions.csv`` and ``predictions.parquet`` (image, path, one
 ``prob:<class>`` column per class, ``predicted``), ``unreadable.csv`` (path, reason),
@@ -61,6 +62,41 @@ class Predictor:
             return np.mean(per_model, axis=0)
 
 
+class OnnxPredictor(Predictor):
+    """An exported file (``medfold export``): its graph holds the preprocessing, so it takes the
+    uint8 images themselves; onnxruntime runs it."""
+
+    def input(self, pixels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return self.models[0].run(None, {"images": x})[0]
+
+
+def _from_onnx(path: Path) -> OnnxPredictor:
+    from .export import read_metadata, session
+
+    meta = read_metadata(path)
+    missing = [k for k in ("classes", "task", "image_size", "channels") if k not in meta]
+    if missing:
+        raise ConfigError(
+            f"{path}: not a medfold export (its ONNX metadata lacks medfold.{', medfold.'.join(missing)})"
+        )
+    return OnnxPredictor(
+        [session(path, torch.get_num_threads())],
+        meta["classes"],
+        meta["task"],
+        meta["image_size"],
+        meta["channels"],
+        meta.get("thresholds"),
+        {
+            "model": f"ONNX export: {meta.get('model')}",
+            "files": [str(path)],
+            "thresholds_from": meta.get("thresholds_from"),
+        },
+    )
+
+
 def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> Predictor:
     loaded = [load_model(p) for p in paths]
     saved = loaded[0][1]
@@ -86,8 +122,9 @@ def _from_fold_models(paths: list[Path], thresholds, source: str, what: str) -> 
 
 def load_predictor(path) -> Predictor:
     """``path``: an experiment's folder (its fold ensemble, thresholds from its pooled
-    out-of-fold predictions), a fold's ``model.pt`` (its validation thresholds), or a variant's
-    ``model.pt2`` (the thresholds in its metrics.json)."""
+    out-of-fold predictions), a fold's ``model.pt`` (its validation thresholds), a variant's
+    ``model.pt2`` (the thresholds in its metrics.json), or an exported ``.onnx`` (the thresholds
+    in its metadata)."""
     path = Path(path)
     if path.is_dir():
         folds = sorted(path.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
@@ -96,11 +133,14 @@ def load_predictor(path) -> Predictor:
                 f"{path}: no fold_*/model.pt below it; give an experiment's folder, a model.pt or a model.pt2"
             )
         ensemble = path / "cv" / "ensemble_test.json"
-        thresholds = json.loads(ensemble.read_text()).get("thresholds") if ensemble.exists() else None
+        # null when the folds share no test set (no fold ensemble was evaluated)
+        thresholds = (json.loads(ensemble.read_text()) or {}).get("thresholds") if ensemble.exists() else None
         source = f"{ensemble} (pooled out-of-fold predictions)" if thresholds is not None else "each fold's validation"
         return _from_fold_models(folds, thresholds, source, f"fold ensemble of {len(folds)} models")
     if not path.exists():
         raise ConfigError(f"{path}: no such model file or experiment folder")
+    if path.suffix == ".onnx":
+        return _from_onnx(path)
     if path.suffix == ".pt2":
         from .compress import FixedBatch
         from .quantize import INT8_METHODS, compiled, load_artifact

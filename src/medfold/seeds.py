@@ -13,6 +13,7 @@ RANK = 104723  # rank r's augmentation draws, r * RANK apart
 FINETUNE = 104729  # a compressed variant's fine-tuning data order, apart from training's
 FINETUNE_EPOCHS = 10_000  # fine-tuning epochs are numbered from here, apart from training's
 TRAIN_METRICS = 1299709  # the 100,000th prime: the training images scored for train-set metrics
+VAL_OVERSAMPLE = 15485863  # the 1,000,000th prime: the oversampled validation draw
 
 
 def split_test(seed: int) -> int:
@@ -58,3 +59,8 @@ def lime(seed: int, fold: int, image: int) -> int:
 def train_metrics(seed: int, fold: int) -> int:
     """Which training images are scored every epoch for the train-set metrics."""
     return seed + FOLD * fold + TRAIN_METRICS
+
+
+def val_oversample(seed: int, fold: int) -> int:
+    """The validation images drawn (with replacement) to the stated class shares."""
+    return seed + FOLD * fold + VAL_OVERSAMPLE

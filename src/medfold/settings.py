@@ -108,6 +108,11 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             )
         if (settings.get("ema") or {}).get("decay"):
             raise ConfigError(f"{where}: pruning during training and ema (a weights average) do not combine")
+    if (settings.get("qat") or {}).get("enabled") and prune.get("enabled"):
+        raise ConfigError(
+            f"experiments.{name}: qat and pruning during training do not combine (both rewrite the weights "
+            f"every step); train one experiment with each, as the thesis did"
+        )
     from .models import known_model  # torchvision's model list, read only for a name that is not ours
 
     networks = config.get("networks") or {}
@@ -203,6 +208,46 @@ def variant_settings(config: dict, name: str, schema_path) -> dict:
     if settings["method"] == "prune":
         check_pruning(settings["pruning"], f"variants.{name}")
     return settings
+
+
+def external_settings(config: dict, name: str, schema_path, experiments) -> dict:
+    """An ``external.<name>`` block with its dataset filled in as ``dataset`` is (the schema's
+    defaults; the main dataset's labels, label map and no-finding label where it gives none, so
+    that its classes are the experiment's) and checked: which experiment, the dataset block, the
+    recalibration fraction."""
+    with open(schema_path) as fh:
+        schema = yaml.safe_load(fh)["properties"]
+    entry = schema["external"]["additionalProperties"]
+    given = dict(config["external"][name] or {})
+    block = {**{k: v for k, v in schema_defaults(entry).items() if k != "dataset"}, **given}
+    where = f"external.{name}"
+    errors = sorted(jsonschema.Draft202012Validator(entry).iter_errors(block), key=lambda e: list(e.path))
+    if errors:
+        at = ".".join(str(p) for p in errors[0].path)
+        raise ConfigError(f"{where}{'.' + at if at else ''}: {errors[0].message}")
+    if block["recalibrate"] is not None and {"fraction", "method"} - set(block["recalibrate"]):
+        raise ConfigError(f"{where}.recalibrate: needs fraction and method (temperature, platt or isotonic)")
+    if not block.get("experiment"):
+        raise ConfigError(f"{where}.experiment: needed (the experiment whose fold ensemble is validated)")
+    if block["experiment"] not in experiments:
+        raise ConfigError(f"{where}.experiment: {block['experiment']!r} is not an experiment (there are {experiments})")
+    main = config["dataset"]
+    dataset = deep_merge(schema_defaults(schema["dataset"]), {"name": name})
+    for key in ("labels", "label_map", "no_finding_label", "task", "near_duplicates"):
+        dataset[key] = copy.deepcopy(main.get(key))
+    dataset = deep_merge(dataset, block.get("dataset") or {})
+    errors = sorted(jsonschema.Draft202012Validator(schema["dataset"]).iter_errors(dataset), key=lambda e: list(e.path))
+    if errors:
+        at = ".".join(str(p) for p in errors[0].path)
+        raise ConfigError(f"{where}.dataset{'.' + at if at else ''}: {errors[0].message}")
+    if dataset["format"] == "folders" and not dataset.get("root"):
+        raise ConfigError(f"{where}.dataset.root: needed for format {dataset['format']!r}")
+    if dataset["format"] == "csv" and not dataset.get("table"):
+        raise ConfigError(f"{where}.dataset.table: needed for format 'csv'")
+    if dataset["format"] == "npz" and not dataset.get("npz"):
+        raise ConfigError(f"{where}.dataset.npz: needed for format 'npz'")
+    dataset["metadata_columns"] = []
+    return {**block, "dataset": dataset}
 
 
 def check_pruning(p: dict, where: str) -> None:

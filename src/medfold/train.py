@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import distributed, files, hardware, seeds
+from . import distributed, fakequant, files, hardware, seeds
 from .cache import open_cache
 from .errors import ConfigError, DataError, MedfoldError
 from .index import read_index
@@ -98,9 +98,12 @@ def check_fold(rows: dict[str, np.ndarray], targets: np.ndarray, classes: list[s
         )
 
 
-def sample_weights(targets: np.ndarray, task: str, classes: list[str], mode: str, target: dict) -> np.ndarray | None:
+def sample_weights(
+    targets: np.ndarray, task: str, classes: list[str], mode: str, target: dict, key: str = "training.oversample"
+) -> np.ndarray | None:
     """Per-image weights for oversampling: 'balanced' gives every class (and, for multi-label,
-    'no finding') the same expected share; 'target' matches the given class fractions."""
+    'no finding') the same expected share; 'target' matches the given class fractions (``key``
+    names the setting in errors)."""
     if mode == "none":
         return None
     if task == "multilabel":
@@ -115,10 +118,27 @@ def sample_weights(targets: np.ndarray, task: str, classes: list[str], mode: str
     else:
         unknown = sorted(set(target) - set(names))
         if unknown:
-            raise ConfigError(f"training.oversample.target: {unknown} are not classes ({names})")
+            raise ConfigError(f"{key}.target: {unknown} are not classes ({names})")
         share = np.array([target.get(n, 0.0) for n in names], dtype=np.float64)
     per_class = share / counts
     return np.array([per_class[m].mean() for m in member])
+
+
+def oversampled_validation(
+    rows: np.ndarray, targets: np.ndarray, task: str, classes: list[str], setting: dict, seed: int
+) -> np.ndarray | None:
+    """The validation fold drawn with replacement to the class shares ``setting`` states
+    (``training.val_oversample``), as many images as the fold has, in row order; None for mode
+    none. Study 000 oversampled its validation set to the test set's class ratio this way. Only
+    the epochs' monitored scores use it: the fold's thresholds and out-of-fold predictions stay
+    on the validation images, once each."""
+    weights = sample_weights(
+        targets[rows], task, classes, setting["mode"], setting["target"], key="training.val_oversample"
+    )
+    if weights is None or not len(rows):
+        return None
+    drawn = np.random.default_rng(seed).choice(len(rows), size=len(rows), replace=True, p=weights / weights.sum())
+    return rows[np.sort(drawn)]
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -324,6 +344,8 @@ class FoldRun:
             s.image_size,
             s.head,
         ).to(device)
+        if s.qat["enabled"]:  # fake quantization from the first epoch, in the model every later stage reads
+            fakequant.prepare(self.model, s.qat["layers"])
         self.runner = Runner(cfg, data.cache, targets, data.task, device, self.model)
         if self.runner.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -361,6 +383,9 @@ class FoldRun:
             self.ctx,
             train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
             mixing=s.mixing,
+            val_rows=oversampled_validation(
+                rows["val"], targets, data.task, data.classes, s.val_oversample, seeds.val_oversample(s.seed, fold)
+            ),
         )
         self.state = TrainState()
         self.total = sum(stage.epochs for stage in s.stages)
@@ -671,6 +696,7 @@ def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, pa
             "dropout": cfg["dropout"],
             "network": json.dumps(cfg["network"]) if cfg.get("network") else "",  # a config-described CNN's layers
             "head": json.dumps(cfg["head"]) if cfg.get("head") else "",  # a torchvision backbone's own head
+            "qat": cfg["qat"]["layers"] if cfg.get("qat", {}).get("enabled") else "",  # fake quantization in the model
             "thresholds": thresholds,
             "input_mean": stats["mean"],  # what every user of the model normalises inputs with
             "input_std": stats["std"],
@@ -710,6 +736,7 @@ def _evaluate_and_write(
             "settings": cfg,
             "distributed": parallel,
             **({"pruning": pruned} if pruned is not None else {}),
+            **({"qat": fakequant.summary(runner.model)} if fakequant.is_prepared(runner.model) else {}),
             "hardware": hardware.cpu() | {"device": str(runner.device)},
         }
     )
@@ -756,6 +783,8 @@ def load_model(path) -> tuple[torch.nn.Module, dict]:
         image_size=saved["image_size"],
         head=json.loads(saved["head"]) if saved.get("head") else None,
     )
+    if saved.get("qat"):  # trained quantization-aware: the same fake quantization, its ranges in the weights
+        fakequant.prepare(model, saved["qat"])
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
 

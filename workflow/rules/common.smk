@@ -11,6 +11,7 @@ from medfold.settings import (
     compress_gpus,
     expand_grids,
     experiment_settings,
+    external_settings,
     resolve_init_from,
     train_resources,
     variant_settings,
@@ -149,6 +150,13 @@ for _name in config["reference"]["experiments"]:
         )
 EXPLAINED = config["explain"]["experiments"]
 check_names("explain.experiments", EXPLAINED)
+EXPORTED = config["export"]["experiments"]
+check_names("export.experiments", EXPORTED)
+# external validation: each block resolved and checked now (its dataset as dataset is)
+EXTERNALS = {
+    name: external_settings(config, name, SCHEMA, EXPERIMENTS)
+    for name in config["external"]
+}
 # the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
 # the profile stays the same everywhere
 CLUSTER = config["cluster"]
@@ -198,18 +206,23 @@ wildcard_constraints:
     variant=any_of(VARIANTS),
     ensemble=any_of(ENSEMBLES),
     grid=any_of(GRIDS),
+    external=any_of(EXTERNALS),
 
 
-def dataset_inputs(wildcards):
-    """The source files the index reads; the demo_data rule makes them when they point into it."""
-    ds = config["dataset"]
+def dataset_inputs(wildcards, ds=None):
+    """The source files the index reads (of ``ds``, default the main dataset); the demo_data
+    rule makes them when they point into it."""
+    ds = ds or config["dataset"]
+    listed = {"exclude": ds["exclude_images"]} if ds.get("exclude_images") else {}
     if ds["format"] == "csv":
-        return {"table": ds["table"]} | (
-            {"root": ds["root"]} if ds["root"] and not ds["metadata_only"] else {}
+        return (
+            {"table": ds["table"]}
+            | ({"root": ds["root"]} if ds["root"] and not ds["metadata_only"] else {})
+            | listed
         )
     if ds["format"] == "npz":
-        return {"npz": ds["npz"]}
-    return {"root": ds["root"]}
+        return {"npz": ds["npz"]} | listed
+    return {"root": ds["root"]} | listed
 
 
 def manifest_input(wildcards):
@@ -301,11 +314,16 @@ def report_inputs():
             "clinical": cv_file(name, "clinical"),
             "forest": cv_file(name, "forest"),
             "reliability": cv_file(name, "reliability"),
+            "label_issues": cv_file(name, "label_issues"),
         }
         for name in EXPERIMENTS
     }
     for name in EXPLAINED:
         experiments[name]["explanations"] = explanation_files(name, "record")
+    for name in EXPORTED:
+        experiments[name]["model_card"] = expand(
+            rules.export.output.card, dataset=DATASET, experiment=name
+        )[0]
     ensembles = {
         name: {
             "per_fold": ensemble_cv_file(name, "per_fold"),
@@ -318,6 +336,7 @@ def report_inputs():
             "clinical": ensemble_cv_file(name, "clinical"),
             "forest": ensemble_cv_file(name, "forest"),
             "reliability": ensemble_cv_file(name, "reliability"),
+            "label_issues": ensemble_cv_file(name, "label_issues"),
         }
         for name in ENSEMBLES
     }
@@ -384,6 +403,21 @@ def report_inputs():
             for name in GRIDS
         },
         "benchmarks": benchmarks,
+        "externals": {
+            name: {
+                "record": expand(
+                    rules.external_validate.output.record,
+                    dataset=DATASET,
+                    external=name,
+                )[0],
+                "reliability": expand(
+                    rules.external_validate.output.reliability,
+                    dataset=DATASET,
+                    external=name,
+                )[0],
+            }
+            for name in EXTERNALS
+        },
     }
 
 

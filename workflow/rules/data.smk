@@ -7,6 +7,8 @@ rule demo_data:
         images=directory(f"{config['demo']['output']}/cxr14/images"),
         folders=directory(f"{config['demo']['output']}/chest_xray"),
         dicom=directory(f"{config['demo']['output']}/dicom"),
+        site_b=f"{config['demo']['output']}/site_b/Data_Entry.csv",
+        site_b_images=directory(f"{config['demo']['output']}/site_b/images"),
     log:
         f"{config['demo']['output']}/demo_data.log",
     conda:

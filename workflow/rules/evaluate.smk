@@ -55,6 +55,13 @@ rule aggregate:
             category="Clinical evaluation",
             labels={"experiment": "{experiment}", "table": "operating points"},
         ),
+        # likely label errors from the out-of-fold predictions (medfold.labels)
+        label_issues=report(
+            f"{CV_DIR}/label_issues.csv",
+            caption="../report/label_issues.rst",
+            category="Cross-validation",
+            labels={"experiment": "{experiment}", "table": "label issues"},
+        ),
     log:
         f"{CV_DIR}/aggregate.log",
     benchmark:

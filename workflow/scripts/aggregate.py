@@ -3,6 +3,7 @@ import pandas as pd
 from medfold import clinical, step
 from medfold.aggregate import aggregate_experiment, write_experiment
 from medfold.index import read_index
+from medfold.labels import audit
 from medfold.privacy import shareable_view
 
 
@@ -10,6 +11,8 @@ def main(s):
     agg = aggregate_experiment(s.input.metrics, s.input.predictions, s.params.bootstrap, s.params.seed)
     out = s.output
     write_experiment(agg, out.per_fold, out.summary_table, out.summary, out.ensemble, out.ensemble_predictions)
+    if hasattr(s.output, "label_issues"):  # an experiment's own folds (not variants or ensembles)
+        audit(s.input.predictions, agg["classes"], agg["task"]).to_csv(s.output.label_issues, index=False)
     if not hasattr(s.output, "clinical"):  # compressed variants: cross-validation only
         return
     predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)

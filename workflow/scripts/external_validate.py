@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from medfold import step
+from medfold.external import ExternalOutputs, validate
+
+
+def main(s):
+    i, p = s.input, s.params
+    experiment = Path(i.ensemble).parent.parent
+    outputs = ExternalOutputs(**{k: Path(getattr(s.output, k)) for k in ExternalOutputs.NAMES})
+    validate(
+        s.wildcards.external,
+        p.settings,
+        experiment,
+        i.index,
+        i.splits,
+        i.cache,
+        i.external_index,
+        i.external_cache,
+        outputs,
+        p.bootstrap,
+        p.seed,
+        p.bins,
+        s.threads,
+    )
+
+
+step.run(snakemake, main)
