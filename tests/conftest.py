@@ -135,8 +135,10 @@ def planned(proc) -> dict[str, int]:
 # tiny training: the tests that use it are about what runs, not how well (test_train.py checks learning)
 QUICK = {
     "training": {"epochs": 3, "early_stopping": {"enabled": False}},
-    "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True}},
-    "evaluation": {"bootstrap": 200},
+    # two seeds of every fold (test_repeats): the fold ensembles average 6 models
+    "experiments": {"baseline": {"repeats": 2}, "batchnorm": {"batch_norm": True, "repeats": 2}},
+    # the two experiments' own pair too (the reference is the best, the "both" ensemble)
+    "evaluation": {"bootstrap": 200, "comparisons": {"pairs": [["batchnorm", "baseline"]]}},
     "variants": {
         "pruned": {
             "method": "prune",

@@ -47,7 +47,7 @@ def test_the_exported_ensemble_is_the_workflows_ensemble(demo):
     ensemble = json.loads((exp / "cv" / "ensemble_test.json").read_text())
     _, index_meta = read_index(work / "results" / DS / "index.parquet")
     assert meta["thresholds"] == ensemble["thresholds"] and meta["classes"] == index_meta["classes"]
-    assert (meta["image_size"], meta["channels"], meta["model"]) == (64, 1, "fold ensemble of 3 models")
+    assert (meta["image_size"], meta["channels"], meta["model"]) == (64, 1, "fold ensemble of 6 models")
     got = session(onnx_path).run(None, {"images": np.ascontiguousarray(cache[rows])})[0]
     own = pd.read_parquet(exp / "cv" / "ensemble_test_predictions.parquet")
     want = _probs(own, index["shared_image_id"].iloc[rows])

@@ -30,13 +30,15 @@ def test_asking_for_one_folds_file_plans_only_that_fold(tmp_path):
 def test_the_whole_workflow_writes_fold_and_cv_outputs(finished):
     for exp in ("baseline", "batchnorm"):
         per_fold = pd.read_csv(finished / DS / exp / "cv" / "per_fold.csv")
-        assert per_fold["fold"].tolist() == [0, 1, 2] and per_fold["epochs_trained"].eq(3).all()
+        # QUICK trains two seeds of each fold (experiments.<name>.repeats)
+        assert per_fold["fold"].tolist() == [0, 0, 1, 1, 2, 2] and per_fold["seed"].tolist() == [0, 1] * 3
+        assert per_fold["epochs_trained"].eq(3).all()
         summary = json.loads((finished / DS / exp / "cv" / "summary.json").read_text())
         stats = summary["statistics"]["test.auroc_macro"]
-        assert set(stats) == {"count", "mean", "std", "min", "25%", "50%", "75%", "max"} and stats["count"] == 3
+        assert set(stats) == {"count", "mean", "std", "min", "25%", "50%", "75%", "max"} and stats["count"] == 6
         assert set(summary["per_class_auroc"]["test"]) == {"Cardiomegaly", "Effusion", "Nodule", "Pneumonia"}
         ensemble = json.loads((finished / DS / exp / "cv" / "ensemble_test.json").read_text())
-        assert ensemble["models"] == 3 and len(ensemble["ci95"]["auroc_macro"]) == 2
+        assert ensemble["models"] == 6 and len(ensemble["ci95"]["auroc_macro"]) == 2
     table = pd.read_csv(finished / DS / "experiments.csv")
     assert sorted(table["experiment"]) == ["baseline", "batchnorm", "both"] and table["best"].sum() == 1
     # the ensemble across experiments is evaluated like one: per fold, aggregated, on the same test set
@@ -82,12 +84,16 @@ def test_changing_one_experiments_settings_reruns_only_its_folds(finished):
     original = config.read_text()
     try:
         workflow_dir(
-            finished, {**QUICK, "experiments": {"baseline": {}, "batchnorm": {"batch_norm": True, "lr": 0.002}}}
+            finished,
+            {
+                **QUICK,
+                "experiments": {**QUICK["experiments"], "batchnorm": {**QUICK["experiments"]["batchnorm"], "lr": 0.002}},
+            },
         )
         proc = run_snakemake(finished, "--cores", "2", "--dry-run")
     finally:
         config.write_text(original)
-    assert planned(proc)["train"] == 3
+    assert planned(proc)["train"] == 3 and planned(proc)["train_repeat"] == 3  # both seeds of each fold
     assert planned_folds(proc) == [("batchnorm", "0"), ("batchnorm", "1"), ("batchnorm", "2")]
 
 

@@ -33,6 +33,7 @@ def per_fold_table(results: list[dict]) -> pd.DataFrame:
     for r in results:
         row = {
             "fold": r["fold"],
+            "seed": r.get("repeat", 0),  # the repeat (experiments.<name>.repeats), 0 without repeats
             "best_epoch": r["best_epoch"],
             "epochs_trained": r["epochs_trained"],
             "train_seconds": r["train_seconds"],
@@ -43,12 +44,62 @@ def per_fold_table(results: list[dict]) -> pd.DataFrame:
             if part in r:
                 row.update({f"{part}.{k}": v for k, v in scalar_metrics(r[part]).items()})
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("fold").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["fold", "seed"], kind="stable").reset_index(drop=True)
 
 
 def summary_table(per_fold: pd.DataFrame) -> pd.DataFrame:
-    """count, mean, std, min, 25%, 50%, 75%, max of every metric column (rows: statistics)."""
-    return per_fold.drop(columns=["fold"]).astype(float).describe()
+    """count, mean, std, min, 25%, 50%, 75%, max of every metric column over every trained model
+    (rows: statistics; with repeats, over folds and seeds together)."""
+    return per_fold.drop(columns=["fold", "seed"]).astype(float).describe()
+
+
+def variance_split(per_fold: pd.DataFrame) -> dict | None:
+    """With repeats (R seeds of each of K folds), each metric's mean and spread over folds (of
+    each fold's mean over its seeds), over seeds (of each seed's mean over the folds) and over
+    both, and its variance split into a fold part and a seed part that add up to the whole:
+
+        var_total = var_fold + var_seed,  var_fold = Var_k(mean_r s[k, r]),  var_seed = mean_k Var_r s[k, r]
+
+    (the law of total variance, population variances over the K x R scores). The seed part is
+    what retraining the same fold changes, the fold part what the data of the fold does. None
+    without repeats (one seed per fold: the seed part cannot be seen)."""
+    seeds_per_fold = per_fold.groupby("fold")["seed"].nunique()
+    if seeds_per_fold.max() < 2:
+        return None
+    if seeds_per_fold.nunique() != 1:
+        raise ConfigError(f"repeats: folds have different numbers of seeds {seeds_per_fold.to_dict()}")
+    out = {"folds": int(len(seeds_per_fold)), "seeds": int(seeds_per_fold.iloc[0]), "metrics": {}}
+    columns = [c for c in per_fold.columns if c.split(".")[0] in ("val", "test") and per_fold[c].notna().all()]
+    for column in columns:
+        scores = per_fold.pivot(index="fold", columns="seed", values=column).astype(float).to_numpy()
+        fold_means, seed_means = scores.mean(axis=1), scores.mean(axis=0)
+        var_fold = float(np.var(fold_means))
+        var_seed = float(np.mean(np.var(scores, axis=1)))
+        out["metrics"][column] = {
+            "mean": float(scores.mean()),
+            "std_over_folds": float(np.std(fold_means, ddof=1)) if len(fold_means) > 1 else None,
+            "std_over_seeds": float(np.std(seed_means, ddof=1)),
+            "std_all": float(np.std(scores, ddof=1)),
+            "var_total": float(np.var(scores)),
+            "var_fold": var_fold,
+            "var_seed": var_seed,
+            "seed_share": var_seed / (var_fold + var_seed) if var_fold + var_seed > 0 else None,
+        }
+    return out
+
+
+def combine_repeats(predictions: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Each validation (out-of-fold) image once: the mean of its fold's seeds where a fold was
+    trained more than once, in the order the first seed listed them. Test rows stay one per model
+    (the fold ensemble averages them all)."""
+    val = predictions[predictions["set"] == "val"]
+    if not len(val) or not val.duplicated(["image_id", "fold"]).any():
+        return predictions
+    cols = [f"prob:{c}" for c in classes]
+    mean = val.groupby(["fold", "image_id"], sort=False)[cols].mean()
+    first = val.drop_duplicates(["fold", "image_id"]).set_index(["fold", "image_id"]).loc[mean.index]
+    combined = first.drop(columns=cols).join(mean).reset_index()[list(predictions.columns)]
+    return pd.concat([combined, predictions[predictions["set"] != "val"]], ignore_index=True)
 
 
 def _probs(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
@@ -111,7 +162,12 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
         per_class[part] = {
             c.split(".", 2)[2]: {"mean": _num(per_fold[c].mean()), "std": _num(per_fold[c].std())} for c in cols
         }
-    predictions = pd.concat([pd.read_parquet(p) for p in prediction_paths], ignore_index=True)
+    # each file tagged with its model's seed (the metrics file beside it says which)
+    predictions = pd.concat(
+        [pd.read_parquet(p).assign(repeat=r.get("repeat", 0)) for p, r in zip(prediction_paths, results)],
+        ignore_index=True,
+    )
+    predictions = combine_repeats(predictions, classes)
     oof = predictions[predictions["set"] == "val"]
     y_oof = targets_for(oof["labels"], classes, task)
     oof_probs = _probs(oof, classes)
@@ -121,8 +177,11 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     out = {
         "task": task,
         "classes": classes,
-        "folds": int(len(results)),
+        "folds": int(per_fold["fold"].nunique()),
+        "models": int(len(results)),
         "per_fold": per_fold,
+        "variance": variance_split(per_fold),
+        "predictions": predictions.drop(columns=["repeat"]),
         "summary": summary,
         "per_class_auroc": per_class,
         "decision": describe_decision(decision),
@@ -144,7 +203,11 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
         y_test = targets_for(first["labels"], classes, task)
         probs = mean_probs.to_numpy(np.float64)
         ensemble = evaluate(task, classes, y_test, probs, thresholds)
-        ensemble["models"] = int(test["fold"].nunique())
+        ensemble["models"] = int(len(results))
+        # the models it averages, as folders below the experiment's (what medfold predict loads)
+        ensemble["members"] = [
+            f"fold_{r['fold']}" + (f"/seed_{r['repeat']}" if r.get("repeat") else "") for r in results
+        ]
         ensemble["threshold_source"] = "pooled out-of-fold predictions"
         ensemble["decision"] = out["decision"]
         ensemble["ci95"] = bootstrap_intervals(
@@ -172,6 +235,8 @@ def write_experiment(agg: dict, per_fold, summary_table, summary, ensemble, ense
         "task": agg["task"],
         "classes": agg["classes"],
         "folds": agg["folds"],
+        "models": agg["models"],
+        "variance": agg["variance"],
         "statistics": {
             col: {stat: _num(v) for stat, v in agg["summary"][col].items()} for col in agg["summary"].columns
         },
@@ -216,6 +281,79 @@ def compare_experiments(
     if key in table and table[key].notna().any():
         table.loc[table[key].idxmax(), "best"] = True
     return table
+
+
+CV_TEST_COLUMNS = [
+    "a",
+    "b",
+    "metric",
+    "folds",
+    "seeds",
+    "pairs",
+    "mean_a",
+    "mean_b",
+    "difference",
+    "std_difference",
+    "test_train_ratio",
+    "t_naive",
+    "p_naive",
+    "t_corrected",
+    "p_corrected",
+]
+
+
+def corrected_t_test(differences: np.ndarray, test_train_ratio: float) -> dict:
+    """The corrected repeated k-fold cross-validation t-test (Bouckaert & Frank 2004, after Nadeau
+    & Bengio 2003) on the paired differences of K x R fold-and-seed scores, beside the naive
+    paired t-test. The folds' training sets overlap, so their scores are correlated and the naive
+    variance sigma^2 / n is too small; the correction takes it as (1/n + n_test/n_train) sigma^2,
+    n_test/n_train = 1/(K-1) for K folds. Both on n - 1 degrees of freedom, two-sided."""
+    from scipy import stats
+
+    d = np.asarray(differences, np.float64)
+    n = len(d)
+    out = {"difference": float(d.mean()) if n else None, "std_difference": None}
+    out.update(t_naive=None, p_naive=None, t_corrected=None, p_corrected=None)
+    if n < 2:
+        return out
+    var = float(np.var(d, ddof=1))
+    out["std_difference"] = var**0.5
+    if var == 0:  # every pair differs by the same amount: no spread to test against
+        return out
+    for name, scale in (("naive", 1 / n), ("corrected", 1 / n + test_train_ratio)):
+        t = float(d.mean() / np.sqrt(scale * var))
+        out[f"t_{name}"], out[f"p_{name}"] = t, float(2 * stats.t.sf(abs(t), df=n - 1))
+    return out
+
+
+def cv_t_tests(per_fold: dict[str, pd.DataFrame], pairs: list[tuple[str, str]], metric: str) -> pd.DataFrame:
+    """Each pair's cross-validation t-tests on ``metric``, over the (fold, seed) both trained:
+    fold k seed r of one experiment against fold k seed r of the other (same split, same seed
+    index)."""
+    rows = []
+    for a, b in pairs:
+        fa, fb = per_fold[a], per_fold[b]
+        if metric not in fa or metric not in fb:
+            continue
+        joined = fa[["fold", "seed", metric]].merge(fb[["fold", "seed", metric]], on=["fold", "seed"])
+        joined = joined.dropna()
+        folds = int(joined["fold"].nunique())
+        ratio = 1 / (folds - 1) if folds > 1 else None
+        row = {
+            "a": a,
+            "b": b,
+            "metric": metric,
+            "folds": folds,
+            "seeds": int(joined.groupby("fold")["seed"].nunique().min()) if len(joined) else 0,
+            "pairs": len(joined),
+            "mean_a": float(joined[f"{metric}_x"].mean()) if len(joined) else None,
+            "mean_b": float(joined[f"{metric}_y"].mean()) if len(joined) else None,
+            "test_train_ratio": ratio,
+        }
+        if ratio is not None:
+            row.update(corrected_t_test((joined[f"{metric}_x"] - joined[f"{metric}_y"]).to_numpy(), ratio))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=CV_TEST_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- across experiments

@@ -82,11 +82,13 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
         from .errors import ConfigError
 
         raise ConfigError(f"{exp}: no fold_*/metrics.json; a model card needs a trained experiment")
+    ensemble = _read(exp / "cv" / "ensemble_test.json")
+    if (ensemble or {}).get("members"):  # every seed of every fold the fold ensemble averages
+        folds = [exp / member / "metrics.json" for member in ensemble["members"]]
     metrics = [json.loads(p.read_text()) for p in folds]
     settings = metrics[0]["settings"]
     index = _read(dataset_dir / "index_report.json") or {}
     split = _read(dataset_dir / "split_summary.json") or {}
-    ensemble = _read(exp / "cv" / "ensemble_test.json")
     clinical = _read(exp / "cv" / "clinical.json") or {}
     summary = _read(exp / "cv" / "summary.json") or {}
     near = index.get("near_duplicates") or {}
@@ -102,7 +104,12 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
             "architecture": settings["model"],
             "parameters_per_model": metrics[0].get("parameters"),
             "models": len(metrics),
-            "what": f"fold ensemble: the mean of {len(metrics)} fold models' probabilities"
+            "what": f"fold ensemble: the mean of {len(metrics)} models' probabilities"
+            + (
+                f" ({len(set(m['fold'] for m in metrics))} folds, each trained with several seeds)"
+                if len(set(m["fold"] for m in metrics)) < len(metrics)
+                else ""
+            )
             if len(metrics) > 1
             else "one fold model",
             "task": metrics[0]["task"],

@@ -306,8 +306,10 @@ def test_predictions(predictions: pd.DataFrame, classes: list[str]) -> tuple[pd.
     frame = mean.reset_index().assign(
         patient_id=first["patient_id"].astype(str).to_numpy(), labels=first["labels"].to_list()
     )
+    folds, models = test["fold"].nunique(), int(test.groupby("image_id").size().max())
+    seeds = f" ({folds} folds x {models // folds} seeds)" if models > folds else ""
     how = (
-        f"fold ensemble: mean of {test['fold'].nunique()} fold models"
+        f"fold ensemble: mean of {models if seeds else folds} {'models' if seeds else 'fold models'}{seeds}"
         if shared
         else "each fold model on its own test images (mean where several predicted an image)"
     )

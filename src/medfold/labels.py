@@ -104,6 +104,7 @@ def label_issues(oof: pd.DataFrame, classes: list[str], task: str) -> pd.DataFra
     return frame.reset_index(drop=True)
 
 
-def audit(prediction_paths, classes: list[str], task: str) -> pd.DataFrame:
-    predictions = pd.concat([pd.read_parquet(p) for p in prediction_paths], ignore_index=True)
+def audit(predictions: pd.DataFrame, classes: list[str], task: str) -> pd.DataFrame:
+    """The label audit of an experiment's fold predictions (every fold; with repeats, each
+    validation image once, its seeds averaged: ``medfold.aggregate.combine_repeats``)."""
     return label_issues(predictions[predictions["set"] == "val"].reset_index(drop=True), classes, task)

@@ -127,14 +127,21 @@ def load_predictor(path) -> Predictor:
     in its metadata)."""
     path = Path(path)
     if path.is_dir():
-        folds = sorted(path.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+        ensemble = path / "cv" / "ensemble_test.json"
+        # null when the folds share no test set (no fold ensemble was evaluated)
+        record = (json.loads(ensemble.read_text()) or {}) if ensemble.exists() else {}
+        thresholds = record.get("thresholds")
+        if record.get("members"):  # the models the fold ensemble averaged (every seed of every fold)
+            folds = [path / member / "model.pt" for member in record["members"]]
+            missing = [str(p) for p in folds if not p.is_file()]
+            if missing:
+                raise ConfigError(f"{ensemble} names fold models that are not there: {missing}")
+        else:
+            folds = sorted(path.glob("fold_*/model.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
         if not folds:
             raise ConfigError(
                 f"{path}: no fold_*/model.pt below it; give an experiment's folder, a model.pt or a model.pt2"
             )
-        ensemble = path / "cv" / "ensemble_test.json"
-        # null when the folds share no test set (no fold ensemble was evaluated)
-        thresholds = (json.loads(ensemble.read_text()) or {}).get("thresholds") if ensemble.exists() else None
         source = f"{ensemble} (pooled out-of-fold predictions)" if thresholds is not None else "each fold's validation"
         return _from_fold_models(folds, thresholds, source, f"fold ensemble of {len(folds)} models")
     if not path.exists():

@@ -191,6 +191,8 @@ class ExperimentView:
     decision: str = ""  # the rule accuracy, F1 and the confusion matrices use (training.decision)
     pruned: str = ""  # pruning while training: sparsity and storage, over the folds
     labels: LabelAuditView | None = None  # likely label errors from the out-of-fold predictions
+    variance: Table | None = None  # with repeats: spread over folds and seeds, the variance split
+    models: int = 0  # models trained (folds x seeds)
 
 
 @dataclass
@@ -296,6 +298,7 @@ class Report:
     reference: ReferenceView | None = None
     cards: list[CardView] = field(default_factory=list)
     externals: list[ExternalView] = field(default_factory=list)
+    cv_tests: Table | None = None  # the corrected repeated k-fold t-tests of the same pairs
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -606,6 +609,68 @@ def comparisons_table(comparisons: pd.DataFrame) -> Table | None:
             for _, r in comparisons.iterrows()
         ],
         left=3,
+    )
+
+
+def cv_tests_table(tests: pd.DataFrame) -> Table | None:
+    """The pairs' cross-validation t-tests: the naive paired p beside the corrected one."""
+    if tests is None or not len(tests):
+        return None
+    return Table(
+        ["a", "b", "score", "fold x seed pairs", "mean a", "mean b", "difference", "naive p", "corrected p"],
+        [
+            [
+                r["a"],
+                r["b"],
+                r["metric"],
+                f"{int(r['pairs'])} ({int(r['folds'])} folds x {int(r['seeds'])} seeds)",
+                r["mean_a"],
+                r["mean_b"],
+                r["difference"],
+                "–" if pd.isna(r["p_naive"]) else f"{r['p_naive']:.4f}",
+                "–" if pd.isna(r["p_corrected"]) else f"{r['p_corrected']:.4f}",
+            ]
+            for _, r in tests.iterrows()
+        ],
+        left=4,
+    )
+
+
+def variance_table(variance: dict | None) -> Table | None:
+    """With repeats: each headline metric's mean, its spread over folds, seeds and both, and its
+    variance split into the fold and the seed parts (``medfold.aggregate.variance_split``)."""
+    if not variance:
+        return None
+    shown = [
+        c
+        for c in variance["metrics"]
+        if c.split(".", 1)[1] in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro", "loss")
+    ]
+    return Table(
+        [
+            "metric",
+            "mean",
+            "std over folds",
+            "std over seeds",
+            "std (all models)",
+            "fold variance",
+            "seed variance",
+            "seed share",
+        ],
+        [
+            [
+                c,
+                m["mean"],
+                m["std_over_folds"],
+                m["std_over_seeds"],
+                m["std_all"],
+                f"{m['var_fold']:.2e}",
+                f"{m['var_seed']:.2e}",
+                "–" if m["seed_share"] is None else f"{100 * m['seed_share']:.0f}%",
+            ]
+            for c, m in ((c, variance["metrics"][c]) for c in shown)
+        ],
+        left=1,
     )
 
 
@@ -928,15 +993,26 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         line += ("; " if line else "") + f"ensemble test AUROC {_with_ci(ensemble['auroc_macro'], *ci)}"
     record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
     figures = {k: files[k] for k in ("forest", "reliability") if files.get(k)}
+    seeded = "seed" in per_fold and per_fold["seed"].max() > 0  # repeats: each fold trained with R seeds
     return ExperimentView(
         name=name,
         best=best,
         headline=line,
         per_fold=Table(
-            ["fold", *headline, "best epoch", "epochs", "s/epoch", "parameters", "train s"],
+            [
+                "fold",
+                *(["seed"] if seeded else []),
+                *headline,
+                "best epoch",
+                "epochs",
+                "s/epoch",
+                "parameters",
+                "train s",
+            ],
             [
                 [
                     int(r["fold"]),
+                    *([int(r["seed"])] if seeded else []),
                     *[r[c] for c in headline],
                     _count(r["best_epoch"]),
                     _count(r.get("epochs_trained")),
@@ -957,6 +1033,8 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
         stages=stages_table(files.get("metrics") or {}),
         decision=summary.get("decision", ""),
         pruned=pruned_line(files.get("metrics") or {}),
+        variance=variance_table(summary.get("variance")),
+        models=int(summary.get("models") or len(per_fold)),
     )
 
 
@@ -1268,6 +1346,7 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         best = set(comparison.loc[comparison["best"], "experiment"])
         experiments = experiments_table(comparison)
     comparisons = comparisons_table(pd.read_csv(inputs["comparisons"])) if inputs.get("comparisons") else None
+    cv_tests = cv_tests_table(pd.read_csv(inputs["cv_tests"])) if inputs.get("cv_tests") else None
     # ensembles across experiments are shown as experiments are, without training curves
     every = {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}
     details = [experiment_view(name, files, name in best) for name, files in every.items()]
@@ -1299,6 +1378,7 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         title=f"medfold report: {index_report['dataset']}",
         experiments=experiments,
         comparisons=comparisons,
+        cv_tests=cv_tests,
         details=details,
         grids=grids,
         dataset=dataset_view(index_report, split_summary, index, cache),

@@ -14,6 +14,7 @@ FINETUNE = 104729  # a compressed variant's fine-tuning data order, apart from t
 FINETUNE_EPOCHS = 10_000  # fine-tuning epochs are numbered from here, apart from training's
 TRAIN_METRICS = 1299709  # the 100,000th prime: the training images scored for train-set metrics
 VAL_OVERSAMPLE = 15485863  # the 1,000,000th prime: the oversampled validation draw
+REPEAT = 2750159  # the 200,000th prime: repeat r of a fold trains with its seed r * REPEAT apart
 
 
 def split_test(seed: int) -> int:
@@ -64,3 +65,9 @@ def train_metrics(seed: int, fold: int) -> int:
 def val_oversample(seed: int, fold: int) -> int:
     """The validation images drawn (with replacement) to the stated class shares."""
     return seed + FOLD * fold + VAL_OVERSAMPLE
+
+
+def repeat(seed: int, r: int) -> int:
+    """The training seed of repeat ``r`` of a fold (``experiments.<name>.repeats``); repeat 0 is
+    the seed itself, so a first repeat is the fold model trained without repeats."""
+    return seed + REPEAT * r

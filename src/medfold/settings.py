@@ -78,6 +78,7 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         raise ConfigError(f"experiments: no experiment named {name!r}; there are {sorted(experiments)}")
     overrides = dict(experiments[name] or {})
     overrides.pop("folds", None)  # which folds it trains on: the workflow's business, not training's
+    overrides.pop("repeats", None)  # how many seeds of each fold: the workflow's too
     settings = deep_merge(config["training"], overrides)
     with open(schema_path) as fh:
         training_schema = yaml.safe_load(fh)["properties"]["training"]
@@ -146,6 +147,27 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"torchvision classification model (torchvision.models.list_models())"
         )
     return settings
+
+
+def experiment_repeats(overrides: dict | None, name: str) -> int:
+    """``experiments.<name>.repeats``: how many seeds of each fold are trained (default 1)."""
+    repeats = (overrides or {}).get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(
+            f"experiments.{name}.repeats: expected a whole number of seeds per fold, 1 or more, got {repeats!r}"
+        )
+    return repeats
+
+
+def repeat_settings(settings: dict, r: int) -> dict:
+    """The settings of repeat ``r`` of a fold: the experiment's, with the training seed of that
+    repeat (``medfold.seeds.repeat``); repeat 0 is the experiment's own settings, unchanged, so
+    that adding repeats to a finished experiment retrains nothing it has."""
+    if r == 0:
+        return settings
+    from . import seeds
+
+    return {**settings, "seed": seeds.repeat(settings["seed"], r), "repeat": r}
 
 
 def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], model_path) -> dict[str, str]:

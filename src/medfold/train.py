@@ -728,6 +728,8 @@ def _evaluate_and_write(
     result.update(
         {
             "parameters": sum(p.numel() for p in runner.model.parameters()),
+            "repeat": cfg.get("repeat", 0),  # which seed of the fold (experiments.<name>.repeats)
+            "seed": cfg["seed"],
             "best_epoch": state.best_epoch,
             "epochs_trained": state.epoch,
             "stopped_early": state.stopped_early,

@@ -10,8 +10,10 @@ from medfold.errors import ConfigError
 from medfold.settings import (
     compress_gpus,
     expand_grids,
+    experiment_repeats,
     experiment_settings,
     external_settings,
+    repeat_settings,
     resolve_init_from,
     train_resources,
     variant_settings,
@@ -73,6 +75,8 @@ for _name in EXPERIMENTS:
             f"experiments.{_name}.folds: expected a list of fold numbers, got {_folds!r}"
         )
     EXPERIMENT_FOLDS[_name] = chosen_folds(f"experiments.{_name}.folds", _folds)
+# seeds of each fold (``repeats: R``): repeat 0 is fold_<k>/ itself, repeat r >= 1 fold_<k>/seed_<r>/
+REPEATS = {name: experiment_repeats(OVERRIDES[name], name) for name in EXPERIMENTS}
 
 
 def covers(key, names, folds):
@@ -188,6 +192,7 @@ EXPLAINED_FOLDS = chosen_folds("explain.folds", config["explain"]["folds"])
 covers("compression.experiments", COMPRESSED, COMPRESSED_FOLDS)
 covers("explain.experiments", EXPLAINED, EXPLAINED_FOLDS)
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
+REPEAT_DIR = f"{FOLD_DIR}/seed_{{repeat}}"
 VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
 CV_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/cv"
 ENSEMBLE_DIR = f"{RESULTS}/{{dataset}}/ensembles/{{ensemble}}"
@@ -202,6 +207,7 @@ wildcard_constraints:
     dataset=re.escape(DATASET),
     experiment=any_of(EXPERIMENTS),
     fold=r"\d+",
+    repeat=r"[1-9]\d*",
     size=r"\d+",
     variant=any_of(VARIANTS),
     ensemble=any_of(ENSEMBLES),
@@ -246,6 +252,28 @@ def fold_files(experiment, output):
         experiment=experiment,
         fold=EXPERIMENT_FOLDS[experiment],
     )
+
+
+def model_files(experiment, output):
+    """Every trained model's ``output`` of an experiment, all seeds of each fold, fold by fold
+    (fold 0 seed 0, fold 0 seed 1, ...): what its aggregate, fold ensemble and export use.
+    """
+    paths = []
+    for fold in EXPERIMENT_FOLDS[experiment]:
+        paths += expand(
+            getattr(rules.train.output, output),
+            dataset=DATASET,
+            experiment=experiment,
+            fold=fold,
+        )
+        paths += expand(
+            getattr(rules.train_repeat.output, output),
+            dataset=DATASET,
+            experiment=experiment,
+            fold=fold,
+            repeat=range(1, REPEATS[experiment]),
+        )
+    return paths
 
 
 def variant_files(experiment, output, variants=None):
@@ -396,6 +424,9 @@ def report_inputs():
         "comparisons": expand(
             rules.compare_experiments.output.comparisons, dataset=DATASET
         )[0],
+        "cv_tests": expand(rules.compare_experiments.output.cv_tests, dataset=DATASET)[
+            0
+        ],
         "experiments": experiments,
         "ensembles": ensembles,
         "grids": {

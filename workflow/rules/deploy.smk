@@ -3,8 +3,8 @@
 
 rule export:
     input:
-        models=lambda w: fold_files(w.experiment, "model"),
-        metrics=lambda w: fold_files(w.experiment, "metrics"),
+        models=lambda w: model_files(w.experiment, "model"),
+        metrics=lambda w: model_files(w.experiment, "metrics"),
         ensemble=lambda w: cv_file(w.experiment, "ensemble"),
         summary=lambda w: cv_file(w.experiment, "summary"),
         clinical=lambda w: cv_file(w.experiment, "clinical"),
@@ -72,7 +72,7 @@ rule external_index:
 
 rule external_validate:
     input:
-        models=lambda w: fold_files(EXTERNALS[w.external]["experiment"], "model"),
+        models=lambda w: model_files(EXTERNALS[w.external]["experiment"], "model"),
         ensemble=lambda w: cv_file(EXTERNALS[w.external]["experiment"], "ensemble"),
         ensemble_predictions=lambda w: cv_file(
             EXTERNALS[w.external]["experiment"], "ensemble_predictions"

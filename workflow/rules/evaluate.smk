@@ -3,8 +3,8 @@
 
 rule aggregate:
     input:
-        metrics=lambda w: fold_files(w.experiment, "metrics"),
-        predictions=lambda w: fold_files(w.experiment, "predictions"),
+        metrics=lambda w: model_files(w.experiment, "metrics"),
+        predictions=lambda w: model_files(w.experiment, "predictions"),
         index=rules.index.output.table,
     output:
         per_fold=report(
@@ -158,6 +158,8 @@ rule compare_experiments:
         + [ensemble_cv_file(name, "ensemble") for name in ENSEMBLES],
         test_predictions=[cv_file(name, "test_predictions") for name in EXPERIMENTS]
         + [ensemble_cv_file(name, "test_predictions") for name in ENSEMBLES],
+        per_fold=[cv_file(name, "per_fold") for name in EXPERIMENTS]
+        + [ensemble_cv_file(name, "per_fold") for name in ENSEMBLES],
     output:
         table=report(
             f"{RESULTS}/{{dataset}}/experiments.csv",
@@ -167,6 +169,11 @@ rule compare_experiments:
         comparisons=report(
             f"{RESULTS}/{{dataset}}/comparisons.csv",
             caption="../report/comparisons.rst",
+            category="Experiments",
+        ),
+        cv_tests=report(
+            f"{RESULTS}/{{dataset}}/cv_tests.csv",
+            caption="../report/cv_tests.rst",
             category="Experiments",
         ),
     log:
@@ -188,7 +195,7 @@ rule compare_experiments:
 
 rule predict:
     input:
-        models=lambda w: fold_files(w.experiment, "model"),
+        models=lambda w: model_files(w.experiment, "model"),
         ensemble=lambda w: cv_file(w.experiment, "ensemble"),
     output:
         table=f"{RESULTS}/{{dataset}}/{{experiment}}/predict/predictions.parquet",

@@ -62,3 +62,29 @@ rule train:
         settings=lambda w: SETTINGS[w.experiment],
     script:
         "../scripts/train.py"
+
+
+# repeat r >= 1 of a fold (experiments.<name>.repeats): the same fold trained with seed r's
+# streams (medfold.seeds.repeat), one job each; repeat 0 is the fold's own model above
+use rule train as train_repeat with:
+    output:
+        model=f"{REPEAT_DIR}/model.pt",
+        history=report(
+            f"{REPEAT_DIR}/history.csv",
+            caption="../report/history.rst",
+            category="Training",
+            labels={
+                "experiment": "{experiment}",
+                "fold": "{fold}",
+                "seed": "{repeat}",
+            },
+        ),
+        predictions=f"{REPEAT_DIR}/predictions.parquet",
+        metrics=f"{REPEAT_DIR}/metrics.json",
+        tensorboard=directory(f"{REPEAT_DIR}/tensorboard"),
+    log:
+        f"{REPEAT_DIR}/train.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/train_{{experiment}}_fold_{{fold}}_seed_{{repeat}}.tsv"
+    params:
+        settings=lambda w: repeat_settings(SETTINGS[w.experiment], int(w.repeat)),

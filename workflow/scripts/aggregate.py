@@ -1,5 +1,3 @@
-import pandas as pd
-
 from medfold import clinical, step
 from medfold.aggregate import aggregate_experiment, write_experiment
 from medfold.index import read_index
@@ -12,10 +10,10 @@ def main(s):
     out = s.output
     write_experiment(agg, out.per_fold, out.summary_table, out.summary, out.ensemble, out.ensemble_predictions)
     if hasattr(s.output, "label_issues"):  # an experiment's own folds (not variants or ensembles)
-        audit(s.input.predictions, agg["classes"], agg["task"]).to_csv(s.output.label_issues, index=False)
+        audit(agg["predictions"], agg["classes"], agg["task"]).to_csv(s.output.label_issues, index=False)
     if not hasattr(s.output, "clinical"):  # compressed variants: cross-validation only
         return
-    predictions = pd.concat([pd.read_parquet(p) for p in s.input.predictions], ignore_index=True)
+    predictions = agg["predictions"]  # with repeats, each validation image once (its seeds averaged)
     index = shareable_view(read_index(s.input.index)[0])  # as the predictions name images and patients
     name = s.wildcards.get("experiment") or s.wildcards.get("ensemble")
     result = clinical.evaluate_experiment(
