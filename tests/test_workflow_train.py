@@ -83,13 +83,8 @@ def test_changing_one_experiments_settings_reruns_only_its_folds(finished):
     config = finished / "config" / "config.yaml"
     original = config.read_text()
     try:
-        workflow_dir(
-            finished,
-            {
-                **QUICK,
-                "experiments": {**QUICK["experiments"], "batchnorm": {**QUICK["experiments"]["batchnorm"], "lr": 0.002}},
-            },
-        )
+        changed = {**QUICK["experiments"]["batchnorm"], "lr": 0.002}
+        workflow_dir(finished, {**QUICK, "experiments": {**QUICK["experiments"], "batchnorm": changed}})
         proc = run_snakemake(finished, "--cores", "2", "--dry-run")
     finally:
         config.write_text(original)
