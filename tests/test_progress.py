@@ -14,6 +14,7 @@ def test_index_cache_training_and_explain_print_progress_lines(tmp_path, monkeyp
         **QUICK,
         "training": {"epochs": 1, "early_stopping": {"enabled": False}, "image_size": 32},
         "experiments": {"batchnorm": {"batch_norm": True}},
+        "evaluation": {**QUICK["evaluation"], "comparisons": {"pairs": []}},  # QUICK's pair is not here
         "variants": {},
         "ensembles": {},
     }

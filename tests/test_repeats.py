@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from conftest import planned, run_snakemake
+
 from medfold.aggregate import corrected_t_test, cv_t_tests, variance_split
 from medfold.errors import ConfigError
 from medfold.settings import experiment_repeats, repeat_settings
@@ -122,3 +124,16 @@ def test_pairs_join_on_the_folds_and_seeds_both_trained():
     row = cv_t_tests({"a": one, "b": other}, [("a", "b")], "val.auroc_macro").iloc[0]
     assert (row["pairs"], row["folds"], row["seeds"]) == (3, 3, 1)
     assert row["difference"] == pytest.approx(0.02)
+
+
+def test_one_seed_of_one_fold_is_one_job(trained_workflow):
+    """README: asking for fold_<k>/seed_<r>/metrics.json plans that seed's training alone."""
+    target = f"{DS}/baseline/fold_1/seed_1/metrics.json"
+    proc = run_snakemake(trained_workflow, "--cores", "2", "--dry-run", "--forcerun", target, target)
+    assert planned(proc)["train_repeat"] == 1 and "train" not in planned(proc)
+    assert "experiment=baseline, fold=1, repeat=1" in proc.stdout + proc.stderr
+    # a seed no experiment trains (repeats 2: seeds 0 and 1) is no target
+    proc = run_snakemake(
+        trained_workflow, "--cores", "2", "--dry-run", f"{DS}/baseline/fold_1/seed_2/metrics.json", check=False
+    )
+    assert proc.returncode != 0

@@ -111,6 +111,7 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
         {
             **QUICK,
             "experiments": grid,
+            "evaluation": {**QUICK["evaluation"], "comparisons": {"pairs": []}},  # QUICK's pair is not here
             "variants": {},
             "ensembles": {},
             "explain": {"experiments": []},
@@ -144,6 +145,7 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
         {
             **QUICK,
             "experiments": grid,
+            "evaluation": {**QUICK["evaluation"], "comparisons": {"pairs": []}},  # QUICK's pair is not here
             "ensembles": {},
             "explain": {"experiments": []},
             "export": {"experiments": []},
@@ -196,9 +198,13 @@ def test_calibration_operating_points_patients_and_paired_comparisons_are_writte
     )
     comparisons = pd.read_csv(finished / DS / "comparisons.csv")
     best = pd.read_csv(finished / DS / "experiments.csv").query("best")["experiment"].iloc[0]
-    assert set(comparisons["a"]) == {best} and set(comparisons["b"]) == {"baseline", "batchnorm", "both"} - {best}
+    # the best against every other, then QUICK's configured pair (batchnorm, baseline) unless already there
+    pairs = {(best, other) for other in {"baseline", "batchnorm", "both"} - {best}}
+    if not {("batchnorm", "baseline"), ("baseline", "batchnorm")} & pairs:
+        pairs.add(("batchnorm", "baseline"))
+    assert set(zip(comparisons["a"], comparisons["b"])) == pairs
     per_class = comparisons[comparisons["class"] != "macro"]
-    assert per_class["delong_p"].between(0, 1).all() and len(per_class) == 4 * 2
+    assert per_class["delong_p"].between(0, 1).all() and len(per_class) == 4 * len(pairs)
     assert ((per_class["difference"] - (per_class["auroc_a"] - per_class["auroc_b"])).abs() < 1e-12).all()
     assert (
         (per_class["delong_ci_low"] < per_class["difference"]) & (per_class["difference"] < per_class["delong_ci_high"])

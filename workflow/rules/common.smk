@@ -207,7 +207,7 @@ wildcard_constraints:
     dataset=re.escape(DATASET),
     experiment=any_of(EXPERIMENTS),
     fold=r"\d+",
-    repeat=r"[1-9]\d*",
+    repeat=any_of([str(r) for r in range(1, max(REPEATS.values()))]),
     size=r"\d+",
     variant=any_of(VARIANTS),
     ensemble=any_of(ENSEMBLES),
