@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
-
 from conftest import planned, run_snakemake
+from scipy import stats
 
 from medfold.aggregate import corrected_t_test, cv_t_tests, variance_split
 from medfold.errors import ConfigError
