@@ -10,8 +10,11 @@ CORES ?= 2
 
 HOROVOD := $(VENV)/.horovod
 SYSTEM := $(VENV)/.system-packages
+# the MLflow tracking server the tracking tests start (a service of its own: mlflow pins pyarrow<26,
+# medfold reads Parquet with 26; medfold itself needs only the client, mlflow-skinny)
+MLFLOW_SERVER := .venv-mlflow/.installed
 
-.PHONY: demo test lint clean-results horovod system-packages
+.PHONY: demo test lint clean-results horovod system-packages mlflow-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +34,16 @@ $(SYSTEM): install/system-packages.sh
 	bash install/system-packages.sh
 	@mkdir -p $(VENV) && touch $(SYSTEM)
 
+$(MLFLOW_SERVER):
+	$(PYTHON) -m venv .venv-mlflow
+	.venv-mlflow/bin/pip install --quiet mlflow==3.17.2
+	touch $(MLFLOW_SERVER)
+
 horovod: $(HOROVOD)  ## optional: Horovod for distributed.backend horovod
 system-packages: $(SYSTEM)
+mlflow-server: $(MLFLOW_SERVER)  ## optional: an MLflow server and UI (mlflow ui on results/mlruns)
 
-test: $(STAMP) $(SYSTEM) $(HOROVOD)  ## the test suite
+test: $(STAMP) $(SYSTEM) $(HOROVOD) $(MLFLOW_SERVER)  ## the test suite
 	$(VENV)/bin/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 lint: $(STAMP)

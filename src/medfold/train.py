@@ -391,6 +391,7 @@ class FoldRun:
         self.total = sum(stage.epochs for stage in s.stages)
         self.staged = len(cfg["stages"]) > 0
         self.writer = None
+        self.tracker = None
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict | None:
@@ -400,6 +401,9 @@ class FoldRun:
         if self.ctx.main:
             from torch.utils.tensorboard import SummaryWriter
 
+            from .tracking import FoldTracker
+
+            self.tracker = FoldTracker.of_work_dir(self.out.work)  # the run its job opened (tracking.mlflow)
             self.writer = SummaryWriter(str(self.out.tensorboard))
             for row in self.state.history:  # a resumed run's event files hold the whole run
                 _log_scalars(self.writer, row)
@@ -569,6 +573,8 @@ class FoldRun:
                 },
                 self.out.checkpoint,
             )
+            if self.tracker is not None:  # after the checkpoint: a resumed run never logs an epoch twice
+                self.tracker.log_epoch(row)
 
     def finish(self) -> dict | None:
         """Check the replicas agree, load the chosen weights, evaluate and write on rank 0."""

@@ -76,6 +76,8 @@ rule aggregate:
         bootstrap=config["evaluation"]["bootstrap"],
         seed=config["evaluation"]["bootstrap_seed"],
         evaluation=config["evaluation"],
+        tracking=config["tracking"]["mlflow"],
+        results=RESULTS,
     script:
         "../scripts/aggregate.py"
 

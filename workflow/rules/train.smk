@@ -60,6 +60,8 @@ rule train:
         slurm_account=CLUSTER["account"],
     params:
         settings=lambda w: SETTINGS[w.experiment],
+        tracking=config["tracking"]["mlflow"],
+        results=RESULTS,
     script:
         "../scripts/train.py"
 
@@ -88,3 +90,5 @@ use rule train as train_repeat with:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{experiment}}_fold_{{fold}}_seed_{{repeat}}.tsv"
     params:
         settings=lambda w: repeat_settings(SETTINGS[w.experiment], int(w.repeat)),
+        tracking=config["tracking"]["mlflow"],
+        results=RESULTS,

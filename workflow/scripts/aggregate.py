@@ -1,4 +1,6 @@
-from medfold import clinical, step
+from pathlib import Path
+
+from medfold import clinical, step, tracking
 from medfold.aggregate import aggregate_experiment, write_experiment
 from medfold.index import read_index
 from medfold.labels import audit
@@ -20,6 +22,15 @@ def main(s):
         predictions, index, agg["task"], agg["classes"], s.params.evaluation, s.params.bootstrap, s.params.seed
     )
     clinical.write(result, name, s.output)
+    if s.rule == "aggregate":  # an experiment's own (not an ensemble's): its parent run gets the summary
+        tracking.log_summary(
+            s.params.tracking,
+            s.params.results,
+            s.wildcards.dataset,
+            name,
+            Path(s.output.summary).parent.parent,
+            [out.summary, out.per_fold, out.ensemble, out.label_issues],
+        )
 
 
 step.run(snakemake, main)

@@ -1,20 +1,30 @@
 from pathlib import Path
 
-from medfold import step
+from medfold import step, tracking
 from medfold.train import FoldOutputs, train_fold_job
 
 
 def main(s):
-    train_fold_job(
-        s.params.settings,
-        s.input.index,
-        s.input.splits,
-        Path(s.input.cache[0]).parent,
+    outputs = FoldOutputs.from_rule(s.output)  # each file where the rule says
+    with tracking.fold_run(
+        s.params.tracking,
+        s.params.results,
+        s.wildcards.dataset,
+        s.wildcards.experiment,
         int(s.wildcards.fold),
-        FoldOutputs.from_rule(s.output),  # each file where the rule says
-        s.threads,
-        s.log[0] if len(s.log) else None,
-    )
+        s.params.settings,
+        outputs.work,
+    ):
+        train_fold_job(
+            s.params.settings,
+            s.input.index,
+            s.input.splits,
+            Path(s.input.cache[0]).parent,
+            int(s.wildcards.fold),
+            outputs,
+            s.threads,
+            s.log[0] if len(s.log) else None,
+        )
 
 
 step.run(snakemake, main)
