@@ -77,7 +77,8 @@ rule aggregate:
         seed=config["evaluation"]["bootstrap_seed"],
         evaluation=config["evaluation"],
         tracking=config["tracking"]["mlflow"],
-        results=RESULTS,
+        # <results> above <dataset>/<experiment>/cv/ (what tracking's default store is under)
+        results=lambda wildcards, output: Path(output.summary).parents[3],
     script:
         "../scripts/aggregate.py"
 

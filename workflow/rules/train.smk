@@ -61,7 +61,7 @@ rule train:
     params:
         settings=lambda w: SETTINGS[w.experiment],
         tracking=config["tracking"]["mlflow"],
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output.model).parents[3],
     script:
         "../scripts/train.py"
 
@@ -91,4 +91,4 @@ use rule train as train_repeat with:
     params:
         settings=lambda w: repeat_settings(SETTINGS[w.experiment], int(w.repeat)),
         tracking=config["tracking"]["mlflow"],
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output.model).parents[4],
