@@ -588,6 +588,11 @@ def experiments_table(comparison: pd.DataFrame) -> Table:
     return Table(headers, rows, left=len(HEADLINE) + 2, row_classes=marks)
 
 
+def _p(value) -> str:
+    """A p-value as the tables show it (4 decimals; a dash where the test had nothing to test)."""
+    return "–" if value is None or pd.isna(value) else f"{value:.4f}"
+
+
 def comparisons_table(comparisons: pd.DataFrame) -> Table | None:
     """Paired comparisons on the same test images: DeLong per class, bootstrap for the macro."""
     if comparisons is None or not len(comparisons):
@@ -602,7 +607,7 @@ def comparisons_table(comparisons: pd.DataFrame) -> Table | None:
                 r["auroc_a"],
                 r["auroc_b"],
                 r["difference"],
-                "–" if pd.isna(r["delong_p"]) else f"{r['delong_p']:.4f}",
+                _p(r["delong_p"]),
                 _ci(r["delong_ci_low"], r["delong_ci_high"]),
                 _ci(r["bootstrap_ci_low"], r["bootstrap_ci_high"]),
             ]
@@ -627,8 +632,8 @@ def cv_tests_table(tests: pd.DataFrame) -> Table | None:
                 r["mean_a"],
                 r["mean_b"],
                 r["difference"],
-                "–" if pd.isna(r["p_naive"]) else f"{r['p_naive']:.4f}",
-                "–" if pd.isna(r["p_corrected"]) else f"{r['p_corrected']:.4f}",
+                _p(r["p_naive"]),
+                _p(r["p_corrected"]),
             ]
             for _, r in tests.iterrows()
         ],
