@@ -209,17 +209,23 @@ def test_killing_a_job_at_every_stage_loses_nothing(reference, tmp_path):
 def test_a_second_run_in_the_same_folder_is_refused_and_the_first_is_unharmed(reference, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(reference, work, ignore=shutil.ignore_patterns("locks", "incomplete"))
-    # a short rerun (aggregate, explain, their tables, the report) that outlasts the two refused
-    # runs below: with aggregate alone, the first could end while a loaded machine started them
+    # a short rerun (aggregate, explain, their tables, the report); its aggregate job is held
+    # (SIGSTOP) while the two other runs try, so the first is certainly still running then, on a
+    # machine however loaded (it could end before them, and a run with nothing to do takes no lock)
     first = _start(work, "--forcerun", "aggregate", "explain")
-    _wait_for_job(first, work, "aggregate")
-    # a plain second run stops at the lock, or before it at the first's running jobs (marked
-    # incomplete once their outputs appear); one told to rerun them is refused by the lock
-    second = run_snakemake(work, "--cores", "1", check=False)
-    text = second.stdout + second.stderr
-    assert second.returncode != 0 and ("Incomplete files" in text or "cannot be locked" in text), text[-2000:]
-    second = run_snakemake(work, "--cores", "1", "--rerun-incomplete", check=False)
-    assert second.returncode != 0 and "cannot be locked" in second.stdout + second.stderr, second.stderr[-2000:]
+    job = _wait_for_job(first, work, "aggregate")
+    os.kill(job, signal.SIGSTOP)
+    try:
+        # a plain second run stops at the lock, or before it at the first's running jobs (marked
+        # incomplete once their outputs appear); one told to rerun them is refused by the lock
+        second = run_snakemake(work, "--cores", "1", check=False)
+        text = second.stdout + second.stderr
+        assert second.returncode != 0 and ("Incomplete files" in text or "cannot be locked" in text), text[-2000:]
+        second = run_snakemake(work, "--cores", "1", "--rerun-incomplete", check=False)
+        assert second.returncode != 0 and "cannot be locked" in second.stdout + second.stderr, second.stderr[-2000:]
+        assert first.poll() is None  # the first was running all along
+    finally:
+        os.kill(job, signal.SIGCONT)
     assert first.wait(timeout=1200) == 0, first.stdout.read()[-3000:]
     assert compare_results(reference, work) > 20
 
