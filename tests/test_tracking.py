@@ -236,6 +236,7 @@ def test_the_embedded_file_store_and_a_failed_job_continuing_its_run(tmp_path):
             tracker.log_epoch({"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "lr": 0.01})
             raise RuntimeError("killed after epoch 2's checkpoint, before its log")
     first = FoldTracker.of_work_dir(work).run_id
+    assert _client(store_uri(cfg, results)).get_run(first).info.status == "FAILED"  # until continued
     _fold_files(work, 3)
     with fold_run(cfg, results, "ds", "exp", 0, settings, work) as tracker:
         assert tracker.run_id == first

@@ -217,7 +217,13 @@ def fold_run(cfg: dict | None, results, dataset: str, experiment: str, fold: int
         path.write_text(json.dumps({"uri": uri, "run_id": run_id, "settings": digest}) + "\n")
         log.info("tracking.mlflow: run %s for %s %s (%s)", run_id, experiment, name, uri)
     tracker = FoldTracker(uri, run_id)
-    yield tracker
+    try:
+        yield tracker
+    except BaseException:
+        # the job failed (or was stopped): the run says so until a retry continues it
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "FAILED")
+        raise
     _finish_fold(tracker, work)
     path.unlink(missing_ok=True)  # complete: a retrain is a new run
 
