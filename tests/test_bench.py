@@ -69,3 +69,22 @@ def test_benchmark_quick_mode_runs_and_prints_its_ratio(bench, expected):
     assert re.search(r"^host: .*ISA (avx2|avx512|avx512_vnni|amx|baseline)", proc.stdout, re.M), proc.stdout[:500]
     for pattern in expected:
         assert re.search(pattern, proc.stdout, re.M), (pattern, proc.stdout[-2000:])
+
+
+def test_the_data_path_at_nih_scale_in_its_quick_mode(tmp_path):
+    """bench/data_path.py --scale nih (issue #29): cold reads of a generated cache, medfold's
+    shuffled batches against the sequential read and a GPU's need, with and without read-ahead."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench/data_path.py"), "--scale", "nih", "--quick", "--dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^host: .*ISA (avx2|avx512|avx512_vnni|amx|baseline)", proc.stdout, re.M), proc.stdout[:500]
+    for size in (64, 128):
+        assert f"4,000 images at {size} px" in proc.stdout
+    assert len(re.findall(r"medfold batches, seeded shuffle: +[\d,]+ img/s = [\d.]+ of sequential", proc.stdout)) == 2
+    assert len(re.findall(r"read_ahead \d: +[\d,]+ img/s = [\d.]+x without read-ahead", proc.stdout)) == 4
+    assert not list(tmp_path.glob("*.npy"))  # the quick mode's caches are removed

@@ -161,6 +161,11 @@ class CachedBatches:
     Rows are drawn per epoch from a generator seeded by (seed, epoch), so epoch e's order is the
     same whether or not training was interrupted before it. ``weights`` (one per row) switch to
     sampling with replacement in proportion to them (oversampling).
+
+    ``read_ahead`` > 0 reads that many batches ahead in background threads (the same batches in
+    the same order): a cache larger than memory is read from disk at random, where one read at a
+    time leaves the disk idle between them; several in flight keep it busy
+    (bench/data_path.py --scale nih measured it).
     """
 
     def __init__(
@@ -173,10 +178,12 @@ class CachedBatches:
         weights: np.ndarray | None = None,
         rank: int = 0,
         world: int = 1,
+        read_ahead: int = 0,
     ):
         self.cache, self.rows, self.batch_size = cache, np.asarray(rows), batch_size
         self.shuffle, self.seed, self.weights = shuffle, seed, weights
         self.rank, self.world = rank, world
+        self.read_ahead = read_ahead
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -201,10 +208,30 @@ class CachedBatches:
             rows = np.resize(rows, per_rank * self.world)[self.rank :: self.world]
         return rows
 
-    def __iter__(self):
+    def _batches(self):
         rows = self.epoch_rows()
         for start in range(0, len(rows), self.batch_size):
             # which images form a batch is random; their order inside it does not matter, and
             # sorted reads from the memory map are one sequential pass and one copy
-            batch_rows = np.sort(rows[start : start + self.batch_size])
-            yield torch.from_numpy(self.cache[batch_rows]), torch.from_numpy(batch_rows)
+            yield np.sort(rows[start : start + self.batch_size])
+
+    def __iter__(self):
+        if self.read_ahead <= 0:
+            for batch_rows in self._batches():
+                yield torch.from_numpy(self.cache[batch_rows]), torch.from_numpy(batch_rows)
+            return
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        # numpy copies out of the memory map without the GIL: the page faults of several batches
+        # are served by the disk together while training runs
+        with ThreadPoolExecutor(max_workers=self.read_ahead) as pool:
+            pending = collections.deque()
+            for batch_rows in self._batches():
+                pending.append((pool.submit(self.cache.__getitem__, batch_rows), batch_rows))
+                if len(pending) > self.read_ahead:
+                    images, ready = pending.popleft()
+                    yield torch.from_numpy(images.result()), torch.from_numpy(ready)
+            while pending:
+                images, ready = pending.popleft()
+                yield torch.from_numpy(images.result()), torch.from_numpy(ready)
