@@ -180,7 +180,7 @@ def nih_scale(args) -> None:
             f"  medfold batches, seeded shuffle:   {plain:10,.0f} img/s = {plain / seq:.2f} of sequential, "
             f"{plain / need:.2f} of a GPU's {need:,.0f}"
         )
-        for ahead in (2, 8):
+        for ahead in (2, 4, 8):
             rate = batches_rate(cache, path, batches, batch, ahead)
             print(
                 f"  the same, read_ahead {ahead}:           {rate:10,.0f} img/s = {rate / plain:.2f}x without "

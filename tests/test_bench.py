@@ -86,5 +86,5 @@ def test_the_data_path_at_nih_scale_in_its_quick_mode(tmp_path):
     for size in (64, 128):
         assert f"4,000 images at {size} px" in proc.stdout
     assert len(re.findall(r"medfold batches, seeded shuffle: +[\d,]+ img/s = [\d.]+ of sequential", proc.stdout)) == 2
-    assert len(re.findall(r"read_ahead \d: +[\d,]+ img/s = [\d.]+x without read-ahead", proc.stdout)) == 4
+    assert len(re.findall(r"read_ahead \d: +[\d,]+ img/s = [\d.]+x without read-ahead", proc.stdout)) == 6
     assert not list(tmp_path.glob("*.npy"))  # the quick mode's caches are removed

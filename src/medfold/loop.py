@@ -158,6 +158,7 @@ class TrainSettings:
     optimizer_options: OptimizerOptions
     network: dict | None  # the layers of a CNN described in config (``networks``), else None
     head: dict | None  # a torchvision backbone's head in place of its own (``training.head``), else None
+    read_ahead: int  # training batches read ahead in threads (``training.read_ahead``; 0: none)
     raw: dict = field(repr=False, compare=False)
 
     @classmethod
@@ -174,6 +175,7 @@ class TrainSettings:
             "mixing": Mixing(**cfg["mixup"]),
             "ema_decay": cfg["ema"]["decay"],
             "optimizer_options": OptimizerOptions(**cfg["optimizer_options"]),
+            "read_ahead": cfg.get("read_ahead", 0),
         }
         plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
         return cls(**plain, **nested, raw=cfg)

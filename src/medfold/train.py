@@ -372,6 +372,7 @@ class FoldRun:
             weights=weights,
             rank=self.ctx.rank,
             world=self.ctx.world,
+            read_ahead=s.read_ahead,
         )
         self.loop = Epochs(
             self.runner,
