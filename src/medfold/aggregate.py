@@ -50,7 +50,7 @@ def per_fold_table(results: list[dict]) -> pd.DataFrame:
 def summary_table(per_fold: pd.DataFrame) -> pd.DataFrame:
     """count, mean, std, min, 25%, 50%, 75%, max of every metric column over every trained model
     (rows: statistics; with repeats, over folds and seeds together)."""
-    return per_fold.drop(columns=["fold", "seed"]).astype(float).describe()
+    return per_fold.drop(columns=[c for c in ("fold", "seed") if c in per_fold]).astype(float).describe()
 
 
 def variance_split(per_fold: pd.DataFrame) -> dict | None:
