@@ -83,13 +83,18 @@ def medfold_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
     return seen / seconds
 
 
-def plain_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
+def plain_setup(model, cfg, device):
+    """The plain loop's model (channels_last on CUDA, compiled if asked), AdamW and BCE."""
     channels_last = device.type == "cuda" and cfg["channels_last"]
     if channels_last:
         model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg["compile"] else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    return channels_last, step_model, optimizer, torch.nn.BCEWithLogitsLoss()
+
+
+def plain_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
+    channels_last, step_model, optimizer, loss_fn = plain_setup(model, cfg, device)
     y_all = torch.from_numpy(targets)
     model.train()
     seen, seconds = 0, 0.0
@@ -116,12 +121,7 @@ def plain_epochs(model, cache, targets, cfg, device, epochs: int) -> float:
 def resident_step(model, cfg, device, batch: int, size: int, steps: int) -> float:
     """Images/s of the plain training step on one batch that stays on the device: no data path,
     the ceiling medfold's loop is measured against."""
-    channels_last = device.type == "cuda" and cfg["channels_last"]
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg["compile"] else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    channels_last, step_model, optimizer, loss_fn = plain_setup(model, cfg, device)
     gen = torch.Generator().manual_seed(0)
     x = normalize(torch.rand((batch, 1, size, size), generator=gen)).to(device)
     if channels_last:
