@@ -7,7 +7,7 @@ from medfold.external import ExternalOutputs, validate
 def main(s):
     i, p = s.input, s.params
     experiment = Path(i.ensemble).parent.parent
-    outputs = ExternalOutputs(**{k: Path(getattr(s.output, k)) for k in ExternalOutputs.NAMES})
+    outputs = ExternalOutputs.from_rule(s.output)  # each file where the rule says
     validate(
         s.wildcards.external,
         p.settings,
