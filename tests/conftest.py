@@ -120,6 +120,42 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     return proc
 
 
+def slurm_cluster(state: Path, nodes: int = 1):
+    """A real Slurm cluster (tests/cluster/slurm.sh) for a fixture to yield from: the environment
+    its client commands need. ``nodes`` >= 2: one slurmd per simulated node, each in its own
+    network namespace, with its own address and host name. Stopped when the fixture ends."""
+    script = REPO / "tests" / "cluster" / "slurm.sh"
+    subprocess.run(["bash", str(script), "start", str(state), str(nodes)], check=True, timeout=180)
+    try:
+        yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(state)], timeout=60)
+
+
+def snakemake_slurm(work: Path, env: dict, *args: str, cwd: Path | None = None, timeout: int = 900):
+    """The workflow in ``work`` through ``--profile slurm``, typed in the repository root."""
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config" / "config.yaml"),
+        "--cores",
+        "8",
+        "--profile",
+        "slurm",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sbatch_calls(text: str) -> list[str]:
+    """The sbatch command lines a ``--verbose`` run through the Slurm executor printed."""
+    return re.findall(r"sbatch call: (.*)", text)
+
+
 def planned(proc) -> dict[str, int]:
     """Job counts per rule from a dry run's 'Job stats' table ({} when nothing is to be done)."""
     text = proc.stdout + proc.stderr

@@ -79,6 +79,7 @@ def test_two_process_training_learns_and_ends_with_identical_replicas(backend, t
     assert metrics["distributed"] == {
         "backend": backend,
         "world_size": 2,
+        "nodes": 1,
         "lr": 2 * settings["lr"],
         "replicas_identical": True,
     }
@@ -96,14 +97,44 @@ def test_resources_and_launchers_for_each_backend():
     base = resolved_config({"training": {"device": "auto"}})["training"]
     ddp = {**base, "distributed": {**base["distributed"], "backend": "ddp", "gpus": 4}}
     hvd = {**base, "distributed": {**base["distributed"], "backend": "horovod", "gpus": 4}}
-    assert train_resources(ddp) == {"gpu": 4, "tasks": 4, "tasks_per_gpu": 1, "mpi": "srun"}
-    assert train_resources(hvd) == {"gpu": 4, "tasks": 1, "tasks_per_gpu": 0, "mpi": ""}
-    assert train_resources({**base, "gpus": 1}) == {"gpu": 1, "tasks": 1, "tasks_per_gpu": 0, "mpi": ""}
+    one_node = {"gres": "", "nodes": 1, "slurm_extra": ""}
+    assert train_resources(ddp) == {"gpu": 4, "tasks": 4, "tasks_per_gpu": 1, "mpi": "srun", **one_node}
+    assert train_resources(hvd) == {"gpu": 4, "tasks": 1, "tasks_per_gpu": 0, "mpi": "", **one_node}
+    assert train_resources({**base, "gpus": 1}) == {"gpu": 1, "tasks": 1, "tasks_per_gpu": 0, "mpi": "", **one_node}
     assert train_resources({**ddp, "device": "cpu"})["gpu"] == 0
-    assert launch_command("ddp", 4, "srun", 1, ["m"])[:5] == [
+    hvd_srun = {**hvd, "distributed": {**hvd["distributed"], "launcher": "srun"}}
+    assert train_resources(hvd_srun) == train_resources(ddp)  # Horovod under srun: one task per GPU, as DDP
+    # two nodes: per-node GPUs and tasks (a total could land unevenly), srun starting every process
+    for spread in (ddp, hvd):
+        two = {**spread, "distributed": {**spread["distributed"], "nodes": 2}}
+        assert train_resources(two) == {
+            "gpu": 0,
+            "gres": "gpu:2",
+            "nodes": 2,
+            "tasks": 4,
+            "tasks_per_gpu": 0,
+            "mpi": "srun",
+            "slurm_extra": "--ntasks-per-node=2",
+        }
+        assert launch_command(spread["distributed"]["backend"], 4, "auto", 1, ["m"], nodes=2)[:9] == [
+            "srun",
+            "-N",
+            "2",
+            "-n",
+            "4",
+            "--ntasks-per-node=2",
+            "--distribution=block",
+            "--kill-on-bad-exit=1",
+            "--gpus-per-task=1",
+        ]
+    assert launch_command("ddp", 4, "srun", 1, ["m"])[:9] == [
         "srun",
+        "-N",
+        "1",
         "-n",
         "4",
+        "--ntasks-per-node=4",
+        "--distribution=block",
         "--kill-on-bad-exit=1",
         "--gpus-per-task=1",
     ]

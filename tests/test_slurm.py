@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, planned, workflow_dir
+from conftest import REPO, planned, sbatch_calls, slurm_cluster, snakemake_slurm, workflow_dir
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("slurmctld") and not os.environ.get("CI"),
@@ -40,34 +40,11 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    script = REPO / "tests" / "cluster" / "slurm.sh"
-    subprocess.run(["bash", str(script), "start", str(state)], check=True, timeout=180)
-    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
-    yield env
-    subprocess.run(["bash", str(script), "stop", str(state)], timeout=60)
+    yield from slurm_cluster(tmp_path_factory.mktemp("slurm"))
 
 
 def snakemake(work: Path, env: dict, *args: str, cwd: Path | None = None, timeout: int = 900):
-    cmd = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config" / "config.yaml"),
-        "--cores",
-        "8",
-        "--profile",
-        "slurm",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def sbatch_calls(text: str) -> list[str]:
-    return re.findall(r"sbatch call: (.*)", text)
+    return snakemake_slurm(work, env, *args, cwd=cwd, timeout=timeout)
 
 
 def test_dry_run_with_the_profile_shows_what_each_rule_requests(slurm, tmp_path):

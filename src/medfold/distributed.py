@@ -73,6 +73,12 @@ class Single:
         """True when every rank holds the same weights, byte for byte (checked at the end of training)."""
         return len(set(self._gather(weights_digest(model)))) == 1
 
+    def nodes(self) -> int:
+        """How many machines the ranks run on (distinct host names)."""
+        import socket
+
+        return len(set(self._gather(socket.gethostname())))
+
     def _gather(self, value: str) -> list[str]:
         return [value]
 
@@ -100,6 +106,7 @@ class Horovod(_Parallel):
                 "install/horovod.sh (see docs/cluster.md) or use backend: ddp"
             ) from err
         self.hvd = hvd
+        _slurm_to_horovod_env()
         hvd.init()
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank())
 
@@ -171,14 +178,50 @@ class DDP(_Parallel):
 
 
 def _slurm_to_torchrun_env() -> None:
-    """Under ``srun`` (one task per GPU) without torchrun, give DDP the variables it reads."""
+    """Under ``srun`` (one task per GPU) without torchrun, give DDP the variables it reads.
+
+    The rendezvous (torch's TCP store, held by rank 0) is at the first node of the step, where
+    srun's block distribution puts rank 0: on one node its loopback address, on several the
+    first host of SLURM_STEP_NODELIST, which every node resolves (MEDFOLD_MASTER_ADDR overrides
+    it, for a cluster whose node names resolve to the wrong network). The port comes from the
+    job ID, the same on every rank."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("MEDFOLD_MASTER_ADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("MEDFOLD_MASTER_ADDR") or rendezvous_host())
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port()))
+
+
+def rendezvous_host() -> str:
+    """Where rank 0 of this srun step runs, as the other nodes reach it."""
+    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodes <= 1 or not nodelist:
+        return "127.0.0.1"
+    return first_host(nodelist)
+
+
+def rendezvous_port(offset: int = 0) -> int:
+    return 20000 + (int(os.environ.get("SLURM_JOB_ID", "0")) + offset) % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``gpu[07-09,12],cpu3`` -> ``gpu07``, ``a[1-2]-b[3-4]``
+    -> ``a1-b3`` (what ``scontrol show hostnames`` prints first, without a call to it)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+    while "[" in first:
+        start, stop = first.index("["), first.index("]")
+        ranges = first[start + 1 : stop]
+        first = first[:start] + ranges.split(",")[0].split("-")[0] + first[stop + 1 :]
+    return first
 
 
 def init(backend: str, device: torch.device) -> Single:
@@ -210,22 +253,39 @@ def in_slurm_job() -> bool:
     return any(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_JOBID"))
 
 
-def launch_command(backend: str, processes: int, launcher: str, gpus_per_process: int, module: list[str]) -> list[str]:
-    """The command that starts ``processes`` copies of ``python -m <module...>``.
+def uses_srun(backend: str, launcher: str, nodes: int = 1) -> bool:
+    """Whether srun starts the processes, one Slurm task each: DDP inside a Slurm job (or when
+    asked), and Horovod on more than one node or when asked. Horovod on one node otherwise runs
+    ``horovodrun --gloo`` inside the job's one task."""
+    if backend == "horovod":
+        return nodes > 1 or launcher == "srun"
+    return nodes > 1 or launcher == "srun" or (launcher == "auto" and in_slurm_job())
 
-    Under Slurm, DDP starts one task per process with ``srun`` (its rank from SLURM_PROCID).
-    Horovod built with gloo only (install/horovod.sh) has no PMI support, so it runs
-    ``horovodrun --gloo`` on the job's node: srun-started Horovod needs an MPI build."""
+
+def launch_command(
+    backend: str, processes: int, launcher: str, gpus_per_process: int, module: list[str], nodes: int = 1
+) -> list[str]:
+    """The command that starts ``processes`` copies of ``python -m <module...>``, over ``nodes``.
+
+    Under srun (``uses_srun``): one task per process, ``processes / nodes`` on each node in block
+    order (so rank 0 is on the step's first node, where the rendezvous is), its rank from
+    SLURM_PROCID. Horovod built with gloo only (install/horovod.sh) has no PMI support: under srun
+    it meets at a rendezvous server that ``launch`` starts (``horovod_rendezvous``)."""
     import shutil
     import sys
     from pathlib import Path
 
-    use_srun = launcher == "srun" or (launcher == "auto" and in_slurm_job())
-    if backend == "ddp" and use_srun:
+    if backend not in ("ddp", "horovod"):
+        raise ConfigError(f"distributed.backend: {backend!r} needs no launcher")
+    if uses_srun(backend, launcher, nodes):
         return [
             "srun",
+            "-N",
+            str(nodes),
             "-n",
             str(processes),
+            f"--ntasks-per-node={processes // nodes}",
+            "--distribution=block",
             "--kill-on-bad-exit=1",
             *(["--gpus-per-task=1"] if gpus_per_process else []),
             sys.executable,
@@ -243,22 +303,108 @@ def launch_command(backend: str, processes: int, launcher: str, gpus_per_process
             "-m",
             *module,
         ]
-    if backend == "horovod":
-        horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
-        if not Path(horovodrun).exists():
-            raise ConfigError("distributed.backend is horovod but horovodrun is not installed; run install/horovod.sh")
-        return [
-            horovodrun,
-            "-np",
-            str(processes),
-            "-H",
-            f"localhost:{processes}",
-            "--gloo",
-            sys.executable,
-            "-m",
-            *module,
-        ]
-    raise ConfigError(f"distributed.backend: {backend!r} needs no launcher")
+    horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
+    if not Path(horovodrun).exists():
+        raise ConfigError("distributed.backend is horovod but horovodrun is not installed; run install/horovod.sh")
+    return [
+        horovodrun,
+        "-np",
+        str(processes),
+        "-H",
+        f"localhost:{processes}",
+        "--gloo",
+        sys.executable,
+        "-m",
+        *module,
+    ]
+
+
+def launch(backend: str, processes: int, launcher: str, gpus_per_process: int, module: list[str], nodes: int = 1):
+    """Run ``launch_command``'s command to its end; returns its exit status. Horovod under srun
+    gets its rendezvous server here, in this process, for as long as the processes run."""
+    import subprocess
+
+    command = launch_command(backend, processes, launcher, gpus_per_process, module, nodes)
+    server, env = None, None
+    if backend == "horovod" and command[0] == "srun":
+        server, env = horovod_rendezvous(processes, nodes)
+    log.info("launching %d %s processes on %d node(s): %s", processes, backend, nodes, " ".join(command))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    try:
+        return subprocess.run(command, env=env).returncode
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def horovod_rendezvous(processes: int, nodes: int):
+    """Start Horovod's HTTP rendezvous server (the one horovodrun starts for gloo) for ``processes``
+    ranks, ``processes / nodes`` per node; returns it and the environment that tells srun's tasks
+    where it is. Each task then takes its ranks from Slurm (``_slurm_to_horovod_env``). Nodes are
+    named node0, node1, ... after SLURM_NODEID, which both sides know without asking Slurm."""
+    import socket
+
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+
+    address = os.environ.get("MEDFOLD_RENDEZVOUS_ADDR") or socket.gethostbyname(socket.gethostname())
+    if address.startswith("127.") and nodes > 1:
+        raise ConfigError(
+            f"horovod on {nodes} nodes: this node's name ({socket.gethostname()}) resolves to the loopback "
+            f"address {address}, which the other nodes cannot reach; set MEDFOLD_RENDEZVOUS_ADDR to its address"
+        )
+    per_node = processes // nodes
+    server = RendezvousServer()
+    port = server.start()
+    server.init(get_host_assignments(parse_hosts(",".join(f"node{i}:{per_node}" for i in range(nodes))), processes))
+    env = {
+        **os.environ,
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": address,
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+        "HOROVOD_CONTROLLER": "gloo",
+        "HOROVOD_CPU_OPERATIONS": "gloo",
+    }
+    return server, env
+
+
+def _slurm_to_horovod_env() -> None:
+    """Under srun with a rendezvous server (``horovod_rendezvous``), give Horovod the slot
+    variables horovodrun would have set, from the task's Slurm variables, and the network
+    interface gloo binds to: the one this node reaches the rendezvous server through."""
+    env = os.environ
+    if "HOROVOD_RANK" in env or "SLURM_PROCID" not in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in env:
+        return
+    size = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    node = env.get("SLURM_NODEID", "0")
+    env.update(
+        {
+            "HOROVOD_RANK": env["SLURM_PROCID"],
+            "HOROVOD_SIZE": str(size),
+            "HOROVOD_LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "HOROVOD_LOCAL_SIZE": str(size // nodes),
+            "HOROVOD_CROSS_RANK": node,
+            "HOROVOD_CROSS_SIZE": str(nodes),
+            "HOROVOD_HOSTNAME": f"node{node}",
+        }
+    )
+    env.setdefault("HOROVOD_GLOO_IFACE", interface_towards(env["HOROVOD_GLOO_RENDEZVOUS_ADDR"]))
+
+
+def interface_towards(address: str) -> str:
+    """The name of this machine's network interface that traffic to ``address`` leaves by."""
+    import socket
+
+    import psutil  # installed with Horovod (install/horovod.sh)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((address, 9))  # a UDP connect sends nothing; it only picks the route
+        local = probe.getsockname()[0]
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name
+    raise ConfigError(f"horovod: no network interface holds {local}, this node's address towards {address}")
 
 
 def launcher_rank() -> int:

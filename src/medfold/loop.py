@@ -99,6 +99,7 @@ class Parallel:
     gpus: int
     scale_lr: bool
     launcher: str
+    nodes: int = 1
 
 
 @dataclass(frozen=True)

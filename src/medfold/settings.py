@@ -109,6 +109,13 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             )
         if (settings.get("ema") or {}).get("decay"):
             raise ConfigError(f"{where}: pruning during training and ema (a weights average) do not combine")
+    parallel = settings["distributed"]
+    if parallel["nodes"] > 1 and (parallel["backend"] == "none" or parallel["gpus"] % parallel["nodes"]):
+        raise ConfigError(
+            f"experiments.{name}.distributed.nodes: {parallel['nodes']} nodes need backend ddp or horovod and "
+            f"a number of processes (distributed.gpus, {parallel['gpus']}) they divide evenly"
+            + ("" if parallel["backend"] != "none" else f"; the backend is {parallel['backend']!r}")
+        )
     if (settings.get("qat") or {}).get("enabled") and prune.get("enabled"):
         raise ConfigError(
             f"experiments.{name}: qat and pruning during training do not combine (both rewrite the weights "
@@ -293,17 +300,37 @@ def uses_gpu(settings: dict) -> bool:
 
 def train_resources(settings: dict) -> dict:
     """What a training job asks the scheduler for. DDP: one task per GPU, started by srun inside
-    the job (``mpi``: the Slurm plugin then runs the command as is). Horovod (gloo build): one task
-    that holds all the job's GPUs, horovodrun starting the processes inside it."""
+    the job (``mpi``: the Slurm plugin then runs the command as is). Horovod (gloo build) on one
+    node: one task that holds all the job's GPUs, horovodrun starting the processes inside it
+    (``launcher: srun``: one task per GPU, as DDP).
+
+    On more than one node (``distributed.nodes``), both backends: ``nodes`` nodes with gpus/nodes
+    tasks and GPUs on each (``gres`` and ``--ntasks-per-node``, per node, rather than a total that
+    Slurm could place unevenly), srun starting one task per process."""
     parallel = settings["distributed"]
     spread = parallel["backend"] != "none"
     gpu = (parallel["gpus"] if spread else settings["gpus"]) if uses_gpu(settings) else 0
-    ddp = parallel["backend"] == "ddp"
+    nodes = parallel["nodes"] if spread else 1
+    if nodes > 1:
+        per_node = parallel["gpus"] // nodes
+        return {
+            "gpu": 0,
+            "gres": f"gpu:{per_node}" if gpu else "",
+            "nodes": nodes,
+            "tasks": parallel["gpus"],
+            "tasks_per_gpu": 0,
+            "mpi": "srun",
+            "slurm_extra": f"--ntasks-per-node={per_node}",
+        }
+    tasks = parallel["backend"] == "ddp" or (parallel["backend"] == "horovod" and parallel["launcher"] == "srun")
     return {
         "gpu": gpu,
-        "tasks": parallel["gpus"] if ddp else 1,
-        "tasks_per_gpu": 1 if ddp and gpu else 0,
-        "mpi": "srun" if ddp else "",
+        "gres": "",
+        "nodes": 1,
+        "tasks": parallel["gpus"] if tasks else 1,
+        "tasks_per_gpu": 1 if tasks and gpu else 0,
+        "mpi": "srun" if tasks else "",
+        "slurm_extra": "",
     }
 
 

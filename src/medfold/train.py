@@ -581,6 +581,7 @@ class FoldRun:
         """Check the replicas agree, load the chosen weights, evaluate and write on rank 0."""
         ctx, fold = self.ctx, self.fold
         identical = ctx.replicas_identical(self.model)
+        nodes = ctx.nodes()
         if not identical:
             raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
         self.model.load_state_dict(self.state.best_state)
@@ -589,6 +590,7 @@ class FoldRun:
             distributed_summary = {
                 "backend": ctx.backend,
                 "world_size": ctx.world,
+                "nodes": nodes,
                 "lr": self.s.stages[0].lr * self.lr_scale,
                 "replicas_identical": identical,
             }
@@ -807,8 +809,6 @@ def train_fold_job(
     if parallel["backend"] == "none":
         run_fold(cfg, index_path, splits_path, cache_dir, fold, outputs, threads)
         return
-    import subprocess
-
     outs = FoldOutputs.of(outputs)
     outs.create()
     out = outs.work
@@ -828,17 +828,13 @@ def train_fold_job(
                 "cache": str(cache_dir),
                 "fold": fold,
                 "out": outs.as_dict(),
-                "threads": max(1, threads // n),
+                "threads": max(1, threads // (n // parallel["nodes"])),  # the processes on one node share it
                 "log": str(log_path) if log_path else None,
             }
         )
     )
     module = ["medfold.train", str(job)]
-    command = distributed.launch_command(parallel["backend"], n, parallel["launcher"], gpus_per_process, module)
-    log.info("launching %d %s processes: %s", n, parallel["backend"], " ".join(command))
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    code = subprocess.run(command).returncode
+    code = distributed.launch(parallel["backend"], n, parallel["launcher"], gpus_per_process, module, parallel["nodes"])
     if code != 0:
         raise MedfoldError(
             f"fold {fold}: distributed training ({parallel['backend']}, {n} processes) exited with "

@@ -1,10 +1,12 @@
 """One SGD step through medfold.distributed's wrapping, started by a launcher (or alone).
 
 Rank r of N takes images [r*B, (r+1)*B) of a fixed batch of N*B; alone it takes all N*B. Rank 0
-saves the updated parameters. With gradients averaged across ranks, both give the same update.
+saves the updated parameters, and OUT.pt.json the world size and how many machines the ranks ran
+on. With gradients averaged across ranks, both give the same update.
 Usage: one_step.py BACKEND PER_RANK_BATCH TOTAL_BATCH OUT.pt
 """
 
+import json
 import sys
 
 import torch
@@ -25,6 +27,9 @@ loss = torch.nn.functional.cross_entropy(step_model(x[rows]), y[rows])
 optimizer.zero_grad()
 loss.backward()
 optimizer.step()
+nodes = ctx.nodes()
 if ctx.main:
     torch.save(model.state_dict(), out)
+    with open(f"{out}.json", "w") as fh:
+        json.dump({"world": ctx.world, "nodes": nodes}, fh)
 ctx.shutdown()

@@ -53,10 +53,16 @@ rule train:
         mem_mb=lambda w: SETTINGS[w.experiment]["mem_mb"],
         runtime=lambda w: SETTINGS[w.experiment]["runtime"],
         gpu=lambda w: TRAIN_RESOURCES[w.experiment]["gpu"],
+        gres=lambda w: TRAIN_RESOURCES[w.experiment]["gres"],
+        nodes=lambda w: TRAIN_RESOURCES[w.experiment]["nodes"],
         tasks=lambda w: TRAIN_RESOURCES[w.experiment]["tasks"],
         tasks_per_gpu=lambda w: TRAIN_RESOURCES[w.experiment]["tasks_per_gpu"],
         mpi=lambda w: TRAIN_RESOURCES[w.experiment]["mpi"],
-        slurm_partition=lambda w: partition_for(TRAIN_RESOURCES[w.experiment]["gpu"]),
+        slurm_extra=lambda w: TRAIN_RESOURCES[w.experiment]["slurm_extra"],
+        slurm_partition=lambda w: partition_for(
+            TRAIN_RESOURCES[w.experiment]["gpu"]
+            or TRAIN_RESOURCES[w.experiment]["gres"]
+        ),
         slurm_account=CLUSTER["account"],
     params:
         settings=lambda w: SETTINGS[w.experiment],
