@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import REPO, resolved_config
 
-from medfold.distributed import launch_command
+from medfold.distributed import first_host, launch_command
+from medfold.errors import ConfigError
 from medfold.models import build_model
 from medfold.settings import experiment_settings, train_resources
 from medfold.train import train_fold_job
@@ -144,3 +145,25 @@ def test_resources_and_launchers_for_each_backend():
         "--nproc_per_node",
         "2",
     ]
+
+
+def test_first_host_of_slurm_host_lists():
+    assert first_host("mfnode[1-2]") == "mfnode1"
+    assert first_host("gpu[07-09,12],cpu3") == "gpu07"
+    assert first_host("node3,node1") == "node3"
+    assert first_host("a[2,4]-b[10-11]") == "a2-b10"
+    assert first_host("login") == "login"
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        ({"backend": "ddp", "gpus": 3, "nodes": 2}, "distributed.gpus, 3"),
+        ({"backend": "none", "gpus": 2, "nodes": 2}, "the backend is 'none'"),
+    ],
+)
+def test_nodes_that_cannot_share_the_processes_evenly_are_refused(parallel, message):
+    config = resolved_config({"experiments": {"spread": {"distributed": parallel}}})
+    with pytest.raises(ConfigError, match=r"experiments\.spread\.distributed\.nodes: 2 nodes") as err:
+        experiment_settings(config, "spread", REPO / "workflow/schemas/config.schema.yaml")
+    assert message in str(err.value)
