@@ -95,7 +95,6 @@ def test_one_step_on_two_nodes_updates_like_one_process_with_the_whole_batch(bac
 
 
 TWO_NODE_TRAINING = {
-    "split": {"folds": 2},
     "evaluation": {"bootstrap": 100, "comparisons": {"pairs": []}},
     "training": {"epochs": 6, "early_stopping": {"enabled": False}, "threads": 1, "mem_mb": 1000},
     "experiments": {
@@ -115,16 +114,25 @@ TWO_NODE_TRAINING = {
 }
 
 
-def test_a_fold_trains_on_two_nodes_through_the_slurm_profile(two_nodes, tmp_path):
+def test_a_fold_trains_on_two_nodes_through_the_slurm_profile(two_nodes, trained_workflow, tmp_path):
     config = TWO_NODE_TRAINING
     work = workflow_dir(tmp_path, config)
+    # the demo data, index, split and cache from the shared trained workflow (the same dataset and
+    # split settings, mtimes kept): only the training jobs go through Slurm here
+    shutil.copytree(trained_workflow / "resources", work / "resources")
+    (work / DS / "cache").mkdir(parents=True)
+    for item in (trained_workflow / DS).iterdir():
+        if item.is_file():
+            shutil.copy2(item, work / DS / item.name)
+    shutil.copytree(trained_workflow / DS / "cache" / "64", work / DS / "cache" / "64")
     names = list(config["experiments"])
     targets = [f"{DS}/{name}/fold_0/metrics.json" for name in names]
     proc = snakemake_slurm(work, two_nodes, "--verbose", *targets)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    train = [c for c in sbatch_calls(out) if "rule_train" in c]
-    assert len(train) == len(names), train
+    calls = sbatch_calls(out)
+    train = [c for c in calls if "rule_train" in c]
+    assert len(train) == len(names) == len(calls), calls
     for call in train:  # two nodes, one GPU and one task on each
         for flag in ("--nodes=2", "--gres=gpu:1", "--ntasks=2", "--ntasks-per-node=1"):
             assert flag in call, call

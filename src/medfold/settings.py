@@ -1,10 +1,13 @@
-"""Resolve an experiment's settings: the training defaults with its overrides, checked against
-the schema's rules for training keys, so a typo in an experiment is caught before any job runs."""
+"""Resolve a config: ``resolve`` turns the whole (schema-validated) config into one ``Study``, with
+every cross-key check; ``experiment_settings`` gives an experiment's settings, the training
+defaults with its overrides, checked against the schema's rules for training keys, so a typo in
+an experiment is caught before any job runs."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 
 import jsonschema
 import pandas as pd
@@ -338,3 +341,175 @@ def compress_gpus(settings: dict, variant: dict) -> int:
     """Fine-tuning variants (prune, qat) train on a GPU when the experiment does; calibration,
     conversion and timing are for x86 CPUs and run there."""
     return 1 if variant["method"] in ("prune", "qat") and uses_gpu(settings) else 0
+
+
+# ----------------------------------------------------------------------------- the study
+@dataclass(frozen=True)
+class Study:
+    """One config, resolved once (``resolve``): what the workflow runs, every cross-key check
+    passed. Its maps hold plain dicts (rules hand them to jobs, which unpickle them); treat them
+    as read-only."""
+
+    config: dict  # the validated config, defaults filled in, for provenance
+    results: str
+    dataset: str  # the dataset's name: results/<dataset>/...
+    experiments: tuple[str, ...]  # after grid expansion
+    folds: tuple[int, ...]
+    overrides: dict  # experiment -> its overrides (grids expanded)
+    grids: dict  # grid -> {combination name: {key: value}}
+    settings: dict  # experiment -> its merged, checked training settings
+    experiment_folds: dict  # experiment -> the folds it trains on
+    repeats: dict  # experiment -> seeds per fold
+    init_from: dict  # experiment -> the model.pt it starts from (init_from)
+    ensembles: dict
+    index_dataset: dict  # the dataset block the index reads, subgroup columns added
+    compared: tuple[str, ...]  # experiments and experiment ensembles
+    explained: tuple[str, ...]
+    explained_folds: tuple[int, ...]
+    exported: tuple[str, ...]
+    externals: dict  # name -> its resolved external-validation block
+    variants: dict  # name -> its resolved compression variant
+    compressed: tuple[str, ...]
+    compressed_folds: tuple[int, ...]
+    train_resources: dict  # experiment -> what its training jobs ask the scheduler for
+    cluster: dict
+
+
+def resolve(config: dict, schema_path=None) -> Study:
+    """The ``Study`` of a config already validated against the schema (Snakemake's ``validate``,
+    which fills in the defaults). Raises ConfigError, naming the key, for anything the schema
+    cannot say: names that must refer to experiments, folds that must exist, keys that only work
+    together. The workflow calls it once, before any job runs; tests call it directly."""
+    from pathlib import Path
+
+    from .dicom import check_header_fields
+
+    schema_path = schema_path or Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    results, dataset = config["results"], config["dataset"]["name"]
+    overrides, grids = expand_grids(config["experiments"], schema_path)
+    experiments = tuple(overrides)
+    split = config["split"]
+    folds = tuple(range(split["folds"]))
+    if split["method"] == "stratified" and len(folds) < 2:
+        raise ConfigError(
+            f"split.folds is {len(folds)}; split.method 'stratified' needs at least 2 "
+            "(a single train/val/test split is split.method 'source')"
+        )
+    if split["method"] == "manifest" and not (split["manifest"] and Path(split["manifest"]).is_file()):
+        raise ConfigError(
+            f"split.manifest: {split['manifest']!r} is not a file; split.method 'manifest' "
+            "needs the split_manifest.csv to apply"
+        )
+    # every experiment's merged settings, checked now: a bad override stops before any job runs
+    settings = {name: experiment_settings(config, name, schema_path, overrides) for name in experiments}
+
+    def check_names(key: str, names) -> None:
+        unknown = sorted(set(names) - set(experiments))
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} are not experiments (there are {list(experiments)})")
+
+    def chosen_folds(key: str, chosen) -> tuple[int, ...]:
+        """The folds a key names (every fold when empty), each checked to exist."""
+        unknown = sorted(set(chosen) - set(folds))
+        if unknown:
+            raise ConfigError(f"{key}: folds {unknown} do not exist (split.folds gives folds {list(folds)})")
+        return tuple(sorted(chosen)) or folds
+
+    # an experiment may train on some folds only (``folds: [0]``: a grid tuned on one fold, as
+    # study 002 tuned on Fold0); its aggregate, fold ensemble and report cover those folds
+    experiment_folds = {}
+    for name in experiments:
+        chosen = overrides[name].get("folds") or []
+        if not isinstance(chosen, list) or not all(isinstance(f, int) for f in chosen):
+            raise ConfigError(f"experiments.{name}.folds: expected a list of fold numbers, got {chosen!r}")
+        experiment_folds[name] = list(chosen_folds(f"experiments.{name}.folds", chosen))
+    # seeds of each fold (``repeats: R``): repeat 0 is fold_<k>/ itself, repeat r >= 1 fold_<k>/seed_<r>/
+    repeats = {name: experiment_repeats(overrides[name], name) for name in experiments}
+
+    def covers(key: str, names, needed) -> None:
+        """Experiments that ``key`` uses on ``needed`` folds must have trained on them."""
+        for name in names:
+            missing = sorted(set(needed) - set(experiment_folds[name]))
+            if missing:
+                raise ConfigError(
+                    f"{key}: experiment {name!r} trains on folds {experiment_folds[name]} only "
+                    f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
+                )
+
+    # experiments that start from another's fold model: that model is an input of their training
+    init_from = resolve_init_from(
+        settings, experiment_folds, lambda name, fold: f"{results}/{dataset}/{name}/fold_{fold}/model.pt"
+    )
+    ensembles = config["ensembles"]
+    for name, ensemble in ensembles.items():
+        check_names(f"ensembles.{name}.experiments", ensemble["experiments"])
+        if name in experiments:
+            raise ConfigError(f"ensembles.{name}: the name is an experiment's too")
+        covers(f"ensembles.{name}.experiments", ensemble["experiments"], folds)
+    # the index carries the table's metadata columns that subgroups are evaluated on
+    evaluation, source = config["evaluation"], config["dataset"]
+    columns = list(dict.fromkeys(source["metadata_columns"] + [spec["column"] for spec in evaluation["subgroups"]]))
+    index_dataset = {**source, "metadata_columns": columns}
+    check_header_fields(source["dicom_metadata"])
+    from_headers = set(source["dicom_metadata"])
+    not_carried = [c for c in columns if c not in from_headers or source["format"] == "npz"]
+    if not_carried and source["format"] != "csv":
+        raise ConfigError(
+            f"evaluation.subgroups / dataset.metadata_columns name {not_carried}: metadata columns "
+            f"are read from dataset.table (format 'csv') or DICOM headers (dataset.dicom_metadata "
+            f"{sorted(from_headers)}), and dataset.format is {source['format']!r}"
+        )
+    compared = experiments + tuple(ensembles)
+    comparisons = evaluation["comparisons"]
+    named = [("evaluation.comparisons.reference", [comparisons["reference"]] if comparisons["reference"] else [])]
+    named += [("evaluation.comparisons.pairs", pair) for pair in comparisons["pairs"]]
+    for key, names in named:
+        unknown = sorted(set(names) - set(compared))
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} are neither experiments nor ensembles (there are {list(compared)})")
+    for name in config["reference"]["experiments"]:
+        if name not in compared:
+            raise ConfigError(
+                f"reference.experiments.{name}: neither an experiment nor an ensemble (there are {list(compared)})"
+            )
+    explained = tuple(config["explain"]["experiments"])
+    check_names("explain.experiments", explained)
+    exported = tuple(config["export"]["experiments"])
+    check_names("export.experiments", exported)
+    # external validation: each block resolved and checked now (its dataset as dataset is)
+    externals = {name: external_settings(config, name, schema_path, list(experiments)) for name in config["external"]}
+    # compression variants, resolved and checked now too; they apply to these experiments
+    variants = {name: variant_settings(config, name, schema_path) for name in config["variants"]}
+    compression = config["compression"]
+    if variants:
+        check_names("compression.experiments", compression["experiments"])
+    compressed = tuple(compression["experiments"] or experiments) if variants else ()
+    compressed_folds = chosen_folds("compression.folds", compression["folds"])
+    explained_folds = chosen_folds("explain.folds", config["explain"]["folds"])
+    covers("compression.experiments", compressed, compressed_folds)
+    covers("explain.experiments", explained, explained_folds)
+    return Study(
+        config=config,
+        results=results,
+        dataset=dataset,
+        experiments=experiments,
+        folds=folds,
+        overrides=overrides,
+        grids=grids,
+        settings=settings,
+        experiment_folds=experiment_folds,
+        repeats=repeats,
+        init_from=init_from,
+        ensembles=ensembles,
+        index_dataset=index_dataset,
+        compared=compared,
+        explained=explained,
+        explained_folds=explained_folds,
+        exported=exported,
+        externals=externals,
+        variants=variants,
+        compressed=compressed,
+        compressed_folds=compressed_folds,
+        train_resources={name: train_resources(settings[name]) for name in experiments},
+        cluster=config["cluster"],
+    )

@@ -5,165 +5,35 @@ import re
 
 from snakemake.utils import validate
 
-from medfold.dicom import check_header_fields
-from medfold.errors import ConfigError
-from medfold.settings import (
-    compress_gpus,
-    expand_grids,
-    experiment_repeats,
-    experiment_settings,
-    external_settings,
-    repeat_settings,
-    resolve_init_from,
-    train_resources,
-    variant_settings,
-)
+from medfold.settings import compress_gpus, repeat_settings, resolve
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-RESULTS = config["results"]
-DATASET = config["dataset"]["name"]
-DATASET_DIR = f"{RESULTS}/{DATASET}"
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-# an experiment with a grid is one experiment per combination (Paramspace), ranked per grid
-OVERRIDES, GRIDS = expand_grids(config["experiments"], SCHEMA)
-EXPERIMENTS = list(OVERRIDES)
-FOLDS = list(range(config["split"]["folds"]))
-if config["split"]["method"] == "stratified" and len(FOLDS) < 2:
-    raise ConfigError(
-        f"split.folds is {len(FOLDS)}; split.method 'stratified' needs at least 2 "
-        "(a single train/val/test split is split.method 'source')"
-    )
-if config["split"]["method"] == "manifest" and not (
-    config["split"]["manifest"] and Path(config["split"]["manifest"]).is_file()
-):
-    raise ConfigError(
-        f"split.manifest: {config['split']['manifest']!r} is not a file; split.method 'manifest' "
-        "needs the split_manifest.csv to apply"
-    )
-# every experiment's merged settings, checked now: a bad override stops before any job runs
-SETTINGS = {
-    name: experiment_settings(config, name, SCHEMA, OVERRIDES) for name in EXPERIMENTS
-}
-
-
-def check_names(key, names):
-    unknown = sorted(set(names) - set(EXPERIMENTS))
-    if unknown:
-        raise ConfigError(
-            f"{key}: {unknown} are not experiments (there are {EXPERIMENTS})"
-        )
-
-
-def chosen_folds(key, folds):
-    """The folds a key names (every fold when empty), each checked to exist."""
-    unknown = sorted(set(folds) - set(FOLDS))
-    if unknown:
-        raise ConfigError(
-            f"{key}: folds {unknown} do not exist (split.folds gives folds {FOLDS})"
-        )
-    return sorted(folds) or FOLDS
-
-
-# an experiment may train on some folds only (``folds: [0]``: a grid tuned on one fold, as
-# study 002 tuned on Fold0); its aggregate, fold ensemble and report cover those folds
-EXPERIMENT_FOLDS = {}
-for _name in EXPERIMENTS:
-    _folds = OVERRIDES[_name].get("folds") or []
-    if not isinstance(_folds, list) or not all(isinstance(f, int) for f in _folds):
-        raise ConfigError(
-            f"experiments.{_name}.folds: expected a list of fold numbers, got {_folds!r}"
-        )
-    EXPERIMENT_FOLDS[_name] = chosen_folds(f"experiments.{_name}.folds", _folds)
-# seeds of each fold (``repeats: R``): repeat 0 is fold_<k>/ itself, repeat r >= 1 fold_<k>/seed_<r>/
-REPEATS = {name: experiment_repeats(OVERRIDES[name], name) for name in EXPERIMENTS}
-
-
-def covers(key, names, folds):
-    """Experiments that ``key`` uses on ``folds`` must have trained on them."""
-    for name in names:
-        missing = sorted(set(folds) - set(EXPERIMENT_FOLDS[name]))
-        if missing:
-            raise ConfigError(
-                f"{key}: experiment {name!r} trains on folds {EXPERIMENT_FOLDS[name]} only "
-                f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
-            )
-
-
-# experiments that start from another's fold model: that model is an input of their training
-INIT_FROM = resolve_init_from(
-    SETTINGS,
-    EXPERIMENT_FOLDS,
-    lambda name, fold: f"{RESULTS}/{DATASET}/{name}/fold_{fold}/model.pt",
-)
-
-ENSEMBLES = config["ensembles"]
-for _name, _ensemble in ENSEMBLES.items():
-    check_names(f"ensembles.{_name}.experiments", _ensemble["experiments"])
-    if _name in EXPERIMENTS:
-        raise ConfigError(f"ensembles.{_name}: the name is an experiment's too")
-    covers(f"ensembles.{_name}.experiments", _ensemble["experiments"], FOLDS)
-# the index carries the table's metadata columns that subgroups are evaluated on
-EVALUATION = config["evaluation"]
-INDEX_DATASET = {
-    **config["dataset"],
-    "metadata_columns": list(
-        dict.fromkeys(
-            config["dataset"]["metadata_columns"]
-            + [spec["column"] for spec in EVALUATION["subgroups"]]
-        )
-    ),
-}
-check_header_fields(config["dataset"]["dicom_metadata"])
-_from_headers = set(config["dataset"]["dicom_metadata"])
-_format = config["dataset"]["format"]
-_not_carried = [
-    c
-    for c in INDEX_DATASET["metadata_columns"]
-    if c not in _from_headers or _format == "npz"
-]
-if _not_carried and _format != "csv":
-    raise ConfigError(
-        f"evaluation.subgroups / dataset.metadata_columns name {_not_carried}: metadata columns "
-        f"are read from dataset.table (format 'csv') or DICOM headers (dataset.dicom_metadata "
-        f"{sorted(_from_headers)}), and dataset.format is {_format!r}"
-    )
-COMPARED = list(EXPERIMENTS) + list(ENSEMBLES)
-for _key, _names in [
-    (
-        "evaluation.comparisons.reference",
-        (
-            [EVALUATION["comparisons"]["reference"]]
-            if EVALUATION["comparisons"]["reference"]
-            else []
-        ),
-    )
-] + [
-    ("evaluation.comparisons.pairs", pair)
-    for pair in EVALUATION["comparisons"]["pairs"]
-]:
-    _unknown = sorted(set(_names) - set(COMPARED))
-    if _unknown:
-        raise ConfigError(
-            f"{_key}: {_unknown} are neither experiments nor ensembles (there are {COMPARED})"
-        )
-for _name in config["reference"]["experiments"]:
-    if _name not in COMPARED:
-        raise ConfigError(
-            f"reference.experiments.{_name}: neither an experiment nor an ensemble (there are {COMPARED})"
-        )
-EXPLAINED = config["explain"]["experiments"]
-check_names("explain.experiments", EXPLAINED)
-EXPORTED = config["export"]["experiments"]
-check_names("export.experiments", EXPORTED)
-# external validation: each block resolved and checked now (its dataset as dataset is)
-EXTERNALS = {
-    name: external_settings(config, name, SCHEMA, EXPERIMENTS)
-    for name in config["external"]
-}
-# the site's Slurm partitions and account (empty: the cluster's defaults), set in config so that
-# the profile stays the same everywhere
-CLUSTER = config["cluster"]
+# the whole config resolved and cross-checked once (medfold.settings.resolve): a bad key stops
+# here, before any job runs; the names below are the rules' short names for its parts
+STUDY = resolve(config, SCHEMA)
+RESULTS = STUDY.results
+DATASET = STUDY.dataset
+DATASET_DIR = f"{RESULTS}/{DATASET}"
+OVERRIDES, GRIDS = STUDY.overrides, STUDY.grids
+EXPERIMENTS = list(STUDY.experiments)
+FOLDS = list(STUDY.folds)
+SETTINGS = STUDY.settings
+EXPERIMENT_FOLDS = STUDY.experiment_folds
+REPEATS = STUDY.repeats
+INIT_FROM = STUDY.init_from
+ENSEMBLES = STUDY.ensembles
+INDEX_DATASET = STUDY.index_dataset
+EXPLAINED = list(STUDY.explained)
+EXPORTED = list(STUDY.exported)
+EXTERNALS = STUDY.externals
+CLUSTER = STUDY.cluster
+TRAIN_RESOURCES = STUDY.train_resources
+VARIANTS = STUDY.variants
+COMPRESSED = list(STUDY.compressed)
+COMPRESSED_FOLDS = list(STUDY.compressed_folds)
+EXPLAINED_FOLDS = list(STUDY.explained_folds)
 
 
 def partition_for(gpus):
@@ -181,16 +51,6 @@ def site_resources():
     }
 
 
-TRAIN_RESOURCES = {name: train_resources(SETTINGS[name]) for name in EXPERIMENTS}
-# compression variants, resolved and checked now too; they apply to these experiments
-VARIANTS = {name: variant_settings(config, name, SCHEMA) for name in config["variants"]}
-if VARIANTS:
-    check_names("compression.experiments", config["compression"]["experiments"])
-COMPRESSED = (config["compression"]["experiments"] or EXPERIMENTS) if VARIANTS else []
-COMPRESSED_FOLDS = chosen_folds("compression.folds", config["compression"]["folds"])
-EXPLAINED_FOLDS = chosen_folds("explain.folds", config["explain"]["folds"])
-covers("compression.experiments", COMPRESSED, COMPRESSED_FOLDS)
-covers("explain.experiments", EXPLAINED, EXPLAINED_FOLDS)
 FOLD_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/fold_{{fold}}"
 REPEAT_DIR = f"{FOLD_DIR}/seed_{{repeat}}"
 VARIANT_DIR = f"{RESULTS}/{{dataset}}/{{experiment}}/variants/{{variant}}"
