@@ -27,6 +27,7 @@ from . import prune as pruning
 from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
 from .metrics import predict as predicted_labels
 from .metrics import scalar_metrics
+from .quantize import FixedBatch
 from .train import (
     Criterion,
     FoldData,
@@ -70,23 +71,6 @@ def measure(model, images: torch.Tensor, cfg: dict) -> dict:
 def latency_inputs(runner: Runner, data: FoldData, n: int) -> torch.Tensor:
     rows = data.rows["test"] if len(data.rows["test"]) else data.rows["val"]
     return runner.prepare(torch.from_numpy(data.cache[np.sort(rows[:n])]), None, None)
-
-
-class FixedBatch:
-    """Calls ``model`` on batches of exactly ``size`` images (the last one zero-padded), so a
-    model compiled for static shapes is compiled once for evaluation, not once per batch size."""
-
-    def __init__(self, model, size: int):
-        self.model, self.size = model, size
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for chunk in x.split(self.size):
-            n = len(chunk)
-            if n < self.size:
-                chunk = torch.cat([chunk, chunk.new_zeros((self.size - n, *chunk.shape[1:]))])
-            outputs.append(self.model(chunk)[:n])
-        return torch.cat(outputs)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

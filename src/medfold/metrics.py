@@ -15,7 +15,15 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
-from .split import label_matrix
+
+def label_matrix(labels_per_image, classes: list[str]) -> np.ndarray:
+    """(images, classes) 0/1 matrix in class order, from each image's list of labels."""
+    position = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(labels_per_image), len(classes)), np.int64)
+    for row, labels in enumerate(labels_per_image):
+        for label in labels:
+            matrix[row, position[label]] = 1
+    return matrix
 
 
 def targets_for(labels_per_image, classes: list[str], task: str) -> np.ndarray:

@@ -149,8 +149,7 @@ def load_predictor(path) -> Predictor:
     if path.suffix == ".onnx":
         return _from_onnx(path)
     if path.suffix == ".pt2":
-        from .compress import FixedBatch
-        from .quantize import INT8_METHODS, compiled, load_artifact
+        from .quantize import INT8_METHODS, FixedBatch, compiled, load_artifact
 
         module, meta = load_artifact(path)
         metrics = path.parent / "metrics.json"

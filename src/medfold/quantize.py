@@ -212,3 +212,20 @@ def method_error(method: str) -> ConfigError:
     return ConfigError(
         f"variants: method {method!r} is not one of prune, {', '.join(INT8_METHODS)}, {', '.join(FLOAT_METHODS)}"
     )
+
+
+class FixedBatch:
+    """Calls ``model`` on batches of exactly ``size`` images (the last one zero-padded), so a
+    model compiled for static shapes is compiled once for evaluation, not once per batch size."""
+
+    def __init__(self, model, size: int):
+        self.model, self.size = model, size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in x.split(self.size):
+            n = len(chunk)
+            if n < self.size:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.size - n, *chunk.shape[1:]))])
+            outputs.append(self.model(chunk)[:n])
+        return torch.cat(outputs)

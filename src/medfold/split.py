@@ -25,6 +25,7 @@ from scipy.sparse.csgraph import connected_components
 
 from . import seeds
 from .errors import ConfigError, LeakageError
+from .metrics import label_matrix
 
 TEST = "test"
 CV = "cv"
@@ -60,16 +61,6 @@ def image_groups(index: pd.DataFrame) -> np.ndarray:
     renumber = np.empty(labels.max() + 1, np.int64)
     renumber[labels[:n][order][np.sort(first)]] = np.arange(len(first))
     return renumber[labels[:n]]
-
-
-def label_matrix(labels_per_image, classes: list[str]) -> np.ndarray:
-    """(images, classes) 0/1 matrix in class order, from each image's list of labels."""
-    position = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(labels_per_image), len(classes)), np.int64)
-    for row, labels in enumerate(labels_per_image):
-        for label in labels:
-            matrix[row, position[label]] = 1
-    return matrix
 
 
 def iterative_stratification(counts: np.ndarray, ratios, seed: int) -> np.ndarray:
