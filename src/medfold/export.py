@@ -35,6 +35,8 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, MedfoldError
+from .predict import load_predictor, session
+from .predict import read_metadata as read_metadata  # read where predict reads them; the name stays here too
 from .train import probabilities
 from .transforms import normalize, scale_inputs
 
@@ -67,7 +69,6 @@ class InferencePath(nn.Module):
 
 def _source(path: Path):
     """The predictor of ``path`` (medfold.predict's loading) and the modules to export."""
-    from .predict import load_predictor
 
     if path.suffix == ".pt2":
         from .quantize import load_artifact
@@ -160,17 +161,6 @@ def write_onnx(module: nn.Module, example: torch.Tensor, path) -> None:
     program.save(str(path))
 
 
-def session(path, threads: int | None = None):
-    """An onnxruntime CPU session for an exported file."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def parity(path, module: nn.Module, images: np.ndarray) -> float:
     """The largest absolute difference between onnxruntime's and PyTorch's probabilities."""
     try:
@@ -181,15 +171,3 @@ def parity(path, module: nn.Module, images: np.ndarray) -> float:
     with torch.no_grad():
         want = module(torch.from_numpy(images)).numpy()
     return float(np.abs(got - want).max())
-
-
-def read_metadata(path) -> dict:
-    """The ``medfold.*`` metadata of an exported file, decoded."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {
-        p.key.removeprefix("medfold."): json.loads(p.value)
-        for p in model.metadata_props
-        if p.key.startswith("medfold.")
-    }

@@ -74,8 +74,6 @@ class OnnxPredictor(Predictor):
 
 
 def _from_onnx(path: Path) -> OnnxPredictor:
-    from .export import read_metadata, session
-
     meta = read_metadata(path)
     missing = [k for k in ("classes", "task", "image_size", "channels") if k not in meta]
     if missing:
@@ -276,3 +274,27 @@ def _gradcam(predictor: Predictor, pixels: np.ndarray, table: pd.DataFrame, out:
         cam = np.mean([grad_cam(m, x.clone().requires_grad_(True), target) for m in predictor.modules], axis=0)
         title = f"{table['image'].iat[k]}: {predictor.classes[target]} (p={probs[k, target]:.2f})"
         overlay_cam(image, cam, title, out / f"{k:05d}.png")
+
+
+# ----------------------------------------------------------------------------- exported files
+def session(path, threads: int | None = None):
+    """An onnxruntime CPU session for an exported file."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def read_metadata(path) -> dict:
+    """The ``medfold.*`` metadata of an exported file, decoded."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        p.key.removeprefix("medfold."): json.loads(p.value)
+        for p in model.metadata_props
+        if p.key.startswith("medfold.")
+    }

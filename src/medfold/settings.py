@@ -16,6 +16,14 @@ import yaml
 from .errors import ConfigError
 
 
+def settings_digest(settings: dict) -> str:
+    """An experiment's settings as one canonical string: a checkpoint or a tracking run resumes
+    only under the settings it was made with."""
+    import json
+
+    return json.dumps(settings, sort_keys=True)
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in (overrides or {}).items():

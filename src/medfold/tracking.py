@@ -176,7 +176,7 @@ def fold_run(cfg: dict | None, results, dataset: str, experiment: str, fold: int
         return
     from mlflow.entities import Param
 
-    from .train import settings_digest
+    from .settings import settings_digest
 
     uri = store_uri(cfg, results)
     work = Path(work)

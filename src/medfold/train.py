@@ -43,6 +43,7 @@ from .loop import (
 from .metrics import YOUDEN, choose_thresholds, describe_decision, evaluate, targets_for
 from .models import build_model, input_stats, set_trainable, train_mode
 from .progress import Progress
+from .settings import settings_digest
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize, scale_inputs
 
@@ -261,10 +262,6 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------- the run
-def settings_digest(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)
-
-
 def _read_checkpoint(path: Path, device):
     """The checkpoint, or None when there is none or it cannot be read (a truncated or altered
     file is set aside as ``<name>.unreadable`` and the fold trains from the start)."""
