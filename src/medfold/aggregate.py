@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
+from . import files
 from .clinical import PatientBootstrap, interval, weighted_auroc
 from .errors import ConfigError
 from .metrics import choose_thresholds, describe_decision, evaluate, predict, scalar_metrics, targets_for
@@ -444,3 +447,173 @@ def grid_table(combinations: dict[str, dict], summary_paths: dict[str, str], ran
     table = table.sort_values([key, "train_seconds.mean"], ascending=[False, True], na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- the stages
+@dataclass(frozen=True)
+class CvOutputs(files.Outputs):
+    """The cross-validation files every aggregate rule writes (experiment, ensemble, variant)."""
+
+    per_fold: Path
+    summary_table: Path
+    summary: Path
+    ensemble: Path
+    ensemble_predictions: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "per_fold": "per_fold.csv",
+        "summary_table": "summary.csv",
+        "summary": "summary.json",
+        "ensemble": "ensemble_test.json",
+        "ensemble_predictions": "ensemble_test_predictions.parquet",
+    }
+
+
+@dataclass(frozen=True)
+class ClinicalOutputs(files.Outputs):
+    """The clinical evaluation's files (medfold.clinical.write), for experiments and ensembles."""
+
+    test_predictions: Path
+    clinical: Path
+    subgroups: Path
+    forest: Path
+    calibration: Path
+    reliability: Path
+    operating_points: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "test_predictions": "test_predictions.parquet",
+        "clinical": "clinical.json",
+        "subgroups": "subgroups.csv",
+        "forest": "subgroups.png",
+        "calibration": "calibration.csv",
+        "reliability": "reliability.png",
+        "operating_points": "operating_points.csv",
+    }
+
+
+@dataclass(frozen=True)
+class AggregateOutputs:
+    """What one aggregate rule writes: the cross-validation files, and, where the rule has them,
+    the clinical evaluation (not for compressed variants) and the label audit."""
+
+    cv: CvOutputs
+    clinical: ClinicalOutputs | None = None
+    label_issues: Path | None = None
+
+    @classmethod
+    def from_rule(cls, output) -> AggregateOutputs:
+        return cls(
+            CvOutputs.from_rule(output),
+            ClinicalOutputs.from_rule(output) if hasattr(output, "clinical") else None,
+            Path(output.label_issues) if hasattr(output, "label_issues") else None,
+        )
+
+
+def aggregate_job(
+    name: str,
+    metrics_paths,
+    prediction_paths,
+    index_path,
+    outputs: AggregateOutputs,
+    evaluation: dict,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
+    """An aggregate rule: the folds (and seeds) of ``name`` across cross-validation, its label
+    audit and its clinical evaluation on the shared view of the index. Returns the aggregate."""
+    from . import clinical
+    from .index import read_index
+    from .labels import audit
+    from .privacy import shareable_view
+
+    agg = aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap, seed)
+    cv = outputs.cv
+    write_experiment(agg, cv.per_fold, cv.summary_table, cv.summary, cv.ensemble, cv.ensemble_predictions)
+    if outputs.label_issues is not None:
+        audit(agg["predictions"], agg["classes"], agg["task"]).to_csv(outputs.label_issues, index=False)
+    if outputs.clinical is not None:
+        # with repeats, each validation image once (its seeds averaged); the index as the
+        # predictions name images and patients
+        index = shareable_view(read_index(index_path)[0])
+        result = clinical.evaluate_experiment(
+            agg["predictions"], index, agg["task"], agg["classes"], evaluation, n_bootstrap, seed
+        )
+        clinical.write(result, name, outputs.clinical)
+    return agg
+
+
+@dataclass(frozen=True)
+class ComparisonOutputs(files.Outputs):
+    """What the compare_experiments rule writes."""
+
+    table: Path
+    comparisons: Path
+    cv_tests: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "table": "experiments.csv",
+        "comparisons": "comparisons.csv",
+        "cv_tests": "cv_tests.csv",
+    }
+
+
+def compare_job(
+    names: list[str],
+    summaries,
+    ensembles,
+    test_predictions,
+    per_fold,
+    settings: dict,
+    n_bootstrap: int,
+    seed: int,
+    outputs: ComparisonOutputs,
+) -> None:
+    """The compare_experiments rule: every experiment and experiment ensemble in one table (the
+    best by validation marked), the paired test-set comparisons and the cross-validation t-tests.
+    The path lists are in the order of ``names``."""
+    from .clinical import paired_comparisons, pairs_to_compare
+
+    table = compare_experiments(dict(zip(names, summaries)), dict(zip(names, ensembles)))
+    table.to_csv(outputs.table, index=False)
+    best = table.loc[table["best"], "experiment"].tolist()
+    best = best[0] if best else None
+    predictions = {name: pd.read_parquet(path) for name, path in zip(names, test_predictions)}
+    paired_comparisons(predictions, summaries[0], settings, best, n_bootstrap, seed).to_csv(
+        outputs.comparisons, index=False
+    )
+    folds = {name: pd.read_csv(path) for name, path in zip(names, per_fold)}
+    cv_t_tests(folds, pairs_to_compare(names, settings, best), settings["cv_metric"]).to_csv(
+        outputs.cv_tests, index=False
+    )
+
+
+@dataclass(frozen=True)
+class EnsembleFoldOutputs(files.Outputs):
+    """What the ensemble_fold rule writes for one fold of an experiment ensemble."""
+
+    predictions: Path
+    metrics: Path
+    NAMES: ClassVar[dict[str, str]] = {"predictions": "predictions.parquet", "metrics": "metrics.json"}
+
+
+def ensemble_fold_job(
+    names: list[str], prediction_paths, metrics_paths, weights: list[float], fold: int, outputs: EnsembleFoldOutputs
+) -> None:
+    """The ensemble_fold rule: fold ``fold`` of an experiment ensemble of ``names``."""
+    result, predictions = ensemble_fold(
+        dict(zip(names, prediction_paths)), dict(zip(names, metrics_paths)), weights, fold
+    )
+    predictions.to_parquet(outputs.predictions, index=False)
+    Path(outputs.metrics).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class GridOutputs(files.Outputs):
+    """What the grid_table rule writes for one grid."""
+
+    table: Path
+    NAMES: ClassVar[dict[str, str]] = {"table": "grid.csv"}
+
+
+def grid_job(combinations: dict[str, dict], summary_paths, rank_by: str, outputs: GridOutputs) -> None:
+    """The grid_table rule: the combinations of one grid ranked (summary paths in their order)."""
+    table = grid_table(combinations, dict(zip(combinations, summary_paths)), rank_by)
+    table.to_csv(outputs.table, index=False)

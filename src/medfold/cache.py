@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -135,3 +137,23 @@ def check_cache(cache_dir) -> None:
         raise DataError(f"{recorded}: missing, so {path} cannot be verified; {rebuild}")
     if files.digest(path) != recorded.read_text().strip():
         raise DataError(f"{path}: its bytes differ from those written (digest in {recorded}); {rebuild}")
+
+
+# ----------------------------------------------------------------------------- the cache stage
+
+
+@dataclass(frozen=True)
+class CacheOutputs(files.Outputs):
+    """What the cache rule writes (both in one folder)."""
+
+    images: Path
+    ids: Path
+    NAMES: ClassVar[dict[str, str]] = {"images": "images.npy", "ids": "image_ids.txt"}
+
+
+def cache_job(index_path, size: int, channels: int, outputs: CacheOutputs, threads: int = 1) -> None:
+    """The cache rule: every indexed image decoded and resized once, at ``size``."""
+    from .index import read_index
+
+    index, _ = read_index(index_path)
+    build_cache(index, outputs.images.parent, size, channels, threads)

@@ -446,3 +446,20 @@ def variants_tables(record_paths, summary_paths: dict, base_summary_path) -> tup
         row["oof.auroc_macro"], row["base.oof.auroc_macro"] = oof, base_oof
         rows.append(row)
     return table, pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the variants table
+@dataclasses.dataclass(frozen=True)
+class VariantsTableOutputs(files.Outputs):
+    """What the variants_table rule writes for one experiment."""
+
+    table: Path
+    summary: Path
+    NAMES: ClassVar[dict[str, str]] = {"table": "variants.csv", "summary": "variants_summary.csv"}
+
+
+def variants_table_job(records, variants: list[str], summaries, base_summary, outputs: VariantsTableOutputs) -> None:
+    """The variants_table rule: every variant of every compressed fold beside its base model."""
+    table, summary = variants_tables(records, dict(zip(variants, summaries)), base_summary)
+    table.to_csv(outputs.table, index=False)
+    summary.to_csv(outputs.summary, index=False)

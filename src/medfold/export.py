@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, files
 from .errors import ConfigError, MedfoldError
 from .predict import load_predictor, session
 from .predict import read_metadata as read_metadata  # read where predict reads them; the name stays here too
@@ -171,3 +173,29 @@ def parity(path, module: nn.Module, images: np.ndarray) -> float:
     with torch.no_grad():
         want = module(torch.from_numpy(images)).numpy()
     return float(np.abs(got - want).max())
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class ExportOutputs(files.Outputs):
+    """What the export rule writes, all in one folder."""
+
+    onnx: Path
+    record: Path
+    card: Path
+    card_md: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "onnx": "model.onnx",
+        "record": "model.json",
+        "card": "model_card.json",
+        "card_md": "model_card.md",
+    }
+
+
+def export_job(experiment_dir, card_notes: dict, outputs: ExportOutputs) -> dict:
+    """The export rule: the fold ensemble of ``experiment_dir`` as one ONNX file, and its model card."""
+    from . import card
+
+    record = export_onnx(experiment_dir, outputs.onnx.parent, outputs.onnx.name)
+    card.write(card.build(experiment_dir, card_notes, record), outputs.card.parent)
+    return record

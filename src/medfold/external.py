@@ -52,6 +52,20 @@ class ExternalOutputs(files.Outputs):
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ExternalIndexOutputs(files.Outputs):
+    """What the external_index rule writes: the other dataset's index and its cache."""
+
+    table: Path
+    report: Path
+    cache: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "table": "index.parquet",
+        "report": "index_report.json",
+        "cache": "cache/images.npy",
+    }
+
+
 # ----------------------------------------------------------------------------- 1. index
 def index_external(
     dataset: dict, results, identifiers: str, table_path, report_path, cache_dir, size: int, channels: int, threads=1
@@ -66,6 +80,15 @@ def index_external(
     table, report = build_index(dataset, threads=threads, pseudonyms=pseudonyms)
     write_index(table, report, table_path, report_path)
     build_cache(table, cache_dir, size, channels, threads)
+
+
+def external_index_job(
+    dataset: dict, results, identifiers: str, size: int, channels: int, outputs: ExternalIndexOutputs, threads=1
+) -> None:
+    """The external_index rule (``index_external`` to the rule's paths)."""
+    index_external(
+        dataset, results, identifiers, outputs.table, outputs.report, outputs.cache.parent, size, channels, threads
+    )
 
 
 # ----------------------------------------------------------------------------- 2. leaks

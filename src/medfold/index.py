@@ -16,13 +16,16 @@ import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import files
 from . import fingerprint as fp
 from .dicom import check_header_fields, looks_like_dicom, number_or_age, read_header_fields
 from .errors import ConfigError
@@ -946,3 +949,21 @@ def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
     if "shared_patient_aliases" not in table:
         table["shared_patient_aliases"] = [list(a) for a in table["patient_aliases"]]
     return table
+
+
+# ----------------------------------------------------------------------------- the index stage
+
+
+@dataclass(frozen=True)
+class IndexOutputs(files.Outputs):
+    """What the index rule writes."""
+
+    table: Path
+    report: Path
+    NAMES: ClassVar[dict[str, str]] = {"table": "index.parquet", "report": "index_report.json"}
+
+
+def index_job(dataset: dict, results, identifiers: str, outputs: IndexOutputs, threads: int = 1) -> None:
+    """The index rule: ``dataset`` indexed, its identifiers pseudonymised with the results folder's key."""
+    table, report = build_index(dataset, threads=threads, pseudonyms=Pseudonyms.for_results(results, identifiers))
+    write_index(table, report, outputs.table, outputs.report)

@@ -16,11 +16,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import files
 from .cache import load_file
 from .errors import ConfigError
 from .images import IMAGE_EXTENSIONS
@@ -298,3 +300,35 @@ def read_metadata(path) -> dict:
         for p in model.metadata_props
         if p.key.startswith("medfold.")
     }
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class PredictOutputs(files.Outputs):
+    """What the predict rule (and ``medfold predict``) writes, all in one folder."""
+
+    table: Path
+    csv: Path
+    unreadable: Path
+    record: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "table": "predictions.parquet",
+        "csv": "predictions.csv",
+        "unreadable": "unreadable.csv",
+        "record": "prediction.json",
+    }
+
+
+def predict_job(settings: dict, experiment_dir, outputs: PredictOutputs) -> dict:
+    """The predict rule: ``predict.images`` through the fold ensemble of ``experiment_dir``."""
+    if not settings["images"]:
+        raise ConfigError(
+            "predict.images: not set; give the folder or CSV of new images, e.g. "
+            "--config 'predict={images: new_images/}'"
+        )
+    return predict_images(
+        load_predictor(experiment_dir),
+        list_images(settings["images"], settings["column"]),
+        outputs.table.parent,
+        gradcam=settings["gradcam"],
+    )

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import matplotlib
 
@@ -38,6 +38,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from . import hardware  # noqa: E402
+from .files import Outputs  # noqa: E402
 from .metrics import targets_for  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -1622,3 +1623,17 @@ def environment() -> jinja2.Environment:
 def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
     """The report page as one HTML string (see :func:`gather` for ``inputs``)."""
     return environment().get_template("report.html.j2").render(report=gather(inputs, config, repo))
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class ReportOutputs(Outputs):
+    """What the report rule writes."""
+
+    html: Path
+    NAMES: ClassVar[dict[str, str]] = {"html": "index.html"}
+
+
+def report_job(inputs: dict, config: dict, repo, outputs: ReportOutputs) -> None:
+    """The report rule: the page, from the result files ``inputs`` names."""
+    Path(outputs.html).write_text(render(inputs, config, Path(repo)))

@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import seeds
+from . import files, seeds
 from .errors import ConfigError, LeakageError
 from .metrics import label_matrix
 
@@ -600,3 +602,54 @@ def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple
 def write_json(obj: dict, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- the split stage
+
+
+@dataclass(frozen=True)
+class SplitOutputs(files.Outputs):
+    """What the split rule writes."""
+
+    splits: Path
+    summary: Path
+    manifest: Path
+    NAMES: ClassVar[dict[str, str]] = {
+        "splits": "splits.parquet",
+        "summary": "split_summary.json",
+        "manifest": "split_manifest.csv",
+    }
+
+
+@dataclass(frozen=True)
+class CheckOutputs(files.Outputs):
+    """What the check_split rule writes."""
+
+    check: Path
+    NAMES: ClassVar[dict[str, str]] = {"check": "split_check.json"}
+
+
+def split_job(index_path, settings: dict, outputs: SplitOutputs) -> None:
+    """The split rule: the splits, their summary (shared identifiers only) and the manifest."""
+    from .index import read_index
+    from .privacy import index_scrubber
+
+    index, meta = read_index(index_path)
+    splits, summary = make_splits(index, meta["classes"], settings)
+    splits.to_parquet(outputs.splits, index=False)
+    write_json(index_scrubber(index).record(summary), outputs.summary)
+    write_manifest(split_manifest(index, splits), outputs.manifest, meta["dataset"])
+
+
+def check_split_job(index_path, index_report_path, splits_path, outputs: CheckOutputs) -> None:
+    """The check_split rule: the leak check, on the shared view of the index (the near-duplicate
+    pairs of the index report are in shared identifiers already)."""
+    from .index import read_index
+    from .privacy import shareable_view, shared_splits
+
+    index, _ = read_index(index_path)
+    near = json.loads(Path(index_report_path).read_text()).get("near_duplicates", {})
+    check = check_split(
+        shareable_view(index), shared_splits(index, pd.read_parquet(splits_path)), near.get("pair_list")
+    )
+    write_json(check, outputs.check)

@@ -293,3 +293,12 @@ def log_summary(cfg: dict | None, results, dataset: str, experiment: str, experi
     for path in files:
         _call(uri, f"uploading {Path(path).name}", lambda p=path: client.log_artifact(run_id, str(p), "cv"))
     _call(uri, "finishing the experiment's run", lambda: client.set_terminated(run_id, "FINISHED"))
+
+
+def log_experiment(cfg: dict | None, results, dataset: str, experiment: str, outputs) -> None:
+    """``log_summary`` for what an aggregate rule wrote (a ``medfold.aggregate.AggregateOutputs``)."""
+    cv = outputs.cv
+    experiment_dir = Path(cv.summary).parent.parent
+    log_summary(
+        cfg, results, dataset, experiment, experiment_dir, [cv.summary, cv.per_fold, cv.ensemble, outputs.label_issues]
+    )

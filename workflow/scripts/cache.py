@@ -1,11 +1,10 @@
 from medfold import step
-from medfold.cache import build_cache
-from medfold.index import read_index
+from medfold.cache import CacheOutputs, cache_job
 
 
 def main(s):
-    index, _ = read_index(s.input.index)
-    build_cache(index, s.output.images.rsplit("/", 1)[0], int(s.wildcards.size), s.params.channels, s.threads)
+    outputs = CacheOutputs.from_rule(s.output)  # each file where the rule says
+    cache_job(s.input.index, int(s.wildcards.size), s.params.channels, outputs, s.threads)
 
 
 step.run(snakemake, main)

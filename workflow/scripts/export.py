@@ -1,13 +1,10 @@
 from pathlib import Path
 
-from medfold import card, step
-from medfold.export import export_onnx
+from medfold import step
+from medfold.export import ExportOutputs, export_job
 
-
-def main(s):
-    experiment = Path(s.input.ensemble).parent.parent  # its fold ensemble, thresholds from its cv/
-    record = export_onnx(experiment, Path(s.output.onnx).parent, Path(s.output.onnx).name)
-    card.write(card.build(experiment, s.params.card, record), Path(s.output.card).parent)
-
-
-step.run(snakemake, main)
+# the experiment's folder: its fold ensemble, thresholds from its cv/
+step.run(
+    snakemake,
+    lambda s: export_job(Path(s.input.ensemble).parents[1], s.params.card, ExportOutputs.from_rule(s.output)),
+)

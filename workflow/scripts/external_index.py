@@ -1,13 +1,11 @@
-from pathlib import Path
-
 from medfold import step
-from medfold.external import index_external
+from medfold.external import ExternalIndexOutputs, external_index_job
 
 
 def main(s):
-    p, out = s.params, s.output
-    cache = Path(out.cache).parent
-    index_external(p.dataset, p.results, p.identifiers, out.table, out.report, cache, p.size, p.channels, s.threads)
+    p = s.params
+    outputs = ExternalIndexOutputs.from_rule(s.output)  # each file where the rule says
+    external_index_job(p.dataset, p.results, p.identifiers, p.size, p.channels, outputs, s.threads)
 
 
 step.run(snakemake, main)

@@ -1,11 +1,7 @@
 from medfold import step
-from medfold.aggregate import grid_table
+from medfold.aggregate import GridOutputs, grid_job
 
-
-def main(s):
-    names = list(s.params.combinations)
-    table = grid_table(s.params.combinations, dict(zip(names, s.input.summaries)), s.params.rank_by)
-    table.to_csv(s.output.table, index=False)
-
-
-step.run(snakemake, main)
+step.run(
+    snakemake,
+    lambda s: grid_job(s.params.combinations, s.input.summaries, s.params.rank_by, GridOutputs.from_rule(s.output)),
+)

@@ -1,12 +1,9 @@
 from medfold import step
-from medfold.index import build_index, write_index
-from medfold.privacy import Pseudonyms
+from medfold.index import IndexOutputs, index_job
 
-
-def main(s):
-    pseudonyms = Pseudonyms.for_results(s.params.results, s.params.identifiers)
-    table, report = build_index(s.params.dataset, threads=s.threads, pseudonyms=pseudonyms)
-    write_index(table, report, s.output.table, s.output.report)
-
-
-step.run(snakemake, main)
+step.run(
+    snakemake,
+    lambda s: index_job(
+        s.params.dataset, s.params.results, s.params.identifiers, IndexOutputs.from_rule(s.output), s.threads
+    ),
+)

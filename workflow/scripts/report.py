@@ -1,11 +1,7 @@
-from pathlib import Path
-
 from medfold import step
-from medfold.report import render
+from medfold.report import ReportOutputs, report_job
 
-
-def main(s):
-    Path(s.output.html).write_text(render(s.params.files, s.params.config, Path(s.params.repo)))
-
-
-step.run(snakemake, main)
+step.run(
+    snakemake,
+    lambda s: report_job(s.params.files, s.params.config, s.params.repo, ReportOutputs.from_rule(s.output)),
+)

@@ -1,13 +1,10 @@
 from medfold import step
-from medfold.compress import variants_tables
+from medfold.compress import VariantsTableOutputs, variants_table_job
 
 
 def main(s):
-    table, summary = variants_tables(
-        s.input.records, dict(zip(s.params.variants, s.input.summaries)), s.input.base_summary
-    )
-    table.to_csv(s.output.table, index=False)
-    summary.to_csv(s.output.summary, index=False)
+    outputs = VariantsTableOutputs.from_rule(s.output)  # each file where the rule says
+    variants_table_job(s.input.records, s.params.variants, s.input.summaries, s.input.base_summary, outputs)
 
 
 step.run(snakemake, main)
