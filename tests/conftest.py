@@ -102,8 +102,9 @@ def workflow_dir(
     return tmp_path
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
-    cmd = [
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The real snakemake on the repository's Snakefile, in ``workdir`` with its own config."""
+    return [
         *SNAKEMAKE,
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -113,6 +114,10 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
         str(workdir / "config" / "config.yaml"),
         *args,
     ]
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = snakemake_command(workdir, *args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -134,20 +139,7 @@ def slurm_cluster(state: Path, nodes: int = 1):
 
 def snakemake_slurm(work: Path, env: dict, *args: str, cwd: Path | None = None, timeout: int = 900):
     """The workflow in ``work`` through ``--profile slurm``, typed in the repository root."""
-    cmd = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config" / "config.yaml"),
-        "--cores",
-        "8",
-        "--profile",
-        "slurm",
-        *args,
-    ]
+    cmd = snakemake_command(work, "--cores", "8", "--profile", "slurm", *args)
     return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, SNAKEMAKE, planned, prepare_demo, resolved_config, run_snakemake, workflow_dir
+from conftest import planned, prepare_demo, resolved_config, run_snakemake, snakemake_command, workflow_dir
 
 from medfold.errors import DataError
 
@@ -110,18 +110,7 @@ def _job_pid(work: Path, script: str) -> int | None:
 
 
 def _start(work: Path, *args: str) -> subprocess.Popen:
-    cmd = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config" / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
+    cmd = snakemake_command(work, "--cores", "2", *args)
     return subprocess.Popen(
         cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

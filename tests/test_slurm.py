@@ -5,18 +5,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, planned, sbatch_calls, slurm_cluster, snakemake_slurm, workflow_dir
+from conftest import REPO, planned, sbatch_calls, slurm_cluster, snakemake_command, snakemake_slurm, workflow_dir
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("slurmctld") and not os.environ.get("CI"),
     reason="Debian's slurm-wlm is not installed (.ci/run installs it)",
 )
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DS = "results/demo_cxr14"
 # tiny: 2 folds, a few epochs; one single-GPU experiment, one DDP experiment over 2 GPUs, and one
 # long enough to be cancelled mid-training
@@ -101,20 +99,7 @@ def planned_jobs(text: str) -> int:
 def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(slurm, tmp_path):
     work = workflow_dir(tmp_path, TINY)
     target = f"{DS}/long/fold_0/metrics.json"
-    cmd = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config" / "config.yaml"),
-        "--cores",
-        "8",
-        "--profile",
-        "slurm",
-        target,
-    ]
+    cmd = snakemake_command(work, "--cores", "8", "--profile", "slurm", target)
     log = open(tmp_path / "snakemake.out", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=log, stderr=subprocess.STDOUT)
     checkpoint = work / DS / "long" / "fold_0" / "checkpoint.pt"
