@@ -24,11 +24,7 @@ import torch
 
 from . import files, hardware, quantize, seeds
 from . import prune as pruning
-from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
-from .metrics import predict as predicted_labels
-from .metrics import scalar_metrics
-from .quantize import FixedBatch
-from .train import (
+from .fold import (
     Criterion,
     FoldData,
     Runner,
@@ -37,6 +33,10 @@ from .train import (
     resolve_device,
     write_evaluation,
 )
+from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
+from .metrics import predict as predicted_labels
+from .metrics import scalar_metrics
+from .quantize import FixedBatch
 from .transforms import CachedBatches
 
 log = logging.getLogger(__name__)

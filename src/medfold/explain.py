@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from . import files, seeds
+from .fold import FoldData, load_model, probabilities
 from .metrics import predict
 from .models import last_conv_block
 from .progress import Progress, tracked
-from .train import FoldData, load_model, probabilities
 from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)

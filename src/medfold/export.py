@@ -37,9 +37,9 @@ from torch import nn
 
 from . import __version__, files
 from .errors import ConfigError, MedfoldError
+from .fold import probabilities
 from .predict import load_predictor, session
 from .predict import read_metadata as read_metadata  # read where predict reads them; the name stays here too
-from .train import probabilities
 from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)

@@ -402,7 +402,7 @@ class Epochs:
     """What every epoch of one fit uses: the fold's data and its runner, the loss, the batches,
     augmentation, and where its epochs' random streams start."""
 
-    runner: Any  # train.Runner
+    runner: Any  # fold.Runner
     data: Any  # train.FoldData
     criterion: Any  # train.Criterion
     batches: Any  # transforms.CachedBatches

@@ -25,10 +25,10 @@ import torch
 from . import files
 from .cache import load_file
 from .errors import ConfigError
+from .fold import load_model, probabilities
 from .images import IMAGE_EXTENSIONS
 from .metrics import predict as predicted_labels
 from .progress import Progress
-from .train import load_model, probabilities
 from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
