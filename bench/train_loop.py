@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # also where medfold is not installed
 
+from medfold.fold import Criterion, Runner  # noqa: E402
 from medfold.hardware import describe  # noqa: E402
 from medfold.loop import OptimizerOptions, make_optimizer, seed_epoch, train_epoch  # noqa: E402
 from medfold.models import build_model  # noqa: E402
-from medfold.fold import Criterion, Runner  # noqa: E402
 from medfold.transforms import AugmentConfig, CachedBatches, normalize  # noqa: E402
 
 CLASSES = 14
