@@ -383,21 +383,39 @@ class Study:
     cluster: dict
 
 
-def resolve(config: dict, schema_path=None) -> Study:
-    """The ``Study`` of a config already validated against the schema (Snakemake's ``validate``,
-    which fills in the defaults). Raises ConfigError, naming the key, for anything the schema
-    cannot say: names that must refer to experiments, folds that must exist, keys that only work
-    together. The workflow calls it once, before any job runs; tests call it directly."""
+class _Names:
+    """The experiments and folds a config defines, and the checks that other keys name only those."""
+
+    def __init__(self, experiments: tuple[str, ...], folds: tuple[int, ...]):
+        self.experiments, self.folds = experiments, folds
+        self.trained: dict[str, list[int]] = {}  # experiment -> the folds it trains on
+
+    def experiments_only(self, key: str, names) -> None:
+        unknown = sorted(set(names) - set(self.experiments))
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} are not experiments (there are {list(self.experiments)})")
+
+    def folds_of(self, key: str, chosen) -> tuple[int, ...]:
+        """The folds a key names (every fold when empty), each checked to exist."""
+        unknown = sorted(set(chosen) - set(self.folds))
+        if unknown:
+            raise ConfigError(f"{key}: folds {unknown} do not exist (split.folds gives folds {list(self.folds)})")
+        return tuple(sorted(chosen)) or self.folds
+
+    def covers(self, key: str, names, needed) -> None:
+        """Experiments that ``key`` uses on ``needed`` folds must have trained on them."""
+        for name in names:
+            missing = sorted(set(needed) - set(self.trained[name]))
+            if missing:
+                raise ConfigError(
+                    f"{key}: experiment {name!r} trains on folds {self.trained[name]} only "
+                    f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
+                )
+
+
+def _check_split(split: dict, folds: tuple[int, ...]) -> None:
     from pathlib import Path
 
-    from .dicom import check_header_fields
-
-    schema_path = schema_path or Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-    results, dataset = config["results"], config["dataset"]["name"]
-    overrides, grids = expand_grids(config["experiments"], schema_path)
-    experiments = tuple(overrides)
-    split = config["split"]
-    folds = tuple(range(split["folds"]))
     if split["method"] == "stratified" and len(folds) < 2:
         raise ConfigError(
             f"split.folds is {len(folds)}; split.method 'stratified' needs at least 2 "
@@ -408,56 +426,34 @@ def resolve(config: dict, schema_path=None) -> Study:
             f"split.manifest: {split['manifest']!r} is not a file; split.method 'manifest' "
             "needs the split_manifest.csv to apply"
         )
-    # every experiment's merged settings, checked now: a bad override stops before any job runs
-    settings = {name: experiment_settings(config, name, schema_path, overrides) for name in experiments}
 
-    def check_names(key: str, names) -> None:
-        unknown = sorted(set(names) - set(experiments))
-        if unknown:
-            raise ConfigError(f"{key}: {unknown} are not experiments (there are {list(experiments)})")
 
-    def chosen_folds(key: str, chosen) -> tuple[int, ...]:
-        """The folds a key names (every fold when empty), each checked to exist."""
-        unknown = sorted(set(chosen) - set(folds))
-        if unknown:
-            raise ConfigError(f"{key}: folds {unknown} do not exist (split.folds gives folds {list(folds)})")
-        return tuple(sorted(chosen)) or folds
-
-    # an experiment may train on some folds only (``folds: [0]``: a grid tuned on one fold, as
-    # study 002 tuned on Fold0); its aggregate, fold ensemble and report cover those folds
-    experiment_folds = {}
-    for name in experiments:
+def _experiment_folds(overrides: dict, names: _Names) -> dict[str, list[int]]:
+    """An experiment may train on some folds only (``folds: [0]``: a grid tuned on one fold, as
+    study 002 tuned on Fold0); its aggregate, fold ensemble and report cover those folds."""
+    chosen_folds = {}
+    for name in names.experiments:
         chosen = overrides[name].get("folds") or []
         if not isinstance(chosen, list) or not all(isinstance(f, int) for f in chosen):
             raise ConfigError(f"experiments.{name}.folds: expected a list of fold numbers, got {chosen!r}")
-        experiment_folds[name] = list(chosen_folds(f"experiments.{name}.folds", chosen))
-    # seeds of each fold (``repeats: R``): repeat 0 is fold_<k>/ itself, repeat r >= 1 fold_<k>/seed_<r>/
-    repeats = {name: experiment_repeats(overrides[name], name) for name in experiments}
+        chosen_folds[name] = list(names.folds_of(f"experiments.{name}.folds", chosen))
+    return chosen_folds
 
-    def covers(key: str, names, needed) -> None:
-        """Experiments that ``key`` uses on ``needed`` folds must have trained on them."""
-        for name in names:
-            missing = sorted(set(needed) - set(experiment_folds[name]))
-            if missing:
-                raise ConfigError(
-                    f"{key}: experiment {name!r} trains on folds {experiment_folds[name]} only "
-                    f"(its folds key), not on folds {missing} that {key.split('.')[0]} needs"
-                )
 
-    # experiments that start from another's fold model: that model is an input of their training
-    init_from = resolve_init_from(
-        settings, experiment_folds, lambda name, fold: f"{results}/{dataset}/{name}/fold_{fold}/model.pt"
-    )
-    ensembles = config["ensembles"]
+def _check_ensembles(ensembles: dict, names: _Names) -> None:
     for name, ensemble in ensembles.items():
-        check_names(f"ensembles.{name}.experiments", ensemble["experiments"])
-        if name in experiments:
+        names.experiments_only(f"ensembles.{name}.experiments", ensemble["experiments"])
+        if name in names.experiments:
             raise ConfigError(f"ensembles.{name}: the name is an experiment's too")
-        covers(f"ensembles.{name}.experiments", ensemble["experiments"], folds)
-    # the index carries the table's metadata columns that subgroups are evaluated on
-    evaluation, source = config["evaluation"], config["dataset"]
+        names.covers(f"ensembles.{name}.experiments", ensemble["experiments"], names.folds)
+
+
+def _index_dataset(source: dict, evaluation: dict) -> dict:
+    """The dataset block the index reads: the table's metadata columns, with the columns that
+    subgroups are evaluated on, each checked to be one this format can carry."""
+    from .dicom import check_header_fields
+
     columns = list(dict.fromkeys(source["metadata_columns"] + [spec["column"] for spec in evaluation["subgroups"]]))
-    index_dataset = {**source, "metadata_columns": columns}
     check_header_fields(source["dicom_metadata"])
     from_headers = set(source["dicom_metadata"])
     not_carried = [c for c in columns if c not in from_headers or source["format"] == "npz"]
@@ -467,8 +463,12 @@ def resolve(config: dict, schema_path=None) -> Study:
             f"are read from dataset.table (format 'csv') or DICOM headers (dataset.dicom_metadata "
             f"{sorted(from_headers)}), and dataset.format is {source['format']!r}"
         )
-    compared = experiments + tuple(ensembles)
-    comparisons = evaluation["comparisons"]
+    return {**source, "metadata_columns": columns}
+
+
+def _check_compared(config: dict, compared: tuple[str, ...]) -> None:
+    """Comparisons and reference figures name experiments or experiment ensembles."""
+    comparisons = config["evaluation"]["comparisons"]
     named = [("evaluation.comparisons.reference", [comparisons["reference"]] if comparisons["reference"] else [])]
     named += [("evaluation.comparisons.pairs", pair) for pair in comparisons["pairs"]]
     for key, names in named:
@@ -480,33 +480,61 @@ def resolve(config: dict, schema_path=None) -> Study:
             raise ConfigError(
                 f"reference.experiments.{name}: neither an experiment nor an ensemble (there are {list(compared)})"
             )
+
+
+def resolve(config: dict, schema_path=None) -> Study:
+    """The ``Study`` of a config already validated against the schema (Snakemake's ``validate``,
+    which fills in the defaults). Raises ConfigError, naming the key, for anything the schema
+    cannot say: names that must refer to experiments, folds that must exist, keys that only work
+    together. The workflow calls it once, before any job runs; tests call it directly."""
+    from pathlib import Path
+
+    schema_path = schema_path or Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    results, dataset = config["results"], config["dataset"]["name"]
+    overrides, grids = expand_grids(config["experiments"], schema_path)
+    names = _Names(tuple(overrides), tuple(range(config["split"]["folds"])))
+    _check_split(config["split"], names.folds)
+    # every experiment's merged settings, checked now: a bad override stops before any job runs
+    settings = {name: experiment_settings(config, name, schema_path, overrides) for name in names.experiments}
+    names.trained = _experiment_folds(overrides, names)
+    # experiments that start from another's fold model: that model is an input of their training
+    init_from = resolve_init_from(
+        settings, names.trained, lambda name, fold: f"{results}/{dataset}/{name}/fold_{fold}/model.pt"
+    )
+    ensembles = config["ensembles"]
+    _check_ensembles(ensembles, names)
+    index_dataset = _index_dataset(config["dataset"], config["evaluation"])
+    compared = names.experiments + tuple(ensembles)
+    _check_compared(config, compared)
     explained = tuple(config["explain"]["experiments"])
-    check_names("explain.experiments", explained)
+    names.experiments_only("explain.experiments", explained)
     exported = tuple(config["export"]["experiments"])
-    check_names("export.experiments", exported)
+    names.experiments_only("export.experiments", exported)
     # external validation: each block resolved and checked now (its dataset as dataset is)
-    externals = {name: external_settings(config, name, schema_path, list(experiments)) for name in config["external"]}
+    externals = {
+        name: external_settings(config, name, schema_path, list(names.experiments)) for name in config["external"]
+    }
     # compression variants, resolved and checked now too; they apply to these experiments
     variants = {name: variant_settings(config, name, schema_path) for name in config["variants"]}
     compression = config["compression"]
     if variants:
-        check_names("compression.experiments", compression["experiments"])
-    compressed = tuple(compression["experiments"] or experiments) if variants else ()
-    compressed_folds = chosen_folds("compression.folds", compression["folds"])
-    explained_folds = chosen_folds("explain.folds", config["explain"]["folds"])
-    covers("compression.experiments", compressed, compressed_folds)
-    covers("explain.experiments", explained, explained_folds)
+        names.experiments_only("compression.experiments", compression["experiments"])
+    compressed = tuple(compression["experiments"] or names.experiments) if variants else ()
+    compressed_folds = names.folds_of("compression.folds", compression["folds"])
+    explained_folds = names.folds_of("explain.folds", config["explain"]["folds"])
+    names.covers("compression.experiments", compressed, compressed_folds)
+    names.covers("explain.experiments", explained, explained_folds)
     return Study(
         config=config,
         results=results,
         dataset=dataset,
-        experiments=experiments,
-        folds=folds,
+        experiments=names.experiments,
+        folds=names.folds,
         overrides=overrides,
         grids=grids,
         settings=settings,
-        experiment_folds=experiment_folds,
-        repeats=repeats,
+        experiment_folds=names.trained,
+        repeats={name: experiment_repeats(overrides[name], name) for name in names.experiments},
         init_from=init_from,
         ensembles=ensembles,
         index_dataset=index_dataset,
@@ -518,6 +546,6 @@ def resolve(config: dict, schema_path=None) -> Study:
         variants=variants,
         compressed=compressed,
         compressed_folds=compressed_folds,
-        train_resources={name: train_resources(settings[name]) for name in experiments},
+        train_resources={name: train_resources(settings[name]) for name in names.experiments},
         cluster=config["cluster"],
     )
