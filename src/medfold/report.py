@@ -40,6 +40,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from . import hardware  # noqa: E402
 from .files import Outputs  # noqa: E402
 from .metrics import targets_for  # noqa: E402
+from .report_files import ReportInputs  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Okabe & Ito (2008), a palette that colour-blind readers can tell apart.
@@ -1332,32 +1333,30 @@ def read_timings(paths) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the page
-def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
-    """Every view of the page from the result files. ``inputs``: paths of index, index_report,
-    split_summary, split_check, cache (optional), comparison, comparisons, grids, benchmarks, and
-    per experiment (and ensemble) its per_fold, summary, ensemble, predictions (per fold),
-    ensemble_predictions, histories (fold -> path), clinical, forest, reliability, explanations
-    and variants."""
+def gather(inputs: ReportInputs | dict, config: dict, repo: Path | None = None) -> Report:
+    """Every view of the page from the result files ``inputs`` names (a ``ReportInputs``, or a
+    dict of its shape)."""
     from .index import read_index
     from .privacy import shareable_view
 
-    index = shareable_view(read_index(inputs["index"])[0])
-    index_report = json.loads(Path(inputs["index_report"]).read_text())
-    split_summary = json.loads(Path(inputs["split_summary"]).read_text())
-    check = json.loads(Path(inputs["split_check"]).read_text())
-    cache = np.load(inputs["cache"], mmap_mode="r") if inputs.get("cache") else None
+    inputs = ReportInputs.of(inputs)
+    index = shareable_view(read_index(inputs.index)[0])
+    index_report = json.loads(Path(inputs.index_report).read_text())
+    split_summary = json.loads(Path(inputs.split_summary).read_text())
+    check = json.loads(Path(inputs.split_check).read_text())
+    cache = np.load(inputs.cache, mmap_mode="r") if inputs.cache else None
     experiments, best = None, set()
-    if inputs.get("comparison"):
-        comparison = pd.read_csv(inputs["comparison"])
+    if inputs.comparison:
+        comparison = pd.read_csv(inputs.comparison)
         best = set(comparison.loc[comparison["best"], "experiment"])
         experiments = experiments_table(comparison)
-    comparisons = comparisons_table(pd.read_csv(inputs["comparisons"])) if inputs.get("comparisons") else None
-    cv_tests = cv_tests_table(pd.read_csv(inputs["cv_tests"])) if inputs.get("cv_tests") else None
+    comparisons = comparisons_table(pd.read_csv(inputs.comparisons)) if inputs.comparisons else None
+    cv_tests = cv_tests_table(pd.read_csv(inputs.cv_tests)) if inputs.cv_tests else None
     # ensembles across experiments are shown as experiments are, without training curves
-    every = {**inputs.get("experiments", {}), **inputs.get("ensembles", {})}
+    every = {**inputs.experiments, **inputs.ensembles}
     details = [experiment_view(name, files, name in best) for name, files in every.items()]
     for view in details:  # the label audit's thumbnails come from the cache, as the dataset's do
-        path = every[view.name].get("label_issues")
+        path = every[view.name].label_issues
         if path and Path(path).exists():
             view.labels = label_audit_view(path, index, cache)
     grids = [
@@ -1368,17 +1367,15 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
             config["grids"]["top_k"],
             sorted((config["experiments"].get(name) or {}).get("folds") or []) or None,
         )
-        for name, path in (inputs.get("grids") or {}).items()
+        for name, path in inputs.grids.items()
     ]
     explanations = [
-        explanations_view(name, files["explanations"])
-        for name, files in inputs.get("experiments", {}).items()
-        if files.get("explanations")
+        explanations_view(name, files.explanations) for name, files in inputs.experiments.items() if files.explanations
     ]
     variants = {
-        name: (pd.read_csv(files["variants"]["table"]), pd.read_csv(files["variants"]["summary"]))
-        for name, files in inputs.get("experiments", {}).items()
-        if files.get("variants")
+        name: (pd.read_csv(files.variants["table"]), pd.read_csv(files.variants["summary"]))
+        for name, files in inputs.experiments.items()
+        if files.variants
     }
     return Report(
         title=f"medfold report: {index_report['dataset']}",
@@ -1391,16 +1388,10 @@ def gather(inputs: dict, config: dict, repo: Path | None = None) -> Report:
         split=split_view(split_summary, check),
         explanations=explanations,
         compression=compression_view(variants, config) if variants else None,
-        provenance=provenance_view(
-            config, read_timings(inputs.get("benchmarks", [])), repo, recipe_table(inputs.get("experiments", {}))
-        ),
+        provenance=provenance_view(config, read_timings(inputs.benchmarks), repo, recipe_table(inputs.experiments)),
         reference=reference_view(config.get("reference") or {}, every),
-        externals=[external_view(name, files) for name, files in (inputs.get("externals") or {}).items()],
-        cards=[
-            card_view(name, files["model_card"])
-            for name, files in inputs.get("experiments", {}).items()
-            if files.get("model_card")
-        ],
+        externals=[external_view(name, files) for name, files in inputs.externals.items()],
+        cards=[card_view(name, files.model_card) for name, files in inputs.experiments.items() if files.model_card],
     )
 
 
@@ -1620,7 +1611,7 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render(inputs: dict, config: dict, repo: Path | None = None) -> str:
+def render(inputs: ReportInputs | dict, config: dict, repo: Path | None = None) -> str:
     """The report page as one HTML string (see :func:`gather` for ``inputs``)."""
     return environment().get_template("report.html.j2").render(report=gather(inputs, config, repo))
 
@@ -1634,6 +1625,6 @@ class ReportOutputs(Outputs):
     NAMES: ClassVar[dict[str, str]] = {"html": "index.html"}
 
 
-def report_job(inputs: dict, config: dict, repo, outputs: ReportOutputs) -> None:
+def report_job(inputs: ReportInputs, config: dict, repo, outputs: ReportOutputs) -> None:
     """The report rule: the page, from the result files ``inputs`` names."""
     Path(outputs.html).write_text(render(inputs, config, Path(repo)))

@@ -5,6 +5,7 @@ import re
 
 from snakemake.utils import validate
 
+from medfold.report_files import ExperimentFiles, ExternalFiles, ReportInputs
 from medfold.settings import compress_gpus, repeat_settings, resolve
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -188,55 +189,65 @@ def cv_file(experiment, output):
 
 
 def report_inputs():
-    """Every result file the report reads, by section (passed to the script as params too)."""
+    """Every result file the report reads (medfold.report_files.ReportInputs): its paths are
+    the report rule's inputs, the object its script's parameter."""
     experiments = {
-        name: {
-            "per_fold": cv_file(name, "per_fold"),
-            "summary": cv_file(name, "summary"),
-            "ensemble": cv_file(name, "ensemble"),
-            "ensemble_predictions": cv_file(name, "ensemble_predictions"),
-            "predictions": fold_files(name, "predictions"),
+        name: ExperimentFiles(
+            per_fold=cv_file(name, "per_fold"),
+            summary=cv_file(name, "summary"),
+            ensemble=cv_file(name, "ensemble"),
+            ensemble_predictions=cv_file(name, "ensemble_predictions"),
+            predictions=fold_files(name, "predictions"),
             # fold -> its history (the report never reads a fold number from a path)
-            "histories": dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "history"))),
-            "metrics": dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "metrics"))),
-            "clinical": cv_file(name, "clinical"),
-            "forest": cv_file(name, "forest"),
-            "reliability": cv_file(name, "reliability"),
-            "label_issues": cv_file(name, "label_issues"),
-        }
+            histories=dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "history"))),
+            metrics=dict(zip(EXPERIMENT_FOLDS[name], fold_files(name, "metrics"))),
+            clinical=cv_file(name, "clinical"),
+            forest=cv_file(name, "forest"),
+            reliability=cv_file(name, "reliability"),
+            label_issues=cv_file(name, "label_issues"),
+            explanations=(
+                explanation_files(name, "record") if name in EXPLAINED else []
+            ),
+            model_card=(
+                expand(rules.export.output.card, dataset=DATASET, experiment=name)[0]
+                if name in EXPORTED
+                else None
+            ),
+            variants=(
+                {
+                    "table": expand(
+                        rules.variants_table.output.table,
+                        dataset=DATASET,
+                        experiment=name,
+                    )[0],
+                    "summary": expand(
+                        rules.variants_table.output.summary,
+                        dataset=DATASET,
+                        experiment=name,
+                    )[0],
+                }
+                if name in COMPRESSED
+                else None
+            ),
+        )
         for name in EXPERIMENTS
     }
-    for name in EXPLAINED:
-        experiments[name]["explanations"] = explanation_files(name, "record")
-    for name in EXPORTED:
-        experiments[name]["model_card"] = expand(
-            rules.export.output.card, dataset=DATASET, experiment=name
-        )[0]
     ensembles = {
-        name: {
-            "per_fold": ensemble_cv_file(name, "per_fold"),
-            "summary": ensemble_cv_file(name, "summary"),
-            "ensemble": ensemble_cv_file(name, "ensemble"),
-            "ensemble_predictions": ensemble_cv_file(name, "ensemble_predictions"),
-            "predictions": ensemble_files(name, "predictions"),
-            "histories": {},
-            "metrics": dict(zip(FOLDS, ensemble_files(name, "metrics"))),
-            "clinical": ensemble_cv_file(name, "clinical"),
-            "forest": ensemble_cv_file(name, "forest"),
-            "reliability": ensemble_cv_file(name, "reliability"),
-            "label_issues": ensemble_cv_file(name, "label_issues"),
-        }
+        name: ExperimentFiles(
+            per_fold=ensemble_cv_file(name, "per_fold"),
+            summary=ensemble_cv_file(name, "summary"),
+            ensemble=ensemble_cv_file(name, "ensemble"),
+            ensemble_predictions=ensemble_cv_file(name, "ensemble_predictions"),
+            predictions=ensemble_files(name, "predictions"),
+            histories={},
+            metrics=dict(zip(FOLDS, ensemble_files(name, "metrics"))),
+            clinical=ensemble_cv_file(name, "clinical"),
+            forest=ensemble_cv_file(name, "forest"),
+            reliability=ensemble_cv_file(name, "reliability"),
+            label_issues=ensemble_cv_file(name, "label_issues"),
+        )
         for name in ENSEMBLES
     }
-    for name in COMPRESSED:
-        experiments[name]["variants"] = {
-            "table": expand(
-                rules.variants_table.output.table, dataset=DATASET, experiment=name
-            )[0],
-            "summary": expand(
-                rules.variants_table.output.summary, dataset=DATASET, experiment=name
-            )[0],
-        }
     sizes = sorted({SETTINGS[name]["image_size"] for name in EXPERIMENTS})
     benchmarks = [
         *expand(rules.index.benchmark, dataset=DATASET),
@@ -272,51 +283,40 @@ def report_inputs():
             )
         ],
     ]
-    return {
-        "index": expand(rules.index.output.table, dataset=DATASET)[0],
-        "index_report": expand(rules.index.output.report, dataset=DATASET)[0],
-        "split_summary": expand(rules.split.output.summary, dataset=DATASET)[0],
-        "split_check": expand(rules.check_split.output.check, dataset=DATASET)[0],
-        "cache": cache_of(min(EXPERIMENTS, key=lambda n: SETTINGS[n]["image_size"]))[0],
-        "comparison": expand(rules.compare_experiments.output.table, dataset=DATASET)[
-            0
-        ],
-        "comparisons": expand(
+    return ReportInputs(
+        index=expand(rules.index.output.table, dataset=DATASET)[0],
+        index_report=expand(rules.index.output.report, dataset=DATASET)[0],
+        split_summary=expand(rules.split.output.summary, dataset=DATASET)[0],
+        split_check=expand(rules.check_split.output.check, dataset=DATASET)[0],
+        cache=cache_of(min(EXPERIMENTS, key=lambda n: SETTINGS[n]["image_size"]))[0],
+        comparison=expand(rules.compare_experiments.output.table, dataset=DATASET)[0],
+        comparisons=expand(
             rules.compare_experiments.output.comparisons, dataset=DATASET
         )[0],
-        "cv_tests": expand(rules.compare_experiments.output.cv_tests, dataset=DATASET)[
-            0
-        ],
-        "experiments": experiments,
-        "ensembles": ensembles,
-        "grids": {
+        cv_tests=expand(rules.compare_experiments.output.cv_tests, dataset=DATASET)[0],
+        experiments=experiments,
+        ensembles=ensembles,
+        grids={
             name: expand(rules.grid_table.output.table, dataset=DATASET, grid=name)[0]
             for name in GRIDS
         },
-        "benchmarks": benchmarks,
-        "externals": {
-            name: {
-                "record": expand(
+        benchmarks=benchmarks,
+        externals={
+            name: ExternalFiles(
+                record=expand(
                     rules.external_validate.output.record,
                     dataset=DATASET,
                     external=name,
                 )[0],
-                "reliability": expand(
+                reliability=expand(
                     rules.external_validate.output.reliability,
                     dataset=DATASET,
                     external=name,
                 )[0],
-            }
+            )
             for name in EXTERNALS
         },
-    }
-
-
-def flat_files(tree):
-    if isinstance(tree, str):
-        return [tree]
-    values = tree.values() if isinstance(tree, dict) else tree
-    return [path for value in values for path in flat_files(value)]
+    )
 
 
 def all_outputs():

@@ -5,7 +5,7 @@ REPORT_INPUTS = report_inputs()
 
 rule report:
     input:
-        flat_files(REPORT_INPUTS),
+        REPORT_INPUTS.paths(),
     output:
         html=report(
             f"{RESULTS}/{{dataset}}/report/index.html",
