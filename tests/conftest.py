@@ -125,6 +125,20 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     return proc
 
 
+def seed_data_stages(source: Path, work: Path, dataset: str = "results/demo_cxr14", size: int = 64) -> None:
+    """Copy a finished workflow's demo data, index, split and cache into ``work`` (mtimes kept),
+    so that a test of the training jobs runs those alone. ``work``'s config must have the same
+    dataset and split settings as ``source``'s (QUICK's)."""
+    import shutil
+
+    shutil.copytree(source / "resources", work / "resources")
+    (work / dataset / "cache").mkdir(parents=True)
+    for item in (source / dataset).iterdir():
+        if item.is_file():
+            shutil.copy2(item, work / dataset / item.name)
+    shutil.copytree(source / dataset / "cache" / str(size), work / dataset / "cache" / str(size))
+
+
 def slurm_cluster(state: Path, nodes: int = 1):
     """A real Slurm cluster (tests/cluster/slurm.sh) for a fixture to yield from: the environment
     its client commands need. ``nodes`` >= 2: one slurmd per simulated node, each in its own

@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, planned, sbatch_calls, slurm_cluster, snakemake_command, snakemake_slurm, workflow_dir
+from conftest import (
+    REPO,
+    planned,
+    sbatch_calls,
+    seed_data_stages,
+    slurm_cluster,
+    snakemake_command,
+    snakemake_slurm,
+    workflow_dir,
+)
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("slurmctld") and not os.environ.get("CI"),
@@ -34,6 +43,9 @@ TINY = {
     "export": {"experiments": []},
     "external": {},
 }
+
+
+LONG = {"epochs": 40, "batch_norm": True}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +108,11 @@ def planned_jobs(text: str) -> int:
     return int(total.group(1)) - 1  # 'all' runs locally
 
 
-def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(slurm, tmp_path):
-    work = workflow_dir(tmp_path, TINY)
+def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(slurm, trained_workflow, tmp_path):
+    # the shared trained workflow's split (QUICK's) and data stages: only the training job goes
+    # through Slurm; 40 epochs leave the kill well inside training
+    work = workflow_dir(tmp_path, {**{k: v for k, v in TINY.items() if k != "split"}, "experiments": {"long": LONG}})
+    seed_data_stages(trained_workflow, work)
     target = f"{DS}/long/fold_0/metrics.json"
     cmd = snakemake_command(work, "--cores", "8", "--profile", "slurm", target)
     log = open(tmp_path / "snakemake.out", "w")
@@ -118,5 +133,5 @@ def test_a_job_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(sl
     train_log = (work / DS / "long" / "fold_0" / "train.log").read_text()
     resumed = re.search(r"resumed fold 0 from .* after epoch (\d+)", train_log)
     assert resumed and int(resumed.group(1)) >= 1, train_log[-2000:]
-    assert "fold 0 epoch 100/100" in train_log
+    assert f"fold 0 epoch {LONG['epochs']}/{LONG['epochs']}" in train_log
     assert (work / target).exists()

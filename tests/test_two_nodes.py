@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, sbatch_calls, slurm_cluster, snakemake_slurm, workflow_dir
+from conftest import REPO, sbatch_calls, seed_data_stages, slurm_cluster, snakemake_slurm, workflow_dir
 
 from medfold.models import build_model
 
@@ -118,13 +118,8 @@ def test_a_fold_trains_on_two_nodes_through_the_slurm_profile(two_nodes, trained
     config = TWO_NODE_TRAINING
     work = workflow_dir(tmp_path, config)
     # the demo data, index, split and cache from the shared trained workflow (the same dataset and
-    # split settings, mtimes kept): only the training jobs go through Slurm here
-    shutil.copytree(trained_workflow / "resources", work / "resources")
-    (work / DS / "cache").mkdir(parents=True)
-    for item in (trained_workflow / DS).iterdir():
-        if item.is_file():
-            shutil.copy2(item, work / DS / item.name)
-    shutil.copytree(trained_workflow / DS / "cache" / "64", work / DS / "cache" / "64")
+    # split settings): only the training jobs go through Slurm here
+    seed_data_stages(trained_workflow, work)
     names = list(config["experiments"])
     targets = [f"{DS}/{name}/fold_0/metrics.json" for name in names]
     proc = snakemake_slurm(work, two_nodes, "--verbose", *targets)
