@@ -167,3 +167,11 @@ def test_nodes_that_cannot_share_the_processes_evenly_are_refused(parallel, mess
     with pytest.raises(ConfigError, match=r"experiments\.spread\.distributed\.nodes: 2 nodes") as err:
         experiment_settings(config, "spread", REPO / "workflow/schemas/config.schema.yaml")
     assert message in str(err.value)
+
+
+def test_nodes_without_slurm_are_refused_with_what_to_do(tmp_path, monkeypatch):
+    from medfold.distributed import launch
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's srun
+    with pytest.raises(ConfigError, match=r"2 ddp processes on 2 node\(s\) are started with Slurm's srun"):
+        launch("ddp", 2, "auto", 0, ["medfold.train", "job.json"], nodes=2)

@@ -86,6 +86,14 @@ def test_init_from_gives_the_source_fold_model_path():
             {"experiments": {"spread": {"distributed": {"backend": "ddp", "gpus": 3, "nodes": 2}}}},
             r"experiments\.spread\.distributed\.nodes: 2 nodes",
         ),
+        (
+            {
+                "experiments": {
+                    "spread": {"distributed": {"backend": "ddp", "gpus": 2, "nodes": 2, "launcher": "local"}}
+                }
+            },
+            r"experiments\.spread\.distributed\.launcher: 'local' starts processes on this machine only",
+        ),
         ({"experiments": {"baseline": {"model": "no_such_net"}}}, r"experiments\.baseline\.model: 'no_such_net'"),
     ],
 )

@@ -322,9 +322,15 @@ def launch_command(
 def launch(backend: str, processes: int, launcher: str, gpus_per_process: int, module: list[str], nodes: int = 1):
     """Run ``launch_command``'s command to its end; returns its exit status. Horovod under srun
     gets its rendezvous server here, in this process, for as long as the processes run."""
+    import shutil
     import subprocess
 
     command = launch_command(backend, processes, launcher, gpus_per_process, module, nodes)
+    if command[0] == "srun" and not shutil.which("srun"):
+        raise ConfigError(
+            f"distributed: {processes} {backend} processes on {nodes} node(s) are started with Slurm's srun, "
+            f"which is not installed here; run the workflow with --profile slurm, or use nodes: 1 and launcher: local"
+        )
     server, env = None, None
     if backend == "horovod" and command[0] == "srun":
         server, env = horovod_rendezvous(processes, nodes)

@@ -127,6 +127,11 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"a number of processes (distributed.gpus, {parallel['gpus']}) they divide evenly"
             + ("" if parallel["backend"] != "none" else f"; the backend is {parallel['backend']!r}")
         )
+    if parallel["nodes"] > 1 and parallel["launcher"] == "local":
+        raise ConfigError(
+            f"experiments.{name}.distributed.launcher: 'local' starts processes on this machine only, and "
+            f"distributed.nodes is {parallel['nodes']}; use launcher auto or srun (a Slurm job across the nodes)"
+        )
     if (settings.get("qat") or {}).get("enabled") and prune.get("enabled"):
         raise ConfigError(
             f"experiments.{name}: qat and pruning during training do not combine (both rewrite the weights "
