@@ -139,6 +139,30 @@ def seed_data_stages(source: Path, work: Path, dataset: str = "results/demo_cxr1
     shutil.copytree(source / dataset / "cache" / str(size), work / dataset / "cache" / str(size))
 
 
+def train_command(settings_file: Path, prepared: Path, fold: int, out: Path, threads: int = 2) -> list[str]:
+    """``python -m medfold.train`` for one fold of a prepared demo (index, splits, cache), as a
+    launcher or a resumed job would start it."""
+    return [
+        sys.executable,
+        "-m",
+        "medfold.train",
+        "--settings",
+        str(settings_file),
+        "--index",
+        str(prepared / "index.parquet"),
+        "--splits",
+        str(prepared / "splits.parquet"),
+        "--cache",
+        str(prepared / "cache"),
+        "--fold",
+        str(fold),
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
+
+
 def slurm_cluster(state: Path, nodes: int = 1):
     """A real Slurm cluster (tests/cluster/slurm.sh) for a fixture to yield from: the environment
     its client commands need. ``nodes`` >= 2: one slurmd per simulated node, each in its own

@@ -9,13 +9,12 @@ asked, so the numbers are compared to 1e-3 here."""
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import prepare_demo, resolved_config
+from conftest import prepare_demo, resolved_config, train_command
 
 from medfold.fold import FoldData, Runner, load_model
 from medfold.quantize import reduced_precision
@@ -71,25 +70,7 @@ def test_a_gpu_run_killed_after_an_epoch_resumes_to_the_same_numbers(prepared, t
     out = tmp_path / "killed"
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(cfg))
-    cmd = [
-        sys.executable,
-        "-m",
-        "medfold.train",
-        "--settings",
-        str(settings),
-        "--index",
-        str(prepared / "index.parquet"),
-        "--splits",
-        str(prepared / "splits.parquet"),
-        "--cache",
-        str(prepared / "cache"),
-        "--fold",
-        str(FOLD),
-        "--out",
-        str(out),
-        "--threads",
-        "2",
-    ]
+    cmd = train_command(settings, prepared, FOLD, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint, epoch, deadline = out / "checkpoint.pt", 0, time.time() + 300
     while time.time() < deadline and epoch < 3:

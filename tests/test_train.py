@@ -3,13 +3,12 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
 import torch
-from conftest import prepare_demo, resolved_config, visible_test_metrics
+from conftest import prepare_demo, resolved_config, train_command, visible_test_metrics
 
 from medfold.errors import DataError
 from medfold.index import write_index
@@ -84,25 +83,7 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_metrics(prepared, unint
     out = tmp_path / "killed"
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(json.dumps(settings(**LEARNING)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "medfold.train",
-        "--settings",
-        str(settings_file),
-        "--index",
-        str(prepared / "index.parquet"),
-        "--splits",
-        str(prepared / "splits.parquet"),
-        "--cache",
-        str(prepared / "cache"),
-        "--fold",
-        str(FOLD),
-        "--out",
-        str(out),
-        "--threads",
-        "2",
-    ]
+    cmd = train_command(settings_file, prepared, FOLD, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "checkpoint.pt"
     deadline = time.time() + 120
