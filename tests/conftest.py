@@ -125,6 +125,17 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     return proc
 
 
+# training and evaluation only: no variants, ensembles, explanations, exports or other sites
+TRAINING_ONLY = {
+    "variants": {},
+    "compression": {"experiments": []},
+    "ensembles": {},
+    "explain": {"experiments": []},
+    "export": {"experiments": []},
+    "external": {},
+}
+
+
 def seed_data_stages(source: Path, work: Path, dataset: str = "results/demo_cxr14", size: int = 64) -> None:
     """Copy a finished workflow's demo data, index, split and cache into ``work`` (mtimes kept),
     so that a test of the training jobs runs those alone. ``work``'s config must have the same

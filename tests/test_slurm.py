@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     REPO,
+    TRAINING_ONLY,
     planned,
     sbatch_calls,
     seed_data_stages,
@@ -36,12 +37,7 @@ TINY = {
         "spread": {"distributed": {"backend": "ddp", "gpus": 2}},
         "long": {"epochs": 100, "batch_norm": True},
     },
-    "variants": {},
-    "compression": {"experiments": []},
-    "ensembles": {},
-    "explain": {"experiments": []},
-    "export": {"experiments": []},
-    "external": {},
+    **TRAINING_ONLY,
 }
 
 

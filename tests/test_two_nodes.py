@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, sbatch_calls, seed_data_stages, slurm_cluster, snakemake_slurm, workflow_dir
+from conftest import REPO, TRAINING_ONLY, sbatch_calls, seed_data_stages, slurm_cluster, snakemake_slurm, workflow_dir
 
 from medfold.models import build_model
 
@@ -105,12 +105,7 @@ TWO_NODE_TRAINING = {
             else {}
         ),
     },
-    "variants": {},
-    "compression": {"experiments": []},
-    "ensembles": {},
-    "explain": {"experiments": []},
-    "export": {"experiments": []},
-    "external": {},
+    **TRAINING_ONLY,
 }
 
 

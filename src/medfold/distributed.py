@@ -188,15 +188,25 @@ def _slurm_to_torchrun_env() -> None:
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))
+    os.environ["WORLD_SIZE"] = str(_slurm_tasks())
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("MASTER_ADDR", os.environ.get("MEDFOLD_MASTER_ADDR") or rendezvous_host())
     os.environ.setdefault("MASTER_PORT", str(rendezvous_port()))
 
 
+def _slurm_tasks() -> int:
+    """The tasks of this srun step (its world size)."""
+    return int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")))
+
+
+def _slurm_nodes() -> int:
+    """The nodes this srun step runs on."""
+    return int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+
+
 def rendezvous_host() -> str:
     """Where rank 0 of this srun step runs, as the other nodes reach it."""
-    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    nodes = _slurm_nodes()
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST")
     if nodes <= 1 or not nodelist:
         return "127.0.0.1"
@@ -381,8 +391,7 @@ def _slurm_to_horovod_env() -> None:
     env = os.environ
     if "HOROVOD_RANK" in env or "SLURM_PROCID" not in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in env:
         return
-    size = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
-    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    size, nodes = _slurm_tasks(), _slurm_nodes()
     node = env.get("SLURM_NODEID", "0")
     env.update(
         {

@@ -75,6 +75,7 @@ from .stats import (  # noqa: F401
     weighted_rates,
 )
 from .subgroups import (  # noqa: F401
+    SUBGROUP_COLUMNS,
     _edge,
     _metric_rows,
     _quiet,

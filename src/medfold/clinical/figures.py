@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .experiment import calibration_table, summary_record
+from .subgroups import SUBGROUP_COLUMNS
 
 
 # ----------------------------------------------------------------------------- figures
@@ -116,23 +117,7 @@ def write(result: dict, name: str, output) -> None:
 
     result["test_predictions"].to_parquet(output.test_predictions, index=False)
     Path(output.clinical).write_text(json.dumps(summary_record(result), indent=2) + "\n")
-    subgroups = result.get(
-        "subgroups",
-        pd.DataFrame(
-            columns=[
-                "subgroup",
-                "column",
-                "group",
-                "images",
-                "patients",
-                "too_small",
-                "metric",
-                "value",
-                "ci_low",
-                "ci_high",
-            ]
-        ),
-    )
+    subgroups = result.get("subgroups", pd.DataFrame(columns=SUBGROUP_COLUMNS))
     subgroups.to_csv(output.subgroups, index=False)
     result.get("operating_points", pd.DataFrame()).to_csv(output.operating_points, index=False)
     calibration_table(result.get("calibration", {})).to_csv(output.calibration, index=False)

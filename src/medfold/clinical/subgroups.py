@@ -15,8 +15,23 @@ from ..metrics import targets_for
 from ._constants import PROB
 from .stats import PatientBootstrap, decisions, interval, onehot, scored_classes, weighted_auroc, weighted_rates
 
-
 # ----------------------------------------------------------------------------- subgroups
+
+# one row per (subgroup, group, metric), the subgroups.csv the report reads
+SUBGROUP_COLUMNS = [
+    "subgroup",
+    "column",
+    "group",
+    "images",
+    "patients",
+    "too_small",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+]
+
+
 def _edge(value: float) -> str:
     return f"{value:g}"
 
@@ -152,18 +167,4 @@ def subgroup_results(
                         "ci_high": ci[1] if ci else None,
                     }
                 )
-    return pd.DataFrame(
-        records,
-        columns=[
-            "subgroup",
-            "column",
-            "group",
-            "images",
-            "patients",
-            "too_small",
-            "metric",
-            "value",
-            "ci_low",
-            "ci_high",
-        ],
-    )
+    return pd.DataFrame(records, columns=SUBGROUP_COLUMNS)
