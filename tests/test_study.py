@@ -46,10 +46,6 @@ def test_init_from_gives_the_source_fold_model_path():
             {"split": {"method": "manifest", "manifest": "nowhere.csv"}},
             r"split\.manifest: 'nowhere\.csv' is not a file",
         ),
-        (
-            {"experiments": {"baseline": {"folds": "0"}}},
-            r"experiments\.baseline\.folds: expected a list of fold numbers",
-        ),
         ({"experiments": {"baseline": {"folds": [5]}}}, r"experiments\.baseline\.folds: folds \[5\] do not exist"),
         ({"ensembles": {"pair": {"experiments": ["baseline", "nope"]}}}, r"ensembles\.pair\.experiments: \['nope'\]"),
         (
@@ -101,3 +97,130 @@ def test_each_cross_key_error_names_its_key(overrides, message):
     config = resolved_config(overrides)
     with pytest.raises(ConfigError, match=message):
         resolve(config, SCHEMA)
+
+
+def test_folds_grid_and_repeats_are_typed_in_the_schema_and_checked_again_by_resolve():
+    from snakemake.exceptions import WorkflowError
+
+    for bad, where in (
+        ({"folds": "0"}, "folds"),
+        ({"folds": [-1]}, "folds"),
+        ({"repeats": 0}, "repeats"),
+        ({"grid": {"lr": []}}, "grid"),
+        ({"grid": {}}, "grid"),
+    ):
+        with pytest.raises(WorkflowError, match=rf"\['allOf'\]\[0\]\['properties'\]\['{where}'\]"):
+            resolved_config({"experiments": {"baseline": bad}})
+    # a config that skipped the schema still meets resolve's own check, by key
+    config = resolved_config()
+    config["experiments"]["baseline"]["folds"] = "0"
+    with pytest.raises(ConfigError, match=r"experiments\.baseline\.folds: expected a list of fold numbers"):
+        resolve(config, SCHEMA)
+
+
+# ----------------------------------------------------------------------------- typed sections
+def test_every_section_class_has_the_schema_keys_as_fields():
+    """A key added to the schema, renamed or dropped without its settings class fails here."""
+    import dataclasses
+
+    from medfold.settings import SECTIONS, load_schema
+
+    schema = load_schema(SCHEMA)
+    for path, cls in SECTIONS.items():
+        node = schema
+        for part in path:
+            node = node["additionalProperties"] if part == "*" else node["properties"][part]
+        fields = {f.name for f in dataclasses.fields(cls)} - {"raw"}
+        keys = set(node.get("properties") or {})
+        if path == ("variants", "*", "pruning"):  # shared with training.pruning, which has ``enabled``
+            keys |= {"enabled"}
+        assert fields == keys, f"{'.'.join(path)}: fields {sorted(fields ^ keys)} differ from the schema"
+
+
+def test_training_settings_cover_every_training_key():
+    import dataclasses
+
+    from medfold.settings import TrainSettings, load_schema
+
+    keys = set(load_schema(SCHEMA)["properties"]["training"]["properties"])
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    # keys typed under another name, or read by the resolver only (init_from; the others in resolve)
+    renamed = {"train_metrics": "train_metrics_images", "mixup": "mixing", "ema": "ema_decay"}
+    resolver_only = {"init_from"}
+    missing = {k for k in keys - resolver_only if renamed.get(k, k) not in fields}
+    assert not missing, f"training keys without a TrainSettings field: {sorted(missing)}"
+
+
+def test_the_study_holds_each_section_typed_with_its_dict():
+    from medfold.settings import DatasetSettings, SplitSettings, TrainSettings
+
+    config = resolved_config({"split": {"folds": 4}, "evaluation": {"calibration": {"bins": 7}}})
+    study = resolve(config, SCHEMA)
+    assert isinstance(study.split, SplitSettings) and study.split.folds == 4
+    assert study.split.raw == config["split"] and list(study.split.raw) == list(config["split"])
+    assert study.evaluation.calibration.bins == 7
+    assert isinstance(study.dataset_settings, DatasetSettings)
+    assert study.dataset_settings.near_duplicates.max_distance == config["dataset"]["near_duplicates"]["max_distance"]
+    assert isinstance(study.training["baseline"], TrainSettings)
+    assert study.training["sweep_lr~0.01"].lr == 0.01 and study.training["batchnorm"].batch_norm
+    assert study.training["baseline"].raw is study.settings["baseline"]  # the dict jobs get, unchanged
+    assert study.variant_settings["pruned70"].pruning.final_sparsity == 0.7
+    assert study.external_settings["site_b"].recalibrate.fraction == 0.4
+    assert study.ensemble_settings["baseline_and_batchnorm"].experiments == ["baseline", "batchnorm"]
+    with pytest.raises(dataclasses_frozen()):
+        study.split.folds = 2
+
+
+def dataclasses_frozen():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_a_partial_dict_gets_the_schema_defaults_and_keeps_its_own_values():
+    from medfold.settings import ExplainSettings, LatencySettings, SplitSettings
+
+    split = SplitSettings.of({"folds": 5, "method": "stratified"})
+    assert split.folds == 5 and split.test_fraction == 0.2 and split.source_roles.val == ["val", "valid", "validation"]
+    assert ExplainSettings.of({"lime": {"samples": 10}}).lime.samples == 10
+    assert ExplainSettings.of({"lime": {"samples": 10}}).lime.kernel == "squared"
+    assert LatencySettings.of(None).batch_sizes == [1, 32]
+    same = SplitSettings.of(split)
+    assert same is split
+
+
+# names that hold a config section (or part of one) by this project's conventions
+# (not the names results are read back as too: near, cluster, card, export, external, variants)
+SECTION_NAMES = {
+    "cfg", "config", "settings", "section", "setting", "ds", "dataset", "split", "training", "evaluation",
+    "explain", "lime", "variant", "compression", "latency", "parallel", "distributed", "prune", "pruning",
+    "mlflow", "tracking", "predict", "site", "reference", "grids", "resources", "comparisons", "recalibrate",
+    "options", "targets", "oversample",
+}  # fmt: skip
+
+
+def test_no_library_module_reads_a_config_section_by_string_key():
+    """Outside medfold.settings, a config section is read by attribute from its typed settings:
+    ``x["key"]`` or ``x.get("key")`` on a name that holds a section is an error here. (Result
+    files read back, metrics.json's records and the like, are named for what they are.)"""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "medfold"
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        if "settings" in path.relative_to(src).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Subscript):
+                target, key = node.value, node.slice
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                target, key = node.func.value, node.args[0] if node.args else None
+            else:
+                continue
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                continue
+            name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+            if name in SECTION_NAMES and not (path.name == "dicom.py" and name == "ds"):  # pydicom's Dataset
+                found.append(f"{path.relative_to(src)}:{node.lineno} {name}[{key.value!r}]")
+    assert not found, "config sections read by string key outside medfold.settings:\n" + "\n".join(found)

@@ -360,10 +360,11 @@ def cv_t_tests(per_fold: dict[str, pd.DataFrame], pairs: list[tuple[str, str]], 
 
 
 # ----------------------------------------------------------------------------- across experiments
-def ensemble_fold(
+def experiment_ensemble_fold(
     prediction_paths: dict[str, str], metrics_paths: dict[str, str], weights: list[float], fold: int
 ) -> tuple[dict, pd.DataFrame]:
-    """Fold ``fold`` of an ensemble across experiments: the weighted mean of the experiments'
+    """Fold ``fold`` of an experiment ensemble (``ensembles.<name>``; not an experiment's own fold
+    ensemble, which ``write_experiment`` evaluates): the weighted mean of the experiments'
     fold-``fold`` probabilities on the same validation and test images, thresholds chosen on
     validation, evaluated as a fold model is. Returns (metrics, predictions)."""
     names = list(prediction_paths)
@@ -561,32 +562,34 @@ def compare_job(
     ensembles,
     test_predictions,
     per_fold,
-    settings: dict,
+    comparisons,
     n_bootstrap: int,
     seed: int,
     outputs: ComparisonOutputs,
 ) -> None:
     """The compare_experiments rule: every experiment and experiment ensemble in one table (the
     best by validation marked), the paired test-set comparisons and the cross-validation t-tests.
-    The path lists are in the order of ``names``."""
+    The path lists are in the order of ``names``; ``comparisons``: ``evaluation.comparisons``."""
     from .clinical import paired_comparisons, pairs_to_compare
+    from .settings import ComparisonSettings
 
+    comparisons = ComparisonSettings.of(comparisons)
     table = compare_experiments(dict(zip(names, summaries)), dict(zip(names, ensembles)))
     table.to_csv(outputs.table, index=False)
     best = table.loc[table["best"], "experiment"].tolist()
     best = best[0] if best else None
     predictions = {name: pd.read_parquet(path) for name, path in zip(names, test_predictions)}
-    paired_comparisons(predictions, summaries[0], settings, best, n_bootstrap, seed).to_csv(
+    paired_comparisons(predictions, summaries[0], comparisons, best, n_bootstrap, seed).to_csv(
         outputs.comparisons, index=False
     )
     folds = {name: pd.read_csv(path) for name, path in zip(names, per_fold)}
-    cv_t_tests(folds, pairs_to_compare(names, settings, best), settings["cv_metric"]).to_csv(
+    cv_t_tests(folds, pairs_to_compare(names, comparisons, best), comparisons.cv_metric).to_csv(
         outputs.cv_tests, index=False
     )
 
 
 @dataclass(frozen=True)
-class EnsembleFoldOutputs(files.Outputs):
+class ExperimentEnsembleFoldOutputs(files.Outputs):
     """What the ensemble_fold rule writes for one fold of an experiment ensemble."""
 
     predictions: Path
@@ -594,11 +597,16 @@ class EnsembleFoldOutputs(files.Outputs):
     NAMES: ClassVar[dict[str, str]] = {"predictions": "predictions.parquet", "metrics": "metrics.json"}
 
 
-def ensemble_fold_job(
-    names: list[str], prediction_paths, metrics_paths, weights: list[float], fold: int, outputs: EnsembleFoldOutputs
+def experiment_ensemble_fold_job(
+    names: list[str],
+    prediction_paths,
+    metrics_paths,
+    weights: list[float],
+    fold: int,
+    outputs: ExperimentEnsembleFoldOutputs,
 ) -> None:
     """The ensemble_fold rule: fold ``fold`` of an experiment ensemble of ``names``."""
-    result, predictions = ensemble_fold(
+    result, predictions = experiment_ensemble_fold(
         dict(zip(names, prediction_paths)), dict(zip(names, metrics_paths)), weights, fold
     )
     predictions.to_parquet(outputs.predictions, index=False)
@@ -617,3 +625,9 @@ def grid_job(combinations: dict[str, dict], summary_paths, rank_by: str, outputs
     """The grid_table rule: the combinations of one grid ranked (summary paths in their order)."""
     table = grid_table(combinations, dict(zip(combinations, summary_paths)), rank_by)
     table.to_csv(outputs.table, index=False)
+
+
+# the names before the glossary told the fold ensemble and the experiment ensemble apart
+ensemble_fold = experiment_ensemble_fold
+EnsembleFoldOutputs = ExperimentEnsembleFoldOutputs
+ensemble_fold_job = experiment_ensemble_fold_job

@@ -86,14 +86,14 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
     if (ensemble or {}).get("members"):  # every seed of every fold the fold ensemble averages
         folds = [exp / member / "metrics.json" for member in ensemble["members"]]
     metrics = [json.loads(p.read_text()) for p in folds]
-    settings = metrics[0]["settings"]
+    recorded = metrics[0]["settings"]  # the training settings metrics.json records (a result file)
     index = _read(dataset_dir / "index_report.json") or {}
-    split = _read(dataset_dir / "split_summary.json") or {}
+    split_summary = _read(dataset_dir / "split_summary.json") or {}
     clinical = _read(exp / "cv" / "clinical.json") or {}
     summary = _read(exp / "cv" / "summary.json") or {}
     near = index.get("near_duplicates") or {}
     duplicates = index.get("duplicates") or {}
-    sets = split.get("sets", {})
+    sets = split_summary.get("sets", {})
     cv_sets = {k: v for k, v in sets.items() if k.startswith("fold_")}
     test = sets.get("test", {})
     calibration = (clinical.get("calibration") or {}).get("before", {})
@@ -101,7 +101,7 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
         "model_details": {
             "name": exp.name,
             "dataset": index.get("dataset", dataset_dir.name),
-            "architecture": settings["model"],
+            "architecture": recorded["model"],
             "parameters_per_model": metrics[0].get("parameters"),
             "models": len(metrics),
             "what": f"fold ensemble: the mean of {len(metrics)} models' probabilities"
@@ -114,15 +114,15 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
             else "one fold model",
             "task": metrics[0]["task"],
             "classes": metrics[0]["classes"],
-            "input": (export or {}).get("input") or f"{settings['image_size']} x {settings['image_size']} px",
+            "input": (export or {}).get("input") or f"{recorded['image_size']} x {recorded['image_size']} px",
             "training": {
-                "optimizer": settings["optimizer"],
-                "lr": settings["lr"],
-                "batch_size": settings["batch_size"],
-                "epochs_max": settings["epochs"],
+                "optimizer": recorded["optimizer"],
+                "lr": recorded["lr"],
+                "batch_size": recorded["batch_size"],
+                "epochs_max": recorded["epochs"],
                 "epochs_trained": [m.get("epochs_trained") for m in metrics],
-                "pretrained": settings.get("pretrained"),
-                "seed": settings["seed"],
+                "pretrained": recorded.get("pretrained"),
+                "seed": recorded["seed"],
             },
             "export": {k: (export or {}).get(k) for k in ("file", "bytes", "parity_max_abs_difference", "resize")}
             if export
@@ -147,7 +147,7 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
                 "images": test.get("images"),
                 "patients": test.get("patients"),
                 "images_per_class": test.get("images_per_class"),
-                "method": split.get("test_method"),
+                "method": split_summary.get("test_method"),
             },
         },
         "training_data": {
@@ -168,7 +168,7 @@ def build(experiment_dir, notes: dict | None = None, export: dict | None = None)
             "exact_duplicate_groups": duplicates.get("groups"),
             "near_duplicate_clusters": near.get("clusters"),
             "near_duplicate_images": near.get("images"),
-            "left_out_for_crossing_the_test_set": (split.get("dropped_for_source_leak") or {}).get("count", 0),
+            "left_out_for_crossing_the_test_set": (split_summary.get("dropped_for_source_leak") or {}).get("count", 0),
             "identifiers": index.get("identifiers"),
         },
         "quantitative_analyses": {

@@ -37,6 +37,7 @@ from .loop import Epochs, Fit, TrainSettings, TrainState, fit, make_optimizer
 from .metrics import predict as predicted_labels
 from .metrics import scalar_metrics
 from .quantize import FixedBatch
+from .settings import CompressionSettings, LatencySettings, VariantSettings
 from .transforms import CachedBatches
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,15 @@ def latency_ms(model, x: torch.Tensor, warmup: int, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(model, images: torch.Tensor, cfg: dict) -> dict:
-    """Latency at each batch size in ``cfg['batch_sizes']`` and images/s at the largest."""
+def measure(model, images: torch.Tensor, latency: LatencySettings | dict) -> dict:
+    """Latency at each batch size in ``latency.batch_sizes`` (``compression.latency``) and
+    images/s at the largest."""
+    latency = LatencySettings.of(latency)
     out = {}
-    for b in cfg["batch_sizes"]:
+    for b in latency.batch_sizes:
         x = images[:b] if len(images) >= b else images.repeat(-(-b // len(images)), 1, 1, 1)[:b]
-        out[f"latency_ms_b{b}"] = latency_ms(model, x, cfg["warmup"], cfg["repeats"])
-    largest = max(cfg["batch_sizes"])
+        out[f"latency_ms_b{b}"] = latency_ms(model, x, latency.warmup, latency.repeats)
+    largest = max(latency.batch_sizes)
     out["images_per_s"] = 1000 * largest / out[f"latency_ms_b{largest}"]
     return out
 
@@ -78,7 +81,7 @@ def finetune(
     runner: Runner,
     model,
     data: FoldData,
-    cfg: dict,
+    training: TrainSettings | dict,
     epochs: int,
     lr: float,
     set_training,
@@ -88,8 +91,8 @@ def finetune(
     """Fine-tune ``model`` on the fold's training images through training's own loop, for a fixed
     number of epochs (no early stopping: the variant is the last epoch's model); the validation
     fold is scored after every epoch for the history. Data order and augmentation are seeded
-    apart from training's."""
-    s = TrainSettings.from_config(cfg)
+    apart from training's. ``training``: the experiment's settings."""
+    s = TrainSettings.of(training)
     optimizer = make_optimizer(model.parameters(), s, lr)
     criterion = Criterion(
         data.task, data.targets[data.rows["train"]], len(data.classes), s.class_weights, runner.device
@@ -127,53 +130,52 @@ def finetune(
 
 
 # ----------------------------------------------------------------------------- the methods
-def _prune(base, runner, data, cfg, variant, example):
-    p = variant["pruning"]
+def _prune(base, runner, data, s: TrainSettings, v: VariantSettings, example):
     model = base.to(runner.device)
-    pruner = pruning.Pruner.from_config(model, p)
+    pruner = pruning.Pruner.from_config(model, v.pruning)
     history, seconds = finetune(
         runner,
         model,
         data,
-        cfg,
-        variant["epochs"],
-        variant["lr"] or cfg["lr"] * 0.1,
+        s,
+        v.epochs,
+        v.lr or s.lr * 0.1,
         lambda on: model.train(on),
-        lambda epoch: pruner.after_step(epoch, p["update_every"]),
+        lambda epoch: pruner.after_step(epoch, v.pruning.update_every),
         lambda: {"sparsity": pruner.sparsity()["overall"]},
     )
-    pruner.update(float(variant["epochs"]))  # the schedule's value at the end (final if end_epoch <= epochs)
+    pruner.update(float(v.epochs))  # the schedule's value at the end (final if end_epoch <= epochs)
     achieved = pruner.sparsity()
     pruner.make_permanent()
     model = model.to(CPU).eval()
     return model, history, seconds, {"sparsity": achieved, "state_dict": model.state_dict()}
 
 
-def _qat(base, runner, data, cfg, variant, example):
-    prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device), variant["quantize_layers"])
+def _qat(base, runner, data, s: TrainSettings, v: VariantSettings, example):
+    prepared = quantize.prepare_qat(base.to(runner.device), example.to(runner.device), v.quantize_layers)
     history, seconds = finetune(
         runner,
         prepared,
         data,
-        cfg,
-        variant["epochs"],
-        variant["lr"] or cfg["lr"] * 0.1,
+        s,
+        v.epochs,
+        v.lr or s.lr * 0.1,
         lambda on: quantize.set_training(prepared, on),
     )
     return quantize.convert_qat(prepared.to(CPU)), history, seconds, {}
 
 
-def _post_training(base, runner, data, cfg, variant, example):
-    if variant["method"] in quantize.FLOAT_METHODS:
-        return quantize.reduced_precision(base, variant["method"]), [], 0.0, {}
-    rows = data.rows["train"][: variant["calibration_images"]]
+def _post_training(base, runner, data, s: TrainSettings, v: VariantSettings, example):
+    if v.method in quantize.FLOAT_METHODS:
+        return quantize.reduced_precision(base, v.method), [], 0.0, {}
+    rows = data.rows["train"][: v.calibration_images]
     calibration = (
         runner.prepare(images, None, None).to(CPU)
-        for images, _ in CachedBatches(data.cache, rows, cfg["eval_batch_size"], shuffle=False)
+        for images, _ in CachedBatches(data.cache, rows, s.eval_batch_size, shuffle=False)
     )
-    dynamic = variant["method"] == "dynamic_int8"
+    dynamic = v.method == "dynamic_int8"
     start = time.perf_counter()
-    model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic, layers=variant["quantize_layers"])
+    model = quantize.post_training_int8(base, calibration, example, dynamic=dynamic, layers=v.quantize_layers)
     return model, [], time.perf_counter() - start, {"calibration_images": 0 if dynamic else int(len(rows))}
 
 
@@ -207,11 +209,31 @@ class VariantOutputs(files.Outputs):
     }
 
 
+def _speedups(base: dict, variant: dict, batch_sizes, prefix: str) -> dict:
+    """The base model's latency over the variant's at each batch size."""
+    return {f"{prefix}_b{b}": base[f"latency_ms_b{b}"] / variant[f"latency_ms_b{b}"] for b in batch_sizes}
+
+
+def _sparse_file(state_dict: dict, model_path: Path, base_size: int, size: int) -> dict:
+    """A pruned variant's weights in medfold's sparse format beside its model, and their sizes."""
+    sparse_size = pruning.save_sparse(state_dict, model_path.with_name("model_sparse.pt"))
+    record = {
+        "format": pruning.FORMAT,
+        "file": "model_sparse.pt",
+        "size_bytes": sparse_size,
+        "ratio": sparse_size / base_size,
+        "dense_size_bytes": size,
+        "gzip_of_dense_bytes": pruning.gzip_size(model_path),
+    }
+    record["gzip_ratio"] = record["gzip_of_dense_bytes"] / base_size
+    return record
+
+
 def compress_fold(
     name: str,
-    variant: dict,
-    cfg: dict,
-    compression: dict,
+    variant: VariantSettings | dict,
+    training: TrainSettings | dict,
+    compression: CompressionSettings | dict,
     index_path,
     splits_path,
     cache_dir,
@@ -221,38 +243,40 @@ def compress_fold(
     threads: int = 1,
 ) -> dict:
     """Make, save, reload, evaluate and measure one variant of one fold's model; writes the
-    compress rule's outputs (``outputs``: a VariantOutputs, or a folder for the usual names)."""
-    if variant["method"] not in METHODS:
-        raise quantize.method_error(variant["method"])
+    compress rule's outputs (``outputs``: a VariantOutputs, or a folder for the usual names).
+    ``variant``, ``training`` (the experiment's) and ``compression``: settings or their dicts."""
+    vs, c = VariantSettings.of(variant), CompressionSettings.of(compression)
+    if vs.method not in METHODS:
+        raise quantize.method_error(vs.method)
     out = VariantOutputs.of(outputs)
     out.create()
     torch.set_num_threads(max(1, threads))
-    torch.manual_seed(cfg["seed"])
+    s = TrainSettings.of(training)
+    torch.manual_seed(s.seed)
     data = FoldData(index_path, splits_path, cache_dir, fold)
-    cfg = {**cfg, "amp": False, "compile": False, "channels_last": False}
-    device = resolve_device(cfg["device"]) if variant["method"] in ("prune", "qat") else CPU
+    plain = {"amp": False, "compile": False, "channels_last": False}  # variants are measured as they are
+    s = dataclasses.replace(s, **plain, raw={**s.raw, **plain})
+    device = resolve_device(s.device) if vs.method in ("prune", "qat") else CPU
     base, saved = load_model(base_path)
-    cpu_runner = Runner(cfg, data.cache, data.targets, data.task, CPU, base)
-    images = latency_inputs(cpu_runner, data, max(compression["latency"]["batch_sizes"]))
+    cpu_runner = Runner(s, data.cache, data.targets, data.task, CPU, base)
+    images = latency_inputs(cpu_runner, data, max(c.latency.batch_sizes))
     example = images[:2]
 
     # the base model, evaluated and measured here, beside the variant
-    base_result, base_predictions = evaluate_fold(cpu_runner, None, data, decision=cfg["decision"])
-    base_measured = measure(base, images, compression["latency"])
+    base_result, base_predictions = evaluate_fold(cpu_runner, None, data, decision=s.decision)
+    base_measured = measure(base, images, c.latency)
     base_size = Path(base_path).stat().st_size
 
     # the variant is made from its own copy: pruning and QAT change the model they are given
-    runner = Runner(cfg, data.cache, data.targets, data.task, device, load_model(base_path)[0])
+    runner = Runner(s, data.cache, data.targets, data.task, device, load_model(base_path)[0])
     start = time.perf_counter()
-    variant_model, history, finetune_seconds, extra = METHODS[variant["method"]](
-        runner.model, runner, data, cfg, variant, example
-    )
+    variant_model, history, finetune_seconds, extra = METHODS[vs.method](runner.model, runner, data, s, vs, example)
     make_seconds = time.perf_counter() - start
-    log.info("%s (%s) made in %.1f s", name, variant["method"], make_seconds)
+    log.info("%s (%s) made in %.1f s", name, vs.method, make_seconds)
 
     metadata = {
         "variant": name,
-        "method": variant["method"],
+        "method": vs.method,
         "fold": fold,
         "classes": data.classes,
         "task": data.task,
@@ -266,22 +290,22 @@ def compress_fold(
     size = quantize.save_artifact(variant_model, example, out.model, metadata)
     del variant_model
     loaded, loaded_meta = quantize.load_artifact(out.model)  # evaluate what was saved, not what is in memory
-    int8 = variant["method"] in quantize.INT8_METHODS
+    int8 = vs.method in quantize.INT8_METHODS
     runnable = quantize.compiled(loaded) if int8 else loaded
-    largest = max(compression["latency"]["batch_sizes"])
+    largest = max(c.latency.batch_sizes)
     result, predictions = evaluate_fold(
-        cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable, decision=cfg["decision"]
+        cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable, decision=s.decision
     )
     log.info("saved, loaded back and evaluated in %.1f s", time.perf_counter() - start - make_seconds)
-    measured = measure(runnable, images, compression["latency"])
+    measured = measure(runnable, images, c.latency)
     if int8:  # compiled int8 against compiled fp32 too, so the gain of compiling alone is visible
-        base_measured_compiled = measure(quantize.compiled(base), images, compression["latency"])
+        base_measured_compiled = measure(quantize.compiled(base), images, c.latency)
     else:
         base_measured_compiled = None
 
     record = {
         "variant": name,
-        "method": variant["method"],
+        "method": vs.method,
         "fold": fold,
         "threads": threads,
         "cpu": hardware.cpu(),
@@ -305,44 +329,28 @@ def compress_fold(
     record["ratios"] = {
         "size": size / base_size,
         "tensor_size": loaded_meta["tensor_bytes"] / record["base"]["tensor_bytes"],
-        **{
-            f"speedup_b{b}": base_measured[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
-            for b in compression["latency"]["batch_sizes"]
-        },
+        **_speedups(base_measured, measured, c.latency.batch_sizes, "speedup"),
     }
     if base_measured_compiled:
-        record["ratios"].update(
-            {
-                f"speedup_vs_compiled_b{b}": base_measured_compiled[f"latency_ms_b{b}"] / measured[f"latency_ms_b{b}"]
-                for b in compression["latency"]["batch_sizes"]
-            }
-        )
+        compiled = _speedups(base_measured_compiled, measured, c.latency.batch_sizes, "speedup_vs_compiled")
+        record["ratios"].update(compiled)
     record["deltas"] = metric_deltas(base_result, result)
     record["agreement"] = agreement(base_result, base_predictions, result, predictions, data)
-    if variant["method"] == "prune":
-        sparse_size = pruning.save_sparse(extra["state_dict"], out.model.with_name("model_sparse.pt"))
+    if vs.method == "prune":
         record["sparsity"] = extra["sparsity"]
-        record["compressed"] = {
-            "format": pruning.FORMAT,
-            "file": "model_sparse.pt",
-            "size_bytes": sparse_size,
-            "ratio": sparse_size / base_size,
-            "dense_size_bytes": size,
-            "gzip_of_dense_bytes": pruning.gzip_size(out.model),
-        }
-        record["compressed"]["gzip_ratio"] = record["compressed"]["gzip_of_dense_bytes"] / base_size
+        record["compressed"] = _sparse_file(extra["state_dict"], out.model, base_size, size)
     if "calibration_images" in extra:
         record["calibration_images"] = extra["calibration_images"]
 
     result.update(
         {
             "variant": name,
-            "method": variant["method"],
+            "method": vs.method,
             "best_epoch": len(history),
             "epochs_trained": len(history),
             "train_seconds": finetune_seconds,
-            "settings": cfg,
-            "variant_settings": variant,
+            "settings": s.raw,
+            "variant_settings": vs.raw,
         }
     )
     write_evaluation(result, predictions, history, out)
@@ -358,11 +366,12 @@ def compress_fold(
     return record
 
 
-def metric_deltas(base: dict, variant: dict) -> dict:
+def metric_deltas(base: dict, compressed: dict) -> dict:
+    """The variant's metrics minus the base model's (both metrics.json results)."""
     out = {}
     for part in ("val", "test"):
-        if part in base and part in variant:
-            b, v = scalar_metrics(base[part]), scalar_metrics(variant[part])
+        if part in base and part in compressed:
+            b, v = scalar_metrics(base[part]), scalar_metrics(compressed[part])
             out.update({f"{part}.{k}": v[k] - b[k] for k in b if b[k] is not None and v.get(k) is not None})
     return out
 

@@ -32,6 +32,7 @@ from .fold import FoldData, load_model, probabilities
 from .metrics import predict
 from .models import last_conv_block
 from .progress import Progress, tracked
+from .settings import ExplainSettings, LimeSettings
 from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,12 @@ def kmeans_segments(image: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1].reshape(h, w)
 
 
-def segment(image: np.ndarray, settings: dict, seed: int) -> np.ndarray:
+def segment(image: np.ndarray, options: LimeSettings | dict, seed: int) -> np.ndarray:
     """The image's LIME features: SLIC superpixels, or K-means clusters (``explain.lime``)."""
-    if settings.get("segmentation", "slic") == "kmeans":
-        return kmeans_segments(image, settings.get("clusters", 38), seed)
-    return superpixels(image, settings["superpixels"], settings["compactness"])
+    options = LimeSettings.of(options)
+    if options.segmentation == "kmeans":
+        return kmeans_segments(image, options.clusters, seed)
+    return superpixels(image, options.superpixels, options.compactness)
 
 
 def lime(
@@ -224,13 +226,22 @@ class ExplainOutputs(files.Outputs):
 
 
 def explain_fold(
-    model_path, index_path, splits_path, cache_dir, fold: int, outputs, cfg: dict, threads: int = 1
+    model_path,
+    index_path,
+    splits_path,
+    cache_dir,
+    fold: int,
+    outputs,
+    explain: ExplainSettings | dict,
+    threads: int = 1,
 ) -> dict:
-    """Explain ``cfg['images_per_class']`` test images per class with Grad-CAM and LIME. Writes
+    """Explain ``explain.images_per_class`` test images per class with Grad-CAM and LIME. Writes
     ``explanations.json`` (what was explained, true and predicted labels, probabilities, overlay
     file), ``maps.npz`` (image_ids, classes, gradcam and lime maps at the input's size) and
     ``overlays/*.png`` to ``outputs`` (an ExplainOutputs, or a folder for the usual names);
-    returns the JSON's content."""
+    returns the JSON's content. ``explain``: the ``explain`` settings (or their dict)."""
+    explain = ExplainSettings.of(explain)
+    options = explain.lime
     torch.set_num_threads(max(1, threads))
     out = ExplainOutputs.of(outputs)
     out.create()
@@ -243,7 +254,7 @@ def explain_fold(
         p.requires_grad_(False)  # gradients flow to the activations Grad-CAM needs, not to weights
     thresholds = saved.get("thresholds")
     chosen = choose_images(
-        targets, test_rows, task, len(classes), cfg["images_per_class"], seeds.explained_images(cfg["seed"], fold)
+        targets, test_rows, task, len(classes), explain.images_per_class, seeds.explained_images(explain.seed, fold)
     )
     items, cams, limes = [], [], []
     progress = Progress(f"explain fold {fold}", len(chosen))
@@ -257,18 +268,18 @@ def explain_fold(
             [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
         )
         cam = grad_cam(model, x.clone().requires_grad_(True), c)
-        segments = segment(image, cfg["lime"], seeds.lime(cfg["seed"], fold, k))
+        segments = segment(image, options, seeds.lime(explain.seed, fold, k))
         weights = lime(
             model,
             x,
             c,
             task,
             segments,
-            cfg["lime"]["samples"],
-            cfg["lime"]["kernel_width"],
-            seeds.lime(cfg["seed"], fold, k),
-            cfg["lime"]["kernel"],
-            cfg["lime"]["surrogate"],
+            options.samples,
+            options.kernel_width,
+            seeds.lime(explain.seed, fold, k),
+            options.kernel,
+            options.surrogate,
         )
         image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
@@ -317,7 +328,7 @@ def explain_fold(
         "methods": {
             "gradcam": {"layer": "last convolutional block", "relu": True, "upsampling": "bilinear"},
             "lime": {
-                **cfg["lime"],
+                **options.raw,
                 "perturbation": "Bernoulli(0.5) per superpixel, off = 0 (the mean)",
                 "kernel": "exp(-d^2 / width^2), d = cosine distance",
                 "surrogate": "ridge, alpha 1",

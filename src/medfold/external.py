@@ -31,6 +31,7 @@ import pandas as pd
 
 from . import files
 from .errors import ConfigError, DataError
+from .settings import ExternalSettings, RecalibrationSettings
 
 log = logging.getLogger(__name__)
 SCORED_METRICS = ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
@@ -97,10 +98,14 @@ def _grey(pixels: np.ndarray) -> np.ndarray:
     return pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
 
 
-def find_leaks(main: pd.DataFrame, main_cache, main_sets, external: pd.DataFrame, ext_cache, near: dict, threads=1):
+def find_leaks(main: pd.DataFrame, main_cache, main_sets, external: pd.DataFrame, ext_cache, near, threads=1):
     """Pairs (external image, main image) that are copies: exact ones by content hash, near ones
     by medfold.matching on signatures of both caches. ``main_sets``: each main row's set (a fold
-    or test) to name what leaked. Returns the copies table (shared IDs only)."""
+    or test) to name what leaked; ``near``: ``dataset.near_duplicates`` (settings or dict). Returns
+    the copies table (shared IDs only)."""
+    from .settings import NearDuplicateSettings
+
+    near = NearDuplicateSettings.of(near)
     from . import fingerprint as fp
     from . import matching
     from .images import signatures
@@ -115,7 +120,7 @@ def find_leaks(main: pd.DataFrame, main_cache, main_sets, external: pd.DataFrame
     for j, h in enumerate(external["content_hash"].to_numpy(object)):
         if h in by_hash.index:
             rows.append((j, int(by_hash[h]), "exact copy", 1.0))
-    if near.get("enabled", True):
+    if near.enabled:
         sigs = [
             signatures(_grey(np.asarray(c[i])))
             for c, n in ((main_cache, n_main), (ext_cache, len(external)))
@@ -192,23 +197,24 @@ def _calibrated(method: str, task: str, fit_y, fit_p, probs) -> tuple[np.ndarray
     return out, {"per_class": fitted}
 
 
-def recalibration(task, classes, y, probs, patients, setting: dict, bins: int) -> dict:
-    """Fit ``setting['method']`` on a ``fraction`` of the patients, evaluate on the others."""
+def recalibration(task, classes, y, probs, patients, setting: RecalibrationSettings | dict, bins: int) -> dict:
+    """Fit ``setting.method`` on a ``fraction`` of the patients, evaluate on the others."""
     from .clinical import onehot, reliability, scored_classes
     from .metrics import evaluate
 
+    setting = RecalibrationSettings.of(setting)
     unique = pd.unique(pd.Series(patients))
-    rng = np.random.default_rng(setting.get("seed") or 0)
-    fit_patients = set(rng.permutation(unique)[: max(1, int(round(setting["fraction"] * len(unique))))])
+    rng = np.random.default_rng(setting.seed or 0)
+    fit_patients = set(rng.permutation(unique)[: max(1, int(round(setting.fraction * len(unique))))])
     fit = np.array([p in fit_patients for p in patients])
     if fit.all() or not fit.any():
-        raise ConfigError(f"recalibrate.fraction {setting['fraction']}: leaves no patients to fit or to evaluate on")
-    after, fitted = _calibrated(setting["method"], task, y[fit], probs[fit], probs[~fit])
+        raise ConfigError(f"recalibrate.fraction {setting.fraction}: leaves no patients to fit or to evaluate on")
+    after, fitted = _calibrated(setting.method, task, y[fit], probs[fit], probs[~fit])
     truth = onehot(task, classes, y[~fit])
     scored = scored_classes(task, classes)
     return {
-        "method": setting["method"],
-        "fraction": setting["fraction"],
+        "method": setting.method,
+        "fraction": setting.fraction,
         "fit": {"images": int(fit.sum()), "patients": len(fit_patients)},
         "evaluated": {"images": int((~fit).sum()), "patients": int(len(unique) - len(fit_patients))},
         "fitted": fitted,
@@ -229,7 +235,7 @@ def predict_cache(predictor, cache, rows: np.ndarray, batch: int = 64) -> np.nda
 
 def validate(
     name: str,
-    settings: dict,
+    site: ExternalSettings | dict,
     experiment_dir,
     main_index_path,
     main_splits_path,
@@ -243,13 +249,15 @@ def validate(
     threads: int = 1,
 ) -> dict:
     """Leaks, predictions, metrics, drift and recalibration of one external dataset; writes
-    ``outputs`` (an ExternalOutputs) and returns external.json's record."""
+    ``outputs`` (an ExternalOutputs) and returns external.json's record. ``site``: the resolved
+    ``external.<name>`` block (``settings.external_settings``)."""
     from .aggregate import bootstrap_intervals
     from .clinical import onehot, reliability, reliability_figure, scored_classes
     from .index import read_index
     from .metrics import choose_thresholds, evaluate, targets_for
     from .predict import load_predictor
 
+    site = ExternalSettings.of(site)
     out = ExternalOutputs.of(outputs)
     out.create()
     exp = Path(experiment_dir)
@@ -267,10 +275,9 @@ def validate(
     splits = pd.read_parquet(main_splits_path).set_index("image_id").loc[main["image_id"]]
     main_sets = np.where(splits["set"].to_numpy() == "test", "test", "fold " + splits["fold"].astype(str).to_numpy())
     main_cache, ext_cache = np.load(main_cache_path, mmap_mode="r"), np.load(ext_cache_path, mmap_mode="r")
-    near = settings["dataset"]["near_duplicates"]
-    copies = find_leaks(main, main_cache, main_sets, ext, ext_cache, near, threads)
+    copies = find_leaks(main, main_cache, main_sets, ext, ext_cache, site.dataset.near_duplicates, threads)
     copies.drop(columns="external_row").to_csv(out.copies, index=False)
-    if len(copies) and settings["on_copy"] == "stop":
+    if len(copies) and site.on_copy == "stop":
         listed = "; ".join(
             f"{a} is a {k} of {b} ({s})"
             for a, b, k, s in copies[["external_image", "copy_of", "kind", "copy_of_set"]].itertuples(index=False)
@@ -315,7 +322,7 @@ def validate(
             "found": int(len(copies)),
             "exact": int((copies["kind"] == "exact copy").sum()),
             "near": int((copies["kind"] != "exact copy").sum()),
-            "on_copy": settings["on_copy"],
+            "on_copy": site.on_copy,
             "excluded": int(len(copies)),
             "of_sets": copies["copy_of_set"].value_counts().to_dict(),
         },
@@ -337,8 +344,8 @@ def validate(
         },
         "bootstrap": {"resamples": bootstrap, "unit": "patient", "seed": seed},
     }
-    if settings.get("recalibrate"):
-        record["recalibration"] = recalibration(task, classes, y, probs, patients, settings["recalibrate"], bins)
+    if site.recalibrate:
+        record["recalibration"] = recalibration(task, classes, y, probs, patients, site.recalibrate, bins)
     frame = pd.DataFrame(
         {
             "image_id": ext["shared_image_id"].to_numpy()[kept],

@@ -25,6 +25,7 @@ from .index import read_index
 from .metrics import YOUDEN, choose_thresholds, describe_decision, evaluate, targets_for
 from .models import build_model, input_stats
 from .progress import Progress
+from .settings.training import EvalOptions, Oversample, TrainSettings
 from .split import fold_members
 from .transforms import AugmentConfig, CachedBatches, augment_batch, normalize, scale_inputs
 
@@ -106,16 +107,15 @@ def sample_weights(
 
 
 def oversampled_validation(
-    rows: np.ndarray, targets: np.ndarray, task: str, classes: list[str], setting: dict, seed: int
+    rows: np.ndarray, targets: np.ndarray, task: str, classes: list[str], setting: Oversample | dict, seed: int
 ) -> np.ndarray | None:
     """The validation fold drawn with replacement to the class shares ``setting`` states
     (``training.val_oversample``), as many images as the fold has, in row order; None for mode
     none. Study 000 oversampled its validation set to the test set's class ratio this way. Only
     the epochs' monitored scores use it: the fold's thresholds and out-of-fold predictions stay
     on the validation images, once each."""
-    weights = sample_weights(
-        targets[rows], task, classes, setting["mode"], setting["target"], key="training.val_oversample"
-    )
+    setting = Oversample.of(setting)
+    weights = sample_weights(targets[rows], task, classes, setting.mode, setting.target, key="training.val_oversample")
     if weights is None or not len(rows):
         return None
     drawn = np.random.default_rng(seed).choice(len(rows), size=len(rows), replace=True, p=weights / weights.sum())
@@ -181,21 +181,16 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
 class Runner:
     """What a fold's training needs at hand: model, data, device switches."""
 
-    def __init__(self, cfg: dict, cache: np.ndarray, targets: np.ndarray, task: str, device: torch.device, model):
-        self.cfg, self.cache, self.targets, self.task, self.device, self.model = (
-            cfg,
-            cache,
-            targets,
-            task,
-            device,
-            model,
-        )
+    def __init__(self, options, cache: np.ndarray, targets: np.ndarray, task: str, device: torch.device, model):
+        """``options``: the experiment's ``TrainSettings``, an ``EvalOptions``, or a dict of its keys."""
+        self.options = o = EvalOptions.of(options)
+        self.cache, self.targets, self.task, self.device, self.model = cache, targets, task, device, model
         self.cuda = device.type == "cuda"
-        self.amp = self.cuda and cfg["amp"]
-        self.tta = cfg.get("tta", "none")
-        self.channels_last = self.cuda and cfg["channels_last"]
-        # a model's own statistics (ImageNet's for ImageNet weights); a bare cfg: the fixed ones
-        self.stats = input_stats(cfg.get("normalize", "fixed"), cfg.get("pretrained"), cfg.get("model"), cache.shape[1])
+        self.amp = self.cuda and o.amp
+        self.tta = o.tta
+        self.channels_last = self.cuda and o.channels_last
+        # a model's own statistics (ImageNet's for ImageNet weights); no model named: the fixed ones
+        self.stats = input_stats(o.normalize, o.pretrained, o.model, cache.shape[1])
         shape = (1, cache.shape[1], 1, 1)
         self.mean = torch.tensor(self.stats["mean"], device=device).view(shape)
         self.std = torch.tensor(self.stats["std"], device=device).view(shape)
@@ -223,7 +218,7 @@ class Runner:
         """Probabilities for ``rows``; ``model`` (any callable, e.g. a quantized graph) defaults to
         the runner's model. The caller puts the model in eval mode."""
         probs, total, seen = [], 0.0, 0
-        batches = CachedBatches(self.cache, rows, self.cfg["eval_batch_size"], shuffle=False)
+        batches = CachedBatches(self.cache, rows, self.options.eval_batch_size, shuffle=False)
         progress = Progress("evaluate", len(rows))
         for images, batch_rows in batches:
             x = self.prepare(images, None, None)
@@ -291,26 +286,28 @@ def write_evaluation(result: dict, predictions: pd.DataFrame, history: list[dict
         out.metrics.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def save_model(model: torch.nn.Module, cfg: dict, data: FoldData, thresholds, path: Path, stats: dict) -> None:
+def save_model(model: torch.nn.Module, training, data: FoldData, thresholds, path: Path, stats: dict) -> None:
+    """``training``: the experiment's ``TrainSettings`` (or its dict); model.pt records them."""
+    s = TrainSettings.of(training)
     files.save_torch_atomic(
         {
             "state_dict": model.state_dict(),
-            "model": cfg["model"],
+            "model": s.model,
             "in_channels": data.cache.shape[1],
             "num_classes": len(data.classes),
             "classes": data.classes,
             "task": data.task,
-            "image_size": cfg["image_size"],
-            "batch_norm": cfg["batch_norm"],
-            "dropout": cfg["dropout"],
-            "network": json.dumps(cfg["network"]) if cfg.get("network") else "",  # a config-described CNN's layers
-            "head": json.dumps(cfg["head"]) if cfg.get("head") else "",  # a torchvision backbone's own head
-            "qat": cfg["qat"]["layers"] if cfg.get("qat", {}).get("enabled") else "",  # fake quantization in the model
+            "image_size": s.image_size,
+            "batch_norm": s.batch_norm,
+            "dropout": s.dropout,
+            "network": json.dumps(s.network) if s.network else "",  # a config-described CNN's layers
+            "head": json.dumps(s.head) if s.head else "",  # a torchvision backbone's own head
+            "qat": s.qat.layers if s.qat.enabled else "",  # fake quantization in the model
             "thresholds": thresholds,
             "input_mean": stats["mean"],  # what every user of the model normalises inputs with
             "input_std": stats["std"],
             "input_scale": stats.get("scale", "255"),
-            "settings": json.dumps(cfg),
+            "settings": json.dumps(s.raw),
         },
         path,
     )

@@ -22,185 +22,21 @@ from .errors import DataError
 from .metrics import epoch_scores
 from .models import AUX_WEIGHT, main_and_aux
 from .progress import Progress, tracked
+from .settings.training import (  # noqa: F401  (the settings' old home: kept importable from here)
+    DistributedSettings,
+    LrSchedule,
+    Mixing,
+    OptimizerOptions,
+    Parallel,
+    Plateau,
+    Schedule,
+    Stage,
+    Stopping,
+    TrainSettings,
+)
 from .transforms import AugmentConfig, CachedBatches
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class Plateau:
-    factor: float
-    patience: int
-    min_lr: float
-
-
-@dataclass(frozen=True)
-class Stopping:
-    enabled: bool
-    metric: str
-    patience: int
-    min_delta: float
-
-    @property
-    def mode(self) -> str:
-        return "min" if self.metric == "loss" else "max"
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """``plateau``: ReduceLROnPlateau on the monitored metric each epoch (``training.plateau``);
-    ``constant``: the stage's LR throughout; ``cosine``: linear warm-up then cosine decay to 0
-    over each stage, per step; ``onecycle``: Smith's one-cycle, warm-up from lr/25 then cosine
-    down to lr/1e4, per step."""
-
-    name: str = "plateau"
-    warmup_epochs: float = 0.0
-
-
-@dataclass(frozen=True)
-class Mixing:
-    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), one draw per batch: with probability
-    ``prob`` the batch is mixed with a shuffled copy of itself, by mixup or (half the time when
-    both are on) CutMix, and the loss is the same mix of the two targets' losses."""
-
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-
-    @property
-    def enabled(self) -> bool:
-        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
-
-    def draw(self, x: torch.Tensor, gen: torch.Generator):
-        """The mixed batch, the partner of each image and the first image's weight; or None."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-        rng = np.random.default_rng(seed)
-        if rng.random() >= self.prob:
-            return None
-        perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
-        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < 0.5)
-        if not use_cutmix:
-            lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-            return x * lam + x[perm] * (1 - lam), perm, lam
-        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
-        h, w = x.shape[-2:]
-        ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
-        cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        mixed = x.clone()
-        mixed[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-        return mixed, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the weight of the area actually kept
-
-
-@dataclass(frozen=True)
-class Parallel:
-    backend: str
-    gpus: int
-    scale_lr: bool
-    launcher: str
-    nodes: int = 1
-
-
-@dataclass(frozen=True)
-class Stage:
-    epochs: int
-    lr: float
-    train: str = "all"
-    blocks: int = 1
-    freeze_batch_norm: bool = True
-    batch_size: int | None = None  # None: training.batch_size
-    optimizer: str | None = None  # None: training.optimizer
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """An experiment's resolved ``training`` settings (schema-checked), typed. ``raw`` keeps the
-    dictionary they came from: it is what checkpoints compare and what metrics.json records."""
-
-    model: str
-    pretrained: str | None
-    pretrained_partial: bool
-    normalize: str
-    init_seed: int
-    batch_norm: bool
-    dropout: float
-    image_size: int
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    class_weights: bool
-    plateau: Plateau
-    early_stopping: Stopping
-    augment: AugmentConfig
-    oversample: dict
-    val_oversample: dict  # the validation fold drawn to stated class shares for the epochs' scores
-    device: str
-    amp: bool
-    channels_last: bool
-    compile: bool
-    seed: int
-    distributed: Parallel
-    stages: tuple[Stage, ...]
-    train_metrics_images: int
-    schedule: Schedule
-    label_smoothing: float
-    mixing: Mixing
-    ema_decay: float
-    tta: str
-    pruning: dict  # pruning while training (``training.pruning``)
-    qat: dict  # quantization-aware training from the first epoch (``training.qat``)
-    keep: str  # "best" or "last": the weights each stage hands on and the run keeps
-    decision: dict  # the decision rule for accuracy, F1 and the confusion matrix (``training.decision``)
-    optimizer_options: OptimizerOptions
-    network: dict | None  # the layers of a CNN described in config (``networks``), else None
-    head: dict | None  # a torchvision backbone's head in place of its own (``training.head``), else None
-    read_ahead: int  # training batches read ahead in threads (``training.read_ahead``; 0: none)
-    raw: dict = field(repr=False, compare=False)
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> TrainSettings:
-        nested = {
-            "plateau": Plateau(**cfg["plateau"]),
-            "early_stopping": Stopping(**cfg["early_stopping"]),
-            "augment": AugmentConfig.from_config(cfg["augment"]),
-            "distributed": Parallel(**cfg["distributed"]),
-            "stages": _stages(cfg),
-            "train_metrics_images": cfg["train_metrics"]["images"],
-            "network": cfg.get("network"),  # present only for a network described in config
-            "schedule": Schedule(**cfg["schedule"]),
-            "mixing": Mixing(**cfg["mixup"]),
-            "ema_decay": cfg["ema"]["decay"],
-            "optimizer_options": OptimizerOptions(**cfg["optimizer_options"]),
-            "read_ahead": cfg.get("read_ahead", 0),
-        }
-        plain = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in nested and f.name != "raw"}
-        return cls(**plain, **nested, raw=cfg)
-
-
-def _stages(cfg: dict) -> tuple[Stage, ...]:
-    """The training stages: the configured ones, or one stage training everything."""
-    if not cfg["stages"]:
-        return (Stage(epochs=cfg["epochs"], lr=cfg["lr"]),)
-    return tuple(
-        Stage(**{**stage, "lr": stage.get("lr") or cfg["lr"], "epochs": stage.get("epochs") or cfg["epochs"]})
-        for stage in cfg["stages"]
-    )
-
-
-@dataclass(frozen=True)
-class OptimizerOptions:
-    """``training.optimizer_options``: None keeps torch's default (Keras's differ: Adam and
-    Adadelta epsilon 1e-7, Adadelta rho 0.95, Adagrad initial accumulator 0.1)."""
-
-    epsilon: float | None = None
-    rho: float | None = None  # Adadelta's rho, RMSprop's alpha
-    initial_accumulator: float | None = None  # Adagrad
-    nesterov: bool = True  # SGD with momentum: Nesterov's (False: plain momentum)
 
 
 def make_optimizer(params, s: TrainSettings, lr: float, name: str | None = None) -> torch.optim.Optimizer:

@@ -411,8 +411,12 @@ class MatchSettings:
     early_score: float = 0.5
 
     @classmethod
-    def from_config(cls, section: dict) -> MatchSettings:
-        return cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+    def from_config(cls, near) -> MatchSettings:
+        """From ``dataset.near_duplicates`` (its settings, or the section's dict)."""
+        from .settings import NearDuplicateSettings
+
+        near = NearDuplicateSettings.of(near)
+        return cls(**{k: getattr(near, k) for k in cls.__dataclass_fields__ if hasattr(near, k)})
 
 
 def find_copies(

@@ -29,6 +29,7 @@ from .fold import load_model, probabilities
 from .images import IMAGE_EXTENSIONS
 from .metrics import predict as predicted_labels
 from .progress import Progress
+from .settings import PredictSettings
 from .transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
@@ -319,16 +320,18 @@ class PredictOutputs(files.Outputs):
     }
 
 
-def predict_job(settings: dict, experiment_dir, outputs: PredictOutputs) -> dict:
-    """The predict rule: ``predict.images`` through the fold ensemble of ``experiment_dir``."""
-    if not settings["images"]:
+def predict_job(predict: PredictSettings | dict, experiment_dir, outputs: PredictOutputs) -> dict:
+    """The predict rule: ``predict.images`` through the fold ensemble of ``experiment_dir``
+    (``predict``: the ``predict`` settings, or the section's dict)."""
+    predict = PredictSettings.of(predict)
+    if not predict.images:
         raise ConfigError(
             "predict.images: not set; give the folder or CSV of new images, e.g. "
             "--config 'predict={images: new_images/}'"
         )
     return predict_images(
         load_predictor(experiment_dir),
-        list_images(settings["images"], settings["column"]),
+        list_images(predict.images, predict.column),
         outputs.table.parent,
-        gradcam=settings["gradcam"],
+        gradcam=predict.gradcam,
     )

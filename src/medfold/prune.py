@@ -35,13 +35,15 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import ConfigError
-from .settings import check_schedule
+from .settings import PruningSettings, check_schedule
 
 FORMAT = "bitmask+values"
 
 
 @dataclass(frozen=True)
-class Schedule:
+class SparsitySchedule:
+    """The polynomial sparsity schedule of gradual pruning (Zhu and Gupta 2017), by fractional epoch."""
+
     initial_sparsity: float
     final_sparsity: float
     start_epoch: float
@@ -99,7 +101,7 @@ class Pruner:
     def __init__(
         self,
         model: nn.Module,
-        schedule: Schedule,
+        schedule: SparsitySchedule,
         scope: str = "global",
         layers: str = "conv",
         adaptive_targets: list | None = None,
@@ -123,10 +125,11 @@ class Pruner:
         self.current = 0.0
 
     @classmethod
-    def from_config(cls, model: nn.Module, p: dict) -> Pruner:
-        """From a ``pruning`` config block (a variant's, or training's)."""
-        schedule = Schedule(p["initial_sparsity"], p["final_sparsity"], p["start_epoch"], p["end_epoch"], p["exponent"])
-        return cls(model, schedule, p["scope"], p["layers"], p["adaptive_targets"])
+    def from_config(cls, model: nn.Module, pruning: PruningSettings | dict) -> Pruner:
+        """From a ``pruning`` block (a variant's, or training's)."""
+        p = PruningSettings.of(pruning)
+        schedule = SparsitySchedule(p.initial_sparsity, p.final_sparsity, p.start_epoch, p.end_epoch, p.exponent)
+        return cls(model, schedule, p.scope, p.layers, p.adaptive_targets)
 
     def update(self, t: float) -> None:
         """Recompute the masks for fractional epoch ``t``."""
@@ -220,3 +223,6 @@ def gzip_size(path) -> int:
     """Size of the file gzip-compressed (level 6), without writing it."""
     with open(path, "rb") as fh:
         return len(gzip.compress(fh.read(), compresslevel=6))
+
+
+Schedule = SparsitySchedule  # its name before the LR schedule (settings.training.LrSchedule) was told apart

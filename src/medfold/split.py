@@ -28,6 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from . import files, seeds
 from .errors import ConfigError, LeakageError
 from .metrics import label_matrix
+from .settings import SplitSettings
 
 TEST = "test"
 CV = "cv"
@@ -122,38 +123,39 @@ def _group_counts(index: pd.DataFrame, groups: np.ndarray, classes: list[str]) -
     return counts
 
 
-def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
-    """Return (splits table, summary). ``cfg`` is the validated ``split`` config section."""
-    if cfg["method"] == "source":
-        return source_splits(index, classes, cfg)
-    if cfg["method"] == "manifest":
-        return manifest_splits(index, classes, cfg)
-    if cfg["folds"] < 2:
-        raise ConfigError(f"split.folds is {cfg['folds']}; split.method 'stratified' needs at least 2")
+def make_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | dict) -> tuple[pd.DataFrame, dict]:
+    """Return (splits table, summary). ``split``: the ``split`` settings (or the section's dict)."""
+    split = SplitSettings.of(split)
+    if split.method == "source":
+        return source_splits(index, classes, split)
+    if split.method == "manifest":
+        return manifest_splits(index, classes, split)
+    if split.folds < 2:
+        raise ConfigError(f"split.folds is {split.folds}; split.method 'stratified' needs at least 2")
     groups = image_groups(index)
     counts = _group_counts(index, groups, classes)
     n_groups = len(counts)
     source_leaks: list[dict] = []
     test_method = "stratified by patient"
     is_test = set_aside = None
-    if cfg["test_from_source"]:
+    if split.test_from_source:
         source = index["source_split"].fillna("")
         if (source == "").all():
             raise ConfigError(
                 "split.test_from_source is true but the index has no source split "
                 "(folder or dataset.source_split_column)"
             )
-        image_test = source.isin(cfg["source_test_names"]).to_numpy()
+        image_test = source.isin(split.source_test_names).to_numpy()
         if not image_test.any():
             raise ConfigError(
                 "split.test_from_source: no image's source split is in split.source_test_names "
-                f"{cfg['source_test_names']}; "
+                f"{split.source_test_names}; "
                 f"source splits are {sorted(source.unique())}"
             )
         per_group = pd.Series(image_test).groupby(groups).agg(["min", "max"])
         mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
         source_leaks = _describe_groups(index, groups, mixed, image_test)
-        if len(mixed) and cfg["on_source_leak"] == "stop":
+        if len(mixed) and split.on_source_leak == "stop":
             raise LeakageError(
                 f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
                 f"training sets (split.on_source_leak is 'stop'): "
@@ -163,30 +165,30 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
                     for leak in source_leaks[:5]
                 )
             )
-        if len(mixed) and cfg["on_source_leak"] == "drop":
+        if len(mixed) and split.on_source_leak == "drop":
             # the official test set stays whole; what crosses it from the other side is set aside
             is_test = per_group["max"].to_numpy().astype(bool)
             set_aside = np.isin(groups, mixed) & ~image_test
             test_method = (
-                f"the dataset's own split {cfg['source_test_names']}; {int(set_aside.sum())} other images of the "
+                f"the dataset's own split {split.source_test_names}; {int(set_aside.sum())} other images of the "
                 f"{len(mixed)} patients (or copies) that cross it set aside"
             )
         elif len(mixed):
             test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
         else:
             is_test = per_group["max"].to_numpy().astype(bool)
-            test_method = f"the dataset's own split {cfg['source_test_names']}"
+            test_method = f"the dataset's own split {split.source_test_names}"
     if is_test is None:
-        ratios = [cfg["test_fraction"], 1 - cfg["test_fraction"]]
-        is_test = iterative_stratification(counts, ratios, seeds.split_test(cfg["seed"])) == 0
+        ratios = [split.test_fraction, 1 - split.test_fraction]
+        is_test = iterative_stratification(counts, ratios, seeds.split_test(split.seed)) == 0
     cv_groups = np.flatnonzero(~is_test)
-    if len(cv_groups) < cfg["folds"]:
+    if len(cv_groups) < split.folds:
         raise ConfigError(
-            f"split.folds is {cfg['folds']} but only {len(cv_groups)} patients remain outside the test set"
+            f"split.folds is {split.folds} but only {len(cv_groups)} patients remain outside the test set"
         )
     group_fold = np.full(n_groups, -1, np.int64)
     group_fold[cv_groups] = iterative_stratification(
-        counts[cv_groups], [1.0] * cfg["folds"], seeds.split_folds(cfg["seed"])
+        counts[cv_groups], [1.0] * split.folds, seeds.split_folds(split.seed)
     )
     fold = group_fold[groups]
     sets = np.where(fold < 0, TEST, CV).astype(object)
@@ -199,9 +201,7 @@ def make_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.
         ]
     splits = _split_table(index, groups, sets, fold)
     summary = summarize(index, splits, classes)
-    summary.update(
-        {"seed": cfg["seed"], "folds": cfg["folds"], "test_method": test_method, "source_leaks": source_leaks}
-    )
+    summary.update({"seed": split.seed, "folds": split.folds, "test_method": test_method, "source_leaks": source_leaks})
     if set_aside is not None:
         summary["dropped_for_source_leak"] = {
             "count": len(dropped),
@@ -225,46 +225,47 @@ def _split_table(index: pd.DataFrame, groups, sets, folds) -> pd.DataFrame:
     )
 
 
-def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
+def source_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | dict) -> tuple[pd.DataFrame, dict]:
     """The dataset's own folds and roles, as given: each image's source split names its fold
     (``source_fold_pattern``'s group 1, else fold 0) and, in its last part, its role within that
     fold. A dataset that copies each image into every fold (glaucoma Fold0..Fold9) gives one row
     per copy, so roles never mix across folds."""
+    split = SplitSettings.of(split)
     source = index["source_split"].fillna("")
     if (source == "").all():
         raise ConfigError(
             "split.method is 'source' but the index has no source split (split folders, "
             "dataset.source_split_column or dataset.source_split_lists)"
         )
-    role_of = {name.lower(): role for role, names in cfg["source_roles"].items() for name in names}
+    role_of = {name.lower(): role for role, names in split.source_roles.items() for name in names}
     roles = source.map(lambda s: role_of.get(s.rsplit("/", 1)[-1].lower()))
     if roles.isna().any():
         bad = index.loc[roles.isna()].iloc[0]
         raise ConfigError(
             f"split.source_roles: source split {bad['source_split']!r} of image {bad['image_id']!r} names no "
-            f"role; the roles are {dict(cfg['source_roles'])} ({int(roles.isna().sum())} such images)"
+            f"role; the roles are {dict(split.source_roles.items())} ({int(roles.isna().sum())} such images)"
         )
-    if cfg["source_fold_pattern"]:
+    if split.source_fold_pattern:
         try:
-            pattern = re.compile(cfg["source_fold_pattern"])
+            pattern = re.compile(split.source_fold_pattern)
         except re.error as exc:
             raise ConfigError(
-                f"split.source_fold_pattern: {cfg['source_fold_pattern']!r} is not a regular expression: {exc}"
+                f"split.source_fold_pattern: {split.source_fold_pattern!r} is not a regular expression: {exc}"
             ) from exc
         found = source.map(lambda s: pattern.search(s))
         if found.isna().any():
             bad = index.loc[found.isna()].iloc[0]
             raise ConfigError(
-                f"split.source_fold_pattern {cfg['source_fold_pattern']!r} does not match source split "
+                f"split.source_fold_pattern {split.source_fold_pattern!r} does not match source split "
                 f"{bad['source_split']!r} of image {bad['image_id']!r}"
             )
         fold = found.map(lambda m: int(m.group(1))).to_numpy()
     else:
         fold = np.zeros(len(index), np.int64)
     present = sorted(set(fold.tolist()))
-    if present != list(range(cfg["folds"])):
+    if present != list(range(split.folds)):
         raise ConfigError(
-            f"split.folds is {cfg['folds']} but the dataset's own folds are {present}; set split.folds "
+            f"split.folds is {split.folds} but the dataset's own folds are {present}; set split.folds "
             f"to {len(present)} (numbered from 0)"
         )
     roles = roles.to_numpy()
@@ -273,15 +274,15 @@ def source_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[p
             if not ((fold == k) & (roles == role)).any():
                 raise ConfigError(
                     f"split.method 'source': fold {k} has no {role} images (split.source_roles.{role} "
-                    f"{cfg['source_roles'][role]})"
+                    f"{split.source_roles.names(role)})"
                 )
     splits = _split_table(index, image_groups(index), roles, fold)
-    dropped = _drop_later_copies(index, splits) if cfg["on_source_duplicate"] == "drop" else []
+    dropped = _drop_later_copies(index, splits) if split.on_source_duplicate == "drop" else []
     summary = summarize(index, splits, classes)
     summary.update(
         {
             "seed": None,
-            "folds": cfg["folds"],
+            "folds": split.folds,
             "test_method": "the dataset's own folds and roles",
             "method": "source",
             "source_leaks": [],
@@ -553,17 +554,18 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
     return rows, header
 
 
-def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple[pd.DataFrame, dict]:
+def manifest_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | dict) -> tuple[pd.DataFrame, dict]:
     """Another group's split applied to one's own copy of its images, matched by content hash.
     Images the manifest does not list are set aside (``excluded``) and listed; check_split then
     proves the result leak-free with this index's own patients and near-duplicates."""
-    if not cfg.get("manifest"):
+    split = SplitSettings.of(split)
+    if not split.manifest:
         raise ConfigError("split.method is 'manifest' but split.manifest names no file")
-    rows, header = read_manifest(cfg["manifest"])
+    rows, header = read_manifest(split.manifest)
     placed = rows.drop_duplicates("content_hash", keep=False)
     if len(placed) < len(rows):
         raise ConfigError(
-            f"split.manifest {cfg['manifest']}: some images are in several sets or folds (a manifest of a "
+            f"split.manifest {split.manifest}: some images are in several sets or folds (a manifest of a "
             "dataset's own folds, split.method 'source'); apply it with split.method 'source' instead"
         )
     placed = placed.set_index("content_hash")
@@ -571,9 +573,9 @@ def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple
     set_of = np.where(found, index["content_hash"].map(placed["set"]).fillna(EXCLUDED), EXCLUDED)
     fold = np.where(found, index["content_hash"].map(placed["fold"]).fillna(-1), -1).astype(np.int64)
     present = sorted(set(fold[found & (set_of == CV)].tolist()))
-    if present and present != list(range(cfg["folds"])):
+    if present and present != list(range(split.folds)):
         raise ConfigError(
-            f"split.folds is {cfg['folds']} but split.manifest {cfg['manifest']} has folds {present}; "
+            f"split.folds is {split.folds} but split.manifest {split.manifest} has folds {present}; "
             f"set split.folds to {len(present)}"
         )
     splits = _split_table(index, image_groups(index), set_of, fold)
@@ -582,12 +584,12 @@ def manifest_splits(index: pd.DataFrame, classes: list[str], cfg: dict) -> tuple
     summary.update(
         {
             "seed": None,
-            "folds": cfg["folds"],
+            "folds": split.folds,
             "method": "manifest",
-            "test_method": f"applied from split manifest {Path(cfg['manifest']).name} ({header['split_digest']})",
+            "test_method": f"applied from split manifest {Path(split.manifest).name} ({header['split_digest']})",
             "source_leaks": [],
             "manifest": {
-                "file": str(cfg["manifest"]),
+                "file": str(split.manifest),
                 "split_digest": header["split_digest"],
                 "medfold_version": header.get("medfold_version"),
                 "images_matched": int(found.sum()),
@@ -629,13 +631,13 @@ class CheckOutputs(files.Outputs):
     NAMES: ClassVar[dict[str, str]] = {"check": "split_check.json"}
 
 
-def split_job(index_path, settings: dict, outputs: SplitOutputs) -> None:
+def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs) -> None:
     """The split rule: the splits, their summary (shared identifiers only) and the manifest."""
     from .index import read_index
     from .privacy import index_scrubber
 
     index, meta = read_index(index_path)
-    splits, summary = make_splits(index, meta["classes"], settings)
+    splits, summary = make_splits(index, meta["classes"], split)
     splits.to_parquet(outputs.splits, index=False)
     write_json(index_scrubber(index).record(summary), outputs.summary)
     write_manifest(split_manifest(index, splits), outputs.manifest, meta["dataset"])

@@ -26,15 +26,16 @@ import time
 from pathlib import Path
 
 from .errors import MedfoldError
+from .settings import MlflowSettings
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
 PARAM_LIMIT = 6000  # characters of one parameter's value MLflow stores
 
 
-def store_uri(cfg: dict, results) -> str:
+def store_uri(mlflow: MlflowSettings | dict | None, results) -> str:
     """The tracking URI: the configured one, or a file store under ``<results>/mlruns``."""
-    return cfg.get("uri") or (Path(results).resolve() / "mlruns").as_uri()
+    return MlflowSettings.of(mlflow).uri or (Path(results).resolve() / "mlruns").as_uri()
 
 
 def _client(uri: str):
@@ -71,10 +72,10 @@ def _experiment_id(client, uri: str, name: str) -> str:
     return _call(uri, f"finding experiment {name!r}", get_or_create)
 
 
-def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     """Nested settings as MLflow params: dotted keys, values as text (long ones cut)."""
     out = {}
-    for key, value in settings.items():
+    for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             out.update(flatten(value, f"{name}."))
@@ -103,7 +104,7 @@ def _run_exists(client, run_id: str) -> bool:
     return run.info.lifecycle_stage == "active"
 
 
-def parent_run(cfg: dict, uri: str, dataset: str, experiment: str, experiment_dir) -> str:
+def parent_run(mlflow: MlflowSettings | dict, uri: str, dataset: str, experiment: str, experiment_dir) -> str:
     """The experiment's parent run ID, created by the first fold job that asks for it."""
     path = Path(experiment_dir) / RUN_FILE
     client = _client(uri)
@@ -112,7 +113,7 @@ def parent_run(cfg: dict, uri: str, dataset: str, experiment: str, experiment_di
             known = json.loads(path.read_text())
             if known.get("uri") == uri and _run_exists(client, known["run_id"]):
                 return known["run_id"]
-        exp_id = _experiment_id(client, uri, cfg.get("experiment") or f"medfold/{dataset}")
+        exp_id = _experiment_id(client, uri, MlflowSettings.of(mlflow).experiment or f"medfold/{dataset}")
         run = _call(
             uri,
             "creating the experiment's run",
@@ -167,23 +168,26 @@ class FoldTracker:
 
 
 @contextlib.contextmanager
-def fold_run(cfg: dict | None, results, dataset: str, experiment: str, fold: int, settings: dict, work):
+def fold_run(mlflow: MlflowSettings | dict | None, results, dataset: str, experiment: str, fold: int, training, work):
     """Open (or continue) the fold's run around its training; afterwards log the epochs that
     are not there yet (a point lost to a kill between checkpoint and log), the fold's metrics
-    and files, and finish it. Nothing at all when tracking is off."""
-    if not (cfg or {}).get("enabled"):
+    and files, and finish it. Nothing at all when tracking is off. ``mlflow``:
+    ``tracking.mlflow``; ``training``: the experiment's settings (``TrainSettings`` or dict)."""
+    mlflow = MlflowSettings.of(mlflow)
+    if not mlflow.enabled:
         yield None
         return
     from mlflow.entities import Param
 
-    from .settings import settings_digest
+    from .settings import TrainSettings, settings_digest
 
-    uri = store_uri(cfg, results)
+    training = TrainSettings.of(training)
+    uri = store_uri(mlflow, results)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     client = _client(uri)
-    repeat = settings.get("repeat", 0)
-    digest = settings_digest(settings)
+    repeat = training.repeat
+    digest = settings_digest(training.raw)
     path = work / RUN_FILE
     known = json.loads(path.read_text()) if path.exists() else {}
     if known.get("uri") == uri and known.get("settings") == digest and _run_exists(client, known["run_id"]):
@@ -191,7 +195,7 @@ def fold_run(cfg: dict | None, results, dataset: str, experiment: str, fold: int
         _call(uri, "reopening the fold's run", lambda: client.update_run(run_id, status="RUNNING"))
         log.info("tracking.mlflow: continuing run %s (%s)", run_id, uri)
     else:
-        parent = parent_run(cfg, uri, dataset, experiment, work_experiment_dir(work))
+        parent = parent_run(mlflow, uri, dataset, experiment, work_experiment_dir(work))
         exp_id = client.get_run(parent).info.experiment_id
         name = f"fold_{fold}" + (f"/seed_{repeat}" if repeat else "")
         run = _call(
@@ -211,7 +215,7 @@ def fold_run(cfg: dict | None, results, dataset: str, experiment: str, fold: int
             ),
         )
         run_id = run.info.run_id
-        params = [Param(k, v) for k, v in flatten(settings).items()]
+        params = [Param(k, v) for k, v in flatten(training.raw).items()]
         for start in range(0, len(params), 100):  # MLflow takes 100 params per call
             _call(uri, "logging the settings", lambda s=start: client.log_batch(run_id, params=params[s : s + 100]))
         path.write_text(json.dumps({"uri": uri, "run_id": run_id, "settings": digest}) + "\n")
@@ -262,16 +266,19 @@ def _finish_fold(tracker: FoldTracker, work: Path) -> None:
     _call(uri, "finishing the fold's run", lambda: client.set_terminated(run_id, "FINISHED"))
 
 
-def log_summary(cfg: dict | None, results, dataset: str, experiment: str, experiment_dir, files: list) -> None:
+def log_summary(
+    mlflow: MlflowSettings | dict | None, results, dataset: str, experiment: str, experiment_dir, files: list
+) -> None:
     """The cross-validation summary on the experiment's parent run (the aggregate job): mean and
     std of every metric over folds (and seeds), the fold ensemble's test metrics, the files."""
-    if not (cfg or {}).get("enabled"):
+    mlflow = MlflowSettings.of(mlflow)
+    if not mlflow.enabled:
         return
     from mlflow.entities import Metric
 
-    uri = store_uri(cfg, results)
+    uri = store_uri(mlflow, results)
     client = _client(uri)
-    run_id = parent_run(cfg, uri, dataset, experiment, experiment_dir)
+    run_id = parent_run(mlflow, uri, dataset, experiment, experiment_dir)
     summary = json.loads(Path(experiment_dir, "cv", "summary.json").read_text())
     ensemble = json.loads(Path(experiment_dir, "cv", "ensemble_test.json").read_text()) or {}
     stamp = int(time.time() * 1000)
@@ -295,10 +302,15 @@ def log_summary(cfg: dict | None, results, dataset: str, experiment: str, experi
     _call(uri, "finishing the experiment's run", lambda: client.set_terminated(run_id, "FINISHED"))
 
 
-def log_experiment(cfg: dict | None, results, dataset: str, experiment: str, outputs) -> None:
+def log_experiment(mlflow: MlflowSettings | dict | None, results, dataset: str, experiment: str, outputs) -> None:
     """``log_summary`` for what an aggregate rule wrote (a ``medfold.aggregate.AggregateOutputs``)."""
     cv = outputs.cv
     experiment_dir = Path(cv.summary).parent.parent
     log_summary(
-        cfg, results, dataset, experiment, experiment_dir, [cv.summary, cv.per_fold, cv.ensemble, outputs.label_issues]
+        mlflow,
+        results,
+        dataset,
+        experiment,
+        experiment_dir,
+        [cv.summary, cv.per_fold, cv.ensemble, outputs.label_issues],
     )

@@ -105,9 +105,10 @@ class FoldRun:
     when there is one, runs one ``fit`` per stage (writing the checkpoint after every epoch) and
     evaluates and writes the chosen weights."""
 
-    def __init__(self, cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1):
-        self.cfg, self.fold = cfg, fold
-        self.s = s = TrainSettings.from_config(cfg)
+    def __init__(self, training, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1):
+        """``training``: the experiment's ``TrainSettings``, or its merged settings dict."""
+        self.fold = fold
+        self.s = s = TrainSettings.of(training)
         self.out = FoldOutputs.of(outputs)
         self.out.create()
         torch.set_num_threads(max(1, threads))
@@ -132,9 +133,9 @@ class FoldRun:
             s.image_size,
             s.head,
         ).to(device)
-        if s.qat["enabled"]:  # fake quantization from the first epoch, in the model every later stage reads
-            fakequant.prepare(self.model, s.qat["layers"])
-        self.runner = Runner(cfg, data.cache, targets, data.task, device, self.model)
+        if s.qat.enabled:  # fake quantization from the first epoch, in the model every later stage reads
+            fakequant.prepare(self.model, s.qat.layers)
+        self.runner = Runner(s, data.cache, targets, data.task, device, self.model)
         if self.runner.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.lr_scale = self.ctx.world if s.distributed.scale_lr else 1
@@ -143,13 +144,13 @@ class FoldRun:
         )
         self.ema = ema_model(self.model, s.ema_decay)
         self.pruner, self.select_from = None, 0
-        if s.pruning["enabled"]:  # gradual pruning from the start, as the thesis did
+        if s.pruning.enabled:  # gradual pruning from the start, as the thesis did
             from .prune import Pruner
 
             self.pruner = Pruner.from_config(self.model, s.pruning)
-            self.select_from = math.ceil(s.pruning["end_epoch"])  # the chosen model has the final sparsity
+            self.select_from = math.ceil(s.pruning.end_epoch)  # the chosen model has the final sparsity
         weights = sample_weights(
-            targets[rows["train"]], data.task, data.classes, s.oversample["mode"], s.oversample["target"]
+            targets[rows["train"]], data.task, data.classes, s.oversample.mode, s.oversample.target
         )
         self.batches = CachedBatches(
             data.cache,
@@ -178,7 +179,7 @@ class FoldRun:
         )
         self.state = TrainState()
         self.total = sum(stage.epochs for stage in s.stages)
-        self.staged = len(cfg["stages"]) > 0
+        self.staged = s.staged
         self.writer = None
         self.tracker = None
 
@@ -222,7 +223,7 @@ class FoldRun:
         if ckpt is None:
             return None
         resumed = TrainState.from_dict(ckpt["state"])
-        if ckpt["settings"] != settings_digest(self.cfg) or ckpt["fold"] != self.fold or resumed is None:
+        if ckpt["settings"] != settings_digest(self.s.raw) or ckpt["fold"] != self.fold or resumed is None:
             log.warning(
                 "%s was written with other settings or by another version; training fold %d from the start",
                 path,
@@ -278,7 +279,7 @@ class FoldRun:
             set_training=lambda on: train_mode(model, run.frozen_norms) if on else model.eval(),
             after_epoch=lambda row, improved: self.after_epoch(row, improved, run),
             ema=self.ema,
-            after_step=(lambda epoch: pruner.after_step(epoch, s.pruning["update_every"])) if pruner else None,
+            after_step=(lambda epoch: pruner.after_step(epoch, s.pruning.update_every)) if pruner else None,
             select_from=self.select_from,
             keep=s.keep,
         )
@@ -357,7 +358,7 @@ class FoldRun:
                     "state": self.state.to_dict(),
                     **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                     "rng_cpu": torch.get_rng_state(),
-                    "settings": settings_digest(self.cfg),
+                    "settings": settings_digest(self.s.raw),
                     "fold": self.fold,
                 },
                 self.out.checkpoint,
@@ -394,7 +395,7 @@ class FoldRun:
                 self.runner,
                 self.criterion,
                 self.data,
-                self.cfg,
+                self.s,
                 self.state,
                 distributed_summary,
                 self.out,
@@ -425,11 +426,12 @@ def pruned_storage(state_dict: dict) -> dict:
     return {"dense_bytes": len(dense), "sparse_bytes": len(sparse), "sparse_gzip_bytes": len(gzip.compress(sparse, 6))}
 
 
-def run_fold(cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
+def run_fold(training, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> dict:
     """Train on the fold's training folds, select on its validation fold, evaluate on both and
     on the held-out test set. Writes the model, history, predictions, metrics and TensorBoard
-    events to ``outputs`` (a FoldOutputs, or a folder for the usual names); returns the metrics."""
-    return FoldRun(cfg, index_path, splits_path, cache_dir, fold, outputs, threads).run()
+    events to ``outputs`` (a FoldOutputs, or a folder for the usual names); returns the metrics.
+    ``training``: the experiment's ``TrainSettings`` or settings dict."""
+    return FoldRun(training, index_path, splits_path, cache_dir, fold, outputs, threads).run()
 
 
 def _fmt(value) -> str:
@@ -446,7 +448,7 @@ def _evaluate_and_write(
     runner,
     criterion,
     data: FoldData,
-    cfg,
+    s: TrainSettings,
     state: TrainState,
     parallel: dict,
     out: FoldOutputs,
@@ -454,7 +456,7 @@ def _evaluate_and_write(
     train_rows=None,
 ) -> dict:
     runner.model.eval()
-    result, predictions = evaluate_fold(runner, criterion, data, decision=cfg["decision"])
+    result, predictions = evaluate_fold(runner, criterion, data, decision=s.decision)
     if train_rows is not None and len(train_rows):  # the kept model on the training subsample, as studies report
         probs, loss = runner.predict(train_rows, criterion)
         thresholds = result["val"].get("thresholds")
@@ -463,24 +465,24 @@ def _evaluate_and_write(
     result.update(
         {
             "parameters": sum(p.numel() for p in runner.model.parameters()),
-            "repeat": cfg.get("repeat", 0),  # which seed of the fold (experiments.<name>.repeats)
-            "seed": cfg["seed"],
+            "repeat": s.repeat,  # which seed of the fold (experiments.<name>.repeats)
+            "seed": s.seed,
             "best_epoch": state.best_epoch,
             "epochs_trained": state.epoch,
             "stopped_early": state.stopped_early,
             "train_seconds": state.train_seconds,
-            "monitor": cfg["early_stopping"]["metric"],
-            "settings": cfg,
+            "monitor": s.early_stopping.metric,
+            "settings": s.raw,
             "distributed": parallel,
             **({"pruning": pruned} if pruned is not None else {}),
             **({"qat": fakequant.summary(runner.model)} if fakequant.is_prepared(runner.model) else {}),
             "hardware": hardware.cpu() | {"device": str(runner.device)},
         }
     )
-    if cfg["stages"]:
+    if s.staged:
         result["stages"] = state.stages
     write_evaluation(result, predictions, state.history, out)
-    save_model(runner.model, cfg, data, result["val"].get("thresholds"), out.model, runner.stats)
+    save_model(runner.model, s, data, result["val"].get("thresholds"), out.model, runner.stats)
     log.info(
         "fold %d: best epoch %d; val AUROC %s, test AUROC %s",
         data.fold,
@@ -492,43 +494,45 @@ def _evaluate_and_write(
 
 
 def train_fold_job(
-    cfg: dict, index_path, splits_path, cache_dir, fold: int, outputs, threads: int, log_path: str | None
+    training, index_path, splits_path, cache_dir, fold: int, outputs, threads: int, log_path: str | None
 ) -> None:
     """A training job: one process in this one, or a distributed run through its launcher, each
-    process running ``main`` below with the settings written next to the outputs."""
-    parallel = cfg["distributed"]
-    if parallel["backend"] == "none":
-        run_fold(cfg, index_path, splits_path, cache_dir, fold, outputs, threads)
+    process running ``main`` below with the settings written next to the outputs. ``training``:
+    the experiment's ``TrainSettings`` or settings dict."""
+    s = TrainSettings.of(training)
+    parallel = s.distributed
+    if parallel.backend == "none":
+        run_fold(s, index_path, splits_path, cache_dir, fold, outputs, threads)
         return
     outs = FoldOutputs.of(outputs)
     outs.create()
     out = outs.work
-    settings = out / "settings.json"
-    settings.write_text(json.dumps(cfg, indent=2))
-    n = parallel["gpus"]
-    gpus_per_process = 0 if cfg["device"] == "cpu" else 1
+    settings_file = out / "settings.json"
+    settings_file.write_text(json.dumps(s.raw, indent=2))
+    n = parallel.gpus
+    gpus_per_process = 0 if s.device == "cpu" else 1
     # one positional job file: launchers (torchrun's argparse) would take a prefix of their own
     # options, such as --log for --log-dir, out of the training command's flags
     job = out / "job.json"
     job.write_text(
         json.dumps(
             {
-                "settings": str(settings),
+                "settings": str(settings_file),
                 "index": str(index_path),
                 "splits": str(splits_path),
                 "cache": str(cache_dir),
                 "fold": fold,
                 "out": outs.as_dict(),
-                "threads": max(1, threads // (n // parallel["nodes"])),  # the processes on one node share it
+                "threads": max(1, threads // (n // parallel.nodes)),  # the processes on one node share it
                 "log": str(log_path) if log_path else None,
             }
         )
     )
     module = ["medfold.train", str(job)]
-    code = distributed.launch(parallel["backend"], n, parallel["launcher"], gpus_per_process, module, parallel["nodes"])
+    code = distributed.launch(parallel.backend, n, parallel.launcher, gpus_per_process, module, parallel.nodes)
     if code != 0:
         raise MedfoldError(
-            f"fold {fold}: distributed training ({parallel['backend']}, {n} processes) exited with "
+            f"fold {fold}: distributed training ({parallel.backend}, {n} processes) exited with "
             f"status {code}; its messages are above{' and in ' + str(log_path) if log_path else ''}"
         )
 

@@ -12,44 +12,12 @@ has no batched form (perspective).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    hflip: float = 0.0  # probability
-    rotation: float = 0.0  # max degrees, uniform in [-rotation, rotation]
-    brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
-    contrast: float = 0.0  # factor uniform in [1 - c, 1 + c]
-    erasing: float = 0.0  # probability of erasing one rectangle (2-33 % of the area)
-    perspective: float = 0.0  # probability of a random perspective warp
-    rotation_prob: float = 1.0  # probability that an image is rotated at all
-    perspective_distortion: float = 0.3  # how far the warp moves each corner (torchvision's distortion_scale)
-    brightness_range: tuple[float, float] | None = None  # the factor's [low, high], instead of 1 -+ brightness
-    contrast_range: tuple[float, float] | None = None
-    clamp: bool = True  # intensities back into [0, 1] after brightness and contrast
-
-    @property
-    def intensity(self) -> bool:
-        return (
-            self.brightness > 0
-            or self.contrast > 0
-            or self.brightness_range is not None
-            or self.contrast_range is not None
-        )
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> AugmentConfig:
-        def value(key, v):
-            if key.endswith("_range"):
-                return None if v is None else (float(v[0]), float(v[1]))
-            return bool(v) if key == "clamp" else float(v)
-
-        return cls(**{k: value(k, v) for k, v in cfg.items()})
+from .settings.training import AugmentConfig
 
 
 def _factor_range(spread: float, fixed: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -63,26 +31,26 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> t
     return torch.rand(n, generator=gen, device=device) * (high - low) + low
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, augment: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """``x``: float (B, C, H, W) in [0, 1] on any device; ``gen`` lives on the same device.
 
     Works in place where it can (the data path hands over a fresh batch): pass a copy to keep ``x``."""
     n, device = x.shape[0], x.device
-    if cfg.hflip > 0:
-        flip = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.hflip).flatten()
+    if augment.hflip > 0:
+        flip = torch.nonzero(torch.rand(n, generator=gen, device=device) < augment.hflip).flatten()
         if len(flip):
             x[flip] = x[flip].flip(-1)
-    if cfg.rotation > 0:
-        angle = _uniform(n, -cfg.rotation, cfg.rotation, gen, device) * (math.pi / 180)
-        if cfg.rotation_prob < 1:  # a draw only then: the stream of every other setting is as it was
-            angle = angle * (torch.rand(n, generator=gen, device=device) < cfg.rotation_prob)
+    if augment.rotation > 0:
+        angle = _uniform(n, -augment.rotation, augment.rotation, gen, device) * (math.pi / 180)
+        if augment.rotation_prob < 1:  # a draw only then: the stream of every other setting is as it was
+            angle = angle * (torch.rand(n, generator=gen, device=device) < augment.rotation_prob)
         cos, sin = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if cfg.perspective > 0:
-        chosen = torch.nonzero(torch.rand(n, generator=gen, device=device) < cfg.perspective).flatten().tolist()
+    if augment.perspective > 0:
+        chosen = torch.nonzero(torch.rand(n, generator=gen, device=device) < augment.perspective).flatten().tolist()
         if chosen:
             from torchvision.transforms.v2 import functional as TF  # only here: a second at import
 
@@ -90,7 +58,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
             for i in chosen:
                 jitter = (
                     torch.rand(4, 2, generator=gen, device=device)
-                    * cfg.perspective_distortion
+                    * augment.perspective_distortion
                     * torch.tensor([w, h], device=device)
                     / 2
                 ).tolist()
@@ -100,17 +68,17 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
                     [int(px + sx[k] * jitter[k][0]), int(py + sy[k] * jitter[k][1])] for k, (px, py) in enumerate(start)
                 ]
                 x[i] = TF.perspective(x[i], startpoints=start, endpoints=end)
-    brightness = _factor_range(cfg.brightness, cfg.brightness_range)
+    brightness = _factor_range(augment.brightness, augment.brightness_range)
     if brightness is not None:
         x = x * _uniform(n, *brightness, gen, device)[:, None, None, None]
-    contrast = _factor_range(cfg.contrast, cfg.contrast_range)
+    contrast = _factor_range(augment.contrast, augment.contrast_range)
     if contrast is not None:
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * _uniform(n, *contrast, gen, device)[:, None, None, None] + mean
-    if cfg.intensity and cfg.clamp:
+    if augment.intensity and augment.clamp:
         x = x.clamp(0, 1)
-    if cfg.erasing > 0:
-        x = _erase(x, cfg.erasing, gen)
+    if augment.erasing > 0:
+        x = _erase(x, augment.erasing, gen)
     return x
 
 

@@ -20,16 +20,17 @@ DATASET_DIR = f"{RESULTS}/{DATASET}"
 OVERRIDES, GRIDS = STUDY.overrides, STUDY.grids
 EXPERIMENTS = list(STUDY.experiments)
 FOLDS = list(STUDY.folds)
-SETTINGS = STUDY.settings
+SETTINGS = STUDY.settings  # experiment -> its settings dict (what jobs get)
+TRAINING = STUDY.training  # experiment -> its TrainSettings (what rules read)
 EXPERIMENT_FOLDS = STUDY.experiment_folds
 REPEATS = STUDY.repeats
 INIT_FROM = STUDY.init_from
-ENSEMBLES = STUDY.ensembles
+ENSEMBLES = STUDY.ensemble_settings
 INDEX_DATASET = STUDY.index_dataset
 EXPLAINED = list(STUDY.explained)
 EXPORTED = list(STUDY.exported)
-EXTERNALS = STUDY.externals
-CLUSTER = STUDY.cluster
+EXTERNALS = STUDY.external_settings
+CLUSTER = STUDY.cluster_settings
 TRAIN_RESOURCES = STUDY.train_resources
 VARIANTS = STUDY.variants
 COMPRESSED = list(STUDY.compressed)
@@ -38,17 +39,13 @@ EXPLAINED_FOLDS = list(STUDY.explained_folds)
 
 
 def partition_for(gpus):
-    return (
-        (CLUSTER["gpu_partition"] or CLUSTER["partition"])
-        if gpus
-        else CLUSTER["partition"]
-    )
+    return CLUSTER.partition_for(gpus)
 
 
 def site_resources():
     return {
-        "slurm_partition": CLUSTER["partition"],
-        "slurm_account": CLUSTER["account"],
+        "slurm_partition": CLUSTER.partition,
+        "slurm_account": CLUSTER.account,
     }
 
 
@@ -76,33 +73,33 @@ wildcard_constraints:
     external=any_of(EXTERNALS),
 
 
-def dataset_inputs(wildcards, ds=None):
-    """The source files the index reads (of ``ds``, default the main dataset); the demo_data
-    rule makes them when they point into it."""
-    ds = ds or config["dataset"]
-    listed = {"exclude": ds["exclude_images"]} if ds.get("exclude_images") else {}
-    if ds["format"] == "csv":
+def dataset_inputs(wildcards, dataset=None):
+    """The source files the index reads (of ``dataset``, default the main dataset); the
+    demo_data rule makes them when they point into it."""
+    ds = dataset or STUDY.dataset_settings
+    listed = {"exclude": ds.exclude_images} if ds.exclude_images else {}
+    if ds.format == "csv":
         return (
-            {"table": ds["table"]}
-            | ({"root": ds["root"]} if ds["root"] and not ds["metadata_only"] else {})
+            {"table": ds.table}
+            | ({"root": ds.root} if ds.root and not ds.metadata_only else {})
             | listed
         )
-    if ds["format"] == "npz":
-        return {"npz": ds["npz"]} | listed
-    return {"root": ds["root"]} | listed
+    if ds.format == "npz":
+        return {"npz": ds.npz} | listed
+    return {"root": ds.root} | listed
 
 
 def manifest_input(wildcards):
     """The split manifest the split applies (split.method manifest): a change to it reruns the split."""
-    split = config["split"]
-    return {"manifest": split["manifest"]} if split["method"] == "manifest" else {}
+    split = STUDY.split
+    return {"manifest": split.manifest} if split.method == "manifest" else {}
 
 
 # Paths below come from the rules' own output and benchmark patterns (looked up when called,
 # after every rule is defined), so each path is spelled once, in its rule.
 def cache_of(experiment):
     return expand(
-        rules.cache.output, dataset=DATASET, size=SETTINGS[experiment]["image_size"]
+        rules.cache.output, dataset=DATASET, size=TRAINING[experiment].image_size
     )
 
 
@@ -248,7 +245,7 @@ def report_inputs():
         )
         for name in ENSEMBLES
     }
-    sizes = sorted({SETTINGS[name]["image_size"] for name in EXPERIMENTS})
+    sizes = sorted({TRAINING[name].image_size for name in EXPERIMENTS})
     benchmarks = [
         *expand(rules.index.benchmark, dataset=DATASET),
         *expand(rules.split.benchmark, dataset=DATASET),
@@ -288,7 +285,7 @@ def report_inputs():
         index_report=expand(rules.index.output.report, dataset=DATASET)[0],
         split_summary=expand(rules.split.output.summary, dataset=DATASET)[0],
         split_check=expand(rules.check_split.output.check, dataset=DATASET)[0],
-        cache=cache_of(min(EXPERIMENTS, key=lambda n: SETTINGS[n]["image_size"]))[0],
+        cache=cache_of(min(EXPERIMENTS, key=lambda n: TRAINING[n].image_size))[0],
         comparison=expand(rules.compare_experiments.output.table, dataset=DATASET)[0],
         comparisons=expand(
             rules.compare_experiments.output.comparisons, dataset=DATASET

@@ -20,19 +20,19 @@ rule compress:
         f"{RESULTS}/{{dataset}}/benchmarks/compress_{{experiment}}_{{variant}}_fold_{{fold}}.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: config["compression"]["threads"]
+    threads: STUDY.compression.threads
     resources:
-        mem_mb=config["compression"]["mem_mb"],
-        runtime=config["compression"]["runtime"],
+        mem_mb=STUDY.compression.mem_mb,
+        runtime=STUDY.compression.runtime,
         gpu=lambda w: compress_gpus(SETTINGS[w.experiment], VARIANTS[w.variant]),
         slurm_partition=lambda w: partition_for(
             compress_gpus(SETTINGS[w.experiment], VARIANTS[w.variant])
         ),
-        slurm_account=CLUSTER["account"],
+        slurm_account=CLUSTER.account,
     params:
         variant=lambda w: VARIANTS[w.variant],
         settings=lambda w: SETTINGS[w.experiment],
-        compression=config["compression"],
+        compression=STUDY.compression.raw,
     script:
         "../scripts/compress.py"
 

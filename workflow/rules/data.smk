@@ -3,14 +3,14 @@
 
 rule demo_data:
     output:
-        table=f"{config['demo']['output']}/cxr14/Data_Entry.csv",
-        images=directory(f"{config['demo']['output']}/cxr14/images"),
-        folders=directory(f"{config['demo']['output']}/chest_xray"),
-        dicom=directory(f"{config['demo']['output']}/dicom"),
-        site_b=f"{config['demo']['output']}/site_b/Data_Entry.csv",
-        site_b_images=directory(f"{config['demo']['output']}/site_b/images"),
+        table=f"{STUDY.demo.output}/cxr14/Data_Entry.csv",
+        images=directory(f"{STUDY.demo.output}/cxr14/images"),
+        folders=directory(f"{STUDY.demo.output}/chest_xray"),
+        dicom=directory(f"{STUDY.demo.output}/dicom"),
+        site_b=f"{STUDY.demo.output}/site_b/Data_Entry.csv",
+        site_b_images=directory(f"{STUDY.demo.output}/site_b/images"),
     log:
-        f"{config['demo']['output']}/demo_data.log",
+        f"{STUDY.demo.output}/demo_data.log",
     conda:
         "../../envs/medfold.yaml"
     resources:
@@ -19,10 +19,10 @@ rule demo_data:
         runtime=10,
     params:
         out=lambda wildcards, output: Path(output.table).parent.parent,
-        seed=config["demo"]["seed"],
-        cxr14_patients=config["demo"]["cxr14_patients"],
-        folder_patients=config["demo"]["folder_patients"],
-        dicom_patients=config["demo"]["dicom_patients"],
+        seed=STUDY.demo.seed,
+        cxr14_patients=STUDY.demo.cxr14_patients,
+        folder_patients=STUDY.demo.folder_patients,
+        dicom_patients=STUDY.demo.dicom_patients,
     script:
         "../scripts/demo_data.py"
 
@@ -39,14 +39,14 @@ rule index:
         f"{RESULTS}/{{dataset}}/benchmarks/index.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: config["resources"]["index_threads"]
+    threads: STUDY.resources.index_threads
     resources:
         **site_resources(),
         mem_mb=4000,
         runtime=120,
     params:
         dataset=INDEX_DATASET,
-        identifiers=config["privacy"]["identifiers"],
+        identifiers=STUDY.privacy.identifiers,
         results=lambda wildcards, output: Path(output.table).parents[1],
     script:
         "../scripts/index.py"
@@ -71,7 +71,7 @@ rule split:
         mem_mb=4000,
         runtime=30,
     params:
-        split=config["split"],
+        split=STUDY.split.raw,
     script:
         "../scripts/split.py"
 

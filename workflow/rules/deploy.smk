@@ -33,7 +33,7 @@ rule export:
         mem_mb=4000,
         runtime=30,
     params:
-        card=config["export"]["card"],
+        card=STUDY.export.card.raw,
     script:
         "../scripts/export.py"
 
@@ -44,7 +44,7 @@ EXTERNAL_DIR = f"{RESULTS}/{{dataset}}/external/{{external}}"
 
 rule external_index:
     input:
-        unpack(lambda w: dataset_inputs(w, EXTERNALS[w.external]["dataset"])),
+        unpack(lambda w: dataset_inputs(w, STUDY.external_settings[w.external].dataset)),
     output:
         table=f"{EXTERNAL_DIR}/index.parquet",
         report=f"{EXTERNAL_DIR}/index_report.json",
@@ -55,16 +55,16 @@ rule external_index:
         f"{RESULTS}/{{dataset}}/benchmarks/external_index_{{external}}.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: config["resources"]["index_threads"]
+    threads: STUDY.resources.index_threads
     resources:
         **site_resources(),
-        mem_mb=lambda w: EXTERNALS[w.external]["mem_mb"],
+        mem_mb=lambda w: EXTERNALS[w.external].mem_mb,
         runtime=120,
     params:
-        dataset=lambda w: EXTERNALS[w.external]["dataset"],
-        identifiers=config["privacy"]["identifiers"],
-        size=lambda w: SETTINGS[EXTERNALS[w.external]["experiment"]]["image_size"],
-        channels=config["images"]["channels"],
+        dataset=lambda w: EXTERNALS[w.external].dataset.raw,
+        identifiers=STUDY.privacy.identifiers,
+        size=lambda w: TRAINING[EXTERNALS[w.external].experiment].image_size,
+        channels=STUDY.images.channels,
         results=lambda wildcards, output: Path(output.table).parents[2],
     script:
         "../scripts/external_index.py"
@@ -72,14 +72,14 @@ rule external_index:
 
 rule external_validate:
     input:
-        models=lambda w: model_files(EXTERNALS[w.external]["experiment"], "model"),
-        ensemble=lambda w: cv_file(EXTERNALS[w.external]["experiment"], "ensemble"),
+        models=lambda w: model_files(EXTERNALS[w.external].experiment, "model"),
+        ensemble=lambda w: cv_file(EXTERNALS[w.external].experiment, "ensemble"),
         ensemble_predictions=lambda w: cv_file(
-            EXTERNALS[w.external]["experiment"], "ensemble_predictions"
+            EXTERNALS[w.external].experiment, "ensemble_predictions"
         ),
         index=rules.index.output.table,
         splits=rules.split.output.splits,
-        cache=lambda w: cache_of(EXTERNALS[w.external]["experiment"])[0],
+        cache=lambda w: cache_of(EXTERNALS[w.external].experiment)[0],
         external_index=rules.external_index.output.table,
         external_cache=rules.external_index.output.cache,
     output:
@@ -106,12 +106,12 @@ rule external_validate:
     threads: 2
     resources:
         **site_resources(),
-        mem_mb=lambda w: EXTERNALS[w.external]["mem_mb"],
+        mem_mb=lambda w: EXTERNALS[w.external].mem_mb,
         runtime=60,
     params:
-        settings=lambda w: EXTERNALS[w.external],
-        bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
-        bins=config["evaluation"]["calibration"]["bins"],
+        settings=lambda w: EXTERNALS[w.external].raw,
+        bootstrap=STUDY.evaluation.bootstrap,
+        seed=STUDY.evaluation.bootstrap_seed,
+        bins=STUDY.evaluation.calibration.bins,
     script:
         "../scripts/external_validate.py"

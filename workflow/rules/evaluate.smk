@@ -73,10 +73,10 @@ rule aggregate:
         mem_mb=2000,
         runtime=20,
     params:
-        bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
-        evaluation=config["evaluation"],
-        tracking=config["tracking"]["mlflow"],
+        bootstrap=STUDY.evaluation.bootstrap,
+        seed=STUDY.evaluation.bootstrap_seed,
+        evaluation=STUDY.evaluation.raw,
+        tracking=STUDY.mlflow.raw,
         # <results> above <dataset>/<experiment>/cv/ (what tracking's default store is under)
         results=lambda wildcards, output: Path(output.summary).parents[3],
     script:
@@ -87,11 +87,11 @@ rule ensemble_fold:
     input:
         predictions=lambda w: [
             fold_files(name, "predictions")[int(w.fold)]
-            for name in ENSEMBLES[w.ensemble]["experiments"]
+            for name in ENSEMBLES[w.ensemble].experiments
         ],
         metrics=lambda w: [
             fold_files(name, "metrics")[int(w.fold)]
-            for name in ENSEMBLES[w.ensemble]["experiments"]
+            for name in ENSEMBLES[w.ensemble].experiments
         ],
     output:
         predictions=f"{ENSEMBLE_DIR}/fold_{{fold}}/predictions.parquet",
@@ -105,8 +105,8 @@ rule ensemble_fold:
         mem_mb=1000,
         runtime=10,
     params:
-        experiments=lambda w: ENSEMBLES[w.ensemble]["experiments"],
-        weights=lambda w: ENSEMBLES[w.ensemble]["weights"],
+        experiments=lambda w: ENSEMBLES[w.ensemble].experiments,
+        weights=lambda w: ENSEMBLES[w.ensemble].weights,
     script:
         "../scripts/ensemble_fold.py"
 
@@ -148,7 +148,7 @@ rule grid_table:
         runtime=10,
     params:
         combinations=lambda w: GRIDS[w.grid],
-        rank_by=config["grids"]["rank_by"],
+        rank_by=STUDY.report.grids.rank_by,
     script:
         "../scripts/grid_table.py"
 
@@ -189,9 +189,9 @@ rule compare_experiments:
         runtime=10,
     params:
         experiments=EXPERIMENTS + list(ENSEMBLES),
-        comparisons=config["evaluation"]["comparisons"],
-        bootstrap=config["evaluation"]["bootstrap"],
-        seed=config["evaluation"]["bootstrap_seed"],
+        comparisons=STUDY.evaluation.comparisons.raw,
+        bootstrap=STUDY.evaluation.bootstrap,
+        seed=STUDY.evaluation.bootstrap_seed,
     script:
         "../scripts/compare_experiments.py"
 
@@ -215,6 +215,6 @@ rule predict:
         mem_mb=4000,
         runtime=60,
     params:
-        predict=config["predict"],
+        predict=STUDY.predict.raw,
     script:
         "../scripts/predict.py"

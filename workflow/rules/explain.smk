@@ -17,12 +17,12 @@ rule explain:
         f"{RESULTS}/{{dataset}}/benchmarks/explain_{{experiment}}_fold_{{fold}}.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: lambda w: SETTINGS[w.experiment]["threads"]
+    threads: lambda w: TRAINING[w.experiment].threads
     resources:
         **site_resources(),
-        mem_mb=config["explain"]["mem_mb"],
-        runtime=config["explain"]["runtime"],
+        mem_mb=STUDY.explain.mem_mb,
+        runtime=STUDY.explain.runtime,
     params:
-        explain=config["explain"],
+        explain=STUDY.explain.raw,
     script:
         "../scripts/explain.py"

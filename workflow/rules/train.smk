@@ -13,13 +13,13 @@ rule cache:
         f"{RESULTS}/{{dataset}}/benchmarks/cache_{{size}}.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: config["resources"]["cache_threads"]
+    threads: STUDY.resources.cache_threads
     resources:
         **site_resources(),
         mem_mb=2000,
         runtime=120,
     params:
-        channels=config["images"]["channels"],
+        channels=STUDY.images.channels,
     script:
         "../scripts/cache.py"
 
@@ -48,10 +48,10 @@ rule train:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{experiment}}_fold_{{fold}}.tsv"
     conda:
         "../../envs/medfold.yaml"
-    threads: lambda w: SETTINGS[w.experiment]["threads"]
+    threads: lambda w: TRAINING[w.experiment].threads
     resources:
-        mem_mb=lambda w: SETTINGS[w.experiment]["mem_mb"],
-        runtime=lambda w: SETTINGS[w.experiment]["runtime"],
+        mem_mb=lambda w: TRAINING[w.experiment].mem_mb,
+        runtime=lambda w: TRAINING[w.experiment].runtime,
         gpu=lambda w: TRAIN_RESOURCES[w.experiment]["gpu"],
         gres=lambda w: TRAIN_RESOURCES[w.experiment]["gres"],
         nodes=lambda w: TRAIN_RESOURCES[w.experiment]["nodes"],
@@ -63,10 +63,10 @@ rule train:
             TRAIN_RESOURCES[w.experiment]["gpu"]
             or TRAIN_RESOURCES[w.experiment]["gres"]
         ),
-        slurm_account=CLUSTER["account"],
+        slurm_account=CLUSTER.account,
     params:
         settings=lambda w: SETTINGS[w.experiment],
-        tracking=config["tracking"]["mlflow"],
+        tracking=STUDY.mlflow.raw,
         results=lambda wildcards, output: Path(output.model).parents[3],
     script:
         "../scripts/train.py"
@@ -96,5 +96,5 @@ use rule train as train_repeat with:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{experiment}}_fold_{{fold}}_seed_{{repeat}}.tsv"
     params:
         settings=lambda w: repeat_settings(SETTINGS[w.experiment], int(w.repeat)),
-        tracking=config["tracking"]["mlflow"],
+        tracking=STUDY.mlflow.raw,
         results=lambda wildcards, output: Path(output.model).parents[4],

@@ -1,10 +1,10 @@
 from medfold import step
-from medfold.aggregate import EnsembleFoldOutputs, ensemble_fold_job
+from medfold.aggregate import ExperimentEnsembleFoldOutputs, experiment_ensemble_fold_job
 
 
 def main(s):
-    outputs = EnsembleFoldOutputs.from_rule(s.output)  # each file where the rule says
-    ensemble_fold_job(
+    outputs = ExperimentEnsembleFoldOutputs.from_rule(s.output)  # each file where the rule says
+    experiment_ensemble_fold_job(
         s.params.experiments, s.input.predictions, s.input.metrics, s.params.weights, int(s.wildcards.fold), outputs
     )
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import targets_for
+from ..settings import ComparisonSettings
 from ._constants import PROB
 from .stats import PatientBootstrap, delong, interval, onehot, scored_classes, weighted_auroc
 from .subgroups import _quiet
@@ -98,19 +99,27 @@ COMPARISON_COLUMNS = [
 ]
 
 
-def pairs_to_compare(names: list[str], settings: dict, best: str | None) -> list[tuple[str, str]]:
+def pairs_to_compare(
+    names: list[str], comparisons: ComparisonSettings | dict, best: str | None
+) -> list[tuple[str, str]]:
     """The reference (configured, or the best by validation) against every other, then the
-    configured pairs, each pair once."""
-    reference = settings.get("reference") or best
+    configured pairs, each pair once. ``comparisons``: ``evaluation.comparisons``."""
+    comparisons = ComparisonSettings.of(comparisons)
+    reference = comparisons.reference or best
     pairs = [(reference, other) for other in names if reference and other != reference]
-    for a, b in settings.get("pairs") or []:
+    for a, b in comparisons.pairs or []:
         if a != b and (a, b) not in pairs and (b, a) not in pairs:
             pairs.append((a, b))
     return pairs
 
 
 def paired_comparisons(
-    predictions: dict[str, pd.DataFrame], summary_path, settings: dict, best: str | None, n_bootstrap: int, seed: int
+    predictions: dict[str, pd.DataFrame],
+    summary_path,
+    comparisons: ComparisonSettings | dict,
+    best: str | None,
+    n_bootstrap: int,
+    seed: int,
 ) -> pd.DataFrame:
     """``predictions``: experiment -> its evaluated test predictions (test_predictions.parquet)."""
     import json
@@ -119,7 +128,7 @@ def paired_comparisons(
     summary = json.loads(Path(summary_path).read_text())
     task, classes = summary["task"], summary["classes"]
     rows = []
-    for a, b in pairs_to_compare(list(predictions), settings, best):
+    for a, b in pairs_to_compare(list(predictions), comparisons, best):
         if not len(predictions[a]) or not len(predictions[b]):
             continue
         rows += [

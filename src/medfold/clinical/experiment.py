@@ -7,6 +7,7 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..metrics import choose_thresholds, targets_for
+from ..settings import EvaluationSettings
 from ._constants import PROB
 from .operating import calibration, operating_points, patient_level
 from .stats import PatientBootstrap, test_predictions
@@ -19,12 +20,13 @@ def evaluate_experiment(
     index: pd.DataFrame | None,
     task: str,
     classes: list[str],
-    settings: dict,
+    evaluation: EvaluationSettings | dict,
     n_bootstrap: int,
     seed: int,
 ) -> dict:
     """Everything above for one experiment's fold predictions (every fold, validation and
-    test rows). ``settings`` is the validated ``evaluation`` config section."""
+    test rows). ``evaluation``: the ``evaluation`` settings (or the section's dict)."""
+    evaluation = EvaluationSettings.of(evaluation)
     cols = [f"{PROB}{c}" for c in classes]
     oof = predictions[predictions["set"] == "val"]
     test, how = test_predictions(predictions, classes)
@@ -41,7 +43,7 @@ def evaluate_experiment(
     thresholds = choose_thresholds(task, targets_for(oof["labels"], classes, task), oof[cols].to_numpy(np.float64))
     out["thresholds"] = thresholds
     boot = PatientBootstrap(test["patient_id"], n_bootstrap, seed)
-    specs = settings.get("subgroups") or []
+    specs = evaluation.subgroups or []
     if specs:
         if index is None:
             raise ConfigError("evaluation.subgroups needs the index table")
@@ -52,24 +54,24 @@ def evaluate_experiment(
             classes,
             thresholds,
             specs,
-            settings["min_subgroup_images"],
-            settings["min_subgroup_patients"],
+            evaluation.min_subgroup_images,
+            evaluation.min_subgroup_patients,
             boot,
         )
-    out["operating_points"] = operating_points(oof, test, task, classes, settings["operating_points"], thresholds, boot)
-    calib = settings["calibration"]
-    out["calibration"] = calibration(predictions, test, task, classes, calib["bins"], calib["temperature_scaling"])
-    if settings["patient_level"]["enabled"]:
+    out["operating_points"] = operating_points(oof, test, task, classes, evaluation.operating_points, thresholds, boot)
+    bins, scaling = evaluation.calibration.bins, evaluation.calibration.temperature_scaling
+    out["calibration"] = calibration(predictions, test, task, classes, bins, scaling)
+    if evaluation.patient_level.enabled:
         out["patient_level"] = patient_level(
-            oof, test, task, classes, settings["patient_level"]["aggregate"], n_bootstrap, seed
+            oof, test, task, classes, evaluation.patient_level.aggregate, n_bootstrap, seed
         )
     return out
 
 
-def calibration_table(calib: dict) -> pd.DataFrame:
+def calibration_table(measured: dict) -> pd.DataFrame:
     rows = []
     for stage in ("before", "after"):
-        for c, r in (calib.get(stage) or {}).items():
+        for c, r in (measured.get(stage) or {}).items():
             rows.append(
                 {
                     "class": c,

@@ -66,7 +66,7 @@ def forest_figure(name: str, subgroups: pd.DataFrame):
     return fig
 
 
-def reliability_figure(name: str, calib: dict):
+def reliability_figure(name: str, measured: dict):
     """Reliability diagram per class: observed fraction against mean predicted probability per
     bin, before (and after) temperature scaling, bin sizes as marker areas."""
     import matplotlib
@@ -74,20 +74,20 @@ def reliability_figure(name: str, calib: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = list(calib["before"])
+    classes = list(measured["before"])
     cols = min(4, len(classes))
     nrows = int(np.ceil(len(classes) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 3.2 * nrows), squeeze=False, layout="constrained")
     for ax, c in zip(axes.ravel(), classes):
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
         for stage, color in (("before", "#D55E00"), ("after", "#0072B2")):
-            r = (calib.get(stage) or {}).get(c)
+            r = (measured.get(stage) or {}).get(c)
             if not r:
                 continue
             pts = [(p, o, n) for p, o, n in zip(r["mean_predicted"], r["observed"], r["count"]) if n]
             if pts:
                 p, o, n = map(np.asarray, zip(*pts))
-                t = calib.get("temperatures") or {}
+                t = measured.get("temperatures") or {}
                 label = (
                     f"before, ECE {r['ece']:.3f}"
                     if stage == "before"

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import choose_thresholds, evaluate, targets_for
+from ..settings import OperatingPointSettings
 from ._constants import PROB
 from .stats import (
     PatientBootstrap,
@@ -63,11 +64,19 @@ def _best_at(y01: np.ndarray, score: np.ndarray, weights: np.ndarray, target: st
 
 
 def operating_points(
-    oof: pd.DataFrame, test: pd.DataFrame, task: str, classes: list[str], targets: dict, youden, boot: PatientBootstrap
+    oof: pd.DataFrame,
+    test: pd.DataFrame,
+    task: str,
+    classes: list[str],
+    targets: OperatingPointSettings | dict,
+    youden,
+    boot: PatientBootstrap,
 ) -> pd.DataFrame:
     """Per class and target: the threshold chosen on the pooled out-of-fold predictions, the
     validation sensitivity/specificity it gives, the test outcome with intervals, and the best
-    the test ROC curve allows at that target. Youden's threshold (the one used elsewhere) first."""
+    the test ROC curve allows at that target. Youden's threshold (the one used elsewhere) first.
+    ``targets``: ``evaluation.operating_points`` (settings or dict)."""
+    targets = OperatingPointSettings.of(targets)
     y_oof = onehot(task, classes, targets_for(oof["labels"], classes, task))
     y_test = onehot(task, classes, targets_for(test["labels"], classes, task))
     records = []
@@ -79,7 +88,7 @@ def operating_points(
         chosen += [
             (target, value, threshold_for(yo, s_oof, target, value))
             for target in ("specificity", "sensitivity")
-            for value in targets.get(target, [])
+            for value in getattr(targets, target)
         ]
         for target, value, threshold in chosen:
             row = {"class": c, "target": target, "target_value": value, "threshold": threshold}

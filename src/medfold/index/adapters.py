@@ -15,24 +15,25 @@ import pandas as pd
 from ..dicom import looks_like_dicom
 from ..errors import ConfigError
 from ..images import ImageCheck, content_hash, signatures
+from ..settings import DatasetSettings
 from ._constants import NPZ_SPLITS
 
 log = logging.getLogger("medfold.index")
 
 
 # ----------------------------------------------------------------------------- adapters
-def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
+def _folder_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict], int]:
     """root/[split dirs...]/<class>/<file>: the parent folder is the class, folders above it
     (``train``, ``Fold3/valid``...) are the dataset's own split."""
-    if not ds["root"]:
+    if not dataset.root:
         raise ConfigError("dataset.root: not set; format 'folders' needs the folder holding the class folders")
-    root = Path(ds["root"])
+    root = Path(dataset.root)
     if not root.is_dir():
         raise ConfigError(
             f"dataset.root: folder {root} does not exist (format 'folders' needs the class folders' parent)"
         )
-    extensions = tuple(e.lower() for e in ds["image_extensions"])
-    exclude = set(ds["exclude_folders"])
+    extensions = tuple(e.lower() for e in dataset.image_extensions)
+    exclude = set(dataset.exclude_folders)
     rows, ignored = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in exclude and not d.startswith("."))
@@ -52,7 +53,7 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
                 )
                 continue
             parts = rel_dir.parts
-            top = ds["class_folder"] == "top"
+            top = dataset.class_folder == "top"
             rows.append(
                 {
                     "image_id": rel,
@@ -65,17 +66,17 @@ def _folder_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored, 0
 
 
-def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
+def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict], int]:
     """The table's rows (those dataset.filter selects: how many it left out is returned too)."""
-    table = Path(ds["table"] or "")
-    if not ds["table"] or not table.is_file():
-        raise ConfigError(f"dataset.table: CSV file {ds['table']!r} does not exist (format 'csv' needs it)")
+    table = Path(dataset.table or "")
+    if not dataset.table or not table.is_file():
+        raise ConfigError(f"dataset.table: CSV file {dataset.table!r} does not exist (format 'csv' needs it)")
     try:
         frame = pd.read_csv(table, dtype=str, keep_default_na=False, compression="infer")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{table}: cannot be read as CSV: {exc}") from exc
     frame.columns = [c.strip() for c in frame.columns]
-    frame, left_out = apply_filter(frame, ds["filter"], str(table))
+    frame, left_out = apply_filter(frame, dataset.filter, str(table))
 
     def need(key: str, column: str | None) -> None:
         if column and column not in frame.columns:
@@ -83,52 +84,52 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
                 f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}"
             )
 
-    if not ds["path_column"]:
+    if not dataset.path_column:
         raise ConfigError(
             f"dataset.path_column: format 'csv' needs the column naming each image; {table} has columns "
             f"{list(frame.columns)}"
         )
-    if not ds["label_columns"] and not ds["label_column"]:
+    if not dataset.label_columns and not dataset.label_column:
         raise ConfigError(
             f"dataset.label_column (or dataset.label_columns): format 'csv' needs the labels; {table} has "
             f"columns {list(frame.columns)}"
         )
-    need("path_column", ds["path_column"])
-    need("patient_column", ds["patient_column"])
-    need("source_split_column", ds["source_split_column"])
-    if ds["label_columns"]:
-        for column in ds["label_columns"]:
+    need("path_column", dataset.path_column)
+    need("patient_column", dataset.patient_column)
+    need("source_split_column", dataset.source_split_column)
+    if dataset.label_columns:
+        for column in dataset.label_columns:
             need("label_columns", column)
-        onehot = frame[ds["label_columns"]].apply(lambda col: col.str.strip().isin(["1", "1.0", "True", "true"]))
-        names = np.array(ds["label_columns"], dtype=object)
+        onehot = frame[dataset.label_columns].apply(lambda col: col.str.strip().isin(["1", "1.0", "True", "true"]))
+        names = np.array(dataset.label_columns, dtype=object)
         labels = [list(names[row]) for row in onehot.to_numpy()]
     else:
-        need("label_column", ds["label_column"])
-        raw = frame[ds["label_column"]].str.strip()
-        sep = ds["label_separator"]
+        need("label_column", dataset.label_column)
+        raw = frame[dataset.label_column].str.strip()
+        sep = dataset.label_separator
         labels = [[part.strip() for part in value.split(sep)] if sep else [value] for value in raw]
         labels = [[part for part in parts if part] for parts in labels]
-    image_ids = frame[ds["path_column"]].str.strip()
-    root = Path(ds["root"]) if ds["root"] else table.parent
-    source_split = frame[ds["source_split_column"]].str.strip() if ds["source_split_column"] else None
-    if ds["source_split_lists"]:
-        if ds["source_split_column"]:
+    image_ids = frame[dataset.path_column].str.strip()
+    root = Path(dataset.root) if dataset.root else table.parent
+    source_split = frame[dataset.source_split_column].str.strip() if dataset.source_split_column else None
+    if dataset.source_split_lists:
+        if dataset.source_split_column:
             raise ConfigError(
                 "dataset.source_split_lists and dataset.source_split_column both give the source split; keep one"
             )
-        source_split = _split_from_lists(image_ids, ds["source_split_lists"])
-    if ds["metadata_only"]:
+        source_split = _split_from_lists(image_ids, dataset.source_split_lists)
+    if dataset.metadata_only:
         paths = [str(root / i) for i in image_ids]
         unlisted: list[dict] = []
     else:
-        paths, unlisted = _locate(root, image_ids, ds)
-    inside = _inside_root(root, paths, ds.get("allow_outside_root", False))
+        paths, unlisted = _locate(root, image_ids, dataset)
+    inside = _inside_root(root, paths, dataset.allow_outside_root)
     out = pd.DataFrame(
         {
             "image_id": image_ids,
             "path": paths,
             "labels": labels,
-            "patient_id": frame[ds["patient_column"]].str.strip() if ds["patient_column"] else None,
+            "patient_id": frame[dataset.patient_column].str.strip() if dataset.patient_column else None,
             "source_split": source_split,
             "_line": frame.index.to_numpy() + 2,  # the CSV's own line (header on line 1), kept through dataset.filter
         }
@@ -139,20 +140,23 @@ def _csv_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
         if not ok
     ]
     out, frame = out[inside].reset_index(drop=True), frame[inside]
-    for column in ds.get("metadata_columns") or []:
-        if column in (ds.get("dicom_metadata") or []) and column not in frame.columns:
+    for column in dataset.metadata_columns or []:
+        if column in (dataset.dicom_metadata or []) and column not in frame.columns:
             continue  # read from the images' DICOM headers
         need("metadata_columns (or evaluation.subgroups)", column)
         out[f"meta:{column}"] = frame[column].str.strip().to_numpy()
-    if ds["metadata_only"]:
-        for key, column in (("meta_width", ds["metadata_width_column"]), ("meta_height", ds["metadata_height_column"])):
+    if dataset.metadata_only:
+        for key, column in (
+            ("meta_width", dataset.metadata_width_column),
+            ("meta_height", dataset.metadata_height_column),
+        ):
             need(key.replace("meta_", "metadata_") + "_column", column)
             out[key] = pd.to_numeric(frame[column], errors="coerce").astype("Int64").to_numpy() if column else None
-    if ds["patient_column"]:
+    if dataset.patient_column:
         empty = out["patient_id"] == ""
         if empty.any():
             raise ConfigError(
-                f"{table}: column {ds['patient_column']!r} (dataset.patient_column) is empty for "
+                f"{table}: column {dataset.patient_column!r} (dataset.patient_column) is empty for "
                 f"{int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}"
             )
     return out, unlisted + refused, left_out
@@ -187,10 +191,10 @@ def apply_filter(frame: pd.DataFrame, query: str | None, source: str) -> tuple[p
     return kept, len(frame) - len(kept)
 
 
-def map_labels(cand: pd.DataFrame, ds: dict) -> tuple[pd.DataFrame, dict]:
+def map_labels(cand: pd.DataFrame, dataset: DatasetSettings) -> tuple[pd.DataFrame, dict]:
     """Raw labels to classes through dataset.label_map (see its description); returns the
     candidates (single-label rows left with no class removed) and what was mapped and dropped."""
-    mapping, other = ds["label_map"], ds["unmapped_label"]
+    mapping, other = dataset.label_map, dataset.unmapped_label
     if not mapping:
         return cand, {}
     mapped, unmapped = Counter(), Counter()
@@ -210,7 +214,7 @@ def map_labels(cand: pd.DataFrame, ds: dict) -> tuple[pd.DataFrame, dict]:
 
     cand = cand.assign(labels=[one(raw) for raw in cand["labels"]])
     dropped = 0
-    if ds["task"] != "multilabel":
+    if dataset.task != "multilabel":
         # several classes for one image: the one label_map names first wins, unmapped_label last
         order = {c: i for i, c in enumerate(dict.fromkeys(v for v in mapping.values() if v is not None))}
         cand["labels"] = [sorted(labels, key=lambda c: order.get(c, len(order)))[:1] for labels in cand["labels"]]
@@ -225,7 +229,7 @@ def map_labels(cand: pd.DataFrame, ds: dict) -> tuple[pd.DataFrame, dict]:
     }
 
 
-def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _merge_repeated_rows(out: pd.DataFrame, table, dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict]]:
     """A file the table lists more than once is one image: its first row's patient, the others'
     patients kept as ``patient_aliases`` (they join one group in the split). Labels must agree,
     except for multilabel, where the image carries the union: each row is a reader's findings,
@@ -238,10 +242,10 @@ def _merge_repeated_rows(out: pd.DataFrame, table, ds: dict) -> tuple[pd.DataFra
     for image_id, rows in out[repeated].groupby("image_id", sort=False):
         label_sets = [tuple(labels) for labels in rows["labels"]]
         lines = rows["_line"].tolist()
-        if len(set(map(frozenset, label_sets))) > 1 and ds["task"] != "multilabel":
+        if len(set(map(frozenset, label_sets))) > 1 and dataset.task != "multilabel":
             raise ConfigError(
                 f"{table}: {image_id!r} is listed on lines {lines} with different labels "
-                f"{[list(labels) for labels in label_sets]} (dataset.task {ds['task']!r} needs one label per image; "
+                f"{[list(labels) for labels in label_sets]} (dataset.task {dataset.task!r} needs one label per image; "
                 "fix the table or drop one row)"
             )
         union = list(dict.fromkeys(label for labels in label_sets for label in labels))
@@ -291,14 +295,14 @@ def _split_from_lists(image_ids: pd.Series, lists: dict[str, str]) -> pd.Series:
     return split
 
 
-def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list[dict]]:
+def _locate(root: Path, image_ids: pd.Series, dataset: DatasetSettings) -> tuple[list[str], list[dict]]:
     """Paths of the listed images; with ``recursive_lookup`` (NIH ships them in images_001..012/)
     they are found by file name anywhere under root. Image files under root that the table does
     not list are reported, not indexed."""
     if not root.is_dir():
         raise ConfigError(f"dataset.root: folder {root} does not exist (the CSV's paths are relative to it)")
     on_disk = {}
-    extensions = tuple(e.lower() for e in ds["image_extensions"])
+    extensions = tuple(e.lower() for e in dataset.image_extensions)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
@@ -306,7 +310,7 @@ def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list
                 full = Path(dirpath) / name
                 on_disk[full.relative_to(root).as_posix()] = full
     by_name = {}
-    if ds["recursive_lookup"]:
+    if dataset.recursive_lookup:
         for rel, full in on_disk.items():
             by_name.setdefault(Path(rel).name, full)
     paths, used = [], set()
@@ -321,10 +325,10 @@ def _locate(root: Path, image_ids: pd.Series, ds: dict) -> tuple[list[str], list
     return paths, unlisted
 
 
-def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
-    path = Path(ds["npz"] or "")
-    if not ds["npz"] or not path.is_file():
-        raise ConfigError(f"dataset.npz: file {ds['npz']!r} does not exist (format 'npz' needs a MedMNIST .npz)")
+def _npz_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict], int]:
+    path = Path(dataset.npz or "")
+    if not dataset.npz or not path.is_file():
+        raise ConfigError(f"dataset.npz: file {dataset.npz!r} does not exist (format 'npz' needs a MedMNIST .npz)")
     with np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
         rows = []
@@ -336,11 +340,11 @@ def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
             labels = archive[f"{split}_labels"]
             labels = labels.reshape(len(labels), -1)
             n = len(labels)
-            if ds["task"] == "multilabel":
-                names = _npz_names(ds, labels.shape[1], path)
+            if dataset.task == "multilabel":
+                names = _npz_names(dataset, labels.shape[1], path)
                 label_lists = [[names[j] for j in np.flatnonzero(row)] for row in labels]
             else:
-                names = _npz_names(ds, int(labels.max()) + 1, path)
+                names = _npz_names(dataset, int(labels.max()) + 1, path)
                 label_lists = [[names[int(row[0])]] for row in labels]
             rows.append(
                 pd.DataFrame(
@@ -362,11 +366,11 @@ def _npz_candidates(ds: dict) -> tuple[pd.DataFrame, list[dict], int]:
     return pd.concat(rows, ignore_index=True), [], 0
 
 
-def _npz_names(ds: dict, count: int, path: Path) -> list[str]:
-    if ds["labels"]:
-        if len(ds["labels"]) < count:
-            raise ConfigError(f"{path}: labels need {count} class names but dataset.labels has {len(ds['labels'])}")
-        return list(ds["labels"])
+def _npz_names(dataset: DatasetSettings, count: int, path: Path) -> list[str]:
+    if dataset.labels:
+        if len(dataset.labels) < count:
+            raise ConfigError(f"{path}: labels need {count} class names but dataset.labels has {len(dataset.labels)}")
+        return list(dataset.labels)
     return [str(i) for i in range(count)]
 
 

@@ -3,7 +3,6 @@ parallel for many), metadata columns, near-duplicates, and the index report."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from ..errors import ConfigError
 from ..images import ImageCheck, check_image
 from ..privacy import Pseudonyms, index_scrubber, scrubbed_logs
 from ..progress import Progress, tracked
+from ..settings import DatasetSettings
 from .adapters import ADAPTERS, _check_npz, _merge_repeated_rows, apply_filter, map_labels
 from .duplicates import _near_duplicates
 from .io import _arrow, _frame, with_defaults
@@ -25,41 +25,44 @@ from .patients import _dicom_patients, _resolve_patients
 log = logging.getLogger("medfold.index")
 
 
-def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None) -> tuple[pd.DataFrame, dict]:
-    """Return (index table, report). ``ds`` is the validated ``dataset`` config section. With
-    ``pseudonyms`` (medfold.privacy), the table carries each image's and patient's shared IDs and
-    the report and the log lines show only those; without, the IDs as they are."""
-    fmt = ds["format"]
-    source = ds["table"] if fmt == "csv" else ds["npz"] if fmt == "npz" else ds["root"]
-    if ds["metadata_only"] and fmt != "csv":
+def build_index(
+    dataset: DatasetSettings | dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Return (index table, report). ``dataset``: the ``dataset`` settings (or the section's dict).
+    With ``pseudonyms`` (medfold.privacy), the table carries each image's and patient's shared IDs
+    and the report and the log lines show only those; without, the IDs as they are."""
+    dataset = DatasetSettings.of(dataset)
+    fmt = dataset.format
+    source = dataset.source
+    if dataset.metadata_only and fmt != "csv":
         raise ConfigError(
             f"dataset.metadata_only works with dataset.format 'csv' (a table to read without images), not {fmt!r}"
         )
-    header_keywords = list(ds.get("dicom_metadata") or [])
+    header_keywords = list(dataset.dicom_metadata or [])
     check_header_fields(header_keywords)
-    cand, ignored, filtered = ADAPTERS[fmt](ds)
+    cand, ignored, filtered = ADAPTERS[fmt](dataset)
     left_out = {"dataset.filter": filtered}
     header_columns = (
-        [] if ds["metadata_only"] or fmt == "npz" else _dicom_header_columns(cand, header_keywords, threads)
+        [] if dataset.metadata_only or fmt == "npz" else _dicom_header_columns(cand, header_keywords, threads)
     )
-    _check_metadata_columns(cand, ds, fmt)
-    if ds["filter"] and fmt != "csv":  # the table's own columns are filtered in the csv adapter
+    _check_metadata_columns(cand, dataset, fmt)
+    if dataset.filter and fmt != "csv":  # the table's own columns are filtered in the csv adapter
         view = cand.assign(label=[labels[0] if labels else "" for labels in cand["labels"]])
         for column in header_columns:  # DICOM fields by their keyword, ages as numbers
             values = cand[f"meta:{column}"]
             view[column] = values.map(number_or_age) if column == "PatientAge" else values
-        kept, left_out["dataset.filter"] = apply_filter(view, ds["filter"], str(ds["root"] or ds["npz"]))
+        kept, left_out["dataset.filter"] = apply_filter(view, dataset.filter, str(dataset.root or dataset.npz))
         cand = cand.loc[kept.index].reset_index(drop=True)
-    cand, label_mapping = map_labels(cand, ds)
+    cand, label_mapping = map_labels(cand, dataset)
     if label_mapping.get("images_left_without_a_class"):
         left_out["no class after dataset.label_map"] = label_mapping["images_left_without_a_class"]
     if cand.empty:
         raise ConfigError(
-            f"{source}: no images found (dataset.format {fmt!r}, extensions {list(ds['image_extensions'])})"
+            f"{source}: no images found (dataset.format {fmt!r}, extensions {list(dataset.image_extensions)})"
         )
     if "npz_index" not in cand:
         cand["npz_index"] = None
-    cand, repeated = _merge_repeated_rows(cand, source, ds)
+    cand, repeated = _merge_repeated_rows(cand, source, dataset)
     if repeated:
         log.warning(
             "%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
@@ -67,29 +70,29 @@ def build_index(ds: dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
             source,
         )
     warnings: list[str] = []
-    patient_source = _resolve_patients(cand, ds, warnings)
+    patient_source = _resolve_patients(cand, dataset, warnings)
     pseudonyms = pseudonyms or Pseudonyms(None)
-    cand, left_out["dataset.exclude_images"], unmatched = _exclude_listed(cand, ds.get("exclude_images"), pseudonyms)
+    cand, left_out["dataset.exclude_images"], unmatched = _exclude_listed(cand, dataset.exclude_images, pseudonyms)
     if unmatched:
         warnings.append(f"dataset.exclude_images: {unmatched} listed IDs match no image of this dataset")
-    classes = _check_labels(cand, ds, str(source))
+    classes = _check_labels(cand, dataset, str(source))
 
-    if ds["metadata_only"]:
+    if dataset.metadata_only:
         # no files to open: sizes come from the table when it has them (NIH does)
         checks = [ImageCheck(width=w, height=h) for w, h in zip(cand.pop("meta_width"), cand.pop("meta_height"))]
     elif fmt == "npz":
-        checks = _check_npz(ds["npz"], cand["npz_index"].to_numpy(), cand["source_split"])
+        checks = _check_npz(dataset.npz, cand["npz_index"].to_numpy(), cand["source_split"])
     else:
-        with Progress(f"index {ds['name']}", len(cand)) as progress:
+        with Progress(f"index {dataset.name}", len(cand)) as progress:
             checks = check_images(cand["path"].tolist(), threads, progress)
-    cand["present"] = not ds["metadata_only"]
+    cand["present"] = not dataset.metadata_only
     for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
         cand[field] = [getattr(c, field) for c in checks]
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
     cand = pseudonyms.with_shared_ids(cand)
     scrub = index_scrubber(cand)  # every candidate's IDs, the skipped ones' too
     with scrubbed_logs(scrub):
-        table, report = _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source)
+        table, report = _finish(cand, checks, dataset, threads, classes, patient_source, warnings, ignored, source)
     report["listed_more_than_once"] = repeated
     report["exclude_images_unmatched"] = unmatched
     report["rows_left_out"] = {k: int(v) for k, v in left_out.items() if v}
@@ -124,7 +127,9 @@ def _exclude_listed(cand: pd.DataFrame, path, pseudonyms: Pseudonyms) -> tuple[p
     return cand.loc[~drop].reset_index(drop=True), int(drop.sum()), unmatched
 
 
-def _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignored, source) -> tuple[pd.DataFrame, dict]:
+def _finish(
+    cand, checks, dataset, threads, classes, patient_source, warnings, ignored, source
+) -> tuple[pd.DataFrame, dict]:
     """The decoded candidates into the table (the unusable ones listed), near-duplicates, report."""
     reasons = pd.Series([c.reason for c in checks], index=cand.index)
     bad = reasons.notna()
@@ -140,12 +145,12 @@ def _finish(cand, checks, ds, threads, classes, patient_source, warnings, ignore
         raise ConfigError(
             f"{source}: all {len(cand)} images were unreadable; first: {skipped[0]['path']}: {skipped[0]['reason']}"
         )
-    near = _near_duplicates(table, ds, kept_signatures, threads)
+    near = _near_duplicates(table, dataset, kept_signatures, threads)
     for message in warnings:
         log.warning(message)
     # through the Arrow schema: a wrong type fails here, not in a later rule
     table = _frame(_arrow(with_defaults(table)))
-    report = _report(table, ds, classes, patient_source, skipped, ignored, warnings, len(cand))
+    report = _report(table, dataset, classes, patient_source, skipped, ignored, warnings, len(cand))
     report["near_duplicates"] = near
     return table, report
 
@@ -166,16 +171,18 @@ def check_images(paths: list[str], threads: int, progress: Progress | None = Non
     processes: decoding releases the interpreter lock but the signatures' many small NumPy and
     OpenCV calls do not, so threads ran slower than one (Kermany, 2 threads: 279 images/s
     against 344); processes scale as the decoder does. Each image's result does not depend on
-    the process that computed it."""
+    the process that computed it: BLAS runs on one thread in this process too, since the area
+    average's float32 product rounds differently under OpenBLAS's threaded kernels (on an AMD
+    EPYC, 6 of the demo's 482 descriptors differed by one unit between the two paths)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    from threadpoolctl import threadpool_limits
 
     forked = threads > 1 and len(paths) >= PROCESS_MIN_IMAGES
     fork = multiprocessing.get_context("fork")
     with (
-        ProcessPoolExecutor(threads, mp_context=fork, initializer=_one_blas_thread)
-        if forked
-        else contextlib.nullcontext()
+        ProcessPoolExecutor(threads, mp_context=fork, initializer=_one_blas_thread) if forked else threadpool_limits(1)
     ) as pool:
         results = pool.map(check_image, paths, chunksize=16) if forked else map(check_image, paths)
         return list(tracked(results, progress) if progress is not None else results)
@@ -197,9 +204,9 @@ def _dicom_header_columns(cand: pd.DataFrame, keywords: list[str], threads: int)
     return added
 
 
-def _check_metadata_columns(cand: pd.DataFrame, ds: dict, fmt: str) -> None:
+def _check_metadata_columns(cand: pd.DataFrame, dataset: DatasetSettings, fmt: str) -> None:
     """Every column evaluation.subgroups (or dataset.metadata_columns) names must be carried."""
-    missing = [c for c in ds.get("metadata_columns") or [] if f"meta:{c}" not in cand]
+    missing = [c for c in dataset.metadata_columns or [] if f"meta:{c}" not in cand]
     if missing:
         carried = sorted(c[5:] for c in cand.columns if c.startswith("meta:"))
         raise ConfigError(
@@ -209,7 +216,7 @@ def _check_metadata_columns(cand: pd.DataFrame, ds: dict, fmt: str) -> None:
         )
 
 
-def _report(table, ds, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
+def _report(table, dataset, classes, patient_source, skipped, ignored, warnings, candidates) -> dict:
     dup_groups = (
         table[table["content_hash"].notna() & table["content_hash"].duplicated(keep=False)]
         .groupby("content_hash")["image_id"]
@@ -218,9 +225,9 @@ def _report(table, ds, classes, patient_source, skipped, ignored, warnings, cand
     per_class = Counter(label for labels in table["labels"] for label in labels)
     unlabeled = int((table["labels"].map(len) == 0).sum())
     return {
-        "dataset": ds["name"],
-        "format": ds["format"],
-        "task": ds["task"],
+        "dataset": dataset.name,
+        "format": dataset.format,
+        "task": dataset.task,
         "classes": classes,
         "images_listed": int(candidates),
         "images_indexed": int(len(table)),
@@ -240,6 +247,6 @@ def _report(table, ds, classes, patient_source, skipped, ignored, warnings, cand
             "examples": [list(g) for g in dup_groups.head(20)],
         },
         "modes": {str(k): int(v) for k, v in table["mode"].value_counts(dropna=False).items()},
-        "metadata_only": bool(ds["metadata_only"]),
+        "metadata_only": bool(dataset.metadata_only),
         "warnings": warnings,
     }

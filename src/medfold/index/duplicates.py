@@ -10,29 +10,26 @@ import numpy as np
 import pandas as pd
 
 from .. import fingerprint as fp
+from ..settings import DatasetSettings
 
 log = logging.getLogger("medfold.index")
 
 
-def _near_duplicates(table: pd.DataFrame, ds: dict, signatures: list, threads: int = 1) -> dict:
+def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: list, threads: int = 1) -> dict:
     """Fill ``near_duplicate_cluster`` and describe each cluster for the report: its images,
     their patients and source splits, and its accepted pairs with kind, verification score,
     fingerprint distance and orientation (medfold.matching); ``pair_list`` holds every accepted
     pair for check_split, ``closest_rejected`` the best-scoring pairs that were not accepted."""
     from .. import matching
 
-    settings = ds["near_duplicates"]
+    near = dataset.near_duplicates
     table["near_duplicate_cluster"] = pd.array([None] * len(table), dtype="Int64")
     has = table["fingerprint"].notna().to_numpy() & np.array([s is not None for s in signatures], bool)
-    if not settings["enabled"] or has.sum() < 2:
-        why = (
-            "dataset.near_duplicates.enabled is false"
-            if not settings["enabled"]
-            else "no fingerprints (images not opened)"
-        )
-        return {"searched": False, "why": why, "max_distance": settings["max_distance"]}
+    if not near.enabled or has.sum() < 2:
+        why = "dataset.near_duplicates.enabled is false" if not near.enabled else "no fingerprints (images not opened)"
+        return {"searched": False, "why": why, "max_distance": near.max_distance}
     rows = np.flatnonzero(has)
-    typed = matching.MatchSettings.from_config(settings)
+    typed = matching.MatchSettings.from_config(near)
     start = time.perf_counter()
     found, stats = matching.find_copies(
         fp.hex_to_bits(table["fingerprint"].to_numpy()[rows]),
@@ -86,7 +83,7 @@ def _near_duplicates(table: pd.DataFrame, ds: dict, signatures: list, threads: i
     )
     return {
         "searched": True,
-        "max_distance": settings["max_distance"],
+        "max_distance": near.max_distance,
         "fingerprint_bits": fp.BITS,
         "neighbours": typed.neighbours,
         "min_score": typed.min_score,

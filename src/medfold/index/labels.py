@@ -7,24 +7,25 @@ from collections import Counter
 import pandas as pd
 
 from ..errors import ConfigError
+from ..settings import DatasetSettings
 
 
-def _check_labels(cand: pd.DataFrame, ds: dict, source: str) -> list[str]:
-    task = ds["task"]
-    if task == "multilabel" and ds["no_finding_label"]:
-        nf = ds["no_finding_label"]
+def _check_labels(cand: pd.DataFrame, dataset: DatasetSettings, source: str) -> list[str]:
+    task = dataset.task
+    if task == "multilabel" and dataset.no_finding_label:
+        nf = dataset.no_finding_label
         cand["labels"] = [[label for label in labels if label != nf] for labels in cand["labels"]]
     found = Counter(label for labels in cand["labels"] for label in labels)
-    if ds["labels"]:
-        unknown = sorted(set(found) - set(ds["labels"]))
+    if dataset.labels:
+        unknown = sorted(set(found) - set(dataset.labels))
         if unknown:
             first = unknown[0]
             example = cand.loc[[first in labels for labels in cand["labels"]], "image_id"].iloc[0]
             raise ConfigError(
-                f"{source}: label {first!r} (image {example!r}) is not in dataset.labels {list(ds['labels'])}"
+                f"{source}: label {first!r} (image {example!r}) is not in dataset.labels {list(dataset.labels)}"
                 + (f"; {len(unknown) - 1} more unknown labels: {unknown[1:6]}" if len(unknown) > 1 else "")
             )
-        classes = list(ds["labels"])
+        classes = list(dataset.labels)
     else:
         classes = sorted(found)
     if task != "multilabel":

@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..errors import ConfigError
 from ..images import ImageCheck
+from ..settings import DatasetSettings
 
 
 # ----------------------------------------------------------------------------- patients
@@ -51,21 +52,21 @@ def _dicom_patients(cand: pd.DataFrame, checks: list[ImageCheck], source: str, w
     return "DICOM PatientID"
 
 
-def _resolve_patients(cand: pd.DataFrame, ds: dict, warnings: list[str]) -> str:
-    if ds["patient_column"] and cand["patient_id"].notna().all():
+def _resolve_patients(cand: pd.DataFrame, dataset: DatasetSettings, warnings: list[str]) -> str:
+    if dataset.patient_column and cand["patient_id"].notna().all():
         return "column"
-    if ds["patient_regex"]:
-        found = patient_from_name(cand["image_id"], ds["patient_regex"])
+    if dataset.patient_regex:
+        found = patient_from_name(cand["image_id"], dataset.patient_regex)
         missing = found.isna()
         if missing.all():
             raise ConfigError(
-                f"dataset.patient_regex: {ds['patient_regex']!r} matches none of the {len(cand)} file names, "
+                f"dataset.patient_regex: {dataset.patient_regex!r} matches none of the {len(cand)} file names, "
                 f"e.g. {Path(cand['image_id'].iloc[0]).name!r}"
             )
         if missing.any():
             examples = [Path(p).name for p in cand.loc[missing, "image_id"].head(5)]
             warnings.append(
-                f"dataset.patient_regex {ds['patient_regex']!r} does not match {int(missing.sum())} file names "
+                f"dataset.patient_regex {dataset.patient_regex!r} does not match {int(missing.sum())} file names "
                 f"(e.g. {examples}); each of those images is treated as its own patient"
             )
         cand["patient_id"] = found.where(~missing, "image:" + cand["image_id"])

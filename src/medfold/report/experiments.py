@@ -21,6 +21,7 @@ import yaml  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 
 from .. import hardware  # noqa: E402
+from ..settings import CompressionSettings, ReferenceSettings  # noqa: E402
 from ._constants import CHEXNET_AUROC  # noqa: E402
 from .figures import compression_figure, curves_figure, roc_figure  # noqa: E402
 from .helpers import _ci, _count, _mean, _mean_pm, _pm, _with_ci, file_data_url, svg  # noqa: E402
@@ -170,12 +171,21 @@ def _figure(path, draw) -> Markup:
 def clinical_view(name: str, record: dict | None, figures: dict | None = None) -> Clinical:
     """Subgroups (table and forest plot), calibration, operating points and patient-level
     results of one experiment, from its clinical.json."""
-    from .. import clinical
-
     if not record or record.get("skipped"):
         return Clinical(skipped=(record or {}).get("skipped", "not available"))
     view = Clinical(source=record["test_source"], resamples=record["bootstrap"]["resamples"])
     figures = figures or {}
+    _subgroups_section(view, name, record, figures)
+    _calibration_section(view, name, record, figures)
+    _operating_points_section(view, record)
+    _patient_level_section(view, record)
+    return view
+
+
+def _subgroups_section(view: Clinical, name: str, record: dict, figures: dict) -> None:
+    """The subgroups table and forest plot."""
+    from .. import clinical
+
     subgroups = pd.DataFrame(record.get("subgroups") or [])
     if len(subgroups):
         classes = [m.split(".", 1)[1] for m in dict.fromkeys(subgroups["metric"]) if m.startswith("auroc.")]
@@ -218,19 +228,29 @@ def clinical_view(name: str, record: dict | None, figures: dict | None = None) -
             left=2,
         )
         view.forest = _figure(figures.get("forest"), lambda: clinical.forest_figure(name, subgroups))
-    calib = record.get("calibration") or {}
-    if calib.get("before"):
-        after = calib.get("after") or {}
-        temps = calib.get("temperatures") or {}
+
+
+def _calibration_section(view: Clinical, name: str, record: dict, figures: dict) -> None:
+    """Calibration before and after temperature scaling, and the reliability figure."""
+    from .. import clinical
+
+    measured = record.get("calibration") or {}
+    if measured.get("before"):
+        after = measured.get("after") or {}
+        temps = measured.get("temperatures") or {}
         view.temperatures = ", ".join(f"fold {k}: {v:.2f}" for k, v in temps.items())
         view.calibration = Table(
             ["class", "ECE", "ECE, temperature-scaled", "Brier", "Brier, temperature-scaled"],
             [
                 [c, r["ece"], (after.get(c) or {}).get("ece"), r["brier"], (after.get(c) or {}).get("brier")]
-                for c, r in calib["before"].items()
+                for c, r in measured["before"].items()
             ],
         )
-        view.reliability = _figure(figures.get("reliability"), lambda: clinical.reliability_figure(name, calib))
+        view.reliability = _figure(figures.get("reliability"), lambda: clinical.reliability_figure(name, measured))
+
+
+def _operating_points_section(view: Clinical, record: dict) -> None:
+    """Thresholds for the configured sensitivity and specificity targets, on test."""
     points = pd.DataFrame(record.get("operating_points") or [])
     if len(points):
         rows = []
@@ -269,6 +289,10 @@ def clinical_view(name: str, record: dict | None, figures: dict | None = None) -
             rows,
             left=2,
         )
+
+
+def _patient_level_section(view: Clinical, record: dict) -> None:
+    """Per image against per patient."""
     level = record.get("patient_level")
     if level:
         rows = []
@@ -289,7 +313,6 @@ def clinical_view(name: str, record: dict | None, figures: dict | None = None) -
         view.per_patient = Table(
             ["unit", "rows", "patients", "macro AUROC [95% CI]", "balanced accuracy", "F1 macro"], rows
         )
-    return view
 
 
 @dataclass
@@ -381,10 +404,11 @@ def run_value(name: str, summary: dict, ensemble: dict | None) -> float | None:
     return (summary["statistics"].get(name) or {}).get("mean")
 
 
-def reference_view(reference: dict, every: dict) -> ReferenceView | None:
+def reference_view(reference: ReferenceSettings | dict, every: dict) -> ReferenceView | None:
     """The study's published figures beside this run's: study / this run, and the difference."""
+    reference = ReferenceSettings.of(reference)
     rows = []
-    for name, quantities in (reference.get("experiments") or {}).items():
+    for name, quantities in (reference.experiments or {}).items():
         files = every.get(name)
         if files is None:
             continue
@@ -405,7 +429,7 @@ def reference_view(reference: dict, every: dict) -> ReferenceView | None:
     if not rows:
         return None
     table = Table(["experiment", "quantity", "study", "this run", "this run - study"], rows, left=2)
-    return ReferenceView(reference.get("study", ""), reference.get("source", ""), table)
+    return ReferenceView(reference.study, reference.source, table)
 
 
 def fold_reports(metrics_paths: dict, classes: list[str], task: str) -> list[FoldReport]:
@@ -580,11 +604,14 @@ def explanations_view(name: str, records: list[str]) -> ExplanationsView:
     return ExplanationsView(name, folds)
 
 
-def compression_view(variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], config: dict) -> CompressionView:
-    """``variants``: experiment -> (per-fold table, summary) of its compressed variants."""
-    settings = config.get("compression", {})
-    latency = settings.get("latency", {})
-    largest = max(latency.get("batch_sizes", [32]))
+def compression_view(
+    variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], compression: CompressionSettings | dict
+) -> CompressionView:
+    """``variants``: experiment -> (per-fold table, summary) of its compressed variants;
+    ``compression``: the ``compression`` settings they were measured with."""
+    compression = CompressionSettings.of(compression)
+    latency = compression.latency
+    largest = max(latency.batch_sizes or [32])
     headers = [
         "variant",
         "method",
@@ -638,9 +665,9 @@ def compression_view(variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], con
             )
         )
     return CompressionView(
-        threads=settings.get("threads", "?"),
-        repeats=latency.get("repeats", "?"),
-        warmup=latency.get("warmup", "?"),
+        threads=compression.threads,
+        repeats=latency.repeats,
+        warmup=latency.warmup,
         experiments=experiments,
     )
 

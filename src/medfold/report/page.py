@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 
 from ..files import Outputs  # noqa: E402
 from ..report_files import ReportInputs  # noqa: E402
+from ..settings import ReportSettings  # noqa: E402
 from ._constants import TEMPLATES  # noqa: E402
 from .dataset import dataset_view, split_view  # noqa: E402
 from .experiments import (  # noqa: E402
@@ -37,13 +38,14 @@ from .views import CardView, ExternalView, LabelAuditView, Picture, Report, Tabl
 
 
 # ----------------------------------------------------------------------------- the page
-def gather(inputs: ReportInputs | dict, config: dict, repo: Path | None = None) -> Report:
+def gather(inputs: ReportInputs | dict, config: ReportSettings | dict, repo: Path | None = None) -> Report:
     """Every view of the page from the result files ``inputs`` names (a ``ReportInputs``, or a
-    dict of its shape)."""
+    dict of its shape); ``config``: the whole config (or its ``ReportSettings``)."""
     from ..index import read_index
     from ..privacy import shareable_view
 
     inputs = ReportInputs.of(inputs)
+    config = ReportSettings.of(config)
     index = shareable_view(read_index(inputs.index)[0])
     index_report = json.loads(Path(inputs.index_report).read_text())
     split_summary = json.loads(Path(inputs.split_summary).read_text())
@@ -67,9 +69,9 @@ def gather(inputs: ReportInputs | dict, config: dict, repo: Path | None = None) 
         grid_view(
             name,
             pd.read_csv(path),
-            config["grids"]["rank_by"],
-            config["grids"]["top_k"],
-            sorted((config["experiments"].get(name) or {}).get("folds") or []) or None,
+            config.grids.rank_by,
+            config.grids.top_k,
+            config.chosen_folds.get(name),
         )
         for name, path in inputs.grids.items()
     ]
@@ -91,9 +93,9 @@ def gather(inputs: ReportInputs | dict, config: dict, repo: Path | None = None) 
         dataset=dataset_view(index_report, split_summary, index, cache),
         split=split_view(split_summary, check),
         explanations=explanations,
-        compression=compression_view(variants, config) if variants else None,
-        provenance=provenance_view(config, read_timings(inputs.benchmarks), repo, recipe_table(inputs.experiments)),
-        reference=reference_view(config.get("reference") or {}, every),
+        compression=compression_view(variants, config.compression) if variants else None,
+        provenance=provenance_view(config.raw, read_timings(inputs.benchmarks), repo, recipe_table(inputs.experiments)),
+        reference=reference_view(config.reference, every),
         externals=[external_view(name, files) for name, files in inputs.externals.items()],
         cards=[card_view(name, files.model_card) for name, files in inputs.experiments.items() if files.model_card],
     )
@@ -228,17 +230,17 @@ def external_view(name: str, files: dict) -> ExternalView:
     keys = ["auroc_macro", "accuracy", "balanced_accuracy", "f1_macro", *(f"auroc.{c}" for c in r["classes"])]
     rows = [[key, cell(internal, key), cell(external, key)] for key in keys]
     copies = pd.read_csv(Path(files["record"]).with_name("copies.csv"))
-    calib = r["calibration"]
+    measured = r["calibration"]
     recal = r.get("recalibration") or {}
     cal_rows = [
         [
             c,
-            calib["internal"][c]["ece"],
-            calib["external"][c]["ece"],
+            measured["internal"][c]["ece"],
+            measured["external"][c]["ece"],
             (recal.get("before") or {}).get(c, {}).get("ece"),
             (recal.get("after") or {}).get(c, {}).get("ece"),
         ]
-        for c in calib["internal"]
+        for c in measured["internal"]
     ]
     t = r["thresholds"]
     thr_rows = []

@@ -11,9 +11,32 @@ from dataclasses import dataclass
 
 import jsonschema
 import pandas as pd
-import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .sections import (  # noqa: F401  (deep_merge, schema_defaults: their old home)
+    SCHEMA_PATH,
+    ClusterSettings,
+    CompressionSettings,
+    DatasetSettings,
+    DemoSettings,
+    EnsembleSettings,
+    EvaluationSettings,
+    ExplainSettings,
+    ExportSettings,
+    ExternalSettings,
+    ImageSettings,
+    MlflowSettings,
+    PredictSettings,
+    PrivacySettings,
+    ReportSettings,
+    ResourceSettings,
+    SplitSettings,
+    VariantSettings,
+    deep_merge,
+    load_schema,
+    schema_defaults,
+)
+from .training import TrainSettings
 
 
 def settings_digest(settings: dict) -> str:
@@ -24,16 +47,6 @@ def settings_digest(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "target":
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def expand_grids(experiments: dict, schema_path) -> tuple[dict, dict]:
     """Experiments with a ``grid`` (training key, dotted for nested ones, to a list of values)
     become one experiment per combination through Snakemake's Paramspace, named
@@ -41,8 +54,7 @@ def expand_grids(experiments: dict, schema_path) -> tuple[dict, dict]:
     combinations' names with their values)."""
     from snakemake.utils import Paramspace
 
-    with open(schema_path) as fh:
-        training_keys = set(yaml.safe_load(fh)["properties"]["training"]["properties"])
+    training_keys = set(load_schema(schema_path)["properties"]["training"]["properties"])
     expanded, grids = {}, {}
     for name, overrides in experiments.items():
         overrides = dict(overrides or {})
@@ -91,8 +103,7 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
     overrides.pop("folds", None)  # which folds it trains on: the workflow's business, not training's
     overrides.pop("repeats", None)  # how many seeds of each fold: the workflow's too
     settings = deep_merge(config["training"], overrides)
-    with open(schema_path) as fh:
-        training_schema = yaml.safe_load(fh)["properties"]["training"]
+    training_schema = load_schema(schema_path)["properties"]["training"]
     errors = sorted(jsonschema.Draft202012Validator(training_schema).iter_errors(settings), key=lambda e: list(e.path))
     if errors:
         first = errors[0]
@@ -137,14 +148,14 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"experiments.{name}: qat and pruning during training do not combine (both rewrite the weights "
             f"every step); train one experiment with each, as the thesis did"
         )
-    from .models import known_model  # torchvision's model list, read only for a name that is not ours
+    from ..models import known_model  # torchvision's model list, read only for a name that is not ours
 
     networks = config.get("networks") or {}
     if settings["model"] in networks:
         settings["network"] = networks[settings["model"]]  # travels with the settings into model.pt
         import torch
 
-        from .models import LayerCNN
+        from ..models import LayerCNN
 
         with torch.device("meta"):  # its shapes checked at this image size, nothing allocated
             LayerCNN(1, 2, settings["network"], settings["image_size"])
@@ -156,7 +167,7 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
     elif settings.get("head") is not None:
         import torch
 
-        from .models import build_model
+        from ..models import build_model
 
         try:
             with torch.device("meta"):  # the backbone takes this head: checked now, nothing allocated
@@ -188,7 +199,7 @@ def repeat_settings(settings: dict, r: int) -> dict:
     that adding repeats to a finished experiment retrains nothing it has."""
     if r == 0:
         return settings
-    from . import seeds
+    from .. import seeds
 
     return {**settings, "seed": seeds.repeat(settings["seed"], r), "repeat": r}
 
@@ -199,7 +210,7 @@ def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], mo
     given that model as its pretrained file (in place of any ``pretrained``) and the statistics
     that model was trained with.
     ``model_path(experiment, fold)`` is the model.pt's path. Returns experiment -> that path."""
-    from .models import resolved_normalize
+    from ..models import resolved_normalize
 
     sources = {}
     for name, s in settings.items():
@@ -232,19 +243,10 @@ def resolve_init_from(settings: dict[str, dict], folds: dict[str, list[int]], mo
     return sources
 
 
-def schema_defaults(schema: dict):
-    """The defaults a (sub)schema declares, nested objects filled in key by key."""
-    if schema.get("type") == "object" and "properties" in schema:
-        declared = schema.get("default") or {}
-        return deep_merge({k: schema_defaults(p) for k, p in schema["properties"].items()}, declared)
-    return copy.deepcopy(schema.get("default"))
-
-
 def variant_settings(config: dict, name: str, schema_path) -> dict:
     """A compression variant's settings with every default filled in, checked against the schema
     and, for pruning, for a schedule that can run."""
-    with open(schema_path) as fh:
-        variant_schema = yaml.safe_load(fh)["properties"]["variants"]["additionalProperties"]
+    variant_schema = load_schema(schema_path)["properties"]["variants"]["additionalProperties"]
     settings = deep_merge(schema_defaults(variant_schema), config["variants"][name] or {})
     errors = sorted(jsonschema.Draft202012Validator(variant_schema).iter_errors(settings), key=lambda e: list(e.path))
     if errors:
@@ -260,8 +262,7 @@ def external_settings(config: dict, name: str, schema_path, experiments) -> dict
     defaults; the main dataset's labels, label map and no-finding label where it gives none, so
     that its classes are the experiment's) and checked: which experiment, the dataset block, the
     recalibration fraction."""
-    with open(schema_path) as fh:
-        schema = yaml.safe_load(fh)["properties"]
+    schema = load_schema(schema_path)["properties"]
     entry = schema["external"]["additionalProperties"]
     given = dict(config["external"][name] or {})
     block = {**{k: v for k, v in schema_defaults(entry).items() if k != "dataset"}, **given}
@@ -386,6 +387,26 @@ class Study:
     compressed_folds: tuple[int, ...]
     train_resources: dict  # experiment -> what its training jobs ask the scheduler for
     cluster: dict
+    # each section typed (medfold.settings.sections; ``raw`` on each is its dict, what the rules
+    # hand to jobs): what the rules read, and what the library's entry points take
+    training: dict  # experiment -> its TrainSettings (of ``settings``)
+    dataset_settings: DatasetSettings  # of ``index_dataset``
+    split: SplitSettings
+    evaluation: EvaluationSettings
+    explain: ExplainSettings
+    compression: CompressionSettings
+    variant_settings: dict  # name -> its VariantSettings (of ``variants``)
+    external_settings: dict  # name -> its ExternalSettings (of ``externals``)
+    ensemble_settings: dict  # name -> its EnsembleSettings (of ``ensembles``)
+    export: ExportSettings
+    predict: PredictSettings
+    mlflow: MlflowSettings
+    report: ReportSettings
+    cluster_settings: ClusterSettings
+    resources: ResourceSettings
+    privacy: PrivacySettings
+    images: ImageSettings
+    demo: DemoSettings
 
 
 class _Names:
@@ -456,7 +477,7 @@ def _check_ensembles(ensembles: dict, names: _Names) -> None:
 def _index_dataset(source: dict, evaluation: dict) -> dict:
     """The dataset block the index reads: the table's metadata columns, with the columns that
     subgroups are evaluated on, each checked to be one this format can carry."""
-    from .dicom import check_header_fields
+    from ..dicom import check_header_fields
 
     columns = list(dict.fromkeys(source["metadata_columns"] + [spec["column"] for spec in evaluation["subgroups"]]))
     check_header_fields(source["dicom_metadata"])
@@ -492,9 +513,8 @@ def resolve(config: dict, schema_path=None) -> Study:
     which fills in the defaults). Raises ConfigError, naming the key, for anything the schema
     cannot say: names that must refer to experiments, folds that must exist, keys that only work
     together. The workflow calls it once, before any job runs; tests call it directly."""
-    from pathlib import Path
 
-    schema_path = schema_path or Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    schema_path = schema_path or SCHEMA_PATH
     results, dataset = config["results"], config["dataset"]["name"]
     overrides, grids = expand_grids(config["experiments"], schema_path)
     names = _Names(tuple(overrides), tuple(range(config["split"]["folds"])))
@@ -553,4 +573,22 @@ def resolve(config: dict, schema_path=None) -> Study:
         compressed_folds=compressed_folds,
         train_resources={name: train_resources(settings[name]) for name in names.experiments},
         cluster=config["cluster"],
+        training={name: TrainSettings.from_config(settings[name]) for name in names.experiments},
+        dataset_settings=DatasetSettings.of(index_dataset),
+        split=SplitSettings.of(config["split"]),
+        evaluation=EvaluationSettings.of(config["evaluation"]),
+        explain=ExplainSettings.of(config["explain"]),
+        compression=CompressionSettings.of(compression),
+        variant_settings={name: VariantSettings.of(v) for name, v in variants.items()},
+        external_settings={name: ExternalSettings.of(e) for name, e in externals.items()},
+        ensemble_settings={name: EnsembleSettings.of(e) for name, e in ensembles.items()},
+        export=ExportSettings.of(config["export"]),
+        predict=PredictSettings.of(config["predict"]),
+        mlflow=MlflowSettings.of(config["tracking"]["mlflow"]),
+        report=ReportSettings.of(config),
+        cluster_settings=ClusterSettings.of(config["cluster"]),
+        resources=ResourceSettings.of(config["resources"]),
+        privacy=PrivacySettings.of(config["privacy"]),
+        images=ImageSettings.of(config["images"]),
+        demo=DemoSettings.of(config["demo"]),
     )
