@@ -233,6 +233,52 @@ def predict_cache(predictor, cache, rows: np.ndarray, batch: int = 64) -> np.nda
     return np.concatenate(out) if out else np.zeros((0, len(predictor.classes)))
 
 
+def _copies_of_main(
+    name: str,
+    site: ExternalSettings,
+    exp: Path,
+    main_index_path,
+    main_splits_path,
+    main_cache_path,
+    ext: pd.DataFrame,
+    ext_cache,
+    out,
+    threads: int,
+) -> pd.DataFrame:
+    """The external images that are copies of the main dataset's (written to ``out.copies``);
+    with ``on_copy: stop``, a DataError listing them."""
+    from .index import read_index
+
+    main, _ = read_index(main_index_path)
+    splits = pd.read_parquet(main_splits_path).set_index("image_id").loc[main["image_id"]]
+    main_sets = np.where(splits["set"].to_numpy() == "test", "test", "fold " + splits["fold"].astype(str).to_numpy())
+    main_cache = np.load(main_cache_path, mmap_mode="r")
+    copies = find_leaks(main, main_cache, main_sets, ext, ext_cache, site.dataset.near_duplicates, threads)
+    copies.drop(columns="external_row").to_csv(out.copies, index=False)
+    if len(copies) and site.on_copy == "stop":
+        listed = "; ".join(
+            f"{a} is a {k} of {b} ({s})"
+            for a, b, k, s in copies[["external_image", "copy_of", "kind", "copy_of_set"]].itertuples(index=False)
+        )
+        raise DataError(
+            f"external.{name}: {len(copies)} of its images are copies of {exp.parent.name}'s images, so they are no "
+            f"external data: {listed}; remove them, or set external.{name}.on_copy: exclude (listed in {out.copies})"
+        )
+    return copies
+
+
+def _reliability_figure(title: str, name: str, drift: dict):
+    """The internal test set's reliability against the external data's, in one figure."""
+    from .clinical import reliability_figure
+
+    figure = reliability_figure(title, drift)
+    for ax in figure.axes:  # the shared figure's legend says before/after: here internal/external
+        for text in ax.get_legend().get_texts() if ax.get_legend() else []:
+            text.set_text(text.get_text().replace("temperature-scaled", "external").replace("before", "internal test"))
+    figure.suptitle(f"{name}: reliability, internal test set against the external data", fontsize=10)
+    return figure
+
+
 def validate(
     name: str,
     site: ExternalSettings | dict,
@@ -252,7 +298,7 @@ def validate(
     ``outputs`` (an ExternalOutputs) and returns external.json's record. ``site``: the resolved
     ``external.<name>`` block (``settings.external_settings``)."""
     from .aggregate import bootstrap_intervals
-    from .clinical import onehot, reliability, reliability_figure, scored_classes
+    from .clinical import onehot, reliability, scored_classes
     from .index import read_index
     from .metrics import choose_thresholds, evaluate, targets_for
     from .predict import load_predictor
@@ -271,21 +317,10 @@ def validate(
             f"external.{name}: its dataset's classes {ext_classes} are not experiment {exp.name}'s {classes}; "
             f"set external.{name}.dataset.labels (or label_map) so that they match"
         )
-    main, _ = read_index(main_index_path)
-    splits = pd.read_parquet(main_splits_path).set_index("image_id").loc[main["image_id"]]
-    main_sets = np.where(splits["set"].to_numpy() == "test", "test", "fold " + splits["fold"].astype(str).to_numpy())
-    main_cache, ext_cache = np.load(main_cache_path, mmap_mode="r"), np.load(ext_cache_path, mmap_mode="r")
-    copies = find_leaks(main, main_cache, main_sets, ext, ext_cache, site.dataset.near_duplicates, threads)
-    copies.drop(columns="external_row").to_csv(out.copies, index=False)
-    if len(copies) and site.on_copy == "stop":
-        listed = "; ".join(
-            f"{a} is a {k} of {b} ({s})"
-            for a, b, k, s in copies[["external_image", "copy_of", "kind", "copy_of_set"]].itertuples(index=False)
-        )
-        raise DataError(
-            f"external.{name}: {len(copies)} of its images are copies of {exp.parent.name}'s images, so they are no "
-            f"external data: {listed}; remove them, or set external.{name}.on_copy: exclude (listed in {out.copies})"
-        )
+    ext_cache = np.load(ext_cache_path, mmap_mode="r")
+    copies = _copies_of_main(
+        name, site, exp, main_index_path, main_splits_path, main_cache_path, ext, ext_cache, out, threads
+    )
     kept = np.setdiff1d(np.arange(len(ext)), copies["external_row"].to_numpy())
     y = targets_for(ext["labels"].iloc[kept], classes, task)
     probs = predict_cache(predictor, ext_cache, kept)
@@ -357,12 +392,7 @@ def validate(
         frame[f"prob:{c}"] = probs[:, j]
     frame.to_parquet(out.predictions, index=False)
     out.record.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    figure = reliability_figure(f"{name} ({exp.name})", drift)
-    for ax in figure.axes:  # the shared figure's legend says before/after: here internal/external
-        for text in ax.get_legend().get_texts() if ax.get_legend() else []:
-            text.set_text(text.get_text().replace("temperature-scaled", "external").replace("before", "internal test"))
-    figure.suptitle(f"{name}: reliability, internal test set against the external data", fontsize=10)
-    figure.savefig(out.reliability, dpi=110)
+    _reliability_figure(f"{name} ({exp.name})", name, drift).savefig(out.reliability, dpi=110)
     log.info(
         "external %s: %d images (%d copies left out); AUROC %.3f external against %.3f internal",
         name,
