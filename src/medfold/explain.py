@@ -225,6 +225,24 @@ class ExplainOutputs(files.Outputs):
     NAMES: ClassVar[dict[str, str]] = {"record": "explanations.json", "maps": "maps.npz", "overlays": "overlays"}
 
 
+def _explain_one(model, saved: dict, image: np.ndarray, c: int, task: str, classes, thresholds, options, seed: int):
+    """One image explained for class ``c``: its probabilities, predicted labels, Grad-CAM map,
+    LIME segments and LIME weights (``options``: ``explain.lime``; ``seed``: the image's)."""
+    x = model_input(image[None], saved)
+    with torch.no_grad():
+        probs = probabilities(model(x), task)[0].numpy()
+    predicted = predict(task, probs[None], thresholds)[0]
+    predicted_labels = (
+        [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
+    )
+    cam = grad_cam(model, x.clone().requires_grad_(True), c)
+    segments = segment(image, options, seed)
+    weights = lime(
+        model, x, c, task, segments, options.samples, options.kernel_width, seed, options.kernel, options.surrogate
+    )
+    return probs, predicted_labels, cam, segments, weights
+
+
 def explain_fold(
     model_path,
     index_path,
@@ -260,26 +278,8 @@ def explain_fold(
     progress = Progress(f"explain fold {fold}", len(chosen))
     for k, (row, c) in enumerate(tracked(chosen, progress)):
         image = np.asarray(cache[row])
-        x = model_input(image[None], saved)
-        with torch.no_grad():
-            probs = probabilities(model(x), task)[0].numpy()
-        predicted = predict(task, probs[None], thresholds)[0]
-        predicted_labels = (
-            [classes[j] for j in np.flatnonzero(predicted)] if task == "multilabel" else [classes[int(predicted)]]
-        )
-        cam = grad_cam(model, x.clone().requires_grad_(True), c)
-        segments = segment(image, options, seeds.lime(explain.seed, fold, k))
-        weights = lime(
-            model,
-            x,
-            c,
-            task,
-            segments,
-            options.samples,
-            options.kernel_width,
-            seeds.lime(explain.seed, fold, k),
-            options.kernel,
-            options.surrogate,
+        probs, predicted_labels, cam, segments, weights = _explain_one(
+            model, saved, image, c, task, classes, thresholds, options, seeds.lime(explain.seed, fold, k)
         )
         image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
         file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
