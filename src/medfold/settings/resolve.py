@@ -371,33 +371,27 @@ class Study:
     folds: tuple[int, ...]
     overrides: dict  # experiment -> its overrides (grids expanded)
     grids: dict  # grid -> {combination name: {key: value}}
-    settings: dict  # experiment -> its merged, checked training settings
     experiment_folds: dict  # experiment -> the folds it trains on
     repeats: dict  # experiment -> seeds per fold
     init_from: dict  # experiment -> the model.pt it starts from (init_from)
-    ensembles: dict
-    index_dataset: dict  # the dataset block the index reads, subgroup columns added
     compared: tuple[str, ...]  # experiments and experiment ensembles
     explained: tuple[str, ...]
     explained_folds: tuple[int, ...]
     exported: tuple[str, ...]
-    externals: dict  # name -> its resolved external-validation block
-    variants: dict  # name -> its resolved compression variant
     compressed: tuple[str, ...]
     compressed_folds: tuple[int, ...]
     train_resources: dict  # experiment -> what its training jobs ask the scheduler for
-    cluster: dict
     # each section typed (medfold.settings.sections; ``raw`` on each is its dict, what the rules
     # hand to jobs): what the rules read, and what the library's entry points take
-    training: dict  # experiment -> its TrainSettings (of ``settings``)
-    dataset_settings: DatasetSettings  # of ``index_dataset``
+    training: dict  # experiment -> its merged, checked TrainSettings
+    dataset_settings: DatasetSettings  # the dataset block the index reads, subgroup columns added
     split: SplitSettings
     evaluation: EvaluationSettings
     explain: ExplainSettings
     compression: CompressionSettings
-    variant_settings: dict  # name -> its VariantSettings (of ``variants``)
-    external_settings: dict  # name -> its ExternalSettings (of ``externals``)
-    ensemble_settings: dict  # name -> its EnsembleSettings (of ``ensembles``)
+    variant_settings: dict  # name -> its resolved compression variant
+    external_settings: dict  # name -> its resolved external-validation block
+    ensemble_settings: dict  # name -> its experiment ensemble
     export: ExportSettings
     predict: PredictSettings
     mlflow: MlflowSettings
@@ -407,6 +401,32 @@ class Study:
     privacy: PrivacySettings
     images: ImageSettings
     demo: DemoSettings
+
+    # the same sections as the dicts the rules hand to jobs (each typed one's ``raw``)
+    @property
+    def settings(self) -> dict:
+        """experiment -> its merged, checked training settings dict."""
+        return {name: s.raw for name, s in self.training.items()}
+
+    @property
+    def index_dataset(self) -> dict:
+        return self.dataset_settings.raw
+
+    @property
+    def variants(self) -> dict:
+        return {name: v.raw for name, v in self.variant_settings.items()}
+
+    @property
+    def externals(self) -> dict:
+        return {name: e.raw for name, e in self.external_settings.items()}
+
+    @property
+    def ensembles(self) -> dict:
+        return {name: e.raw for name, e in self.ensemble_settings.items()}
+
+    @property
+    def cluster(self) -> dict:
+        return self.cluster_settings.raw
 
 
 class _Names:
@@ -557,22 +577,16 @@ def resolve(config: dict, schema_path=None) -> Study:
         folds=names.folds,
         overrides=overrides,
         grids=grids,
-        settings=settings,
         experiment_folds=names.trained,
         repeats={name: experiment_repeats(overrides[name], name) for name in names.experiments},
         init_from=init_from,
-        ensembles=ensembles,
-        index_dataset=index_dataset,
         compared=compared,
         explained=explained,
         explained_folds=explained_folds,
         exported=exported,
-        externals=externals,
-        variants=variants,
         compressed=compressed,
         compressed_folds=compressed_folds,
         train_resources={name: train_resources(settings[name]) for name in names.experiments},
-        cluster=config["cluster"],
         training={name: TrainSettings.from_config(settings[name]) for name in names.experiments},
         dataset_settings=DatasetSettings.of(index_dataset),
         split=SplitSettings.of(config["split"]),

@@ -74,32 +74,35 @@ def _dataclass_of(hint):
     return None
 
 
-def build(cls, raw: Mapping, **given):
-    """An instance of the dataclass ``cls`` from the dict ``raw``: each field from the key of its
-    name, or from the dotted key path in its metadata's ``key``; a field typed as a dataclass is
-    built from its dict by that class's ``from_config`` (or by ``build``); a key ``raw`` lacks
-    leaves the field's default. ``given`` sets fields directly. A ``raw`` field gets ``raw``."""
+@functools.cache
+def _fields(cls) -> tuple[tuple[str, type | None], ...]:
+    """Each field of ``cls`` but ``raw``, with the dataclass its type names (or None)."""
     hints = typing.get_type_hints(cls)
+    return tuple((f.name, _dataclass_of(hints[f.name])) for f in dataclasses.fields(cls) if f.name != "raw")
+
+
+def build(cls, raw: Mapping):
+    """An instance of the dataclass ``cls`` from the dict ``raw``: each field from the key of its
+    name; a field typed as a dataclass is built from its dict by that class's ``from_config`` (or
+    by ``build``); a key ``raw`` lacks leaves the field's default. A ``raw`` field gets ``raw``."""
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "raw" or f.name in given:
+    for name, nested in _fields(cls):
+        if name not in raw:
             continue
-        value, found = raw, True
-        for part in f.metadata.get("key", f.name).split("."):
-            if isinstance(value, Mapping) and part in value:
-                value = value[part]
-            else:
-                found = False
-                break
-        if not found:
-            continue
-        nested = _dataclass_of(hints[f.name])
+        value = raw[name]
         if nested is not None and isinstance(value, Mapping):
             value = nested.from_config(value) if hasattr(nested, "from_config") else build(nested, value)
-        values[f.name] = value
-    if "raw" in {f.name for f in dataclasses.fields(cls)}:
+        values[name] = value
+    if any(f.name == "raw" for f in dataclasses.fields(cls)):
         values["raw"] = raw
-    return cls(**values, **given)
+    return cls(**values)
+
+
+@functools.cache
+def section_defaults(path: tuple[str, ...]) -> dict:
+    """The defaults of the schema at ``path`` (``*``: a named entry), once; {} for none."""
+    defaults = schema_defaults(_subschema(path)) if path else None
+    return defaults if isinstance(defaults, Mapping) else {}  # a nullable block declares none
 
 
 def with_defaults(given: Mapping, defaults: Mapping) -> dict:
@@ -128,8 +131,9 @@ class Section:
 
     @classmethod
     def defaults(cls) -> dict:
-        defaults = schema_defaults(_subschema(cls.schema_path)) if cls.schema_path else None
-        return defaults if isinstance(defaults, Mapping) else {}  # a nullable block declares none
+        """The section's schema defaults, computed once per section (``with_defaults`` copies
+        what it takes from them)."""
+        return section_defaults(cls.schema_path)
 
     @classmethod
     def from_config(cls, raw: Mapping | None):

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .sections import PruningSettings, _subschema, coerce, schema_defaults, with_defaults
+from .sections import PruningSettings, coerce, section_defaults, with_defaults
 
 if TYPE_CHECKING:
     import torch
@@ -249,7 +249,7 @@ class TrainSettings:
         """From an experiment's settings dict; a key it lacks takes the schema's default (a partial
         dict from a test or a bench gets what the workflow would). ``raw`` is ``given`` itself:
         checkpoints and tracking runs compare it, metrics.json records it."""
-        cfg = with_defaults(given, _training_defaults())
+        cfg = with_defaults(given, section_defaults(("training",)))
         nested = {
             "plateau": Plateau(**cfg["plateau"]),
             "early_stopping": Stopping(**cfg["early_stopping"]),
@@ -276,10 +276,6 @@ class TrainSettings:
             if f.name not in nested and f.name != "raw" and (f.name in cfg or f.default is dataclasses.MISSING)
         }
         return cls(**plain, **nested, raw=given)
-
-
-def _training_defaults() -> dict:
-    return schema_defaults(_subschema(("training",)))
 
 
 def _stages(cfg: dict) -> tuple[Stage, ...]:
