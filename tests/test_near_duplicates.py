@@ -293,3 +293,81 @@ def test_an_official_split_that_leaks_stops_or_drops_the_later_copies(tmp_path):
     assert dropped["count"] == 3 and {d["image_id"] for d in dropped["images"]} == {f"val/{i:06d}" for i in range(3)}
     assert (splits.set_index("image_id").loc[[f"train/{i:06d}" for i in range(3)], "set"] == "train").all()
     assert check_split(index, splits)["images_excluded"] == 3
+
+
+def test_at_28_px_same_frame_copies_across_the_official_split_are_grouped_and_nothing_else(tmp_path):
+    """The 28 px MedMNIST form of the demo (no patient IDs): the frames its official split
+    repeats in val and test verify at their own size (an upsampling that drew the pixel blocks
+    scored such copies 0.83-0.85, under min_score), every copy lands in its original's set, no
+    two different films are merged, and the report says what the grouping stands for."""
+    from medfold.demo import generate_small_npz
+    from medfold.report.dataset import grouping_note
+
+    path = generate_small_npz(tmp_path, patients=60, seed=0)
+    planted = pd.read_csv(tmp_path / "small_planted.csv")
+    config = resolved_config(
+        {
+            "dataset": {
+                "format": "npz",
+                "npz": str(path),
+                "task": "binary",
+                "labels": ["normal", "finding"],
+                "patient_column": None,
+            }
+        }
+    )
+    index, report = build_index(config["dataset"], threads=2)
+    near = report["near_duplicates"]
+    clusters = sorted(sorted(c["images"]) for c in near["cluster_list"])
+    assert clusters == sorted(sorted(p) for p in zip(planted["copy"], planted["original"]))
+    assert min(p["score"] for p in near["pair_list"]) >= near["min_score"] > near["closest_rejected"][0]["score"]
+    assert near["largest_cluster"] == 2
+    splits, _ = make_splits(index, report["classes"], config["split"])
+    where = splits.set_index("image_id")["set"]
+    assert all(where[c] == where[o] for c, o in zip(planted["copy"], planted["original"]))
+    assert check_split(index, splits)["verdict"] == "leak-free"
+    note = grouping_note(report)
+    assert "names no patients" in note and f"{near['images']} images in {near['clusters']} clusters" in note
+    assert "other images of the same person" in note
+
+
+def test_colour_fundus_photographs_copies_are_found_and_distinct_eyes_never_merged(tmp_path):
+    """Fundus-like photographs (a circular field on black, vignetting, colour casts, one in three
+    dim and hazy): scored within their field of view, at a band a re-encode does not posterise
+    and tile by tile, copies turned, re-cropped to their circle or re-coloured are found (the
+    radiograph matching missed 2 of 6) and no two eyes are merged (scored as whole frames, or
+    without the tiles, the hazy ones merged with each other)."""
+    from medfold.demo import generate_fundus
+    from medfold.images import signatures
+
+    root = generate_fundus(tmp_path, patients=30, seed=0)
+    planted = pd.read_csv(tmp_path / "fundus_planted.csv")
+    ds = folder_dataset(root, patient_regex=r"^(\d+)_(?:left|right)")
+    index, report = build_index(ds, threads=2)
+    near = report["near_duplicates"]
+    clusters = sorted(sorted(c["images"]) for c in near["cluster_list"])
+    assert clusters == sorted(sorted(p) for p in zip(planted["copy"], planted["original"]))
+    assert near["largest_cluster"] == 2 and near["core_check"]["links_cut_count"] == 0
+    # every photograph is compared within its field of view, a copy with a colour cast as well
+    for name in (planted["original"].iloc[0], planted["copy"].iloc[2]):
+        assert signatures(np.asarray(Image.open(root / name)))[1].field is not None, name
+
+
+def test_a_chain_of_accepted_pairs_is_checked_against_its_core(demo_dir):
+    """Three radiographs of different people joined by a chain of accepted pairs (as look-alikes
+    chain in a large collection) to a copy pair: the core check cuts the link that does not hold
+    against the cluster's core, and the cluster is what copies remain."""
+    from medfold import matching
+    from medfold.images import signatures
+
+    table = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str)
+    planted = pd.read_csv(demo_dir / "cxr14" / "planted_copies.csv").iloc[0]
+    others = table[~table["Patient ID"].isin([planted["original"][:8]])].drop_duplicates("Patient ID")
+    names = [planted["original"], planted["copy"], *others["Image Index"].iloc[:2]]
+    sigs = [signatures(np.asarray(Image.open(demo_dir / "cxr14" / "images" / n).convert("L")))[1] for n in names]
+    g = next(g for g in range(8) if matching.verify(sigs[0], sigs[1], g).score >= 0.85)
+    chain = pd.DataFrame({"a": [0, 1, 2], "b": [1, 2, 3], "orientation": [g, 0, 0], "score": [0.97, 0.9, 0.9]})
+    kept, cut = matching.checked_clusters(4, chain, sigs, matching.MatchSettings())
+    assert list(cut["image"]) == [3] and list(zip(cut["a"], cut["b"])) == [(2, 3)]
+    assert cut["score_against_core"].iloc[0] < 0.85 and cut["core"].iloc[0] == 1
+    assert list(zip(kept["a"], kept["b"])) == [(0, 1), (1, 2)]

@@ -569,3 +569,122 @@ def tree_digest(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- small and colour
+SMALL_SPLITS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
+
+
+def generate_small_npz(out: Path, patients: int = 60, seed: int = 0, copies: int = 8) -> Path:
+    """A 28 px MedMNIST form of the demo (``small.npz``: train/val/test images and labels, one
+    film per patient, no patient IDs, label 1 when the film shows any finding), made as MedMNIST
+    was made: each film rendered at its own size, then area-averaged to 28 x 28. ``copies``
+    training films are exported again (gamma and a JPEG re-encode, nothing moved: the same frame)
+    into val and test, listed in ``small_planted.csv`` (copy, original as ``<split>/<index>``):
+    the official split leaks them, as ultrasound and X-ray benchmarks do."""
+    from .republish import republished, small
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 28])
+    films, labels = [], []
+    for anatomy in _anatomies(rng, patients):
+        findings = {f for f in FINDINGS if rng.random() < FINDING_PREVALENCE[f]}
+        films.append(np.round(render_radiograph(anatomy, findings, rng) * 255).astype(np.uint8))
+        labels.append(int(bool(findings)))
+    cuts = np.cumsum([0] + [round(share * patients) for _, share in SMALL_SPLITS])
+    cuts[-1] = patients
+    arrays, where = {}, {}
+    for (split, _), lo, hi in zip(SMALL_SPLITS, cuts[:-1], cuts[1:]):
+        arrays[f"{split}_images"] = [small(films[i]) for i in range(lo, hi)]
+        arrays[f"{split}_labels"] = [labels[i] for i in range(lo, hi)]
+        where.update({i: f"{split}/{i - lo:06d}" for i in range(lo, hi)})
+    planted = []
+    for k, i in enumerate(rng.choice(int(cuts[1]), copies, replace=False)):
+        split = "val" if k % 2 else "test"
+        arrays[f"{split}_images"].append(small(republished(films[i], "same_frame", rng)))
+        arrays[f"{split}_labels"].append(labels[i])
+        planted.append((f"{split}/{len(arrays[f'{split}_images']) - 1:06d}", where[int(i)], "same frame"))
+    path = out / "small.npz"
+    np.savez(
+        path,
+        **{k: np.stack(v) if k.endswith("images") else np.array(v, np.uint8)[:, None] for k, v in arrays.items()},
+    )
+    _write_manifest(out / "small_planted.csv", planted)
+    return path
+
+
+def render_fundus(rng: np.random.Generator, eye: str, side: int = 160) -> np.ndarray:
+    """A colour fundus-like photograph (uint8, side x side x 3): a circular field on black, an
+    orange-red retina with vignetting and a colour cast of its own, the optic disc on the eye's
+    nasal side, a tree of vessels branching from it; some photographs dim and low in contrast,
+    as real collections hold them (the ones a copy finder merges when the circle is compared)."""
+    from PIL import ImageDraw
+
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    radius = 0.47
+    inside = (xx - 0.5) ** 2 + (yy - 0.5) ** 2 <= radius**2
+    # one photograph in three dim, hazy and low in contrast: little but the circle and its shading
+    faint = rng.random() < 0.35
+    dim = rng.uniform(0.2, 0.35) if faint else rng.uniform(0.5, 1.0)
+    contrast = 0.12 if faint else 0.55
+    cast = rng.uniform(0.8, 1.2, 3) * np.array([0.85, 0.42, 0.18])
+    vignette = 1 - 0.6 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / radius**2
+    base = gaussian_filter(rng.standard_normal((side, side)).astype(np.float32), side / 30)
+    retina = (0.75 + (0.02 if faint else 0.08) * base / (base.std() + 1e-9)) * vignette * dim
+    disc = (0.5 + (0.27 if eye == "right" else -0.27) + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.05, 0.05))
+    vessels = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(vessels)
+    for _ in range(int(rng.integers(6, 10))):  # each vessel a random walk out of the disc, branching once
+        angle = rng.uniform(0, 2 * np.pi)
+        point = np.array(disc) * side
+        width = int(rng.integers(2, 4))
+        for step in range(int(rng.integers(12, 22))):
+            angle += rng.normal(0, 0.25)
+            following = point + side * 0.03 * np.array([np.cos(angle), np.sin(angle)])
+            draw.line([tuple(point), tuple(following)], fill=255, width=width)
+            if step == 6:
+                width = max(1, width - 1)
+            point = following
+    vessel = gaussian_filter(np.asarray(vessels, np.float32) / 255, 0.7)
+    disc_mask = np.exp(-(((xx - disc[0]) ** 2 + (yy - disc[1]) ** 2) / (2 * 0.045**2)))
+    image = np.empty((side, side, 3), np.float32)
+    for c in range(3):
+        lift = (0.9, 0.8, 0.5)[c]
+        image[..., c] = retina * cast[c] * (1 - contrast * vessel) + lift * dim * disc_mask
+    image += rng.normal(0, 0.01, image.shape).astype(np.float32)
+    image[~inside] = 0
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def generate_fundus(out: Path, patients: int = 30, seed: int = 0, copies: int = 6) -> Path:
+    """A glaucoma-like folder tree of colour fundus photographs, ``{glaucoma,normal}/
+    <patient>_{left,right}.png``, both eyes of a patient under their number (as ODIR names them),
+    and ``copies`` re-published copies of random photographs (turned or mirrored, another white
+    balance, cropped to their circle, a colour JPEG) filed under new patient numbers, listed in
+    ``fundus_planted.csv``. Returns the tree's root."""
+    from .republish import republished
+
+    out = Path(out)
+    root = out / "fundus"
+    rng = np.random.default_rng([seed, 3])
+    names = []
+    for patient in range(1, patients + 1):
+        folder = "glaucoma" if rng.random() < 0.3 else "normal"
+        for eye in ("left", "right"):
+            name = f"{folder}/{patient}_{eye}.png"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_fundus(rng, eye)).save(root / name)
+            names.append(name)
+    planted = []
+    for k, i in enumerate(rng.choice(len(names), copies, replace=False)):
+        original = np.asarray(Image.open(root / names[i]))
+        copy = republished(
+            republished(original, ("orientation", "circle", "recoloured")[k % 3], rng), "white_balance", rng
+        )
+        folder, eye = names[i].split("/")[0], names[i].rsplit("_", 1)[1]
+        name = f"{folder}/{patients + 1 + k}_{eye}"
+        Image.fromarray(copy).save(root / name)
+        planted.append((name, names[i], ("orientation", "circle", "recoloured")[k % 3]))
+    _write_manifest(out / "fundus_planted.csv", planted)
+    return root

@@ -173,8 +173,18 @@ class DDP(_Parallel):
         self.dist.barrier()
 
     def shutdown(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        """Every rank waits for the others before any tears the group down: rank 0 holds the
+        TCP store, and a rank that destroys its group or exits while a peer is still in its last
+        collective or its own teardown leaves that peer's gloo threads reading a closed socket
+        (under srun the step is then killed for all). A barrier that fails (a peer already gone)
+        does not stop this rank's teardown."""
+        if not self.dist.is_initialized():
+            return
+        try:
+            self.dist.barrier()
+        except Exception as exc:  # a peer already gone: tear down all the same
+            log.warning("distributed: the closing barrier failed (%s); tearing down all the same", exc)
+        self.dist.destroy_process_group()
 
 
 def _slurm_to_torchrun_env() -> None:

@@ -38,7 +38,16 @@ def signatures(pixels: np.ndarray) -> tuple[str, object]:
     from .matching import signature
 
     grey = trimmed_grey(pixels)
-    return fingerprint(pixels, area_average(grey)), signature(grey)
+    return fingerprint(pixels, area_average(grey)), signature(grey, is_colour(pixels))
+
+
+def is_colour(pixels: np.ndarray) -> bool:
+    """Whether ``pixels`` hold colour: three channels that are not all equal (grey stored as RGB
+    is grey)."""
+    if pixels.ndim != 3 or pixels.shape[2] < 3:
+        return False
+    first = pixels[..., 0]
+    return not (np.array_equal(first, pixels[..., 1]) and np.array_equal(first, pixels[..., 2]))
 
 
 @dataclass(frozen=True)

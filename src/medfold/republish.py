@@ -9,6 +9,13 @@ Ranges (issue 23): crops of 1-8 % on any side, shifts, rescale 0.5-2x with and w
 aspect, rotation up to 3 degrees, gamma 0.6-1.6, contrast and brightness, histogram
 equalisation, JPEG quality 30-95, borders, burned-in text and arrows. ``mild`` is the envelope
 the default thresholds must find with recall >= 0.99: crops up to 5 % and gamma 0.7-1.4.
+
+Colour photographs (issue 39: fundus photographs are re-published with another white balance,
+cropped to their circle, re-encoded in colour) keep their colour: the grey kinds change each
+channel alike (the same random draws for the three), and ``white_balance``, ``circle`` and
+``colour_jpeg`` act on the colour image itself; a grey image stays grey under all of them.
+``small(pixels)`` is the MedMNIST way of making a 28 px image (area average to 28 x 28), which
+the benchmark applies to both images of a pair.
 """
 
 from __future__ import annotations
@@ -196,6 +203,12 @@ def mild(image, rng):
     return jpeg(gamma_mild(crop_mild(image, rng), rng), rng)
 
 
+def same_frame(image, rng):
+    """The same frame exported again: gamma 0.7-1.4 and a re-encode, nothing moved (what a video
+    or a second export of one ultrasound frame gives; the 28 px recall target's kind)."""
+    return jpeg(gamma_mild(image, rng), rng)
+
+
 def combined(image, rng):
     """Two to four of the changes in a random order, in a random orientation half the time."""
     chosen = rng.choice(len(STACKABLE), int(rng.integers(2, 5)), replace=False)
@@ -204,11 +217,92 @@ def combined(image, rng):
     return orientation(image, rng) if rng.random() < 0.5 else image
 
 
-KINDS.update({"crop_mild": crop_mild, "gamma_mild": gamma_mild, "mild": mild, "combined": combined})
+KINDS.update(
+    {"crop_mild": crop_mild, "gamma_mild": gamma_mild, "mild": mild, "same_frame": same_frame, "combined": combined}
+)
+
+
+# ----------------------------------------------------------------------------- colour
+def white_balance(image: Image.Image, rng) -> Image.Image:
+    """Another camera's or viewer's white balance: each channel times 0.75-1.25, plus -20..+20."""
+    if image.mode != "RGB":
+        return contrast(image, rng)
+    pixels = np.asarray(image, np.float32)
+    gains, offsets = rng.uniform(0.75, 1.25, 3), rng.uniform(-20, 20, 3)
+    return Image.fromarray(np.clip(np.round(pixels * gains + offsets), 0, 255).astype(np.uint8))
+
+
+def circle(image: Image.Image, rng) -> Image.Image:
+    """Cropped to a centred circle (90-100 % of the shorter side across), black outside, and the
+    square around it kept: how fundus collections re-frame a photograph."""
+    w, h = image.size
+    diameter = min(w, h) * rng.uniform(0.9, 1.0)
+    cx, cy = w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h
+    y, x = np.mgrid[0:h, 0:w]
+    inside = (x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= (diameter / 2) ** 2
+    pixels = np.asarray(image).copy()
+    pixels[~inside] = 0
+    r = int(diameter / 2)
+    box = (max(0, int(cx) - r), max(0, int(cy) - r), min(w, int(cx) + r), min(h, int(cy) + r))
+    return Image.fromarray(pixels).crop(box)
+
+
+def colour_jpeg(image: Image.Image, rng) -> Image.Image:
+    """Re-encoded as a colour JPEG (chroma subsampled), quality 30-95."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=int(rng.integers(30, 96)))
+    buf.seek(0)
+    return Image.open(buf).convert(image.mode)
+
+
+def recoloured(image, rng):
+    """A colour re-publication: crops up to 5 %, another white balance, a colour JPEG."""
+    return colour_jpeg(white_balance(crop_mild(image, rng), rng), rng)
+
+
+COLOUR = {"white_balance": white_balance, "circle": circle, "colour_jpeg": colour_jpeg, "recoloured": recoloured}
+KINDS.update(COLOUR)
+SMALL = 28  # MedMNIST's side
+
+
+def small(pixels: np.ndarray, side: int = SMALL) -> np.ndarray:
+    """``pixels`` area-averaged to side x side (grey or RGB), as MedMNIST's images were made."""
+    return np.asarray(Image.fromarray(pixels).resize((side, side), Image.Resampling.BOX))
+
+
+def _per_channel(kind: Callable, image: Image.Image, rng) -> Image.Image:
+    """A grey kind on a colour image: each channel changed with the same random draws."""
+    state = rng.bit_generator.state
+    channels = []
+    for band in image.split():
+        rng.bit_generator.state = state
+        channels.append(kind(band, rng).convert("L"))
+    return Image.merge("RGB", channels)
 
 
 def republished(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A copy of ``pixels`` (uint8, grey or RGB) changed as ``kind`` (a key of KINDS) does."""
+    """A copy of ``pixels`` (uint8, grey or RGB) changed as ``kind`` (a key of KINDS) does: grey
+    for a grey image, colour for a colour one."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind of copy {kind!r}; known: {sorted(KINDS)}")
-    return np.asarray(KINDS[kind](_grey(pixels), rng))
+    colour = pixels.ndim == 3 and pixels.shape[2] == 3 and not (pixels == pixels[..., :1]).all()
+    if not colour:
+        return np.asarray(KINDS[kind](_grey(pixels), rng))
+    image = Image.fromarray(pixels[..., :3])
+    if kind in COLOUR:
+        return np.asarray(KINDS[kind](image, rng))
+    if kind in ("mild", "same_frame", "combined"):  # stacked kinds: each of their steps per channel
+        return np.asarray(_stacked_colour(kind, image, rng))
+    return np.asarray(_per_channel(KINDS[kind], image, rng))
+
+
+def _stacked_colour(kind: str, image: Image.Image, rng) -> Image.Image:
+    if kind == "mild":
+        return colour_jpeg(_per_channel(gamma_mild, _per_channel(crop_mild, image, rng), rng), rng)
+    if kind == "same_frame":
+        return colour_jpeg(_per_channel(gamma_mild, image, rng), rng)
+    chosen = rng.choice(len(STACKABLE), int(rng.integers(2, 5)), replace=False)
+    for i in chosen:
+        name = STACKABLE[i]
+        image = colour_jpeg(image, rng) if name == "jpeg" else _per_channel(KINDS[name], image, rng)
+    return _per_channel(orientation, image, rng) if rng.random() < 0.5 else image

@@ -41,7 +41,9 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
     )
     seconds = time.perf_counter() - start
     found["a"], found["b"] = rows[found["a"]], rows[found["b"]]
-    pairs = found[found["accepted"]].reset_index(drop=True)
+    chained = found[found["accepted"]].reset_index(drop=True)
+    largest_chained = _largest(len(table), chained)
+    pairs, cut = matching.checked_clusters(len(table), chained, signatures, typed)
     component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     sizes = np.bincount(component)
     in_cluster = sizes[component] > 1
@@ -70,6 +72,15 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
         )
     joining = [c for c in described if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
     rejected = found[~found["accepted"]].sort_values(["score", "a", "b"], ascending=[False, True, True]).head(20)
+    large = [
+        {
+            "cluster": c["cluster"],
+            "images": len(c["images"]),
+            "weakest_links": sorted(c["pairs"], key=lambda p: p["score"])[:5],
+        }
+        for c in described
+        if len(c["images"]) > matching.LARGE_CLUSTER
+    ]
     log.info(
         "near-duplicates: %d candidate pairs, %d verified, %d accepted in %d clusters (%d join patients or "
         "source splits) among %d images, %.2f s",
@@ -95,12 +106,38 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
         "clusters": len(described),
         "images": int(in_cluster.sum()),
         "clusters_joining_patients_or_sources": len(joining),
+        "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        # chains checked against each cluster's core (medfold.matching.checked_clusters)
+        "core_check": {
+            "largest_cluster_before": largest_chained,
+            "links_cut": [
+                {
+                    "a": str(ids[r.a]),
+                    "b": str(ids[r.b]),
+                    "score": round(float(r.score), 4),
+                    "image": str(ids[r.image]),
+                    "core": str(ids[r.core]),
+                    "score_against_core": float(r.score_against_core),
+                }
+                for r in cut.itertuples(index=False)
+            ][:200],
+            "links_cut_count": int(len(cut)),
+        },
+        # clusters larger than the data make plausible for copies of one image, with their weakest links
+        "large_clusters": large,
         "distances": {str(k): int(v) for k, v in pairs["distance"].value_counts().sort_index().items()},
         # the ones that change the split first; clusters within one patient after them
         "cluster_list": (joining + [c for c in described if c not in joining])[:500],
         "pair_list": listed,
         "closest_rejected": [_pair_record(ids, p) for p in rejected.itertuples(index=False)],
     }
+
+
+def _largest(count: int, pairs: pd.DataFrame) -> int:
+    """The largest cluster that ``pairs`` join (1 when none)."""
+    if pairs.empty:
+        return 1
+    return int(np.bincount(fp.clusters(count, pairs["a"].to_numpy(), pairs["b"].to_numpy())).max())
 
 
 def _text(column: pd.Series) -> np.ndarray:

@@ -113,6 +113,18 @@ def near_duplicates_view(
         closest_rejected="; ".join(
             f"{p['a']} ~ {p['b']} {p['score']:.3f}" for p in near.get("closest_rejected", [])[:3]
         ),
+        largest=near.get("largest_cluster", 0),
+        chained=near.get("core_check", {}).get("largest_cluster_before", 0),
+        cut=[
+            f"{c['a']} ~ {c['b']} ({c['score']:.3f}): {c['image']} scores {c['score_against_core']:.3f} against "
+            f"the cluster's core {c['core']}"
+            for c in near.get("core_check", {}).get("links_cut", [])[:10]
+        ],
+        large=[
+            f"cluster {c['cluster']}: {c['images']} images; weakest links "
+            + "; ".join(f"{p['a']} ~ {p['b']} {p['score']:.3f}" for p in c["weakest_links"])
+            for c in near.get("large_clusters", [])
+        ],
     )
 
 
@@ -152,7 +164,30 @@ def examples(index: pd.DataFrame, classes: list[str], cache: np.ndarray, per_cla
     return out
 
 
-def split_view(split_summary: dict, check: dict) -> SplitView:
+def grouping_note(index_report: dict) -> str:
+    """Where the dataset names no patients (MedMNIST, COVID-19 Radiography): what the split's
+    groups stand for, and what they cannot keep apart."""
+    from ..index.patients import NO_PATIENTS
+
+    if index_report.get("patient_id_source") != NO_PATIENTS:
+        return ""
+    near = index_report.get("near_duplicates") or {}
+    copies = (
+        f"exact and near-duplicate copies of one image ({near.get('images', 0)} images in "
+        f"{near.get('clusters', 0)} clusters here) are kept in one set"
+        if near.get("searched")
+        else "exact copies of one image are kept in one set (the near-duplicate search is off)"
+    )
+    return (
+        "This dataset names no patients (no patient column, file-name pattern or DICOM PatientID), so each "
+        f"image is a group of its own and the copy grouping stands in for patients: {copies}. It cannot see "
+        "other images of the same person (follow-up films, the other eye, other frames or slices of one "
+        "examination): those may sit in different sets, and the test and cross-validation figures may be "
+        "optimistic."
+    )
+
+
+def split_view(split_summary: dict, check: dict, index_report: dict | None = None) -> SplitView:
     sets = split_summary["sets"]
     leaks = split_summary["source_leaks"]
     dropped = split_summary.get("dropped_copies") or split_summary.get("dropped_for_source_leak") or {}
@@ -195,4 +230,5 @@ def split_view(split_summary: dict, check: dict) -> SplitView:
         )
         if dropped.get("count")
         else None,
+        grouping=grouping_note(index_report or {}),
     )

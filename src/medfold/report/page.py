@@ -91,7 +91,7 @@ def gather(inputs: ReportInputs | dict, config: ReportSettings | dict, repo: Pat
         details=details,
         grids=grids,
         dataset=dataset_view(index_report, split_summary, index, cache),
-        split=split_view(split_summary, check),
+        split=split_view(split_summary, check, index_report),
         explanations=explanations,
         compression=compression_view(variants, config.compression) if variants else None,
         provenance=provenance_view(config.raw, read_timings(inputs.benchmarks), repo, recipe_table(inputs.experiments)),

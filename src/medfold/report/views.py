@@ -63,6 +63,10 @@ class NearDuplicates:
     min_score: float = 0.0
     neighbours: int = 0
     closest_rejected: str = ""
+    largest: int = 0  # the largest cluster after the core check
+    chained: int = 0  # the largest the accepted pairs alone made
+    cut: list[str] = field(default_factory=list)  # links the core check cut
+    large: list[str] = field(default_factory=list)  # clusters past LARGE_CLUSTER, with their weakest links
 
 
 @dataclass
@@ -99,6 +103,7 @@ class SplitView:
     dropped: int
     dropped_rule: str
     dropped_table: Table | None
+    grouping: str = ""  # what the split's groups stand for when the dataset names no patients
 
 
 @dataclass
