@@ -1,6 +1,7 @@
-"""Near-duplicate matching measured: recall on re-published copies of real radiographs by kind
-of change, false merges among distinct patients, the two score distributions' separation, and
-the time at NIH ChestX-ray14 size (112,120 images) on this machine's cores.
+"""Near-duplicate matching measured on a real set of any modality (chest films, fundus
+photographs, ...): recall on re-published copies of its images by kind of change, false merges
+among distinct patients, the two score distributions' separation, the largest cluster, and the
+time at NIH ChestX-ray14 size (112,120 images) on this machine's cores.
 
 1. Recall: ``--copies`` copies of random images per kind of medfold.republish (crop, shift,
    rescale with and without the aspect, rotation, gamma, contrast, equalisation, JPEG, border,
@@ -21,7 +22,17 @@ the time at NIH ChestX-ray14 size (112,120 images) on this machine's cores.
    on a slice of rows, scaled to all rows; printed as the ratio against the graph search, with
    the share of exact neighbours the graph found.
 
+Colour sets keep their colour (the copies' colour kinds: white balance, circle crops, colour
+JPEG), and the output names the set's modality (what the pixels say, or ``--modality``).
+``--size 28`` area-averages both images of every pair to 28 x 28 after the copy is made, the way
+MedMNIST was made; there the recall target is on same-frame copies (gamma and a re-encode,
+nothing moved). Recall counts a copy found when it ends in its original's cluster after the
+clusters' core check (directly or through other copies of the same image); the table also gives
+the share whose own pair was accepted. ``--nih 0`` leaves out the NIH-size timing.
+
 Run: .venv/bin/python bench/near_duplicates.py --real ../shared/data/kermany_224   (about 10 minutes)
+     .venv/bin/python bench/near_duplicates.py --real ../shared/data/fundus_odir --patient-regex PATTERN --nih 0
+         (PATTERN: '^(?P<patient>[0-9]+)_(?:left|right)'; add --size 28 for the MedMNIST size)
      .venv/bin/python bench/near_duplicates.py --quick   (the demo's images, small sizes: the test suite)
 """
 

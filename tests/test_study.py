@@ -26,6 +26,23 @@ def test_the_demo_config_resolves_to_its_experiments_folds_and_jobs():
         study.folds = (0,)  # frozen
 
 
+@pytest.mark.parametrize(
+    "dataset,needs",
+    [
+        ({}, "format 'folders' needs dataset.root"),
+        ({"format": "csv"}, "format 'csv' needs dataset.table and dataset.root"),
+        ({"format": "npz"}, "format 'npz' needs dataset.npz"),
+    ],
+)
+def test_a_config_that_names_no_data_says_which_keys_and_how_to_start(dataset, needs):
+    """A newcomer's first --configfile holding only ``training: {epochs: 3}`` replaces the demo's
+    config whole: a ConfigError naming the keys and the presets, not Snakemake's input function."""
+    config = resolved_config({"training": {"epochs": 3}, **({"dataset": dataset} if dataset else {})}, base=None)
+    with pytest.raises(ConfigError, match=needs) as raised:
+        resolve(config, SCHEMA)
+    assert "medfold init --preset" in str(raised.value)
+
+
 def test_folds_of_one_experiment_limit_what_it_trains_and_what_may_use_it():
     study = resolve(resolved_config({"experiments": {"sweep": {"folds": [0]}}, "compression": {"folds": [0]}}), SCHEMA)
     assert study.experiment_folds["sweep_lr~0.01"] == [0]

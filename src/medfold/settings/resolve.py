@@ -499,6 +499,7 @@ def _index_dataset(source: dict, evaluation: dict) -> dict:
     subgroups are evaluated on, each checked to be one this format can carry."""
     from ..dicom import check_header_fields
 
+    _check_data_named(source)
     columns = list(dict.fromkeys(source["metadata_columns"] + [spec["column"] for spec in evaluation["subgroups"]]))
     check_header_fields(source["dicom_metadata"])
     from_headers = set(source["dicom_metadata"])
@@ -510,6 +511,27 @@ def _index_dataset(source: dict, evaluation: dict) -> dict:
             f"{sorted(from_headers)}), and dataset.format is {source['format']!r}"
         )
     return {**source, "metadata_columns": columns}
+
+
+# what each dataset.format reads: the keys that must name it
+DATA_KEYS = {"csv": ("table",), "folders": ("root",), "dicom": ("root",), "npz": ("npz",)}
+
+
+def _check_data_named(source: dict) -> None:
+    """A dataset block that names no data (a config file given with --configfile replaces the
+    demo's, so one holding only ``training:`` has the schema's empty dataset) stops here, naming
+    the keys its format needs and how to start, not in Snakemake's input function."""
+    fmt = source.get("format", "csv")
+    missing = [f"dataset.{key}" for key in DATA_KEYS.get(fmt, ()) if not source.get(key)]
+    if fmt == "csv" and not source.get("root") and not source.get("metadata_only"):
+        missing.append("dataset.root")
+    if missing:
+        raise ConfigError(
+            f"dataset: format {fmt!r} needs {' and '.join(missing)}, and this config names none "
+            f"(a --configfile replaces the demo's config/config.yaml whole, so a file holding only other "
+            f"sections has no dataset). Start from a preset: `medfold presets` lists them, `medfold init "
+            f"--preset <name> my.yaml` writes one to edit; or copy config/config.yaml"
+        )
 
 
 def _check_compared(config: dict, compared: tuple[str, ...]) -> None:
