@@ -29,6 +29,12 @@ It also plants what public collections do to a split (``PLANTED``, ``planted_cop
 
 A third form, ``dicom/``, is a hospital PACS export (``generate_dicom``): compressed transfer
 syntaxes, MONOCHROME1, header metadata, one harder scanner, and identifiers in headers and names.
+
+Two more forms hold what a chest film at one size does not (issue 39), for the suite:
+``generate_small_npz`` a 28 px MedMNIST ``.npz`` with no patient IDs whose official split repeats
+training frames in val and test, and ``generate_fundus`` colour fundus-like photographs (a
+circular field on black, vignetting, colour casts, one in three dim and hazy) named
+``<patient>_{left,right}.png`` with re-published copies under new numbers.
 """
 
 from __future__ import annotations
