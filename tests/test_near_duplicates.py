@@ -334,9 +334,8 @@ def test_at_28_px_same_frame_copies_across_the_official_split_are_grouped_and_no
 def test_colour_fundus_photographs_copies_are_found_and_distinct_eyes_never_merged(tmp_path):
     """Fundus-like photographs (a circular field on black, vignetting, colour casts, one in three
     dim and hazy): scored within their field of view, at a band a re-encode does not posterise
-    and tile by tile, copies turned, re-cropped to their circle or re-coloured are found (the
-    radiograph matching missed 2 of 6) and no two eyes are merged (scored as whole frames, or
-    without the tiles, the hazy ones merged with each other)."""
+    and tile by tile, copies turned, re-cropped to their circle or re-coloured are found and no
+    two eyes are merged (without the tiles, two hazy photographs joined a copy's cluster)."""
     from medfold.demo import generate_fundus
     from medfold.images import signatures
 

@@ -666,8 +666,8 @@ def render_fundus(rng: np.random.Generator, eye: str, side: int = 160) -> np.nda
 def generate_fundus(out: Path, patients: int = 30, seed: int = 0, copies: int = 6) -> Path:
     """A glaucoma-like folder tree of colour fundus photographs, ``{glaucoma,normal}/
     <patient>_{left,right}.png``, both eyes of a patient under their number (as ODIR names them),
-    and ``copies`` re-published copies of random photographs (turned or mirrored, another white
-    balance, cropped to their circle, a colour JPEG) filed under new patient numbers, listed in
+    and ``copies`` re-published copies of random photographs (turned or mirrored; cropped to their
+    circle; or cropped a little, re-coloured and re-encoded) filed under new patient numbers, listed in
     ``fundus_planted.csv``. Returns the tree's root."""
     from .republish import republished
 
@@ -685,9 +685,7 @@ def generate_fundus(out: Path, patients: int = 30, seed: int = 0, copies: int = 
     planted = []
     for k, i in enumerate(rng.choice(len(names), copies, replace=False)):
         original = np.asarray(Image.open(root / names[i]))
-        copy = republished(
-            republished(original, ("orientation", "circle", "recoloured")[k % 3], rng), "white_balance", rng
-        )
+        copy = republished(original, ("orientation", "circle", "recoloured")[k % 3], rng)
         folder, eye = names[i].split("/")[0], names[i].rsplit("_", 1)[1]
         name = f"{folder}/{patients + 1 + k}_{eye}"
         Image.fromarray(copy).save(root / name)

@@ -24,6 +24,14 @@ text and arrows (measured on the Kermany set: bench/near_duplicates.py --real). 
    **score**: the normalised correlation of the two band-pass images (the detail of ribs,
    vessels and edges, not the shared anatomy) over their registered overlap. A re-published
    copy scores 0.88-1.0; distinct children's radiographs of the Kermany set at most about 0.7.
+3. **Clusters** of accepted pairs are checked against their core (``checked_clusters``), so
+   that a chain of pairs cannot join images that are not copies of one another.
+
+Beyond chest films (issue 39): a fundus photograph, an ultrasound sector or a CT slice's air
+has a *field of view*, a flat dark surround that is the same in every image of the modality;
+it is found (``field_of_view``) and the verification is made within it (equalised over the
+field, a band twice as wide, the score tile by tile; see ``verify``). Images smaller than the
+96 px thumbnail are enlarged by bicubic interpolation, not block by block.
 
 OpenCV (opencv-python-headless) rather than scikit-image: ECC is an affine registration that
 maximises a correlation invariant to brightness and contrast, in C++ (about 1 ms a pair at
