@@ -55,7 +55,7 @@ from PIL import Image
 from medfold import fingerprint as fp
 from medfold import matching
 from medfold.hardware import describe
-from medfold.images import content_hash, signatures
+from medfold.images import content_hash, is_colour, signatures
 from medfold.republish import KINDS, republished, small
 
 KERMANY_PATIENT = r"^(?P<patient>person\d+|(?:NORMAL2-)?IM-\d+)"
@@ -66,9 +66,7 @@ def _pixels(path: Path) -> np.ndarray:
     """Grey as (H, W); colour as (H, W, 3) unless its three channels are equal (grey stored as RGB)."""
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
-    if pixels.ndim == 3 and (pixels == pixels[..., :1]).all():
-        return np.ascontiguousarray(pixels[..., 0])
-    return pixels
+    return pixels if pixels.ndim == 2 or is_colour(pixels) else np.ascontiguousarray(pixels[..., 0])
 
 
 def modality_of(pixels: list[np.ndarray]) -> str:
@@ -157,17 +155,11 @@ def match(bits, sigs, hashes, patients, settings, threads):
     if len(cut):
         links = set(zip(cut["a"], cut["b"]))
         pairs["accepted"] &= np.array([(a, b) not in links for a, b in zip(pairs["a"], pairs["b"])], bool)
-    stats["largest_cluster_before"] = largest(len(sigs), accepted)
-    stats["largest_cluster"] = largest(len(sigs), kept)
+    stats["largest_cluster_before"] = matching.largest_cluster(len(sigs), accepted)
+    stats["largest_cluster"] = matching.largest_cluster(len(sigs), kept)
     stats["links_cut"] = len(cut)
     stats["cluster"] = fp.clusters(len(sigs), kept["a"].to_numpy(), kept["b"].to_numpy())
     return pairs, stats, time.perf_counter() - start
-
-
-def largest(count: int, pairs: pd.DataFrame) -> int:
-    if pairs.empty:
-        return 1
-    return int(np.bincount(fp.clusters(count, pairs["a"].to_numpy(), pairs["b"].to_numpy())).max())
 
 
 def precision_and_recall(args, names, patients, originals) -> None:

@@ -25,6 +25,8 @@ def test_readme_lists_every_benchmark():
             [
                 r"^crop_mild +1\.000 +1\.000 +1\.000 +0\.9\d\d$",  # recall by kind, every copy found
                 r"RECALL mild envelope .*: 1\.0000",
+                r"^MODALITY radiographs \(grey, full frame\); size as stored$",
+                r"^CLUSTERS largest \d+ after the core check \(\d+ chained before it; \d+ links cut\)$",
                 r"FALSE MERGES at most 0 \[\] = 0\.00 per million",
                 r"SEPARATION planted copies .* distinct patients' pairs p99\.9 0\.[0-7]",
                 r"matching 3,000 images on 2 threads: [\d.]+ s in all",

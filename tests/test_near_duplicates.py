@@ -126,6 +126,15 @@ def test_republished_copies_are_deterministic_and_every_kind_changes_the_image(d
         assert first.shape != pixels.shape or not np.array_equal(first, pixels), kind
     with pytest.raises(ValueError, match="unknown kind of copy 'blur'"):
         republished(pixels, "blur", np.random.default_rng(0))
+    # a colour photograph stays colour under every kind, each deterministic and a change
+    from medfold.demo import render_fundus
+    from medfold.images import is_colour
+
+    photo = render_fundus(np.random.default_rng(0), "left")
+    for kind in KINDS:
+        first = republished(photo, kind, np.random.default_rng(7))
+        assert np.array_equal(first, republished(photo, kind, np.random.default_rng(7))), kind
+        assert is_colour(first) and (first.shape != photo.shape or not np.array_equal(first, photo)), kind
 
 
 KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany_224"

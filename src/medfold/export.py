@@ -94,8 +94,10 @@ def _source(path: Path):
 def _base_model(path: Path, predictor) -> nn.Module | None:
     """The fp32 fold model a variant (``<experiment>/variants/<name>/fold_<k>/model.pt2``) was
     made from, as an inference path like the variant's; None when it is not beside it."""
+    if path.suffix != ".pt2" or len(path.parents) < 4:
+        return None
     base = path.parents[3] / path.parent.name / "model.pt"
-    if path.suffix != ".pt2" or not base.is_file():
+    if not base.is_file():
         return None
     fp32 = load_predictor(base)
     module = InferencePath([m.eval() for m in fp32.modules], fp32.mean, fp32.std, fp32.scale, fp32.tta, fp32.task)
@@ -114,7 +116,7 @@ def export_onnx(source, out_dir, name: str = "model.onnx", check_images: int = 8
     module = InferencePath(modules, predictor.mean, predictor.std, predictor.scale, predictor.tta, predictor.task)
     module.training = False  # its own flag only (an exported graph refuses .eval())
     shape = (predictor.channels, predictor.image_size, predictor.image_size)
-    quantized = method in ("ptq", "qat")
+    quantized = method in ("ptq", "qat")  # static int8: QuantizeLinear / DequantizeLinear pairs
     count = max(2, check_images, INT8_CHECK_IMAGES if quantized else 0)
     example = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (count, *shape), np.uint8))
     out.mkdir(parents=True, exist_ok=True)

@@ -351,12 +351,15 @@ def _band(image: np.ndarray, sigmas: tuple[float, float], field: np.ndarray | No
     if field is None:
         return cv2.GaussianBlur(image, (0, 0), sigmas[0]) - cv2.GaussianBlur(image, (0, 0), sigmas[1])
     weight = field.astype(np.float32)
-    inside = image * weight
+    return (_field_blur(image, weight, sigmas[0]) - _field_blur(image, weight, sigmas[1])) * weight
 
-    def blur(sigma):
-        return cv2.GaussianBlur(inside, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-3)
 
-    return (blur(sigmas[0]) - blur(sigmas[1])) * weight
+def _field_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """The normalised convolution of ``image`` within ``weight`` (a float mask): the Gaussian
+    blur of image x weight over the blur of weight, which the surround does not darken."""
+    import cv2
+
+    return cv2.GaussianBlur(image * weight, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-3)
 
 
 # Where a field of view is compared (fundus photographs, ultrasound), the band is twice as
@@ -534,11 +537,7 @@ def _registered(a: np.ndarray, b: np.ndarray, fields: tuple | None, early: float
 def _filled(image: np.ndarray, field: np.ndarray) -> np.ndarray:
     """``image`` with its surround replaced by a smooth extension of the field (a wide
     normalised blur of the field's content), so that nothing marks where the field ends."""
-    import cv2
-
-    weight = field.astype(np.float32)
-    sigma = THUMB / 12
-    smooth = cv2.GaussianBlur(image * weight, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-3)
+    smooth = _field_blur(image, field.astype(np.float32), THUMB / 12)
     return np.where(field, image, smooth).astype(np.float32)
 
 
@@ -739,8 +738,6 @@ def checked_clusters(
     same image: its pairs to the rest are cut, and the check repeats on what remains. Returns
     the pairs kept and the links cut (a, b, their score, the image that failed and its score
     against the core)."""
-    from . import fingerprint as fp_
-
     kept = accepted.reset_index(drop=True)
     cut = []
     inverse = np.array(inverse_orientations())
@@ -749,7 +746,7 @@ def checked_clusters(
         if kept.empty:
             break
         a, b = kept["a"].to_numpy(), kept["b"].to_numpy()
-        component = fp_.clusters(count, a, b)
+        component = fp.clusters(count, a, b)
         weak: dict[int, tuple[int, float]] = {}  # image -> (its core, score against it)
         for members in pd.Series(np.arange(count)).groupby(component).agg(list):
             if len(members) < 3:
@@ -789,6 +786,13 @@ def checked_clusters(
         kept = kept.loc[~drop].reset_index(drop=True)
     columns = ["a", "b", "score", "image", "core", "score_against_core"]
     return kept, pd.DataFrame(cut, columns=columns)
+
+
+def largest_cluster(count: int, pairs: pd.DataFrame) -> int:
+    """The largest cluster that ``pairs`` (columns a, b) join among ``count`` images (1 when none)."""
+    if pairs.empty:
+        return 1
+    return int(np.bincount(fp.clusters(count, pairs["a"].to_numpy(), pairs["b"].to_numpy())).max())
 
 
 def _linked(pairs: pd.DataFrame, x: int, y: int) -> bool:

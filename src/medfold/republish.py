@@ -200,21 +200,21 @@ STACKABLE = ("crop", "shift", "rescale_aspect", "rotate", "gamma", "contrast", "
 
 def mild(image, rng):
     """Crops up to 5 % with gamma 0.7-1.4, and a re-encode: the recall target's envelope."""
-    return jpeg(gamma_mild(crop_mild(image, rng), rng), rng)
+    return _step("jpeg", _step("gamma_mild", _step("crop_mild", image, rng), rng), rng)
 
 
 def same_frame(image, rng):
     """The same frame exported again: gamma 0.7-1.4 and a re-encode, nothing moved (what a video
     or a second export of one ultrasound frame gives; the 28 px recall target's kind)."""
-    return jpeg(gamma_mild(image, rng), rng)
+    return _step("jpeg", _step("gamma_mild", image, rng), rng)
 
 
 def combined(image, rng):
     """Two to four of the changes in a random order, in a random orientation half the time."""
     chosen = rng.choice(len(STACKABLE), int(rng.integers(2, 5)), replace=False)
     for i in chosen:
-        image = KINDS[STACKABLE[i]](image, rng)
-    return orientation(image, rng) if rng.random() < 0.5 else image
+        image = _step(STACKABLE[i], image, rng)
+    return _step("orientation", image, rng) if rng.random() < 0.5 else image
 
 
 KINDS.update(
@@ -280,29 +280,27 @@ def _per_channel(kind: Callable, image: Image.Image, rng) -> Image.Image:
     return Image.merge("RGB", channels)
 
 
+STACKED = ("mild", "same_frame", "combined")  # kinds made of other kinds' steps
+
+
+def _step(name: str, image: Image.Image, rng) -> Image.Image:
+    """One kind on a grey or a colour image: a grey kind on colour changes each channel alike
+    (a JPEG re-encodes in colour); colour and stacked kinds take the image as it is."""
+    if image.mode != "RGB" or name in COLOUR or name in STACKED:
+        return KINDS[name](image, rng)
+    return colour_jpeg(image, rng) if name == "jpeg" else _per_channel(KINDS[name], image, rng)
+
+
 def republished(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """A copy of ``pixels`` (uint8, grey or RGB) changed as ``kind`` (a key of KINDS) does: grey
     for a grey image, colour for a colour one."""
+    from .images import is_colour
+
     if kind not in KINDS:
         raise ValueError(f"unknown kind of copy {kind!r}; known: {sorted(KINDS)}")
-    colour = pixels.ndim == 3 and pixels.shape[2] == 3 and not (pixels == pixels[..., :1]).all()
-    if not colour:
-        return np.asarray(KINDS[kind](_grey(pixels), rng))
-    image = Image.fromarray(pixels[..., :3])
-    if kind in COLOUR:
-        return np.asarray(KINDS[kind](image, rng))
-    if kind in ("mild", "same_frame", "combined"):  # stacked kinds: each of their steps per channel
-        return np.asarray(_stacked_colour(kind, image, rng))
-    return np.asarray(_per_channel(KINDS[kind], image, rng))
-
-
-def _stacked_colour(kind: str, image: Image.Image, rng) -> Image.Image:
-    if kind == "mild":
-        return colour_jpeg(_per_channel(gamma_mild, _per_channel(crop_mild, image, rng), rng), rng)
-    if kind == "same_frame":
-        return colour_jpeg(_per_channel(gamma_mild, image, rng), rng)
-    chosen = rng.choice(len(STACKABLE), int(rng.integers(2, 5)), replace=False)
-    for i in chosen:
-        name = STACKABLE[i]
-        image = colour_jpeg(image, rng) if name == "jpeg" else _per_channel(KINDS[name], image, rng)
-    return _per_channel(orientation, image, rng) if rng.random() < 0.5 else image
+    image = Image.fromarray(pixels[..., :3]) if is_colour(pixels) else _grey(pixels)
+    if (
+        kind == "jpeg" and image.mode == "RGB"
+    ):  # the kind alone re-encodes each channel as grey (colour_jpeg: in colour)
+        return np.asarray(_per_channel(jpeg, image, rng))
+    return np.asarray(_step(kind, image, rng))

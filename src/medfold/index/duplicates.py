@@ -42,7 +42,7 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
     seconds = time.perf_counter() - start
     found["a"], found["b"] = rows[found["a"]], rows[found["b"]]
     chained = found[found["accepted"]].reset_index(drop=True)
-    largest_chained = _largest(len(table), chained)
+    largest_chained = matching.largest_cluster(len(table), chained)
     pairs, cut = matching.checked_clusters(len(table), chained, signatures, typed)
     component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
     sizes = np.bincount(component)
@@ -131,13 +131,6 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
         "pair_list": listed,
         "closest_rejected": [_pair_record(ids, p) for p in rejected.itertuples(index=False)],
     }
-
-
-def _largest(count: int, pairs: pd.DataFrame) -> int:
-    """The largest cluster that ``pairs`` join (1 when none)."""
-    if pairs.empty:
-        return 1
-    return int(np.bincount(fp.clusters(count, pairs["a"].to_numpy(), pairs["b"].to_numpy())).max())
 
 
 def _text(column: pd.Series) -> np.ndarray:
