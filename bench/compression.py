@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from medfold import prune as pruning
-from medfold import quantize
-from medfold.compress import latency_ms
-from medfold.models import build_model
+from medfold.compression import quantize
+from medfold.compression.compress import latency_ms
+from medfold.training import prune as pruning
+from medfold.training.models import build_model
 
 SIZE, CLASSES, CHANNELS = 224, 14, 1  # NIH ChestX-ray14: 14 findings, grayscale
 
@@ -94,7 +94,7 @@ def bench_model(name: str, repeats: int, big_repeats: int, work: Path, size: int
         error = float((int8_compiled(x32[:8]) - reference).abs().max() / reference.abs().max())
 
     pruned = build_model(name, CHANNELS, CLASSES, init_seed=0)
-    pruner = pruning.Pruner(pruned, pruning.Schedule(0.7, 0.7, 0, 1), "global")
+    pruner = pruning.Pruner(pruned, pruning.SparsitySchedule(0.7, 0.7, 0, 1), "global")
     pruner.update(1.0)
     pruner.make_permanent()
     dense_path = work / f"{name}_pruned_dense.pt"
@@ -151,7 +151,7 @@ def main() -> None:
     if args.quick:
         args.models, args.size, args.repeats, args.big_repeats = ["resnet18"], 64, 3, 1
         args.engines = True  # the suite runs every path the bench has
-    from medfold.hardware import describe
+    from medfold.core.hardware import describe
 
     print(f"host: {describe()}  (the int8 figures hold for this ISA)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,9 +32,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from medfold.cache import build_cache, open_cache
-from medfold.demo import Anatomy, render_radiograph
-from medfold.transforms import AugmentConfig, CachedBatches, augment_batch, normalize
+from medfold.data.cache import build_cache, open_cache
+from medfold.data.demo import Anatomy, render_radiograph
+from medfold.settings.training import AugmentConfig
+from medfold.training.transforms import CachedBatches, augment_batch, normalize
 
 SIZE, BATCH = 224, 32
 NIH_IMAGES = 112_120
@@ -159,7 +160,7 @@ def nih_scale(args) -> None:
     sizes = (64, 128) if args.quick else (224, 512)
     batches = 20 if args.quick else args.batches
     batch = 64
-    from medfold.hardware import describe
+    from medfold.core.hardware import describe
 
     print(f"host: {describe()}")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -204,7 +205,7 @@ def main() -> None:
         return
     if args.quick:
         args.images = 32
-    from medfold.hardware import describe
+    from medfold.core.hardware import describe
 
     print(f"host: {describe()}")
     torch.set_num_threads(2)

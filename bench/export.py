@@ -1,8 +1,8 @@
-"""The exported ONNX fold ensemble (medfold.export) under onnxruntime on the CPU, against the
+"""The exported ONNX fold ensemble (medfold.deploy.export) under onnxruntime on the CPU, against the
 PyTorch fold ensemble medfold predict runs (eager, fp32, the same normalisation and averaging),
 in the same run: latency at batch 1 and images/s at batch 32, and their ratio.
 
-Both sides get the same uint8 batch, the same threads; PyTorch's side is medfold.predict's
+Both sides get the same uint8 batch, the same threads; PyTorch's side is medfold.deploy.predict's
 Predictor (input() then probabilities()), onnxruntime's one InferenceSession.run on the file.
 
 Run: .venv/bin/python bench/export.py              (ResNet18 and DenseNet121 at 224 px, 5 folds)
@@ -23,10 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # also where medfold is not installed
 
-from medfold.export import InferencePath, parity, session, write_onnx  # noqa: E402
-from medfold.hardware import describe  # noqa: E402
-from medfold.models import build_model  # noqa: E402
-from medfold.predict import Predictor  # noqa: E402
+from medfold.core.hardware import describe  # noqa: E402
+from medfold.deploy.export import InferencePath, parity, write_onnx  # noqa: E402
+from medfold.deploy.predict import (
+    Predictor,  # noqa: E402
+    session,
+)
+from medfold.training.models import build_model  # noqa: E402
 
 CLASSES = 14
 

@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medfold.index import build_index
-from medfold.settings import deep_merge, schema_defaults
-from medfold.split import iterative_stratification, label_matrix, make_splits
+from medfold.data.index.build import build_index
+from medfold.data.index.labels import label_matrix
+from medfold.settings.sections import deep_merge, schema_defaults
+from medfold.split import iterative_stratification, make_splits
 
 CACHE = Path(__file__).parent / ".cache"
 WHEEL_VERSION = "1.5.7"
@@ -140,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a generated 3,000-image table instead of NIH's")
     args = parser.parse_args()
-    from medfold.hardware import describe
+    from medfold.core.hardware import describe
 
     print(f"host: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Images per second of indexing (medfold.index.check_images: decode, content hash, fingerprint,
+"""Images per second of indexing (medfold.data.index.check_images: decode, content hash, fingerprint,
 near-duplicate signature) against a plain PIL decode of the same files with the same number of
 threads, measured in one run (medfold decodes 8-bit grey and RGB PNGs with OpenCV's libpng and
 JPEGs with simplejpeg, to PIL's pixels), on two kinds of file: 224 px JPEGs (the Kermany collection as
@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medfold.cache import build_cache
-from medfold.demo import _patient_anatomy, render_radiograph
-from medfold.hardware import describe
-from medfold.images import decode
-from medfold.index import check_images
+from medfold.core.hardware import describe
+from medfold.data.cache import build_cache
+from medfold.data.demo import _patient_anatomy, render_radiograph
+from medfold.data.images import decode
+from medfold.data.index.build import check_images
 
 TARGET = 0.7
 

@@ -3,7 +3,7 @@ photographs, ...): recall on re-published copies of its images by kind of change
 among distinct patients, the two score distributions' separation, the largest cluster, and the
 time at NIH ChestX-ray14 size (112,120 images) on this machine's cores.
 
-1. Recall: ``--copies`` copies of random images per kind of medfold.republish (crop, shift,
+1. Recall: ``--copies`` copies of random images per kind of medfold.data.republish (crop, shift,
    rescale with and without the aspect, rotation, gamma, contrast, equalisation, JPEG, border,
    burned-in text and arrows, another orientation, the ``mild`` envelope the defaults are held
    to, and ``combined``: several at once), each added under a patient of its own; a copy is
@@ -52,11 +52,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medfold import fingerprint as fp
-from medfold import matching
-from medfold.hardware import describe
-from medfold.images import content_hash, is_colour, signatures
-from medfold.republish import KINDS, republished, small
+from medfold.core.hardware import describe
+from medfold.data import fingerprint as fp
+from medfold.data import matching
+from medfold.data.images import content_hash, is_colour, signatures
+from medfold.data.republish import KINDS, republished, small
 
 KERMANY_PATIENT = r"^(?P<patient>person\d+|(?:NORMAL2-)?IM-\d+)"
 NIH_IMAGES = 112_120
@@ -95,7 +95,7 @@ def load_real(root: Path, regex: str, limit: int | None) -> tuple[list[str], lis
 
 
 def demo_images(patients: int) -> tuple[list[str], list[str], list[np.ndarray]]:
-    from medfold.demo import generate_cxr14
+    from medfold.data.demo import generate_cxr14
 
     out = Path(tempfile.mkdtemp(prefix="medfold-bench-"))
     table = pd.read_csv(generate_cxr14(out, patients, seed=1), dtype=str)

@@ -25,12 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 from snakemake.utils import validate  # noqa: E402
 
-from medfold.cache import build_cache  # noqa: E402
-from medfold.demo import generate_cxr14  # noqa: E402
-from medfold.hardware import describe  # noqa: E402
-from medfold.index import build_index, write_index  # noqa: E402
+from medfold.core.hardware import describe  # noqa: E402
+from medfold.data.cache import build_cache  # noqa: E402
+from medfold.data.demo import generate_cxr14  # noqa: E402
+from medfold.data.index.build import build_index  # noqa: E402
+from medfold.data.index.io import write_index  # noqa: E402
 from medfold.split import make_splits  # noqa: E402
-from medfold.train import run_fold  # noqa: E402
+from medfold.training.train import run_fold  # noqa: E402
 
 SWITCHES = {
     "plain": {},

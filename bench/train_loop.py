@@ -33,11 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # also where medfold is not installed
 
-from medfold.fold import Criterion, Runner  # noqa: E402
-from medfold.hardware import describe  # noqa: E402
-from medfold.loop import OptimizerOptions, make_optimizer, seed_epoch, train_epoch  # noqa: E402
-from medfold.models import build_model  # noqa: E402
-from medfold.transforms import AugmentConfig, CachedBatches, normalize  # noqa: E402
+from medfold.core.hardware import describe  # noqa: E402
+from medfold.settings.training import (
+    AugmentConfig,  # noqa: E402
+    OptimizerOptions,  # noqa: E402
+)
+from medfold.training.fold import Criterion, Runner  # noqa: E402
+from medfold.training.loop import make_optimizer, seed_epoch, train_epoch
+from medfold.training.models import build_model  # noqa: E402
+from medfold.training.transforms import CachedBatches, normalize
 
 CLASSES = 14
 

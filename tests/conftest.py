@@ -37,7 +37,7 @@ def merge(into: dict, extra: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    from medfold.demo import generate_demo
+    from medfold.data.demo import generate_demo
 
     out = tmp_path_factory.mktemp("demo")
     generate_demo(out, cxr14_patients=150, folder_patients=90, seed=0)
@@ -58,8 +58,9 @@ def csv_dataset(demo_dir: Path, **overrides) -> dict:
 
 def prepare_demo(root: Path, demo_dir: Path, size: int = 64) -> Path:
     """The demo's index, split and ``size`` px cache under ``root``, built with the library."""
-    from medfold.cache import build_cache
-    from medfold.index import build_index, write_index
+    from medfold.data.cache import build_cache
+    from medfold.data.index.build import build_index
+    from medfold.data.index.io import write_index
     from medfold.split import make_splits
 
     table, report = build_index(csv_dataset(demo_dir), threads=2)
@@ -151,12 +152,12 @@ def seed_data_stages(source: Path, work: Path, dataset: str = "results/demo_cxr1
 
 
 def train_command(settings_file: Path, prepared: Path, fold: int, out: Path, threads: int = 2) -> list[str]:
-    """``python -m medfold.train`` for one fold of a prepared demo (index, splits, cache), as a
+    """``python -m medfold.training.train`` for one fold of a prepared demo (index, splits, cache), as a
     launcher or a resumed job would start it."""
     return [
         sys.executable,
         "-m",
-        "medfold.train",
+        "medfold.training.train",
         "--settings",
         str(settings_file),
         "--index",
@@ -248,7 +249,7 @@ def trained_workflow(tmp_path_factory) -> Path:
 
 
 def planted_label_errors(demo_dir: Path) -> set[str]:
-    """The demo's films whose listed labels the film contradicts (medfold.demo._flip_labels)."""
+    """The demo's films whose listed labels the film contradicts (medfold.data.demo._flip_labels)."""
     import pandas as pd
 
     return set(pd.read_csv(demo_dir / "cxr14" / "planted_label_errors.csv")["image"])
@@ -256,13 +257,14 @@ def planted_label_errors(demo_dir: Path) -> set[str]:
 
 def visible_test_metrics(predictions_path: Path, demo_dir: Path, classes: list[str]) -> dict:
     """The test-set metrics of a demo fold model on the images whose findings the demo draws
-    visibly (patients under medfold.demo.WEAK_SUBGROUP_AGE; older ones are its planted weaker
+    visibly (patients under medfold.data.demo.WEAK_SUBGROUP_AGE; older ones are its planted weaker
     subgroup, where findings are faint or unseen) and whose labels say what the film shows (the
     demo's planted label errors left out)."""
     import pandas as pd
 
-    from medfold.demo import WEAK_SUBGROUP_AGE
-    from medfold.metrics import evaluate, targets_for
+    from medfold.data.demo import WEAK_SUBGROUP_AGE
+    from medfold.data.index.labels import targets_for
+    from medfold.evaluation.metrics import evaluate
 
     table = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv").drop_duplicates("Image Index")
     ages = table.set_index("Image Index")["Patient Age"]

@@ -10,22 +10,21 @@ from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from medfold.clinical import (
+from medfold.data.dicom import number_or_age
+from medfold.evaluation.clinical.comparison import compare_pair
+from medfold.evaluation.clinical.operating import per_patient, threshold_for
+from medfold.evaluation.clinical.stats import (
     PatientBootstrap,
     apply_temperature,
-    compare_pair,
     delong,
     delong_variance,
     fit_temperature,
     interval,
-    per_patient,
     reliability,
-    subgroup_of,
-    threshold_for,
     weighted_auroc,
     weighted_rates,
 )
-from medfold.dicom import number_or_age
+from medfold.evaluation.clinical.subgroups import subgroup_of
 
 
 def test_weighted_auroc_equals_sklearn_with_sample_weights_ties_included():

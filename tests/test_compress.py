@@ -13,17 +13,17 @@ import pytest
 import torch
 from conftest import planned, run_snakemake, workflow_dir
 
-from medfold import prune as pruning
-from medfold import quantize
-from medfold.errors import ConfigError, DataError
-from medfold.models import build_model
+from medfold.compression import quantize
+from medfold.core.errors import ConfigError, DataError
+from medfold.training import prune as pruning
+from medfold.training.models import build_model
 
 DS = "results/demo_cxr14"
 
 
 # ----------------------------------------------------------------------------- pruning
 def test_schedule_follows_zhu_and_gupta():
-    s = pruning.Schedule(0.1, 0.7, 0.5, 2.0, 3)
+    s = pruning.SparsitySchedule(0.1, 0.7, 0.5, 2.0, 3)
     assert s.at(0.0) == 0.0 and s.at(0.49) == 0.0
     assert s.at(0.5) == pytest.approx(0.1)
     assert s.at(1.25) == pytest.approx(0.7 + (0.1 - 0.7) * 0.5**3)
@@ -31,9 +31,9 @@ def test_schedule_follows_zhu_and_gupta():
     grid = [s.at(t) for t in np.linspace(0.5, 2.0, 31)]
     assert all(b >= a for a, b in zip(grid, grid[1:]))
     with pytest.raises(ConfigError, match="initial_sparsity"):
-        pruning.Schedule(0.8, 0.5, 0, 1)
+        pruning.SparsitySchedule(0.8, 0.5, 0, 1)
     with pytest.raises(ConfigError, match="start_epoch"):
-        pruning.Schedule(0.1, 0.5, 3, 1)
+        pruning.SparsitySchedule(0.1, 0.5, 3, 1)
 
 
 def _conv_weights(model):
@@ -43,7 +43,7 @@ def _conv_weights(model):
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_pruner_reaches_the_scheduled_sparsity_at_each_update_and_the_final_exactly(scope):
     model = build_model("lenet_wide", 1, 3, init_seed=1)
-    schedule = pruning.Schedule(0.1, 0.7, 0.5, 2.0)
+    schedule = pruning.SparsitySchedule(0.1, 0.7, 0.5, 2.0)
     pruner = pruning.Pruner(model, schedule, scope)
     sizes = {n: m.weight.numel() for n, m in _conv_weights(model).items()}
     total = sum(sizes.values())
@@ -68,7 +68,7 @@ def test_pruner_reaches_the_scheduled_sparsity_at_each_update_and_the_final_exac
 def test_adaptive_scope_gives_each_layer_its_target_by_output_channels():
     model = build_model("lenet_wide", 1, 3, init_seed=1)
     targets = [[16, 0.2], [64, 0.5], [128, 0.8]]
-    pruner = pruning.Pruner(model, pruning.Schedule(0.1, 0.9, 0, 1), "adaptive", adaptive_targets=targets)
+    pruner = pruning.Pruner(model, pruning.SparsitySchedule(0.1, 0.9, 0, 1), "adaptive", adaptive_targets=targets)
     pruner.update(1.0)
     for name, m in _conv_weights(model).items():
         expected = pruning.adaptive_target(m.weight.shape[0], targets)
@@ -80,7 +80,7 @@ def test_adaptive_scope_gives_each_layer_its_target_by_output_channels():
 def test_pruned_weights_stay_zero_through_fine_tuning():
     torch.manual_seed(0)
     model = build_model("lenet", 1, 2, init_seed=0)
-    pruner = pruning.Pruner(model, pruning.Schedule(0.3, 0.6, 0, 2), "global")
+    pruner = pruning.Pruner(model, pruning.SparsitySchedule(0.3, 0.6, 0, 2), "global")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 2, (16,))
     pruner.update(0.0)
@@ -100,7 +100,7 @@ def test_pruned_weights_stay_zero_through_fine_tuning():
 
 def test_bitmask_format_round_trips_and_beats_dense_and_torch_sparse_at_70_percent(tmp_path):
     model = build_model("resnet18", 3, 4, init_seed=0)
-    pruner = pruning.Pruner(model, pruning.Schedule(0.7, 0.7, 0, 1), "global")
+    pruner = pruning.Pruner(model, pruning.SparsitySchedule(0.7, 0.7, 0, 1), "global")
     pruner.update(1.0)
     pruner.make_permanent()
     state = model.state_dict()
@@ -213,9 +213,9 @@ def test_a_saved_int8_model_predicts_the_same_in_a_fresh_process(trained_workflo
     script = f"""
 import json, numpy as np, pandas as pd, torch
 torch.set_num_threads({threads})  # as the job ran
-from medfold.quantize import load_artifact, compiled
-from medfold.compress import FixedBatch
-from medfold.train import FoldData, Runner
+from medfold.compression.quantize import load_artifact, compiled
+from medfold.compression.quantize import FixedBatch
+from medfold.training.fold import FoldData, Runner
 data = FoldData("{trained_workflow / DS / "index.parquet"}", "{trained_workflow / DS / "splits.parquet"}",
                 "{trained_workflow / DS / "cache" / "64"}", 0)
 model, meta = load_artifact("{fold_dir / "model.pt2"}")
@@ -273,8 +273,8 @@ def test_bad_variant_config_stops_before_any_job(tmp_path, overrides, message):
 
 def test_conv_only_quantization_leaves_the_linear_layers_float():
     """The thesis's conv-only scope: int8 weights for the convolutions, float for the dense head."""
-    from medfold import quantize
-    from medfold.models import build_model
+    from medfold.compression import quantize
+    from medfold.training.models import build_model
 
     model = build_model("lenet", 1, 4, init_seed=0).eval()
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())

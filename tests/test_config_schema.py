@@ -5,7 +5,7 @@ import yaml
 from conftest import REPO, SCHEMA, resolved_config
 from snakemake.exceptions import WorkflowError
 
-from medfold.schema_doc import schema_keys, update
+from medfold.settings.schema_doc import schema_keys, update
 
 
 def test_every_key_has_a_description_and_a_default():
@@ -18,7 +18,7 @@ def test_config_readme_documents_the_current_schema(tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "config" / "README.md", readme)
     assert not update(SCHEMA, readme), (
-        "config/README.md is stale: run python -m medfold.schema_doc "
+        "config/README.md is stale: run python -m medfold.settings.schema_doc "
         "workflow/schemas/config.schema.yaml config/README.md"
     )
     text = readme.read_text()

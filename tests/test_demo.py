@@ -6,12 +6,12 @@ from collections import Counter
 
 from PIL import Image
 
-from medfold.demo import generate_demo, tree_digest
+from medfold.data.demo import generate_demo, tree_digest
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path, demo_dir):
     # in another process with another hash seed: set ordering must not leak into the data
-    code = f"from medfold.demo import generate_demo; generate_demo({str(tmp_path / 'again')!r}, seed=0)"
+    code = f"from medfold.data.demo import generate_demo; generate_demo({str(tmp_path / 'again')!r}, seed=0)"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
     generate_demo(tmp_path / "other", seed=1)
     assert tree_digest(tmp_path / "again") == tree_digest(demo_dir)

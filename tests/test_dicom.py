@@ -8,9 +8,9 @@ import pytest
 from conftest import folder_dataset
 from PIL import Image
 
-from medfold.dicom import read_dicom
-from medfold.images import check_image, decode, pixels_to_uint8
-from medfold.index import build_index
+from medfold.data.dicom import read_dicom
+from medfold.data.images import check_image, decode, pixels_to_uint8
+from medfold.data.index.build import build_index
 from medfold.split import make_splits
 
 pydicom = pytest.importorskip("pydicom")
@@ -154,8 +154,8 @@ def test_png_high_bit_depth_is_scaled_by_the_bits_used_and_exif_orientation_appl
 def test_dicom_header_fields_go_into_the_index_for_filters_and_subgroups_and_identifiers_never(tmp_path):
     import pyarrow.parquet as pq
 
-    from medfold.errors import ConfigError
-    from medfold.index import write_index
+    from medfold.core.errors import ConfigError
+    from medfold.data.index.io import write_index
 
     rng = np.random.default_rng(1)
     views = ["PA", "AP", "LL"]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import REPO, resolved_config
 
-from medfold.distributed import first_host, launch_command
-from medfold.errors import ConfigError
-from medfold.models import build_model
-from medfold.settings import experiment_settings, train_resources
-from medfold.train import train_fold_job
+from medfold.core.errors import ConfigError
+from medfold.study.resolve import experiment_settings, train_resources
+from medfold.training.distributed import first_host, launch_command
+from medfold.training.models import build_model
+from medfold.training.train import train_fold_job
 
 DS = "results/demo_cxr14"
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
@@ -170,8 +170,8 @@ def test_nodes_that_cannot_share_the_processes_evenly_are_refused(parallel, mess
 
 
 def test_nodes_without_slurm_are_refused_with_what_to_do(tmp_path, monkeypatch):
-    from medfold.distributed import launch
+    from medfold.training.distributed import launch
 
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's srun
     with pytest.raises(ConfigError, match=r"2 ddp processes on 2 node\(s\) are started with Slurm's srun"):
-        launch("ddp", 2, "auto", 0, ["medfold.train", "job.json"], nodes=2)
+        launch("ddp", 2, "auto", 0, ["medfold.training.train", "job.json"], nodes=2)

@@ -9,9 +9,9 @@ import pytest
 from conftest import planted_label_errors, prepare_demo, resolved_config, visible_test_metrics
 from PIL import Image
 
-from medfold.demo import WEAK_SUBGROUP_AGE, _patient_anatomy, render_radiograph
+from medfold.data.demo import WEAK_SUBGROUP_AGE, _patient_anatomy, render_radiograph
 from medfold.explain import choose_images, explain_fold, signal_ratio, superpixels
-from medfold.train import run_fold
+from medfold.training.train import run_fold
 
 FOLD = 0
 

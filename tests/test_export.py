@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medfold.export import export_onnx, read_metadata, session
-from medfold.index import read_index
+from medfold.data.index.io import read_index
+from medfold.deploy.export import export_onnx
+from medfold.deploy.predict import read_metadata, session
 
 DS = "demo_cxr14"
 MEDFOLD = str(Path(sys.executable).parent / "medfold")
@@ -109,8 +110,8 @@ def test_an_int8_export_is_held_to_pytorch_and_the_fp32_model_on_any_isa_and_a_b
     import onnx
     from onnx import numpy_helper
 
-    from medfold.errors import MedfoldError
-    from medfold.export import INT8_PARITY, InferencePath, _base_model, _source, int8_check
+    from medfold.core.errors import MedfoldError
+    from medfold.deploy.export import INT8_PARITY, InferencePath, _base_model, _source, int8_check
 
     work, index, cache, rows = demo
     source = work / "results" / DS / "batchnorm" / "variants" / "int8" / "fold_2" / "model.pt2"
@@ -201,10 +202,10 @@ def test_flip_tta_image_max_scaling_and_qat_models_are_carried_into_the_file(tta
     medfold predict's Predictor computes them (within the export's 1e-4)."""
     import torch
 
-    from medfold import fakequant
-    from medfold.export import InferencePath, parity, write_onnx
-    from medfold.models import build_model
-    from medfold.predict import Predictor
+    from medfold.deploy.export import InferencePath, parity, write_onnx
+    from medfold.deploy.predict import Predictor
+    from medfold.training import fakequant
+    from medfold.training.models import build_model
 
     models = [build_model("lenet", 1, 3, init_seed=k).eval() for k in range(2)]
     images = np.random.default_rng(0).integers(0, 200, (6, 1, 32, 32), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""External validation on the demo's second site (medfold.demo.generate_external_site: other
+"""External validation on the demo's second site (medfold.data.demo.generate_external_site: other
 patients, a scanner's intensity response, two of the training films planted under new patient
 IDs): the copies are found before any prediction and left out (or stop the run), the frozen
 ensemble's metrics, calibration drift and threshold shift are reported beside the internal test
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from conftest import resolved_config
 
-from medfold.errors import ConfigError, DataError
-from medfold.index import read_index
+from medfold.core.errors import ConfigError, DataError
+from medfold.data.index.io import read_index
 
 DS = "demo_cxr14"
 
@@ -78,11 +78,11 @@ def test_metrics_drift_and_thresholds_are_reported_beside_the_internal_test_set(
 
 
 def test_on_copy_stop_names_the_copies_and_writes_no_predictions(site, tmp_path):
-    from medfold.external import ExternalOutputs, validate
+    from medfold.deploy.external import ExternalOutputs, validate
 
     work, out, _ = site
     config = json.loads(json.dumps(resolved_config()))
-    from medfold.settings import external_settings
+    from medfold.study.resolve import external_settings
 
     settings = external_settings(config, "site_b", "workflow/schemas/config.schema.yaml", ["batchnorm"])
     settings["on_copy"] = "stop"
@@ -107,7 +107,7 @@ def test_on_copy_stop_names_the_copies_and_writes_no_predictions(site, tmp_path)
 
 
 def test_external_settings_are_checked_before_any_job():
-    from medfold.settings import external_settings
+    from medfold.study.resolve import external_settings
 
     schema = "workflow/schemas/config.schema.yaml"
     config = resolved_config()
@@ -129,7 +129,7 @@ def test_external_settings_are_checked_before_any_job():
 def test_recalibration_fitted_on_a_patient_share_improves_calibration_on_the_rest(method):
     """A model three times over-confident and biased: each method, fitted on 40 % of the
     patients, lowers the expected calibration error on the other 60 %."""
-    from medfold.external import recalibration
+    from medfold.deploy.external import recalibration
 
     rng = np.random.default_rng(1)
     n = 3000

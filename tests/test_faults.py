@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import planned, prepare_demo, resolved_config, run_snakemake, snakemake_command, workflow_dir
 
-from medfold.errors import DataError
+from medfold.core.errors import DataError
 
 DS = "demo_cxr14"
 # the smallest workflow that still has every stage: 2 folds, 2 epochs at 32 px, a bf16 variant
@@ -226,8 +226,8 @@ def prepared(tmp_path_factory, demo_dir) -> Path:
 
 
 def test_a_truncated_or_altered_cache_is_refused_and_a_rebuild_is_accepted(prepared, tmp_path):
-    from medfold.cache import build_cache, open_cache
-    from medfold.index import read_index
+    from medfold.data.cache import build_cache, open_cache
+    from medfold.data.index.io import read_index
 
     index, _ = read_index(prepared / "index.parquet")
     cache = tmp_path / "cache"
@@ -247,7 +247,8 @@ def test_a_truncated_or_altered_cache_is_refused_and_a_rebuild_is_accepted(prepa
 
 
 def test_an_unreadable_checkpoint_is_set_aside_and_the_fold_trains_from_the_start(prepared, tmp_path):
-    from medfold.train import CHECKPOINT, run_fold
+    from medfold.training.fold import CHECKPOINT
+    from medfold.training.train import run_fold
 
     training = resolved_config(
         {
@@ -298,8 +299,8 @@ def _fill(disk: Path, leave_kb: int) -> Path:
 
 
 def test_a_full_disk_while_caching_is_named_and_a_rerun_after_freeing_space_completes(prepared, tmp_path):
-    from medfold.cache import build_cache, open_cache
-    from medfold.index import read_index
+    from medfold.data.cache import build_cache, open_cache
+    from medfold.data.index.io import read_index
 
     index, _ = read_index(prepared / "index.parquet")
     with small_disk(tmp_path / "disk", 4096) as disk:
@@ -314,7 +315,7 @@ def test_a_full_disk_while_caching_is_named_and_a_rerun_after_freeing_space_comp
 
 
 def test_a_full_disk_while_training_is_named_and_a_rerun_after_freeing_space_completes(prepared, tmp_path):
-    from medfold.train import run_fold
+    from medfold.training.train import run_fold
 
     training = resolved_config(
         {

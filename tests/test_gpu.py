@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import prepare_demo, resolved_config, train_command
 
-from medfold.fold import FoldData, Runner, load_model
-from medfold.quantize import reduced_precision
-from medfold.train import run_fold
+from medfold.compression.quantize import reduced_precision
+from medfold.training.fold import FoldData, Runner, load_model
+from medfold.training.train import run_fold
 
 pytestmark = [
     pytest.mark.gpu,

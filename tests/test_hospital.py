@@ -1,4 +1,4 @@
-"""The demo's hospital export (medfold.demo.generate_dicom) through the real workflow, once: a
+"""The demo's hospital export (medfold.data.demo.generate_dicom) through the real workflow, once: a
 PACS export of compressed DICOM named by record number, split by PatientID, evaluated by scanner,
 view, sex and age, and nothing that identifies a patient in any output meant to be shared."""
 
@@ -14,11 +14,11 @@ import pytest
 import yaml
 from conftest import REPO, run_snakemake, workflow_dir
 
-from medfold.demo import HARD_SCANNER
+from medfold.data.demo import HARD_SCANNER
 
 pytestmark = pytest.mark.workflow
 DS = "results/demo_dicom"
-# files that keep raw IDs for the workflow itself (medfold.privacy), and the key
+# files that keep raw IDs for the workflow itself (medfold.core.privacy), and the key
 PRIVATE = {"index.parquet", "splits.parquet", "privacy.key"}
 
 

@@ -8,9 +8,12 @@ import yaml
 from conftest import REPO, csv_dataset, folder_dataset, resolved_config
 from PIL import Image
 
-from medfold.errors import ConfigError
-from medfold.images import check_image, pixels_to_uint8
-from medfold.index import INDEX_SCHEMA, build_index, patient_from_name, read_index, write_index
+from medfold.core.errors import ConfigError
+from medfold.data.images import check_image, pixels_to_uint8
+from medfold.data.index._constants import INDEX_SCHEMA
+from medfold.data.index.build import build_index
+from medfold.data.index.io import read_index, write_index
+from medfold.data.index.patients import patient_from_name
 
 
 def test_csv_adapter_indexes_every_row_with_patients_and_multilabels(demo_dir):
@@ -353,7 +356,7 @@ def _decodes_as_pil_does(path) -> None:
     """medfold's decode gives PIL's own pixels and mode (EXIF turn applied) for ``path``."""
     from PIL import Image, ImageOps
 
-    from medfold.images import decode, pixels_to_uint8
+    from medfold.data.images import decode, pixels_to_uint8
 
     with Image.open(path) as image:
         image.load()
@@ -365,7 +368,7 @@ def _decodes_as_pil_does(path) -> None:
 def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
     from PIL import Image
 
-    from medfold.images import _png_by_opencv
+    from medfold.data.images import _png_by_opencv
 
     rng = np.random.default_rng(3)
     grey = rng.integers(0, 256, (61, 47), dtype=np.uint8)
@@ -401,7 +404,7 @@ def test_pngs_decoded_by_opencv_are_the_pixels_pil_gives_and_bad_ones_keep_their
 def test_jpegs_decoded_by_simplejpeg_are_the_pixels_pil_gives_and_bad_ones_keep_their_reason(tmp_path):
     from PIL import Image
 
-    from medfold.images import _jpeg_by_simplejpeg, decode
+    from medfold.data.images import _jpeg_by_simplejpeg, decode
 
     rng = np.random.default_rng(4)
     yy, xx = np.mgrid[0:83, 0:67]
@@ -471,8 +474,8 @@ def test_a_grey_film_stored_as_rgb_has_the_hash_and_signatures_of_the_film_store
 
 
 def test_signature_shortcuts_compute_what_numpy_computes():
-    from medfold.fingerprint import BORDER_STD, _flat
-    from medfold.matching import _fifth_percentile
+    from medfold.data.fingerprint import BORDER_STD, _flat
+    from medfold.data.matching import _fifth_percentile
 
     rng = np.random.default_rng(8)
     for n in (1, 2, 3, 20, 21, 256, 257):
@@ -487,7 +490,7 @@ def test_signature_shortcuts_compute_what_numpy_computes():
 
 
 def test_images_checked_in_worker_processes_give_what_one_process_gives(demo_dir):
-    from medfold.index import PROCESS_MIN_IMAGES, check_images
+    from medfold.data.index.build import PROCESS_MIN_IMAGES, check_images
 
     paths = sorted(str(p) for p in (demo_dir / "cxr14" / "images").glob("*.png"))
     assert len(paths) >= PROCESS_MIN_IMAGES  # the forked path is taken

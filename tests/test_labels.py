@@ -1,4 +1,4 @@
-"""The label audit (medfold.labels, confident learning on out-of-fold predictions) and the way a
+"""The label audit (medfold.evaluation.labels, confident learning on out-of-fold predictions) and the way a
 user acts on it (dataset.exclude_images)."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from conftest import csv_dataset
 
-from medfold.errors import ConfigError
-from medfold.labels import confident_learning, label_issues
+from medfold.core.errors import ConfigError
+from medfold.evaluation.labels import confident_learning, label_issues
 
 
 def test_confident_learning_by_hand():
@@ -61,8 +61,8 @@ def test_planted_flips_are_found_at_the_top_with_few_false_alarms():
 
 
 def test_exclude_images_leaves_listed_images_out_by_raw_id_or_pseudonym(tmp_path, demo_dir):
-    from medfold.index import build_index
-    from medfold.privacy import Pseudonyms
+    from medfold.core.privacy import Pseudonyms
+    from medfold.data.index.build import build_index
 
     pseudonyms = Pseudonyms(b"k" * 32)
     full, _ = build_index(csv_dataset(demo_dir), threads=2, pseudonyms=pseudonyms)
@@ -90,7 +90,7 @@ def test_the_demos_planted_label_errors_lead_the_audit(trained_workflow):
     batchnorm's audit: confident learning's default cut flags about half of those in
     cross-validation (0.48 measured, 17 % of what it flags; 0.85 and 37 % after the full demo's
     training), their median rank is in the top 7 % of the list, and all lie in its top 15 %."""
-    from medfold.index import read_index
+    from medfold.data.index.io import read_index
 
     res = trained_workflow / "results" / "demo_cxr14"
     index, _ = read_index(res / "index.parquet")

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medfold.aggregate import bootstrap_intervals, compare_experiments, summary_table, weighted_balanced
-from medfold.metrics import evaluate, youden_threshold
+from medfold.evaluation.aggregate import bootstrap_intervals, compare_experiments, summary_table, weighted_balanced
+from medfold.evaluation.metrics import evaluate, youden_threshold
 
 
 def test_binary_auroc_threshold_and_confusion_by_hand():
@@ -99,7 +99,7 @@ def test_summary_has_quartiles_and_compare_marks_best_on_validation(tmp_path):
 @pytest.mark.parametrize("task,k", [("multilabel", 4), ("multiclass", 3), ("binary", 2)])
 def test_an_epochs_scores_equal_the_full_evaluation(task, k):
     """What each epoch logs and early stopping watches is ``evaluate``'s numbers, computed lighter."""
-    from medfold.metrics import epoch_scores, evaluate
+    from medfold.evaluation.metrics import epoch_scores, evaluate
 
     rng = np.random.default_rng(k)
     classes = ["a", "b", "c", "d"][:k]

@@ -6,9 +6,16 @@ import pytest
 import torch
 from conftest import resolved_config
 
-from medfold.errors import ConfigError
-from medfold.models import build_model, classifier, feature_blocks, last_conv_block, main_and_aux, set_trainable
-from medfold.settings import experiment_settings
+from medfold.core.errors import ConfigError
+from medfold.study.resolve import experiment_settings
+from medfold.training.models import (
+    build_model,
+    classifier,
+    feature_blocks,
+    last_conv_block,
+    main_and_aux,
+    set_trainable,
+)
 
 # one per family, at the smallest input each accepts (ViT and MaxViT fix their input size)
 FAMILIES = [

@@ -11,9 +11,9 @@ import pytest
 from conftest import csv_dataset, folder_dataset, resolved_config
 from PIL import Image
 
-from medfold import fingerprint as fp
-from medfold.errors import ConfigError, LeakageError
-from medfold.index import build_index
+from medfold.core.errors import ConfigError, LeakageError
+from medfold.data import fingerprint as fp
+from medfold.data.index.build import build_index
 from medfold.split import check_split, make_splits
 
 
@@ -63,8 +63,8 @@ def test_every_planted_copy_is_found_and_no_distinct_radiographs_are_merged(demo
 
 
 def test_the_8_orientations_agree_for_pixels_fingerprint_and_descriptor(demo_dir):
-    from medfold import matching
-    from medfold.images import pixels_to_uint8
+    from medfold.data import matching
+    from medfold.data.images import pixels_to_uint8
 
     pixels = pixels_to_uint8(Image.open(demo_dir / "cxr14" / "images" / "00000003_000.png"))
     grey = fp.trimmed_grey(pixels)
@@ -86,8 +86,8 @@ def test_the_8_orientations_agree_for_pixels_fingerprint_and_descriptor(demo_dir
 
 
 def _copies_of(demo_dir, kind: str, count: int, seed: int):
-    from medfold.images import pixels_to_uint8
-    from medfold.republish import republished
+    from medfold.data.images import pixels_to_uint8
+    from medfold.data.republish import republished
 
     rng = np.random.default_rng(seed)
     names = sorted(p.name for p in (demo_dir / "cxr14" / "images").glob("000000[0-9][0-9]_00[0-2].png"))
@@ -105,7 +105,7 @@ def _copies_of(demo_dir, kind: str, count: int, seed: int):
 def test_a_republished_copy_is_registered_and_scores_above_the_threshold(demo_dir, kind, least):
     """Recall by kind of change on the demo's radiographs (the real-image figures are
     bench/near_duplicates.py --real's): of 10 copies, at least ``least`` verify."""
-    from medfold import matching
+    from medfold.data import matching
 
     min_score = matching.MatchSettings().min_score
     scores = []
@@ -116,7 +116,7 @@ def test_a_republished_copy_is_registered_and_scores_above_the_threshold(demo_di
 
 
 def test_republished_copies_are_deterministic_and_every_kind_changes_the_image(demo_dir):
-    from medfold.republish import KINDS, republished
+    from medfold.data.republish import KINDS, republished
 
     pixels = np.asarray(Image.open(demo_dir / "cxr14" / "images" / "00000003_000.png").convert("L"))
     for kind in KINDS:
@@ -127,8 +127,8 @@ def test_republished_copies_are_deterministic_and_every_kind_changes_the_image(d
     with pytest.raises(ValueError, match="unknown kind of copy 'blur'"):
         republished(pixels, "blur", np.random.default_rng(0))
     # a colour photograph stays colour under every kind, each deterministic and a change
-    from medfold.demo import render_fundus
-    from medfold.images import is_colour
+    from medfold.data.demo import render_fundus
+    from medfold.data.images import is_colour
 
     photo = render_fundus(np.random.default_rng(0), "left")
     for kind in KINDS:
@@ -144,7 +144,7 @@ KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany_224
 def test_on_real_radiographs_copies_are_found_among_look_alikes(tmp_path):
     """400 real Kermany radiographs and 40 re-published copies of them (the recall target's
     envelope: crops up to 5 %, gamma 0.7-1.4, JPEG) under patients of their own."""
-    from medfold.republish import republished
+    from medfold.data.republish import republished
 
     rng = np.random.default_rng(0)
     files = sorted((KERMANY / "train" / "PNEUMONIA").glob("person*.jpeg"))[:200]
@@ -175,7 +175,7 @@ def test_on_real_radiographs_copies_are_found_among_look_alikes(tmp_path):
 
 
 def test_fingerprint_is_invariant_to_orientation_and_tolerant_of_reencoding(demo_dir):
-    from medfold.images import pixels_to_uint8
+    from medfold.data.images import pixels_to_uint8
 
     pixels = pixels_to_uint8(Image.open(demo_dir / "cxr14" / "images" / "00000002_000.png"))
     base = fp.fingerprint(pixels)
@@ -309,7 +309,7 @@ def test_at_28_px_same_frame_copies_across_the_official_split_are_grouped_and_no
     repeats in val and test verify at their own size (an upsampling that drew the pixel blocks
     scored such copies 0.83-0.85, under min_score), every copy lands in its original's set, no
     two different films are merged, and the report says what the grouping stands for."""
-    from medfold.demo import generate_small_npz
+    from medfold.data.demo import generate_small_npz
     from medfold.report.dataset import grouping_note
 
     path = generate_small_npz(tmp_path, patients=60, seed=0)
@@ -345,8 +345,8 @@ def test_colour_fundus_photographs_copies_are_found_and_distinct_eyes_never_merg
     dim and hazy): scored within their field of view, at a band a re-encode does not posterise
     and tile by tile, copies turned, re-cropped to their circle or re-coloured are found and no
     two eyes are merged (without the tiles, two hazy photographs joined a copy's cluster)."""
-    from medfold.demo import generate_fundus
-    from medfold.images import signatures
+    from medfold.data.demo import generate_fundus
+    from medfold.data.images import signatures
 
     root = generate_fundus(tmp_path, patients=30, seed=0)
     planted = pd.read_csv(tmp_path / "fundus_planted.csv")
@@ -365,8 +365,8 @@ def test_a_chain_of_accepted_pairs_is_checked_against_its_core(demo_dir):
     """Three radiographs of different people joined by a chain of accepted pairs (as look-alikes
     chain in a large collection) to a copy pair: the core check cuts the link that does not hold
     against the cluster's core, and the cluster is what copies remain."""
-    from medfold import matching
-    from medfold.images import signatures
+    from medfold.data import matching
+    from medfold.data.images import signatures
 
     table = pd.read_csv(demo_dir / "cxr14" / "Data_Entry.csv", dtype=str)
     planted = pd.read_csv(demo_dir / "cxr14" / "planted_copies.csv").iloc[0]

@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import REPO, SCHEMA, resolved_config
 
-from medfold.errors import ConfigError
-from medfold.models import build_model, feature_blocks, last_conv_block, trainable_parameters
-from medfold.settings import expand_grids, experiment_settings
+from medfold.core.errors import ConfigError
+from medfold.study.resolve import expand_grids, experiment_settings
+from medfold.training.models import build_model, feature_blocks, last_conv_block, trainable_parameters
 
 EXAMPLES = REPO / "config" / "examples"
 
@@ -87,7 +87,7 @@ def test_study_004_networks_have_the_published_parameter_counts(name, published)
 def test_study_004_lenet5_has_lenet5s_size_and_trains_like_a_built_in_model(tmp_path):
     """LeNet-5 on 28 px OrganSMNIST (11 classes): the study's published count, feature blocks split
     at its pooling layers, a Grad-CAM layer, and a model.pt that load_model rebuilds to the same outputs."""
-    from medfold.train import load_model
+    from medfold.training.fold import load_model
 
     spec = network("organsmnist", "lenet5")
     model = build_model("lenet5", 1, 11, init_seed=3, network=spec, image_size=28)

@@ -7,7 +7,7 @@ import sys
 import yaml
 from conftest import REPO, planned
 
-from medfold.demo import generate_folders
+from medfold.data.demo import generate_folders
 
 OWN = {
     "dataset": {"name": "my_xrays", "format": "folders", "root": "data/chest_xray", "patient_regex": r"^(person\d+)_"},
@@ -143,8 +143,8 @@ def test_rows_are_selected_and_raw_findings_mapped_with_every_omission_counted(t
     import pytest
     from conftest import csv_dataset
 
-    from medfold.errors import ConfigError
-    from medfold.index import build_index
+    from medfold.core.errors import ConfigError
+    from medfold.data.index.build import build_index
 
     table = _covid_table(tmp_path)
     query = "modality == 'X-ray' and view in ['PA', 'AP']"

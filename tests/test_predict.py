@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from conftest import run_snakemake
 
-from medfold.index import read_index
+from medfold.data.index.io import read_index
 
 DS = "demo_cxr14"
 MEDFOLD = str(Path(sys.executable).parent / "medfold")  # the console command pip installed
@@ -26,7 +26,7 @@ def _test_images(work: Path, tmp_path: Path) -> pd.DataFrame:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths = [str(work / p) for p in test["path"]]  # the index holds them relative to the workflow
-    # named as the workflow's predictions name them (pseudonyms by default: medfold.privacy)
+    # named as the workflow's predictions name them (pseudonyms by default: medfold.core.privacy)
     table = pd.DataFrame({"path": [*paths, str(broken)], "image_id": [*test["shared_image_id"], "broken"]})
     table.to_csv(tmp_path / "new_images.csv", index=False)
     return table

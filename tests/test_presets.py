@@ -13,9 +13,9 @@ import yaml
 from conftest import REPO, planned, resolved_config, run_snakemake
 from PIL import Image
 
-from medfold.demo import _patient_anatomy, render_radiograph
-from medfold.errors import ConfigError, LeakageError
-from medfold.index import build_index
+from medfold.core.errors import ConfigError, LeakageError
+from medfold.data.demo import _patient_anatomy, render_radiograph
+from medfold.data.index.build import build_index
 from medfold.split import check_split, fold_members, make_splits
 
 EXAMPLES = REPO / "config" / "examples"

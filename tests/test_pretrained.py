@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import resolved_config
 
-from medfold.errors import ConfigError
-from medfold.models import build_model, input_stats, weights_path
-from medfold.train import Runner
+from medfold.core.errors import ConfigError
+from medfold.training.fold import Runner
+from medfold.training.models import build_model, input_stats, weights_path
 
 
 def _old_densenet_keys(state: dict) -> dict:
@@ -82,7 +82,7 @@ def test_another_architectures_weights_are_refused_unless_allowed(torch_home, tm
 def test_imagenet_weights_bring_imagenet_statistics_into_every_use_of_the_model(torch_home, tmp_path):
     import torchvision
 
-    from medfold.predict import Predictor
+    from medfold.deploy.predict import Predictor
 
     assert input_stats("auto", None, "resnet18", 1) == {"mean": [0.5], "std": [0.25]}
     rgb = input_stats("auto", "imagenet", "resnet18", 3)

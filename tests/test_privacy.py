@@ -8,7 +8,7 @@ import stat
 
 import pandas as pd
 
-from medfold.privacy import (
+from medfold.core.privacy import (
     KEY_FILE,
     Pseudonyms,
     Scrubber,
@@ -115,7 +115,7 @@ def test_the_shareable_view_and_splits_carry_the_shared_ids_in_the_same_rows():
 
 
 def test_bootstrap_draws_do_not_depend_on_how_patients_are_named():
-    from medfold.clinical import PatientBootstrap
+    from medfold.evaluation.clinical.stats import PatientBootstrap
 
     # the same patients under two keys: pseudonyms that sort in another order
     first = PatientBootstrap(["Pb", "Pa", "Pb", "Pc", "Pa"], 50, seed=3).weights()

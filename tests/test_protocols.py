@@ -12,8 +12,8 @@ import torch
 from conftest import prepare_demo, resolved_config
 from sklearn.metrics import accuracy_score, f1_score
 
-from medfold.errors import ConfigError
-from medfold.metrics import choose_thresholds, describe_decision, evaluate
+from medfold.core.errors import ConfigError
+from medfold.evaluation.metrics import choose_thresholds, describe_decision, evaluate
 
 FOLD = 0
 
@@ -33,7 +33,7 @@ def three_stages(prepared, tmp_path_factory):
     """Stage 1 learns; stage 2 cannot move the weights (lr 1e-9), so a plateau schedule would cut
     its lr after two epochs without improvement; stage 3 (SGD at lr 100) wrecks the head, so its
     last epoch is far worse than the best. With keep: last and a constant schedule."""
-    from medfold.train import run_fold
+    from medfold.training.train import run_fold
 
     cfg = training(
         schedule={"name": "constant"},
@@ -72,7 +72,7 @@ def test_keep_last_keeps_the_last_epoch_and_hands_it_on(three_stages):
 
 
 def test_the_decision_rule_is_applied_and_named_for_folds_and_the_ensemble(three_stages):
-    from medfold.aggregate import aggregate_experiment
+    from medfold.evaluation.aggregate import aggregate_experiment
 
     _, out, result = three_stages
     assert result["decision"] == "argmax" and result["val"]["thresholds"] == [0.5] * 4  # multi-label: 0.5 each
@@ -83,8 +83,8 @@ def test_the_decision_rule_is_applied_and_named_for_folds_and_the_ensemble(three
 
 
 def test_a_stage_trains_with_its_own_batch_size_and_optimizer(prepared, tmp_path):
-    from medfold.loop import Stage
-    from medfold.train import FoldRun
+    from medfold.settings.training import Stage
+    from medfold.training.train import FoldRun
 
     run = FoldRun(
         training(optimizer="adam"),
@@ -114,7 +114,8 @@ def test_a_stage_trains_with_its_own_batch_size_and_optimizer(prepared, tmp_path
     ],
 )
 def test_the_optimizers_own_constants_reach_the_optimizer(name, options, expected):
-    from medfold.loop import TrainSettings, make_optimizer
+    from medfold.settings.training import TrainSettings
+    from medfold.training.loop import make_optimizer
 
     cfg = resolved_config({"training": {"optimizer": name, "optimizer_options": options}})["training"]
     w = torch.zeros(3, requires_grad=True)
@@ -147,7 +148,7 @@ def test_argmax_and_fixed_decisions_are_what_sklearn_computes():
 def test_batch_norm_after_the_activation_and_element_dropout_build_as_said():
     from torch import nn
 
-    from medfold.models import LayerCNN
+    from medfold.training.models import LayerCNN
 
     layers = [{"conv": 8, "batch_norm": True, "dropout": 0.25}, {"pool": "max"}]
     usual = LayerCNN(1, 2, {"layers": layers}, 16)
@@ -167,7 +168,8 @@ def test_batch_norm_after_the_activation_and_element_dropout_build_as_said():
 
 
 def test_rotation_probability_perspective_scale_and_one_sided_unclamped_intensity():
-    from medfold.transforms import AugmentConfig, augment_batch
+    from medfold.settings.training import AugmentConfig
+    from medfold.training.transforms import augment_batch
 
     x = torch.rand(64, 1, 24, 24, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1
 
@@ -190,7 +192,7 @@ def test_rotation_probability_perspective_scale_and_one_sided_unclamped_intensit
 
 
 def test_a_range_with_low_above_high_is_refused_before_any_job():
-    from medfold.settings import experiment_settings
+    from medfold.study.resolve import experiment_settings
 
     config = resolved_config({"experiments": {"e": {"augment": {"brightness_range": [1.5, 1.2]}}}})
     with pytest.raises(ConfigError, match=r"experiments.e.augment.brightness_range: expected \[low, high\]"):
@@ -198,9 +200,9 @@ def test_a_range_with_low_above_high_is_refused_before_any_job():
 
 
 def test_each_stage_is_scored_on_test_and_the_report_shows_stages_and_the_studys_figures(three_stages, tmp_path):
-    from medfold.aggregate import aggregate_experiment, write_experiment
-    from medfold.report import reference_view, stages_table
-    from medfold.train import load_model
+    from medfold.evaluation.aggregate import aggregate_experiment, write_experiment
+    from medfold.report.experiments import reference_view, stages_table
+    from medfold.training.fold import load_model
 
     _, out, result = three_stages
     stages = result["stages"]
@@ -231,9 +233,9 @@ def test_each_stage_is_scored_on_test_and_the_report_shows_stages_and_the_studys
 
 
 def test_per_image_max_scaling_reaches_training_and_prediction_alike():
-    from medfold.models import input_stats
-    from medfold.predict import Predictor
-    from medfold.transforms import scale_inputs
+    from medfold.deploy.predict import Predictor
+    from medfold.training.models import input_stats
+    from medfold.training.transforms import scale_inputs
 
     stats = input_stats("image_max", None, "lenet", 1)
     assert stats == {"mean": [0.0], "std": [1.0], "scale": "image_max"}
@@ -250,7 +252,7 @@ def test_per_image_max_scaling_reaches_training_and_prediction_alike():
 def test_a_torchvision_backbone_takes_a_global_max_pool_batch_norm_dropout_head(name, tmp_path):
     from torch import nn
 
-    from medfold.models import build_model, classifier, feature_blocks, head_keys, replace_head
+    from medfold.training.models import build_model, classifier, feature_blocks, head_keys, replace_head
 
     spec = {"pool": "max", "batch_norm": True, "dropout": 0.2, "dense": []}
     model = build_model(name, 3, 2, head=spec).eval()
@@ -269,7 +271,7 @@ def test_a_torchvision_backbone_takes_a_global_max_pool_batch_norm_dropout_head(
 
 
 def test_a_head_where_it_cannot_go_is_refused_before_any_job():
-    from medfold.settings import experiment_settings
+    from medfold.study.resolve import experiment_settings
 
     config = resolved_config({"experiments": {"d": {"model": "densenet121", "head": {"pool": "max"}}}})
     with pytest.raises(ConfigError, match=r"experiments.d.head: densenet121 keeps its own head"):
@@ -277,8 +279,8 @@ def test_a_head_where_it_cannot_go_is_refused_before_any_job():
 
 
 def test_an_experiment_starts_from_another_experiments_fold_model(three_stages):
-    from medfold.models import build_model, load_pretrained
-    from medfold.settings import resolve_init_from
+    from medfold.study.resolve import resolve_init_from
+    from medfold.training.models import build_model, load_pretrained
 
     def settings(**extra):
         return {"model": "efficientnet_b0", "pretrained": None, "normalize": "auto", "init_from": None, **extra}
@@ -357,9 +359,10 @@ def test_qat_from_the_start_trains_with_int8_fake_quantization_in_every_step(pre
     model.pt keeps the quantization, and the saved predictions are the quantized model's."""
     from torch.nn.utils import parametrize
 
-    from medfold import fakequant
-    from medfold.train import FoldData, Runner, load_model, run_fold
-    from medfold.transforms import CachedBatches
+    from medfold.training import fakequant
+    from medfold.training.fold import FoldData, Runner, load_model
+    from medfold.training.train import run_fold
+    from medfold.training.transforms import CachedBatches
 
     cfg = training(epochs=3, qat={"enabled": True, "layers": "all"}, train_metrics={"images": 0})
     data_paths = (prepared / "index.parquet", prepared / "splits.parquet", prepared / "cache")
@@ -389,7 +392,7 @@ def test_qat_from_the_start_trains_with_int8_fake_quantization_in_every_step(pre
 
 
 def test_qat_and_pruning_while_training_are_refused_together_before_any_job():
-    from medfold.settings import experiment_settings
+    from medfold.study.resolve import experiment_settings
 
     config = resolved_config(
         {"experiments": {"q": {"qat": {"enabled": True}, "pruning": {"enabled": True, "end_epoch": 2}, "epochs": 3}}}
@@ -401,7 +404,8 @@ def test_qat_and_pruning_while_training_are_refused_together_before_any_job():
 def test_an_oversampled_validation_fold_is_what_the_epochs_monitor_and_nothing_else(prepared, tmp_path):
     """Study 000's validation set oversampled to the test set's class ratio: drawn to the stated
     shares, seeded; the epochs' validation scores use it, the fold's metrics and predictions do not."""
-    from medfold.train import oversampled_validation, run_fold
+    from medfold.training.fold import oversampled_validation
+    from medfold.training.train import run_fold
 
     rows = np.arange(100, 300)
     targets = np.zeros(400, int)

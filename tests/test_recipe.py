@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from conftest import SCHEMA, prepare_demo, resolved_config
 
-from medfold.loop import Mixing, Schedule, ema_model, step_schedule
-from medfold.train import Criterion, run_fold
+from medfold.settings.training import LrSchedule, Mixing
+from medfold.training.fold import Criterion
+from medfold.training.loop import ema_model, step_schedule
+from medfold.training.train import run_fold
 
 
-def lrs(schedule: Schedule, epochs: int, steps: int) -> list[float]:
+def lrs(schedule: LrSchedule, epochs: int, steps: int) -> list[float]:
     w = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([w], lr=0.1)
     sched = step_schedule(optimizer, schedule, epochs, steps)
@@ -34,16 +36,16 @@ def lrs(schedule: Schedule, epochs: int, steps: int) -> list[float]:
 
 
 def test_cosine_warms_up_linearly_then_decays_to_zero():
-    seen = lrs(Schedule("cosine", warmup_epochs=1), epochs=5, steps=10)
+    seen = lrs(LrSchedule("cosine", warmup_epochs=1), epochs=5, steps=10)
     assert seen[:10] == pytest.approx([0.1 * (i + 1) / 10 for i in range(10)])
     assert max(seen) == pytest.approx(0.1) and all(a >= b for a, b in zip(seen[10:], seen[11:]))
     assert seen[-1] == pytest.approx(0.0, abs=1e-12)
     assert seen[10 + 19] == pytest.approx(0.05)  # halfway through the 40 steps of decay: half the peak
-    assert step_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), Schedule(), 5, 10) is None
+    assert step_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), LrSchedule(), 5, 10) is None
 
 
 def test_one_cycle_starts_at_a_25th_peaks_and_ends_near_zero():
-    seen = lrs(Schedule("onecycle"), epochs=10, steps=10)
+    seen = lrs(LrSchedule("onecycle"), epochs=10, steps=10)
     assert seen[0] == pytest.approx(0.1 / 25 + (0.1 - 0.1 / 25) / 30, rel=1e-6)
     assert int(np.argmax(seen)) == 29 and seen[29] == pytest.approx(0.1)  # warm-up: 30 % of the steps
     assert seen[30] < seen[29] and seen[-1] == pytest.approx(0.1 * 1e-4)
@@ -124,7 +126,7 @@ def test_the_whole_recipe_learns_and_resumes_exactly_after_a_kill(prepared, tmp_
     out = tmp_path / "killed"
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(json.dumps(settings))
-    cmd = [sys.executable, "-m", "medfold.train", "--settings", str(settings_file), "--index", str(args[0])]
+    cmd = [sys.executable, "-m", "medfold.training.train", "--settings", str(settings_file), "--index", str(args[0])]
     cmd += ["--splits", str(args[1]), "--cache", str(args[2]), "--fold", "0", "--out", str(out), "--threads", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint, epoch, deadline = out / "checkpoint.pt", 0, time.time() + 120
@@ -151,7 +153,7 @@ def test_the_whole_recipe_learns_and_resumes_exactly_after_a_kill(prepared, tmp_
 def test_pruning_while_training_ends_at_the_final_sparsity_and_still_learns(prepared, tmp_path):
     """The thesis's schedule shortened: 10 % at epoch 0.5 to 50 % by epoch 3 of 8; the chosen
     epoch is one at the final sparsity, and the saved model's convolutions are that sparse."""
-    from medfold.train import load_model
+    from medfold.training.fold import load_model
 
     pruning = {"enabled": True, "initial_sparsity": 0.1, "final_sparsity": 0.5, "start_epoch": 0.5, "end_epoch": 3}
     cfg = dict(batch_norm=True, device="cpu", epochs=8, threads=2, pruning=pruning)
@@ -167,15 +169,15 @@ def test_pruning_while_training_ends_at_the_final_sparsity_and_still_learns(prep
     # what it takes to store, as the thesis reports it: the sparse file is smaller than the dense one
     storage = result["pruning"]["storage"]
     assert storage["sparse_gzip_bytes"] < storage["sparse_bytes"] < storage["dense_bytes"]
-    from medfold.report import pruned_line
+    from medfold.report.experiments import pruned_line
 
     line = pruned_line({0: tmp_path / "pruned" / "metrics.json"})
     assert line.startswith("Pruned while training: 50.") and "MB sparse and gzip-compressed" in line
 
 
 def test_pruning_must_reach_its_final_sparsity_within_the_epochs():
-    from medfold.errors import ConfigError
-    from medfold.settings import experiment_settings
+    from medfold.core.errors import ConfigError
+    from medfold.study.resolve import experiment_settings
 
     config = resolved_config(
         {"training": {"epochs": 5, "pruning": {"enabled": True, "end_epoch": 7}}, "experiments": {"a": {}}}
@@ -186,9 +188,9 @@ def test_pruning_must_reach_its_final_sparsity_within_the_epochs():
 
 def test_flip_tta_averages_each_image_with_its_mirror_in_evaluation_and_predict():
     """Runner (validation, test, compression) and Predictor (medfold predict) alike."""
-    from medfold.models import build_model
-    from medfold.predict import Predictor
-    from medfold.train import Runner, probabilities
+    from medfold.deploy.predict import Predictor
+    from medfold.training.fold import Runner, probabilities
+    from medfold.training.models import build_model
 
     model = build_model("lenet", 1, 3, init_seed=1).eval()
     cache = np.random.default_rng(0).integers(0, 256, (5, 1, 32, 32), dtype=np.uint8)

@@ -10,9 +10,9 @@ import pytest
 from conftest import planned, run_snakemake
 from scipy import stats
 
-from medfold.aggregate import corrected_t_test, cv_t_tests, variance_split
-from medfold.errors import ConfigError
-from medfold.settings import experiment_repeats, repeat_settings
+from medfold.core.errors import ConfigError
+from medfold.evaluation.aggregate import corrected_t_test, cv_t_tests, variance_split
+from medfold.study.resolve import experiment_repeats, repeat_settings
 
 DS = "results/demo_cxr14"
 

@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO, folder_dataset, planned, resolved_config, run_snakemake
 from PIL import Image
 
-from medfold.index import build_index, write_index
-from medfold.report import render
+from medfold.data.index.build import build_index
+from medfold.data.index.io import write_index
+from medfold.report.page import render
 from medfold.split import check_split, make_splits, write_json
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

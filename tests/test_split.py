@@ -7,8 +7,8 @@ from conftest import csv_dataset, folder_dataset, resolved_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medfold.errors import ConfigError, LeakageError
-from medfold.index import build_index
+from medfold.core.errors import ConfigError, LeakageError
+from medfold.data.index.build import build_index
 from medfold.split import check_split, image_groups, iterative_stratification, make_splits
 
 CLASSES = ["A", "B", "C"]
@@ -148,7 +148,7 @@ def test_source_test_split_is_honoured_when_clean(demo_dir):
 def test_a_split_manifest_reproduces_the_folds_on_a_moved_and_renamed_copy(demo_dir, tmp_path):
     import shutil
 
-    from medfold.privacy import Pseudonyms
+    from medfold.core.privacy import Pseudonyms
     from medfold.split import read_manifest, split_manifest, write_manifest
 
     index, report = build_index(csv_dataset(demo_dir), threads=2, pseudonyms=Pseudonyms(bytes(range(32))))

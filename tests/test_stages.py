@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from medfold.loop import OptimizerOptions, make_optimizer
-from medfold.models import BATCH_NORMS, build_model, classifier, feature_blocks, set_trainable, train_mode
+from medfold.settings.training import OptimizerOptions
+from medfold.training.loop import make_optimizer
+from medfold.training.models import BATCH_NORMS, build_model, classifier, feature_blocks, set_trainable, train_mode
 
 
 def _names(model, modules) -> set[str]:
@@ -69,7 +70,7 @@ def test_batch_norm_can_train_with_the_last_blocks_when_asked():
 
 
 def test_too_many_blocks_is_refused_naming_the_count():
-    from medfold.errors import ConfigError
+    from medfold.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="has 2 feature blocks"):
         set_trainable(build_model("lenet", 1, 2), "last_blocks", 3)
@@ -80,7 +81,8 @@ def test_each_stage_starts_from_the_previous_stages_best_weights(tmp_path, demo_
     initial values; the second starts from the first's best epoch, not its last."""
     from conftest import prepare_demo, resolved_config
 
-    from medfold.train import load_model, run_fold
+    from medfold.training.fold import load_model
+    from medfold.training.train import run_fold
 
     prepare_demo(tmp_path, demo_dir, size=32)
     training = resolved_config(

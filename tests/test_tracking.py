@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SNAKEMAKE, run_snakemake, workflow_dir
 
-from medfold.tracking import RUN_FILE, flatten
+from medfold.training.tracking import RUN_FILE, flatten
 
 pytestmark = pytest.mark.workflow
 DS = "results/demo_cxr14"
@@ -165,7 +165,7 @@ def test_a_killed_fold_run_again_continues_its_run(tracked):
     fold0 = [
         r
         for r in client.search_runs(
-            [experiment.experiment_id], "tags.`medfold.fold` = '0' and tags.`medfold.seed` = '0'"
+            [experiment.experiment_id], "tags.`medfold.training.fold` = '0' and tags.`medfold.seed` = '0'"
         )
     ]
     assert [r.info.run_id for r in fold0] == [run_before]  # one run, the one the killed attempt opened
@@ -225,7 +225,7 @@ def test_the_embedded_file_store_and_a_failed_job_continuing_its_run(tmp_path):
     """No server: the default store under <results>/mlruns. A job that fails after two epochs (its
     run left open) and is run again continues the same run; the epoch lost between checkpoint and
     log is filled in from history.csv once; a forced retrain after completion is a new run."""
-    from medfold.tracking import FoldTracker, fold_run, store_uri
+    from medfold.training.tracking import FoldTracker, fold_run, store_uri
 
     results = tmp_path / "results"
     cfg = {"enabled": True, "uri": None, "experiment": None}

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import prepare_demo, resolved_config, train_command, visible_test_metrics
 
-from medfold.errors import DataError
-from medfold.index import write_index
-from medfold.models import build_model
-from medfold.train import load_model, run_fold
+from medfold.core.errors import DataError
+from medfold.data.index.io import write_index
+from medfold.training.fold import load_model
+from medfold.training.models import build_model
+from medfold.training.train import run_fold
 
 FOLD = 0
 
@@ -133,7 +134,7 @@ def test_an_empty_fold_is_refused(prepared, tmp_path):
 
 
 def test_a_class_missing_from_a_training_fold_is_refused(prepared, tmp_path):
-    from medfold.index import read_index
+    from medfold.data.index.io import read_index
 
     index, meta = read_index(prepared / "index.parquet")
     splits = pd.read_parquet(prepared / "splits.parquet").set_index("image_id").loc[index["image_id"]]
@@ -165,7 +166,8 @@ def test_pretrained_weights_load_from_a_local_file_onto_other_channels_and_class
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta"])
 def test_every_optimizer_the_schema_offers_minimises_a_least_squares_problem(name):
-    from medfold.loop import TrainSettings, make_optimizer
+    from medfold.settings.training import TrainSettings
+    from medfold.training.loop import make_optimizer
 
     cfg = resolved_config({"training": {"optimizer": name}})["training"]
     lr = {"adadelta": 1.0, "sgd": 0.05, "adagrad": 0.5}.get(name, 0.05)
@@ -187,7 +189,7 @@ def test_every_optimizer_the_schema_offers_minimises_a_least_squares_problem(nam
 
 def test_each_output_goes_where_the_rule_says(prepared, tmp_path):
     """The library writes to the paths it is given (the rule's), not to names of its own in a folder."""
-    from medfold.train import FoldOutputs
+    from medfold.training.fold import FoldOutputs
 
     outputs = FoldOutputs(
         tmp_path / "a" / "weights.pt",
@@ -212,7 +214,7 @@ def test_read_ahead_gives_the_same_batches_in_the_same_order():
     import numpy as np
     import torch
 
-    from medfold.transforms import CachedBatches
+    from medfold.training.transforms import CachedBatches
 
     cache = np.random.default_rng(0).integers(0, 256, (700, 1, 8, 8), dtype=np.uint8)
     weights = np.random.default_rng(1).random(700)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfold.demo import _patient_anatomy, render_radiograph
-from medfold.dicom import looks_like_dicom, read_dicom, read_header
-from medfold.images import check_image
+from medfold.data.demo import _patient_anatomy, render_radiograph
+from medfold.data.dicom import looks_like_dicom, read_dicom, read_header
+from medfold.data.images import check_image
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom import uid  # noqa: E402
@@ -158,7 +158,7 @@ def test_a_legacy_acr_nema_file_is_read_with_or_without_an_extension(tmp_path):
 
 
 REASONS = (
-    "import json, sys; from medfold.images import check_image; "
+    "import json, sys; from medfold.data.images import check_image; "
     "print(json.dumps([check_image(p).reason for p in sys.argv[1:]]))"
 )
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from medfold.train import sample_weights
-from medfold.transforms import AugmentConfig, CachedBatches, augment_batch
+from medfold.settings.training import AugmentConfig
+from medfold.training.fold import sample_weights
+from medfold.training.transforms import CachedBatches, augment_batch
 
 
 def _batch(n=64, size=16):
@@ -87,7 +88,7 @@ def test_target_oversampling_matches_the_asked_shares():
 
 
 def test_class_weighted_losses_follow_chexnet_and_inverse_frequency():
-    from medfold.train import Criterion
+    from medfold.training.fold import Criterion
 
     y = np.array([[1, 0], [0, 0], [0, 0], [0, 1]], dtype=np.float32)  # class 0: P=1, N=3
     bce = Criterion("multilabel", y, 2, class_weights=True, device="cpu")

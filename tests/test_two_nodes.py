@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import REPO, TRAINING_ONLY, sbatch_calls, seed_data_stages, slurm_cluster, snakemake_slurm, workflow_dir
 
-from medfold.models import build_model
+from medfold.training.models import build_model
 
 
 def _namespaces_work() -> bool:
@@ -79,7 +79,7 @@ def test_one_step_on_two_nodes_updates_like_one_process_with_the_whole_batch(bac
     alone, spread = tmp_path / "alone.pt", tmp_path / f"{backend}.pt"
     subprocess.run([sys.executable, str(programs / "one_step.py"), "none", "16", "16", str(alone)], check=True)
     launch = (
-        "import logging, sys; logging.basicConfig(level=logging.INFO); from medfold import distributed; "
+        "import logging, sys; logging.basicConfig(level=logging.INFO); from medfold.training import distributed; "
         f"sys.exit(distributed.launch('{backend}', 2, 'auto', 0, "
         f"['one_step', '{backend}', '8', '16', '{spread}'], nodes=2))"
     )

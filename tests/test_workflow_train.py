@@ -160,7 +160,7 @@ def test_a_2x2_grid_is_four_jobs_per_fold_ranked_in_one_table(tmp_path):
 
 
 def test_the_report_finds_the_subgroup_the_demo_makes_weaker(finished):
-    # in the demo's patients aged 65+ findings are faint or unseen (medfold.demo.finding_strength)
+    # in the demo's patients aged 65+ findings are faint or unseen (medfold.data.demo.finding_strength)
     subgroups = pd.read_csv(finished / DS / "batchnorm" / "cv" / "subgroups.csv")
     age = subgroups[(subgroups["subgroup"] == "age") & (subgroups["metric"] == "auroc_macro")].set_index("group")
     others = age.drop(index=["all", "65+"])

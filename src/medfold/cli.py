@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, MedfoldError
+from medfold.core.errors import ConfigError, MedfoldError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 
@@ -97,14 +97,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .step import setup_logging
+    from medfold.core.step import setup_logging
 
     setup_logging()
     try:
         if args.command == "predict":
             import torch
 
-            from .predict import list_images, load_predictor, predict_images
+            from medfold.deploy.predict import list_images, load_predictor, predict_images
 
             if args.threads:
                 torch.set_num_threads(args.threads)
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{summary['predicted']} images predicted, {summary['unreadable']} unreadable: {args.out}")
         elif args.command == "export":
-            from . import card
-            from .export import export_onnx
+            from medfold.deploy import card
+            from medfold.deploy.export import export_onnx
 
             notes = card.read_notes(args.card) if args.card else {}  # checked before the export's work
             record = export_onnx(args.model, args.out, args.name)

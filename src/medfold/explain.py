@@ -27,13 +27,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import files, seeds
-from .fold import FoldData, load_model, probabilities
-from .metrics import predict
-from .models import last_conv_block
-from .progress import Progress, tracked
-from .settings import ExplainSettings, LimeSettings
-from .transforms import normalize, scale_inputs
+from medfold.core import files, seeds
+from medfold.core.progress import Progress, tracked
+from medfold.evaluation.metrics import predict
+from medfold.settings.sections import ExplainSettings, LimeSettings
+from medfold.training.fold import FoldData, load_model, probabilities
+from medfold.training.models import last_conv_block
+from medfold.training.transforms import normalize, scale_inputs
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import files, seeds
-from .errors import ConfigError, LeakageError
-from .metrics import label_matrix
-from .settings import SplitSettings
+from medfold.core import files, seeds
+from medfold.core.errors import ConfigError, LeakageError
+from medfold.data.index.labels import label_matrix
+from medfold.settings.sections import SplitSettings
 
 TEST = "test"
 CV = "cv"
@@ -461,7 +461,7 @@ def _near_duplicate_crossing(members: pd.DataFrame, near_pairs: list[dict] | Non
     """'a (test) ~ b (fold_1): registered copy, score 0.93, fingerprint distance 14, mirrored
     left-right' for the closest pairs across sets (without the verified pairs: the fingerprints'
     distance and orientation alone)."""
-    from .fingerprint import distance
+    from medfold.data.fingerprint import distance
 
     part = dict(zip(members["image_id"], members["part"]))
     found = []
@@ -490,7 +490,7 @@ MANIFEST_COLUMNS = ["content_hash", "patient", "set", "fold"]
 def split_manifest(index: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     """The split as others can apply it to their own copy of the images: each image by the hash
     of its decoded pixels (names and folders differ between copies, pixels do not), its patient's
-    shared ID (medfold.privacy), set and fold; one row per distinct (hash, set, fold)."""
+    shared ID (medfold.core.privacy), set and fold; one row per distinct (hash, set, fold)."""
     shared = index["shared_patient_id"] if "shared_patient_id" in index else index["patient_id"]
     patient_of = dict(zip(index["image_id"], shared))
     hash_of = dict(zip(index["image_id"], index["content_hash"]))
@@ -514,7 +514,7 @@ def manifest_digest(rows: pd.DataFrame) -> str:
 
 
 def write_manifest(rows: pd.DataFrame, path, dataset: str) -> None:
-    from . import __version__
+    from medfold import __version__
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -633,8 +633,8 @@ class CheckOutputs(files.Outputs):
 
 def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs) -> None:
     """The split rule: the splits, their summary (shared identifiers only) and the manifest."""
-    from .index import read_index
-    from .privacy import index_scrubber
+    from medfold.core.privacy import index_scrubber
+    from medfold.data.index.io import read_index
 
     index, meta = read_index(index_path)
     splits, summary = make_splits(index, meta["classes"], split)
@@ -646,8 +646,8 @@ def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs) ->
 def check_split_job(index_path, index_report_path, splits_path, outputs: CheckOutputs) -> None:
     """The check_split rule: the leak check, on the shared view of the index (the near-duplicate
     pairs of the index report are in shared identifiers already)."""
-    from .index import read_index
-    from .privacy import shareable_view, shared_splits
+    from medfold.core.privacy import shareable_view, shared_splits
+    from medfold.data.index.io import read_index
 
     index, _ = read_index(index_path)
     near = json.loads(Path(index_report_path).read_text()).get("near_duplicates", {})

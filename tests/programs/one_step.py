@@ -1,4 +1,4 @@
-"""One SGD step through medfold.distributed's wrapping, started by a launcher (or alone).
+"""One SGD step through medfold.training.distributed's wrapping, started by a launcher (or alone).
 
 Rank r of N takes images [r*B, (r+1)*B) of a fixed batch of N*B; alone it takes all N*B. Rank 0
 saves the updated parameters, and OUT.pt.json the world size and how many machines the ranks ran
@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from medfold import distributed
-from medfold.models import build_model
+from medfold.training import distributed
+from medfold.training.models import build_model
 
 backend, per_rank, total, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ctx = distributed.init(backend, torch.device("cpu"))

@@ -5,13 +5,13 @@ import re
 
 from snakemake.utils import validate
 
-from medfold.report_files import ExperimentFiles, ExternalFiles, ReportInputs
-from medfold.settings import compress_gpus, repeat_settings, resolve
+from medfold.report.inputs import ExperimentFiles, ExternalFiles, ReportInputs
+from medfold.study.resolve import compress_gpus, repeat_settings, resolve
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-# the whole config resolved and cross-checked once (medfold.settings.resolve): a bad key stops
+# the whole config resolved and cross-checked once (medfold.study.resolve): a bad key stops
 # here, before any job runs; the names below are the rules' short names for its parts
 STUDY = resolve(config, SCHEMA)
 RESULTS = STUDY.results
@@ -186,7 +186,7 @@ def cv_file(experiment, output):
 
 
 def report_inputs():
-    """Every result file the report reads (medfold.report_files.ReportInputs): its paths are
+    """Every result file the report reads (medfold.report.inputs.ReportInputs): its paths are
     the report rule's inputs, the object its script's parameter."""
     experiments = {
         name: ExperimentFiles(

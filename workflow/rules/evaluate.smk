@@ -22,7 +22,7 @@ rule aggregate:
         summary=f"{CV_DIR}/summary.json",
         ensemble=f"{CV_DIR}/ensemble_test.json",
         ensemble_predictions=f"{CV_DIR}/ensemble_test_predictions.parquet",
-        # the clinical evaluation of the held-out test predictions (medfold.clinical)
+        # the clinical evaluation of the held-out test predictions (medfold.evaluation.clinical)
         test_predictions=f"{CV_DIR}/test_predictions.parquet",
         clinical=f"{CV_DIR}/clinical.json",
         subgroups=report(
@@ -55,7 +55,7 @@ rule aggregate:
             category="Clinical evaluation",
             labels={"experiment": "{experiment}", "table": "operating points"},
         ),
-        # likely label errors from the out-of-fold predictions (medfold.labels)
+        # likely label errors from the out-of-fold predictions (medfold.evaluation.labels)
         label_issues=report(
             f"{CV_DIR}/label_issues.csv",
             caption="../report/label_issues.rst",

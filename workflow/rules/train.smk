@@ -73,7 +73,7 @@ rule train:
 
 
 # repeat r >= 1 of a fold (experiments.<name>.repeats): the same fold trained with seed r's
-# streams (medfold.seeds.repeat), one job each; repeat 0 is the fold's own model above
+# streams (medfold.core.seeds.repeat), one job each; repeat 0 is the fold's own model above
 use rule train as train_repeat with:
     output:
         model=f"{REPEAT_DIR}/model.pt",

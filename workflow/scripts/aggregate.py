@@ -1,5 +1,6 @@
-from medfold import step, tracking
-from medfold.aggregate import AggregateOutputs, aggregate_job
+from medfold.core import step
+from medfold.evaluation.aggregate import AggregateOutputs, aggregate_job
+from medfold.training import tracking
 
 
 def main(s):

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.cache import CacheOutputs, cache_job
+from medfold.core import step
+from medfold.data.cache import CacheOutputs, cache_job
 
 
 def main(s):

@@ -1,4 +1,4 @@
-from medfold import step
+from medfold.core import step
 from medfold.split import CheckOutputs, check_split_job
 
 step.run(

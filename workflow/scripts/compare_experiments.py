@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.aggregate import ComparisonOutputs, compare_job
+from medfold.core import step
+from medfold.evaluation.aggregate import ComparisonOutputs, compare_job
 
 
 def main(s):

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from medfold import step
-from medfold.compress import VariantOutputs, compress_fold
+from medfold.compression.compress import VariantOutputs, compress_fold
+from medfold.core import step
 
 
 def main(s):

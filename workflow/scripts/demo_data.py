@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.demo import generate_demo
+from medfold.core import step
+from medfold.data.demo import generate_demo
 
 step.run(
     snakemake,

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.aggregate import ExperimentEnsembleFoldOutputs, experiment_ensemble_fold_job
+from medfold.core import step
+from medfold.evaluation.aggregate import ExperimentEnsembleFoldOutputs, experiment_ensemble_fold_job
 
 
 def main(s):

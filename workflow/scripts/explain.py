@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from medfold import step
+from medfold.core import step
 from medfold.explain import ExplainOutputs, explain_fold
 
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from medfold import step
-from medfold.export import ExportOutputs, export_job
+from medfold.core import step
+from medfold.deploy.export import ExportOutputs, export_job
 
 # the experiment's folder: its fold ensemble, thresholds from its cv/
 step.run(

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.external import ExternalIndexOutputs, external_index_job
+from medfold.core import step
+from medfold.deploy.external import ExternalIndexOutputs, external_index_job
 
 
 def main(s):

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from medfold import step
-from medfold.external import ExternalOutputs, validate
+from medfold.core import step
+from medfold.deploy.external import ExternalOutputs, validate
 
 
 def main(s):

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.aggregate import GridOutputs, grid_job
+from medfold.core import step
+from medfold.evaluation.aggregate import GridOutputs, grid_job
 
 step.run(
     snakemake,

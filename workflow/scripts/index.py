@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.index import IndexOutputs, index_job
+from medfold.core import step
+from medfold.data.index.stage import IndexOutputs, index_job
 
 step.run(
     snakemake,

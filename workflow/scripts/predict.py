@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from medfold import step
-from medfold.predict import PredictOutputs, predict_job
+from medfold.core import step
+from medfold.deploy.predict import PredictOutputs, predict_job
 
 # the experiment's folder: its fold ensemble, thresholds from its cv/
 step.run(

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.report import ReportOutputs, report_job
+from medfold.core import step
+from medfold.report.page import ReportOutputs, report_job
 
 step.run(
     snakemake,

@@ -1,7 +1,9 @@
 from pathlib import Path
 
-from medfold import step, tracking
-from medfold.train import FoldOutputs, train_fold_job
+from medfold.core import step
+from medfold.training import tracking
+from medfold.training.fold import FoldOutputs
+from medfold.training.train import train_fold_job
 
 
 def main(s):

@@ -1,5 +1,5 @@
-from medfold import step
-from medfold.compress import VariantsTableOutputs, variants_table_job
+from medfold.compression.compress import VariantsTableOutputs, variants_table_job
+from medfold.core import step
 
 
 def main(s):

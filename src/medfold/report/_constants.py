@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Okabe & Ito (2008), a palette that colour-blind readers can tell apart.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 # CheXNet's test-set AUROC per finding (Rajpurkar et al. 2017, arXiv:1711.05225, Table 1).

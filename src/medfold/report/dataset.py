@@ -8,8 +8,8 @@ matplotlib.use("Agg")  # before pyplot: no display, in jobs and tests alike
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .helpers import _pixels, png_data_url  # noqa: E402
-from .views import DatasetView, NearDuplicateCluster, NearDuplicates, Picture, SplitView, Table  # noqa: E402
+from medfold.report.helpers import _pixels, png_data_url  # noqa: E402
+from medfold.report.views import DatasetView, NearDuplicateCluster, NearDuplicates, Picture, SplitView, Table  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- dataset and split
@@ -167,7 +167,7 @@ def examples(index: pd.DataFrame, classes: list[str], cache: np.ndarray, per_cla
 def grouping_note(index_report: dict) -> str:
     """Where the dataset names no patients (MedMNIST, COVID-19 Radiography): what the split's
     groups stand for, and what they cannot keep apart."""
-    from ..index.patients import NO_PATIENTS
+    from medfold.data.index.patients import NO_PATIENTS
 
     if index_report.get("patient_id_source") != NO_PATIENTS:
         return ""

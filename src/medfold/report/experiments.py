@@ -20,12 +20,11 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 
-from .. import hardware  # noqa: E402
-from ..settings import CompressionSettings, ReferenceSettings  # noqa: E402
-from ._constants import CHEXNET_AUROC  # noqa: E402
-from .figures import compression_figure, curves_figure, roc_figure  # noqa: E402
-from .helpers import _ci, _count, _mean, _mean_pm, _pm, _with_ci, file_data_url, svg  # noqa: E402
-from .views import (  # noqa: E402
+from medfold.core import hardware  # noqa: E402
+from medfold.report._constants import CHEXNET_AUROC  # noqa: E402
+from medfold.report.figures import compression_figure, curves_figure, roc_figure  # noqa: E402
+from medfold.report.helpers import _ci, _count, _mean, _mean_pm, _pm, _with_ci, file_data_url, svg  # noqa: E402
+from medfold.report.views import (
     Clinical,
     CompressedExperiment,
     CompressionView,
@@ -39,6 +38,7 @@ from .views import (  # noqa: E402
     ReferenceView,
     Table,
 )
+from medfold.settings.sections import CompressionSettings, ReferenceSettings  # noqa: E402
 
 # ----------------------------------------------------------------------------- experiments
 HEADLINE = ["val.auroc_macro", "test.auroc_macro", "test.accuracy", "test.balanced_accuracy", "test.f1_macro"]
@@ -125,7 +125,7 @@ def cv_tests_table(tests: pd.DataFrame) -> Table | None:
 
 def variance_table(variance: dict | None) -> Table | None:
     """With repeats: each headline metric's mean, its spread over folds, seeds and both, and its
-    variance split into the fold and the seed parts (``medfold.aggregate.variance_split``)."""
+    variance split into the fold and the seed parts (``medfold.evaluation.aggregate.variance_split``)."""
     if not variance:
         return None
     shown = [
@@ -184,7 +184,7 @@ def clinical_view(name: str, record: dict | None, figures: dict | None = None) -
 
 def _subgroups_section(view: Clinical, name: str, record: dict, figures: dict) -> None:
     """The subgroups table and forest plot."""
-    from .. import clinical
+    from medfold.evaluation.clinical.figures import forest_figure
 
     subgroups = pd.DataFrame(record.get("subgroups") or [])
     if len(subgroups):
@@ -227,12 +227,12 @@ def _subgroups_section(view: Clinical, name: str, record: dict, figures: dict) -
             rows,
             left=2,
         )
-        view.forest = _figure(figures.get("forest"), lambda: clinical.forest_figure(name, subgroups))
+        view.forest = _figure(figures.get("forest"), lambda: forest_figure(name, subgroups))
 
 
 def _calibration_section(view: Clinical, name: str, record: dict, figures: dict) -> None:
     """Calibration before and after temperature scaling, and the reliability figure."""
-    from .. import clinical
+    from medfold.evaluation.clinical.figures import reliability_figure
 
     measured = record.get("calibration") or {}
     if measured.get("before"):
@@ -246,7 +246,7 @@ def _calibration_section(view: Clinical, name: str, record: dict, figures: dict)
                 for c, r in measured["before"].items()
             ],
         )
-        view.reliability = _figure(figures.get("reliability"), lambda: clinical.reliability_figure(name, measured))
+        view.reliability = _figure(figures.get("reliability"), lambda: reliability_figure(name, measured))
 
 
 def _operating_points_section(view: Clinical, record: dict) -> None:

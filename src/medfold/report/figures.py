@@ -12,9 +12,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ..metrics import targets_for  # noqa: E402
-from ._constants import PALETTE  # noqa: E402
-from .helpers import svg  # noqa: E402
+from medfold.data.index.labels import targets_for  # noqa: E402
+from medfold.report._constants import PALETTE  # noqa: E402
+from medfold.report.helpers import svg  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- figures

@@ -15,12 +15,10 @@ import jinja2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..files import Outputs  # noqa: E402
-from ..report_files import ReportInputs  # noqa: E402
-from ..settings import ReportSettings  # noqa: E402
-from ._constants import TEMPLATES  # noqa: E402
-from .dataset import dataset_view, split_view  # noqa: E402
-from .experiments import (  # noqa: E402
+from medfold.core.files import Outputs  # noqa: E402
+from medfold.report._constants import TEMPLATES  # noqa: E402
+from medfold.report.dataset import dataset_view, split_view  # noqa: E402
+from medfold.report.experiments import (
     comparisons_table,
     compression_view,
     cv_tests_table,
@@ -32,17 +30,19 @@ from .experiments import (  # noqa: E402
     recipe_table,
     reference_view,
 )
-from .figures import read_timings  # noqa: E402
-from .helpers import _ci, _count, _pixels, _with_ci, file_data_url, fmt, png_data_url  # noqa: E402
-from .views import CardView, ExternalView, LabelAuditView, Picture, Report, Table  # noqa: E402
+from medfold.report.figures import read_timings  # noqa: E402
+from medfold.report.helpers import _ci, _count, _pixels, _with_ci, file_data_url, fmt, png_data_url  # noqa: E402
+from medfold.report.inputs import ReportInputs  # noqa: E402
+from medfold.report.views import CardView, ExternalView, LabelAuditView, Picture, Report, Table  # noqa: E402
+from medfold.settings.sections import ReportSettings  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the page
 def gather(inputs: ReportInputs | dict, config: ReportSettings | dict, repo: Path | None = None) -> Report:
     """Every view of the page from the result files ``inputs`` names (a ``ReportInputs``, or a
     dict of its shape); ``config``: the whole config (or its ``ReportSettings``)."""
-    from ..index import read_index
-    from ..privacy import shareable_view
+    from medfold.core.privacy import shareable_view
+    from medfold.data.index.io import read_index
 
     inputs = ReportInputs.of(inputs)
     config = ReportSettings.of(config)

@@ -152,7 +152,7 @@ class ExperimentView:
 
 @dataclass
 class LabelAuditView:
-    """The top of an experiment's label audit (medfold.labels): counts, table, thumbnails."""
+    """The top of an experiment's label audit (medfold.evaluation.labels): counts, table, thumbnails."""
 
     note: str
     table: Table
@@ -214,7 +214,7 @@ class Provenance:
 
 @dataclass
 class CardView:
-    """An exported experiment's model card (medfold.card), as the page shows it."""
+    """An exported experiment's model card (medfold.deploy.card), as the page shows it."""
 
     name: str
     facts: Table  # section, field, text
@@ -226,7 +226,7 @@ class CardView:
 
 @dataclass
 class ExternalView:
-    """One external validation (medfold.external), as the page shows it."""
+    """One external validation (medfold.deploy.external), as the page shows it."""
 
     name: str
     experiment: str

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from pathlib import Path
 from types import UnionType
 
 import yaml
+
+from medfold.core.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -584,3 +587,16 @@ SECTIONS: dict[tuple[str, ...], type] = {
         DemoSettings,
     )
 }
+
+
+def settings_digest(settings: dict) -> str:
+    """An experiment's settings as one canonical string: a checkpoint or a tracking run resumes
+    only under the settings it was made with."""
+    return json.dumps(settings, sort_keys=True)
+
+
+def check_schedule(initial: float, final: float, start: float, end: float) -> None:
+    if not 0 <= initial <= final < 1:
+        raise ConfigError(f"pruning: need 0 <= initial_sparsity ({initial}) <= final_sparsity ({final}) < 1")
+    if not 0 <= start < end:
+        raise ConfigError(f"pruning: need 0 <= start_epoch ({start}) < end_epoch ({end})")

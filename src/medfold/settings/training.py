@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .sections import PruningSettings, coerce, section_defaults, with_defaults
+from medfold.settings.sections import PruningSettings, coerce, section_defaults, with_defaults
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """``training.augment``: the batch augmentations (medfold.transforms applies them)."""
+    """``training.augment``: the batch augmentations (medfold.training.transforms applies them)."""
 
     hflip: float = 0.0  # probability
     rotation: float = 0.0  # max degrees, uniform in [-rotation, rotation]
@@ -297,7 +297,3 @@ class OptimizerOptions:
     rho: float | None = None  # Adadelta's rho, RMSprop's alpha
     initial_accumulator: float | None = None  # Adagrad
     nesterov: bool = True  # SGD with momentum: Nesterov's (False: plain momentum)
-
-
-Schedule = LrSchedule  # the name before the pruning schedule (prune.SparsitySchedule) was told apart
-Parallel = DistributedSettings  # the name before the glossary

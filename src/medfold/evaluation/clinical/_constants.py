@@ -1,0 +1,5 @@
+"""Constants the parts of medfold.evaluation.clinical share."""
+
+from __future__ import annotations
+
+PROB = "prob:"
