@@ -84,7 +84,7 @@ def test_the_decision_rule_is_applied_and_named_for_folds_and_the_ensemble(three
 
 def test_a_stage_trains_with_its_own_batch_size_and_optimizer(prepared, tmp_path):
     from medfold.settings.training import Stage
-    from medfold.training.train import FoldRun
+    from medfold.training.train import FoldRun, StageRun
 
     run = FoldRun(
         training(optimizer="adam"),
@@ -94,12 +94,12 @@ def test_a_stage_trains_with_its_own_batch_size_and_optimizer(prepared, tmp_path
         FOLD,
         tmp_path,
     )
-    n = len(run.batches.rows)
-    own = run.begin_stage(Stage(epochs=1, lr=0.01, batch_size=7, optimizer="sgd"))
-    assert type(own.optimizer).__name__ == "SGD" and run.batches.steps() == -(-n // 7)
-    assert len(list(run.batches)) == -(-n // 7)
-    default = run.begin_stage(Stage(epochs=1, lr=0.01))
-    assert type(default.optimizer).__name__ == "Adam" and run.batches.batch_size == run.s.batch_size
+    n = len(run.setup.batches.rows)
+    own = StageRun.begin(run.setup, Stage(epochs=1, lr=0.01, batch_size=7, optimizer="sgd"))
+    assert type(own.optimizer).__name__ == "SGD" and run.setup.batches.steps() == -(-n // 7)
+    assert len(list(run.setup.batches)) == -(-n // 7)
+    default = StageRun.begin(run.setup, Stage(epochs=1, lr=0.01))
+    assert type(default.optimizer).__name__ == "Adam" and run.setup.batches.batch_size == run.setup.s.batch_size
 
 
 @pytest.mark.parametrize(

@@ -219,7 +219,8 @@ SECTION_NAMES = {
 
 
 def test_no_library_module_reads_a_config_section_by_string_key():
-    """Outside medfold.settings and medfold.study (where a config is resolved), a config section is read by attribute from its typed settings:
+    """Outside medfold.settings and medfold.study (where a config is resolved), a config section is
+    read by attribute from its typed settings:
     ``x["key"]`` or ``x.get("key")`` on a name that holds a section is an error here. (Result
     files read back, metrics.json's records and the like, are named for what they are.)"""
     import ast
@@ -242,4 +243,5 @@ def test_no_library_module_reads_a_config_section_by_string_key():
             name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
             if name in SECTION_NAMES and not (path.name == "dicom.py" and name == "ds"):  # pydicom's Dataset
                 found.append(f"{path.relative_to(src)}:{node.lineno} {name}[{key.value!r}]")
-    assert not found, "config sections read by string key outside medfold.settings and medfold.study:\n" + "\n".join(found)
+    where = "outside medfold.settings and medfold.study"
+    assert not found, f"config sections read by string key {where}:\n" + "\n".join(found)

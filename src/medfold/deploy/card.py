@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 NOT_GIVEN = "not stated in the config (export.card)"
@@ -72,142 +73,175 @@ def read_notes(path) -> dict:
     return notes
 
 
+@dataclass(frozen=True)
+class _Sources:
+    """The result files a card is read from: the fold models' metrics, the fold ensemble's test
+    result, the index and split reports, the clinical evaluation and the cross-validation summary."""
+
+    exp: Path
+    metrics: list
+    ensemble: dict
+    index: dict
+    split_summary: dict
+    clinical: dict
+    summary: dict
+
+    @classmethod
+    def read(cls, exp: Path) -> _Sources:
+        folds = sorted(exp.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+        if not folds:
+            from medfold.core.errors import ConfigError
+
+            raise ConfigError(f"{exp}: no fold_*/metrics.json; a model card needs a trained experiment")
+        ensemble = _read(exp / "cv" / "ensemble_test.json") or {}
+        if ensemble.get("members"):  # every seed of every fold the fold ensemble averages
+            folds = [exp / member / "metrics.json" for member in ensemble["members"]]
+        dataset_dir = exp.parent
+        return cls(
+            exp,
+            [json.loads(p.read_text()) for p in folds],
+            ensemble,
+            _read(dataset_dir / "index_report.json") or {},
+            _read(dataset_dir / "split_summary.json") or {},
+            _read(exp / "cv" / "clinical.json") or {},
+            _read(exp / "cv" / "summary.json") or {},
+        )
+
+
 def build(experiment_dir, notes: dict | None = None, export: dict | None = None) -> dict:
     """The card of the experiment in ``experiment_dir`` (results/<dataset>/<experiment>)."""
-    exp = Path(experiment_dir)
-    dataset_dir = exp.parent
+    src = _Sources.read(Path(experiment_dir))
     notes = {k: (notes or {}).get(k) or NOT_GIVEN for k in CARD_FIELDS}
-    folds = sorted(exp.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not folds:
-        from medfold.core.errors import ConfigError
-
-        raise ConfigError(f"{exp}: no fold_*/metrics.json; a model card needs a trained experiment")
-    ensemble = _read(exp / "cv" / "ensemble_test.json")
-    if (ensemble or {}).get("members"):  # every seed of every fold the fold ensemble averages
-        folds = [exp / member / "metrics.json" for member in ensemble["members"]]
-    metrics = [json.loads(p.read_text()) for p in folds]
-    recorded = metrics[0]["settings"]  # the training settings metrics.json records (a result file)
-    index = _read(dataset_dir / "index_report.json") or {}
-    split_summary = _read(dataset_dir / "split_summary.json") or {}
-    clinical = _read(exp / "cv" / "clinical.json") or {}
-    summary = _read(exp / "cv" / "summary.json") or {}
-    near = index.get("near_duplicates") or {}
-    duplicates = index.get("duplicates") or {}
-    sets = split_summary.get("sets", {})
-    cv_sets = {k: v for k, v in sets.items() if k.startswith("fold_")}
-    test = sets.get("test", {})
-    calibration = (clinical.get("calibration") or {}).get("before", {})
-    card = {
-        "model_details": {
-            "name": exp.name,
-            "dataset": index.get("dataset", dataset_dir.name),
-            "architecture": recorded["model"],
-            "parameters_per_model": metrics[0].get("parameters"),
-            "models": len(metrics),
-            "what": f"fold ensemble: the mean of {len(metrics)} models' probabilities"
-            + (
-                f" ({len(set(m['fold'] for m in metrics))} folds, each trained with several seeds)"
-                if len(set(m["fold"] for m in metrics)) < len(metrics)
-                else ""
-            )
-            if len(metrics) > 1
-            else "one fold model",
-            "task": metrics[0]["task"],
-            "classes": metrics[0]["classes"],
-            "input": (export or {}).get("input") or f"{recorded['image_size']} x {recorded['image_size']} px",
-            "training": {
-                "optimizer": recorded["optimizer"],
-                "lr": recorded["lr"],
-                "batch_size": recorded["batch_size"],
-                "epochs_max": recorded["epochs"],
-                "epochs_trained": [m.get("epochs_trained") for m in metrics],
-                "pretrained": recorded.get("pretrained"),
-                "seed": recorded["seed"],
-            },
-            "export": {k: (export or {}).get(k) for k in ("file", "bytes", "parity_max_abs_difference", "resize")}
-            if export
-            else None,
-        },
+    return {
+        "model_details": _model_details(src, export),
         "intended_use": {k: notes[k] for k in ("intended_use", "intended_users", "out_of_scope")},
         "factors": {
-            "subgroups": sorted({row["subgroup"] for row in clinical.get("subgroups", [])}),
+            "subgroups": sorted({row["subgroup"] for row in src.clinical.get("subgroups", [])}),
             "note": "subgroups are the dataset table's own columns named in evaluation.subgroups",
         },
         "metrics": {
             "measures": ["AUROC (macro and per class)", "accuracy", "balanced accuracy", "macro F1"],
-            "decision": (ensemble or {}).get("decision") or metrics[0].get("decision"),
-            "thresholds": dict(zip(metrics[0]["classes"], (ensemble or {}).get("thresholds") or [])) or None,
-            "thresholds_from": (ensemble or {}).get("threshold_source"),
+            "decision": src.ensemble.get("decision") or src.metrics[0].get("decision"),
+            "thresholds": dict(zip(src.metrics[0]["classes"], src.ensemble.get("thresholds") or [])) or None,
+            "thresholds_from": src.ensemble.get("threshold_source"),
             "intervals": "95 % patient-level bootstrap ({} resamples)".format(
-                ((ensemble or {}).get("bootstrap") or {}).get("resamples")
+                (src.ensemble.get("bootstrap") or {}).get("resamples")
             ),
         },
-        "evaluation_data": {
-            "held_out_test_set": {
-                "images": test.get("images"),
-                "patients": test.get("patients"),
-                "images_per_class": test.get("images_per_class"),
-                "method": split_summary.get("test_method"),
-            },
-        },
-        "training_data": {
-            "dataset": index.get("dataset", dataset_dir.name),
-            "format": index.get("format"),
-            "images_indexed": index.get("images_indexed"),
-            "images_excluded": index.get("images_skipped"),
-            "patients": index.get("patients"),
-            "classes": index.get("classes"),
-            "images_per_class": index.get("images_per_class"),
-            "cross_validation": {
-                "folds": len(cv_sets),
-                "images": sum(v.get("images", 0) for v in cv_sets.values()),
-                "patients": sum(v.get("patients", 0) for v in cv_sets.values()),
-            },
-            "split": "by patient: every patient's images (and every group of exact or near-duplicate copies) "
-            "lie in one fold or in the test set",
-            "exact_duplicate_groups": duplicates.get("groups"),
-            "near_duplicate_clusters": near.get("clusters"),
-            "near_duplicate_images": near.get("images"),
-            "left_out_for_crossing_the_test_set": (split_summary.get("dropped_for_source_leak") or {}).get("count", 0),
-            "identifiers": index.get("identifiers"),
-        },
-        "quantitative_analyses": {
-            "test": _test_metrics(ensemble) if ensemble else None,
-            "cross_validation_mean": {
-                k: (summary.get("statistics", {}).get(f"test.{k}") or {}).get("mean")
-                for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
-            },
-            "subgroups": [
-                {k: row.get(k) for k in ("subgroup", "group", "images", "patients", "value", "ci_low", "ci_high")}
-                for row in clinical.get("subgroups", [])
-                if row.get("metric") == "auroc_macro" and not row.get("too_small") and row.get("group") != "all"
-            ],
-            "calibration": {c: {k: v.get(k) for k in ("ece", "max_gap", "brier")} for c, v in calibration.items()},
-            "operating_points": [
-                {
-                    k: row.get(k)
-                    for k in (
-                        "class",
-                        "target",
-                        "target_value",
-                        "threshold",
-                        "test.sensitivity",
-                        "test.sensitivity.ci_low",
-                        "test.sensitivity.ci_high",
-                        "test.specificity",
-                        "test.specificity.ci_low",
-                        "test.specificity.ci_high",
-                    )
-                }
-                for row in clinical.get("operating_points", [])
-            ],
-        },
+        "evaluation_data": {"held_out_test_set": _test_set(src.split_summary)},
+        "training_data": _training_data(src),
+        "quantitative_analyses": _quantitative_analyses(src),
         "ethical_considerations": notes["ethical_considerations"],
         "caveats_and_recommendations": notes["limitations"],
         "software": _software(),
-        "split_digest": split_digest(dataset_dir / "split_manifest.csv"),
+        "split_digest": split_digest(src.exp.parent / "split_manifest.csv"),
     }
-    return card
+
+
+def _model_details(src: _Sources, export: dict | None) -> dict:
+    metrics = src.metrics
+    recorded = metrics[0]["settings"]  # the training settings metrics.json records (a result file)
+    folds = len(set(m["fold"] for m in metrics))
+    what = "one fold model"
+    if len(metrics) > 1:
+        what = f"fold ensemble: the mean of {len(metrics)} models' probabilities"
+        if folds < len(metrics):
+            what += f" ({folds} folds, each trained with several seeds)"
+    return {
+        "name": src.exp.name,
+        "dataset": src.index.get("dataset", src.exp.parent.name),
+        "architecture": recorded["model"],
+        "parameters_per_model": metrics[0].get("parameters"),
+        "models": len(metrics),
+        "what": what,
+        "task": metrics[0]["task"],
+        "classes": metrics[0]["classes"],
+        "input": (export or {}).get("input") or f"{recorded['image_size']} x {recorded['image_size']} px",
+        "training": {
+            "optimizer": recorded["optimizer"],
+            "lr": recorded["lr"],
+            "batch_size": recorded["batch_size"],
+            "epochs_max": recorded["epochs"],
+            "epochs_trained": [m.get("epochs_trained") for m in metrics],
+            "pretrained": recorded.get("pretrained"),
+            "seed": recorded["seed"],
+        },
+        "export": {k: export.get(k) for k in ("file", "bytes", "parity_max_abs_difference", "resize")}
+        if export
+        else None,
+    }
+
+
+def _test_set(split_summary: dict) -> dict:
+    test = split_summary.get("sets", {}).get("test", {})
+    return {
+        "images": test.get("images"),
+        "patients": test.get("patients"),
+        "images_per_class": test.get("images_per_class"),
+        "method": split_summary.get("test_method"),
+    }
+
+
+def _training_data(src: _Sources) -> dict:
+    index, split_summary = src.index, src.split_summary
+    near, duplicates = index.get("near_duplicates") or {}, index.get("duplicates") or {}
+    cv_sets = {k: v for k, v in split_summary.get("sets", {}).items() if k.startswith("fold_")}
+    return {
+        "dataset": index.get("dataset", src.exp.parent.name),
+        "format": index.get("format"),
+        "images_indexed": index.get("images_indexed"),
+        "images_excluded": index.get("images_skipped"),
+        "patients": index.get("patients"),
+        "classes": index.get("classes"),
+        "images_per_class": index.get("images_per_class"),
+        "cross_validation": {
+            "folds": len(cv_sets),
+            "images": sum(v.get("images", 0) for v in cv_sets.values()),
+            "patients": sum(v.get("patients", 0) for v in cv_sets.values()),
+        },
+        "split": "by patient: every patient's images (and every group of exact or near-duplicate copies) "
+        "lie in one fold or in the test set",
+        "exact_duplicate_groups": duplicates.get("groups"),
+        "near_duplicate_clusters": near.get("clusters"),
+        "near_duplicate_images": near.get("images"),
+        "left_out_for_crossing_the_test_set": (split_summary.get("dropped_for_source_leak") or {}).get("count", 0),
+        "identifiers": index.get("identifiers"),
+    }
+
+
+OPERATING_POINT_KEYS = (
+    "class",
+    "target",
+    "target_value",
+    "threshold",
+    "test.sensitivity",
+    "test.sensitivity.ci_low",
+    "test.sensitivity.ci_high",
+    "test.specificity",
+    "test.specificity.ci_low",
+    "test.specificity.ci_high",
+)
+
+
+def _quantitative_analyses(src: _Sources) -> dict:
+    clinical = src.clinical
+    calibration = (clinical.get("calibration") or {}).get("before", {})
+    return {
+        "test": _test_metrics(src.ensemble) if src.ensemble else None,
+        "cross_validation_mean": {
+            k: (src.summary.get("statistics", {}).get(f"test.{k}") or {}).get("mean")
+            for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
+        },
+        "subgroups": [
+            {k: row.get(k) for k in ("subgroup", "group", "images", "patients", "value", "ci_low", "ci_high")}
+            for row in clinical.get("subgroups", [])
+            if row.get("metric") == "auroc_macro" and not row.get("too_small") and row.get("group") != "all"
+        ],
+        "calibration": {c: {k: v.get(k) for k in ("ece", "max_gap", "brier")} for c, v in calibration.items()},
+        "operating_points": [
+            {k: row.get(k) for k in OPERATING_POINT_KEYS} for row in clinical.get("operating_points", [])
+        ],
+    }
 
 
 def _test_metrics(ensemble: dict) -> dict:
@@ -237,8 +271,29 @@ def _interval(entry: dict) -> str:
 
 def markdown(card: dict) -> str:
     """The card as Markdown, section by section."""
-    d, use, train = card["model_details"], card["intended_use"], card["training_data"]
-    m, q, e = card["metrics"], card["quantitative_analyses"], card["evaluation_data"]["held_out_test_set"]
+    lines = _details_markdown(card) + _data_markdown(card) + _analyses_markdown(card["quantitative_analyses"])
+    lines += [
+        "",
+        "## Ethical considerations",
+        "",
+        card["ethical_considerations"],
+        "",
+        "## Caveats and recommendations",
+        "",
+        card["caveats_and_recommendations"],
+        "",
+        "## Software and provenance",
+        "",
+        "- " + ", ".join(f"{k} {v}" for k, v in card["software"].items()),
+        f"- split digest: {card['split_digest'] or 'n/a'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _details_markdown(card: dict) -> list[str]:
+    """Model details, intended use, factors and metrics."""
+    d, use, m = card["model_details"], card["intended_use"], card["metrics"]
     lines = [
         f"# Model card: {d['name']} ({d['dataset']})",
         "",
@@ -274,6 +329,13 @@ def markdown(card: dict) -> str:
     ]
     if m["thresholds"]:
         lines.append("- thresholds: " + ", ".join(f"{c} {_fmt(t)}" for c, t in m["thresholds"].items()))
+    return lines
+
+
+def _data_markdown(card: dict) -> list[str]:
+    """The evaluation and training data."""
+    train, e = card["training_data"], card["evaluation_data"]["held_out_test_set"]
+    lines: list[str] = []
     lines += [
         "",
         "## Evaluation data",
@@ -294,6 +356,12 @@ def markdown(card: dict) -> str:
         "## Quantitative analyses",
         "",
     ]
+    return lines
+
+
+def _analyses_markdown(q: dict) -> list[str]:
+    """The quantitative analyses' tables: test metrics, subgroups, calibration, operating points."""
+    lines: list[str] = []
     if q["test"]:
         lines += ["| metric (held-out test set) | value (95 % CI) |", "| --- | --- |"]
         lines += [f"| {k} | {_interval(v)} |" for k, v in q["test"].items() if isinstance(v, dict)]
@@ -327,23 +395,7 @@ def markdown(card: dict) -> str:
             }
             point = r["target"] + (f" {_fmt(r['target_value'])}" if r.get("target_value") is not None else "")
             lines.append(f"| {r['class']} | {point} | {_fmt(r['threshold'])} | {_interval(sens)} | {_interval(spec)} |")
-    lines += [
-        "",
-        "## Ethical considerations",
-        "",
-        card["ethical_considerations"],
-        "",
-        "## Caveats and recommendations",
-        "",
-        card["caveats_and_recommendations"],
-        "",
-        "## Software and provenance",
-        "",
-        "- " + ", ".join(f"{k} {v}" for k, v in card["software"].items()),
-        f"- split digest: {card['split_digest'] or 'n/a'}",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def write(card: dict, out_dir) -> tuple[Path, Path]:

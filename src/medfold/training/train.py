@@ -54,33 +54,182 @@ from medfold.training.transforms import CachedBatches
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class FoldSetup:
+    """Everything one fold trains with, built once before its first epoch: settings, data,
+    device and backend, model, runner and loss, the weights' average, pruning while training,
+    the training batches and the epoch loop over them."""
 
+    fold: int
+    s: TrainSettings
+    out: FoldOutputs
+    data: FoldData
+    ctx: object  # the distributed backend (medfold.training.distributed)
+    device: torch.device
+    model: torch.nn.Module
+    runner: Runner
+    criterion: Criterion
+    ema: object
+    pruner: object
+    select_from: int
+    batches: CachedBatches
+    loop: Epochs
+    lr_scale: float
 
-# ----------------------------------------------------------------------------- model pieces
-
-
-# ----------------------------------------------------------------------------- the run
-def _read_checkpoint(path: Path, device):
-    """The checkpoint, or None when there is none or it cannot be read (a truncated or altered
-    file is set aside as ``<name>.unreadable`` and the fold trains from the start)."""
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, CRC: any of torch's many ways to say it
-        aside = path.with_name(path.name + ".unreadable")
-        os.replace(path, aside)
-        log.warning(
-            "%s cannot be read (%s: %s); set aside as %s, training from the start",
-            path,
-            type(exc).__name__,
-            str(exc)[:200],
-            aside.name,
+    @classmethod
+    def build(cls, training, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1) -> FoldSetup:
+        """``training``: the experiment's ``TrainSettings``, or its merged settings dict. The parts
+        are made in a fixed order (model, quantisation, runner, loss, average, pruning, batches):
+        the seeded ones draw in that order, so a run is the same run every time."""
+        s = TrainSettings.of(training)
+        out = FoldOutputs.of(outputs)
+        out.create()
+        torch.set_num_threads(max(1, threads))
+        data = FoldData(index_path, splits_path, cache_dir, fold)
+        device = resolve_device(s.device)
+        ctx = distributed.init(s.distributed.backend, device)
+        device = ctx.device_for(device)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model = _fold_model(s, data, device)
+        runner = Runner(s, data.cache, data.targets, data.task, device, model)
+        if runner.channels_last:
+            model.to(memory_format=torch.channels_last)
+        train = data.rows["train"]
+        criterion = Criterion(
+            data.task, data.targets[train], len(data.classes), s.class_weights, device, s.label_smoothing
         )
-        return None
+        ema = ema_model(model, s.ema_decay)
+        pruner, select_from = None, 0
+        if s.pruning.enabled:  # gradual pruning from the start, as the thesis did
+            from medfold.training.prune import Pruner
+
+            pruner = Pruner.from_config(model, s.pruning)
+            select_from = math.ceil(s.pruning.end_epoch)  # the chosen model has the final sparsity
+        batches = _train_batches(s, data, fold, ctx)
+        loop = Epochs(
+            runner,
+            data,
+            criterion,
+            batches,
+            s.augment,
+            s.seed,
+            ctx,
+            train_rows=train_metric_rows(train, s.train_metrics_images, s.seed, fold),
+            mixing=s.mixing,
+            val_rows=oversampled_validation(
+                data.rows["val"],
+                data.targets,
+                data.task,
+                data.classes,
+                s.val_oversample,
+                seeds.val_oversample(s.seed, fold),
+            ),
+        )
+        lr_scale = ctx.world if s.distributed.scale_lr else 1
+        return cls(
+            fold, s, out, data, ctx, device, model, runner, criterion, ema, pruner, select_from, batches, loop, lr_scale
+        )
 
 
+def _fold_model(s: TrainSettings, data: FoldData, device) -> torch.nn.Module:
+    """The fold's model on its device, fake-quantised from the first epoch when QAT is on (the
+    model every later stage reads)."""
+    model = build_model(
+        s.model,
+        data.cache.shape[1],
+        len(data.classes),
+        s.init_seed,
+        s.pretrained,
+        s.batch_norm,
+        s.dropout,
+        s.pretrained_partial,
+        s.network,
+        s.image_size,
+        s.head,
+    ).to(device)
+    if s.qat.enabled:
+        fakequant.prepare(model, s.qat.layers)
+    return model
+
+
+def _train_batches(s: TrainSettings, data: FoldData, fold: int, ctx) -> CachedBatches:
+    """The training rows in batches: this fold's data order, oversampled as configured, this
+    rank's share of each batch."""
+    train = data.rows["train"]
+    weights = sample_weights(data.targets[train], data.task, data.classes, s.oversample.mode, s.oversample.target)
+    return CachedBatches(
+        data.cache,
+        train,
+        s.batch_size,
+        shuffle=True,
+        seed=seeds.data_order(s.seed, fold),
+        weights=weights,
+        rank=ctx.rank,
+        world=ctx.world,
+        read_ahead=s.read_ahead,
+    )
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+class FoldCheckpoint:
+    """The checkpoint written after every epoch (model, optimiser, schedule, state, the weights'
+    average, RNG), read back only under the settings and fold it was written with."""
+
+    def __init__(self, path: Path, settings: dict, fold: int):
+        self.path, self.digest, self.fold = Path(path), settings_digest(settings), fold
+
+    def read(self, device) -> dict | None:
+        """The checkpoint with its ``TrainState`` under "resumed", or None to start afresh: none
+        there, unreadable (a truncated or altered file is set aside as ``<name>.unreadable``),
+        or written with other settings, for another fold or by another version."""
+        path = self.path
+        if not path.exists():
+            return None
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle, CRC: any of torch's many ways to say it
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.warning(
+                "%s cannot be read (%s: %s); set aside as %s, training from the start",
+                path,
+                type(exc).__name__,
+                str(exc)[:200],
+                aside.name,
+            )
+            return None
+        resumed = TrainState.from_dict(ckpt["state"])
+        if ckpt["settings"] != self.digest or ckpt["fold"] != self.fold or resumed is None:
+            log.warning(
+                "%s was written with other settings or by another version; training fold %d from the start",
+                path,
+                self.fold,
+            )
+            return None
+        return {**ckpt, "resumed": resumed}
+
+    def write(self, model, optimizer, scheduler, state: TrainState, ema) -> None:
+        files.save_torch_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "state": state.to_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "rng_cpu": torch.get_rng_state(),
+                "settings": self.digest,
+                "fold": self.fold,
+            },
+            self.path,
+        )
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the epochs
 @dataclasses.dataclass
 class StageRun:
     """What one stage trains with: the optimiser over its trainable weights, the model a step
@@ -92,113 +241,71 @@ class StageRun:
     frozen_norms: set
     trainable: int
 
+    @classmethod
+    def begin(cls, u: FoldSetup, stage: Stage) -> StageRun:
+        """Freeze what the stage keeps fixed; a fresh optimizer and LR schedule over the rest."""
+        s, model = u.s, u.model
+        frozen_norms = set_trainable(model, stage.train, stage.blocks, stage.freeze_batch_norm)
+        for p in model.parameters():
+            p.grad = None  # a gradient left from the previous stage must not move a frozen weight
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        u.batches.batch_size = stage.batch_size or s.batch_size  # before the schedule counts its steps
+        optimizer = make_optimizer(trainable, s, stage.lr * u.lr_scale, stage.optimizer)
+        # every rank starts from rank 0's weights; a resume loads the same file on every rank
+        step_model, optimizer = u.ctx.wrap(model, optimizer, u.device)
+        if s.compile:
+            step_model = torch.compile(step_model)
+        # the LR schedule: per epoch on the monitored metric, or per step (cosine, one-cycle)
+        scheduler = step_schedule(optimizer, s.schedule, stage.epochs, u.batches.steps())
+        if s.schedule.name == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode=s.early_stopping.mode,
+                factor=s.plateau.factor,
+                patience=s.plateau.patience,
+                min_lr=s.plateau.min_lr,
+            )
+        return cls(optimizer, scheduler, step_model, frozen_norms, sum(p.numel() for p in trainable))
+
 
 class FoldRun:
-    """One fold's training run. Built once: settings, data, device and backend, model, loss,
-    batches, the weights' average and pruning while training. ``run`` resumes from the checkpoint
-    when there is one, runs one ``fit`` per stage (writing the checkpoint after every epoch) and
-    evaluates and writes the chosen weights."""
+    """One fold's training run over a ``FoldSetup``. ``run`` resumes from the checkpoint when
+    there is one, runs one ``fit`` per stage (writing the checkpoint after every epoch), then
+    checks the replicas agree and evaluates and writes the chosen weights (``finish``)."""
 
     def __init__(self, training, index_path, splits_path, cache_dir, fold: int, outputs, threads: int = 1):
         """``training``: the experiment's ``TrainSettings``, or its merged settings dict."""
-        self.fold = fold
-        self.s = s = TrainSettings.of(training)
-        self.out = FoldOutputs.of(outputs)
-        self.out.create()
-        torch.set_num_threads(max(1, threads))
-        self.data = data = FoldData(index_path, splits_path, cache_dir, fold)
-        rows, targets = data.rows, data.targets
-        device = resolve_device(s.device)
-        self.ctx = distributed.init(s.distributed.backend, device)
-        self.device = device = self.ctx.device_for(device)
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-
-        self.model = build_model(
-            s.model,
-            data.cache.shape[1],
-            len(data.classes),
-            s.init_seed,
-            s.pretrained,
-            s.batch_norm,
-            s.dropout,
-            s.pretrained_partial,
-            s.network,
-            s.image_size,
-            s.head,
-        ).to(device)
-        if s.qat.enabled:  # fake quantization from the first epoch, in the model every later stage reads
-            fakequant.prepare(self.model, s.qat.layers)
-        self.runner = Runner(s, data.cache, targets, data.task, device, self.model)
-        if self.runner.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.lr_scale = self.ctx.world if s.distributed.scale_lr else 1
-        self.criterion = Criterion(
-            data.task, targets[rows["train"]], len(data.classes), s.class_weights, device, s.label_smoothing
-        )
-        self.ema = ema_model(self.model, s.ema_decay)
-        self.pruner, self.select_from = None, 0
-        if s.pruning.enabled:  # gradual pruning from the start, as the thesis did
-            from medfold.training.prune import Pruner
-
-            self.pruner = Pruner.from_config(self.model, s.pruning)
-            self.select_from = math.ceil(s.pruning.end_epoch)  # the chosen model has the final sparsity
-        weights = sample_weights(
-            targets[rows["train"]], data.task, data.classes, s.oversample.mode, s.oversample.target
-        )
-        self.batches = CachedBatches(
-            data.cache,
-            rows["train"],
-            s.batch_size,
-            shuffle=True,
-            seed=seeds.data_order(s.seed, fold),
-            weights=weights,
-            rank=self.ctx.rank,
-            world=self.ctx.world,
-            read_ahead=s.read_ahead,
-        )
-        self.loop = Epochs(
-            self.runner,
-            data,
-            self.criterion,
-            self.batches,
-            s.augment,
-            s.seed,
-            self.ctx,
-            train_rows=train_metric_rows(rows["train"], s.train_metrics_images, s.seed, fold),
-            mixing=s.mixing,
-            val_rows=oversampled_validation(
-                rows["val"], targets, data.task, data.classes, s.val_oversample, seeds.val_oversample(s.seed, fold)
-            ),
-        )
+        self.setup = FoldSetup.build(training, index_path, splits_path, cache_dir, fold, outputs, threads)
+        s = self.setup.s
+        self.checkpoint = FoldCheckpoint(self.setup.out.checkpoint, s.raw, fold)
         self.state = TrainState()
         self.total = sum(stage.epochs for stage in s.stages)
         self.staged = s.staged
         self.writer = None
         self.tracker = None
 
-    # ------------------------------------------------------------------ the run
     def run(self) -> dict | None:
         """Train every stage left, then evaluate; the metrics on rank 0, None on the others."""
-        s, rows = self.s, self.data.rows
+        u = self.setup
+        s, rows = u.s, u.data.rows
         ckpt = self.resume()
-        if self.ctx.main:
+        if u.ctx.main:
             from torch.utils.tensorboard import SummaryWriter
 
             from medfold.training.tracking import FoldTracker
 
-            self.tracker = FoldTracker.of_work_dir(self.out.work)  # the run its job opened (tracking.mlflow)
-            self.writer = SummaryWriter(str(self.out.tensorboard))
+            self.tracker = FoldTracker.of_work_dir(u.out.work)  # the run its job opened (tracking.mlflow)
+            self.writer = SummaryWriter(str(u.out.tensorboard))
             for row in self.state.history:  # a resumed run's event files hold the whole run
                 _log_scalars(self.writer, row)
         log.info(
             "fold %d: %d train, %d val, %d test images; %s on %s; %d epochs max%s",
-            self.fold,
+            u.fold,
             len(rows["train"]),
             len(rows["val"]),
             len(rows["test"]),
             s.model,
-            self.device,
+            u.device,
             self.total,
             f" in {len(s.stages)} stages" if self.staged else "",
         )
@@ -212,76 +319,44 @@ class FoldRun:
     def resume(self) -> dict | None:
         """Load the checkpoint into the model, the weights' average, the state and the RNG; the
         checkpoint (for the optimiser and schedule of its stage), or None to start afresh."""
-        path = self.out.checkpoint
-        ckpt = _read_checkpoint(path, self.device)
+        u = self.setup
+        ckpt = self.checkpoint.read(u.device)
         if ckpt is None:
             return None
-        resumed = TrainState.from_dict(ckpt["state"])
-        if ckpt["settings"] != settings_digest(self.s.raw) or ckpt["fold"] != self.fold or resumed is None:
-            log.warning(
-                "%s was written with other settings or by another version; training fold %d from the start",
-                path,
-                self.fold,
-            )
-            return None
-        self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.state = resumed
+        u.model.load_state_dict(ckpt["model"])
+        if u.ema is not None:
+            u.ema.load_state_dict(ckpt["ema"])
+        self.state = ckpt["resumed"]
         torch.set_rng_state(ckpt["rng_cpu"])
-        log.info("resumed fold %d from %s after epoch %d", self.fold, path, resumed.epoch)
+        log.info("resumed fold %d from %s after epoch %d", u.fold, self.checkpoint.path, self.state.epoch)
         return ckpt
-
-    def begin_stage(self, stage: Stage) -> StageRun:
-        """Freeze what the stage keeps fixed; a fresh optimizer and LR schedule over the rest."""
-        s, model = self.s, self.model
-        frozen_norms = set_trainable(model, stage.train, stage.blocks, stage.freeze_batch_norm)
-        for p in model.parameters():
-            p.grad = None  # a gradient left from the previous stage must not move a frozen weight
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.batches.batch_size = stage.batch_size or s.batch_size  # before the schedule counts its steps
-        optimizer = make_optimizer(trainable, s, stage.lr * self.lr_scale, stage.optimizer)
-        # every rank starts from rank 0's weights; a resume loads the same file on every rank
-        step_model, optimizer = self.ctx.wrap(model, optimizer, self.device)
-        if s.compile:
-            step_model = torch.compile(step_model)
-        # the LR schedule: per epoch on the monitored metric, or per step (cosine, one-cycle)
-        scheduler = step_schedule(optimizer, s.schedule, stage.epochs, self.batches.steps())
-        if s.schedule.name == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer,
-                mode=s.early_stopping.mode,
-                factor=s.plateau.factor,
-                patience=s.plateau.patience,
-                min_lr=s.plateau.min_lr,
-            )
-        return StageRun(optimizer, scheduler, step_model, frozen_norms, sum(p.numel() for p in trainable))
 
     def run_stage(self, stage: Stage, ckpt: dict | None) -> None:
         """One ``fit`` over the stage; the next stage starts from this one's best weights."""
-        s, state, model = self.s, self.state, self.model
-        run = self.begin_stage(stage)
+        u = self.setup
+        s, state, model = u.s, self.state, u.model
+        run = StageRun.begin(u, stage)
         if ckpt is not None:
             run.optimizer.load_state_dict(ckpt["optimizer"])
             if run.scheduler is not None:
                 run.scheduler.load_state_dict(ckpt["scheduler"])
-        pruner = self.pruner
+        pruner = u.pruner
         plan = Fit(
             stage.epochs,
             s.early_stopping,
             run.scheduler,
             set_training=lambda on: train_mode(model, run.frozen_norms) if on else model.eval(),
             after_epoch=lambda row, improved: self.after_epoch(row, improved, run),
-            ema=self.ema,
+            ema=u.ema,
             after_step=(lambda epoch: pruner.after_step(epoch, s.pruning.update_every)) if pruner else None,
-            select_from=self.select_from,
+            select_from=u.select_from,
             keep=s.keep,
         )
-        stopper = fit(self.loop, model, run.step_model, run.optimizer, state, plan)
+        stopper = fit(u.loop, model, run.step_model, run.optimizer, state, plan)
         if stopper.stop:
             log.info(
                 "fold %d: early stop after epoch %d (no %s improvement for %d epochs)",
-                self.fold,
+                u.fold,
                 state.epoch,
                 s.early_stopping.metric,
                 stopper.bad_epochs,
@@ -293,47 +368,34 @@ class FoldRun:
                 "stopped_early": stopper.stop,
                 "best_value": stopper.best,
                 "trainable_parameters": run.trainable,
-                **({"test": self.stage_test(stopper)} if self.staged and self.ctx.main else {}),
+                **({"test": _stage_test(u, stopper)} if self.staged and u.ctx.main else {}),
             }
         )
         state.stage, state.stage_epoch, state.stopper = state.stage + 1, 0, None
         if state.stage < len(s.stages):
             if s.keep == "best":  # else the model is at the stage's last epoch already
                 model.load_state_dict(stopper.weights)
-                if self.ema is not None:
-                    self.ema.module.load_state_dict(stopper.weights)
+                if u.ema is not None:
+                    u.ema.module.load_state_dict(stopper.weights)
             log.info(
                 "fold %d: stage %d/%d (%s) starts from the previous stage's %s weights",
-                self.fold,
+                u.fold,
                 state.stage + 1,
                 len(s.stages),
                 s.stages[state.stage].train,
                 s.keep,
             )
 
-    def stage_test(self, stopper) -> dict | None:
-        """The weights this stage hands on (its best, or its last), scored on the test set with
-        the decision rule's thresholds from validation: each stage's own result, as staged studies
-        report Model 1, 2, 3 (on a copy: training goes on undisturbed)."""
-        import copy
-
-        if not len(self.data.rows["test"]):
-            return None
-        scored = copy.deepcopy(self.ema.module if self.ema is not None else self.model)
-        if self.s.keep == "best":
-            scored.load_state_dict(stopper.weights)
-        scores = evaluate_fold(self.runner, None, self.data, scored.eval(), self.s.decision)[0]["test"]
-        return {k: scores.get(k) for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")}
-
     def after_epoch(self, row: dict, improved: bool, run: StageRun) -> None:
         """Log the epoch (TensorBoard, the job log) and write the checkpoint."""
+        u = self.setup
         if self.staged:
             row.update(stage=self.state.stage + 1, trainable_parameters=run.trainable)
         if self.writer is not None:
             _log_scalars(self.writer, row)
         log.info(
             "fold %d epoch %d/%d  loss %.4f  val_loss %.4f  val_auroc %s  lr %.2g  %.0f img/s%s",
-            self.fold,
+            u.fold,
             row["epoch"],
             self.total,
             row["train_loss"],
@@ -343,63 +405,63 @@ class FoldRun:
             row["images_per_s"],
             "  *best*" if improved else "",
         )
-        if self.ctx.main:
-            files.save_torch_atomic(
-                {
-                    "model": self.model.state_dict(),
-                    "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict() if run.scheduler is not None else {},
-                    "state": self.state.to_dict(),
-                    **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-                    "rng_cpu": torch.get_rng_state(),
-                    "settings": settings_digest(self.s.raw),
-                    "fold": self.fold,
-                },
-                self.out.checkpoint,
-            )
+        if u.ctx.main:
+            self.checkpoint.write(u.model, run.optimizer, run.scheduler, self.state, u.ema)
             if self.tracker is not None:  # after the checkpoint: a resumed run never logs an epoch twice
                 self.tracker.log_epoch(row)
 
     def finish(self) -> dict | None:
         """Check the replicas agree, load the chosen weights, evaluate and write on rank 0."""
-        ctx, fold = self.ctx, self.fold
-        identical = ctx.replicas_identical(self.model)
-        nodes = ctx.nodes()
+        u = self.setup
+        identical = u.ctx.replicas_identical(u.model)
+        nodes = u.ctx.nodes()
         if not identical:
-            raise MedfoldError(f"fold {fold}: the {ctx.world} {ctx.backend} replicas ended with different weights")
-        self.model.load_state_dict(self.state.best_state)
+            raise MedfoldError(
+                f"fold {u.fold}: the {u.ctx.world} {u.ctx.backend} replicas ended with different weights"
+            )
+        u.model.load_state_dict(self.state.best_state)
         result = None
-        if ctx.main:
+        if u.ctx.main:
             distributed_summary = {
-                "backend": ctx.backend,
-                "world_size": ctx.world,
+                "backend": u.ctx.backend,
+                "world_size": u.ctx.world,
                 "nodes": nodes,
-                "lr": self.s.stages[0].lr * self.lr_scale,
+                "lr": u.s.stages[0].lr * u.lr_scale,
                 "replicas_identical": identical,
             }
-            pruned = None
-            if self.pruner is not None:
-                pruned = self.pruner.sparsity()
-                self.pruner.make_permanent()  # plain weights with zeros: what every later stage reads
-                pruned["storage"] = pruned_storage(self.model.state_dict())
-                log.info(
-                    "fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"]
-                )
-            result = _evaluate_and_write(
-                self.runner,
-                self.criterion,
-                self.data,
-                self.s,
-                self.state,
-                distributed_summary,
-                self.out,
-                pruned,
-                self.loop.train_rows,
-            )
-            self.out.checkpoint.unlink(missing_ok=True)  # the run is complete; model.pt holds the chosen weights
-        ctx.barrier()
-        ctx.shutdown()
+            result = _evaluate_and_write(u, self.state, distributed_summary, _made_permanent(u.pruner, u.model, u.fold))
+            self.checkpoint.remove()  # the run is complete; model.pt holds the chosen weights
+        u.ctx.barrier()
+        u.ctx.shutdown()
         return result
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _stage_test(u: FoldSetup, stopper) -> dict | None:
+    """The weights this stage hands on (its best, or its last), scored on the test set with
+    the decision rule's thresholds from validation: each stage's own result, as staged studies
+    report Model 1, 2, 3 (on a copy: training goes on undisturbed)."""
+    import copy
+
+    if not len(u.data.rows["test"]):
+        return None
+    scored = copy.deepcopy(u.ema.module if u.ema is not None else u.model)
+    if u.s.keep == "best":
+        scored.load_state_dict(stopper.weights)
+    scores = evaluate_fold(u.runner, None, u.data, scored.eval(), u.s.decision)[0]["test"]
+    return {k: scores.get(k) for k in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")}
+
+
+def _made_permanent(pruner, model, fold: int) -> dict | None:
+    """Pruning while training: the chosen weights with their zeros made plain (what every later
+    stage reads) and their sparsity and storage; None without pruning."""
+    if pruner is None:
+        return None
+    pruned = pruner.sparsity()
+    pruner.make_permanent()
+    pruned["storage"] = pruned_storage(model.state_dict())
+    log.info("fold %d: the chosen model is %.1f %% sparse in its pruned layers", fold, 100 * pruned["overall"])
+    return pruned
 
 
 def pruned_storage(state_dict: dict) -> dict:
@@ -438,17 +500,10 @@ def _log_scalars(writer, row: dict) -> None:
             writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["epoch"])
 
 
-def _evaluate_and_write(
-    runner,
-    criterion,
-    data: FoldData,
-    s: TrainSettings,
-    state: TrainState,
-    parallel: dict,
-    out: FoldOutputs,
-    pruned=None,
-    train_rows=None,
-) -> dict:
+def _evaluate_and_write(u: FoldSetup, state: TrainState, parallel: dict, pruned: dict | None) -> dict:
+    """The chosen weights evaluated on the validation, test and training-subsample images,
+    written with the run's record (metrics.json, predictions, history, model.pt)."""
+    runner, criterion, data, s, out, train_rows = u.runner, u.criterion, u.data, u.s, u.out, u.loop.train_rows
     runner.model.eval()
     result, predictions = evaluate_fold(runner, criterion, data, decision=s.decision)
     if train_rows is not None and len(train_rows):  # the kept model on the training subsample, as studies report
