@@ -243,6 +243,62 @@ def _explain_one(model, saved: dict, image: np.ndarray, c: int, task: str, class
     return probs, predicted_labels, cam, segments, weights
 
 
+GRADCAM_METHOD = {"layer": "last convolutional block", "relu": True, "upsampling": "bilinear"}
+LIME_METHOD = {
+    "perturbation": "Bernoulli(0.5) per superpixel, off = 0 (the mean)",
+    "kernel": "exp(-d^2 / width^2), d = cosine distance",
+    "surrogate": "ridge, alpha 1",
+}
+
+
+def _save_maps(path, items: list, cams: list, limes: list, size: tuple) -> None:
+    """maps.npz: the explained images' IDs and classes, their Grad-CAM and LIME maps."""
+    np.savez_compressed(
+        path,
+        image_ids=np.array([i["image_id"] for i in items], dtype=str),
+        classes=np.array([i["explained_class"] for i in items], dtype=str),
+        gradcam=np.array(cams, np.float32).reshape(-1, *size),
+        lime=np.array(limes, np.float32).reshape(-1, *size),
+    )
+
+
+def _explain_image(model, saved, data, row: int, c: int, k: int, thresholds, options, seed: int, out):
+    """Image ``row`` (the ``k``-th explained) for class ``c``: Grad-CAM and LIME, its overlay
+    written; returns explanations.json's entry for it and the two maps."""
+    index, classes = data.index, data.classes
+    image = np.asarray(data.cache[row])
+    probs, predicted_labels, cam, segments, weights = _explain_one(
+        model, saved, image, c, data.task, classes, thresholds, options, seed
+    )
+    image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
+    file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
+    true_labels = list(index["labels"].iloc[row])
+    title = (
+        f"{image_id}  explains: {classes[c]} (p={probs[c]:.2f})\n"
+        f"true: {', '.join(true_labels) or 'no finding'}   predicted: {', '.join(predicted_labels) or 'no finding'}"
+    )
+    overlay(image, cam, weights, segments, title, out.overlays / file)
+    item = {
+        "image_id": image_id,
+        "patient_id": index["shared_patient_id"].iloc[row],
+        "explained_class": classes[c],
+        "true_labels": true_labels,
+        "predicted_labels": predicted_labels,
+        "probabilities": {cls: float(p) for cls, p in zip(classes, probs)},
+        "superpixels": int(segments.max() + 1),
+        "overlay": os.path.relpath(out.overlays / file, out.record.parent),  # beside the record
+    }
+    log.info(
+        "fold %d: explained %s for %s (p=%.3f, %d superpixels)",
+        data.fold,
+        image_id,
+        classes[c],
+        probs[c],
+        segments.max() + 1,
+    )
+    return item, cam, weights
+
+
 def explain_fold(
     model_path,
     index_path,
@@ -265,75 +321,36 @@ def explain_fold(
     out.create()
     out.overlays.mkdir(parents=True, exist_ok=True)
     data = FoldData(index_path, splits_path, cache_dir, fold)
-    index, classes, task, cache, targets = data.index, data.classes, data.task, data.cache, data.targets
-    test_rows = data.rows["test"]
+    classes, task, cache = data.classes, data.task, data.cache
     model, saved = load_model(model_path)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the activations Grad-CAM needs, not to weights
     thresholds = saved.get("thresholds")
     chosen = choose_images(
-        targets, test_rows, task, len(classes), explain.images_per_class, seeds.explained_images(explain.seed, fold)
+        data.targets,
+        data.rows["test"],
+        task,
+        len(classes),
+        explain.images_per_class,
+        seeds.explained_images(explain.seed, fold),
     )
     items, cams, limes = [], [], []
     progress = Progress(f"explain fold {fold}", len(chosen))
     for k, (row, c) in enumerate(tracked(chosen, progress)):
-        image = np.asarray(cache[row])
-        probs, predicted_labels, cam, segments, weights = _explain_one(
-            model, saved, image, c, task, classes, thresholds, options, seeds.lime(explain.seed, fold, k)
+        item, cam, weights = _explain_image(
+            model, saved, data, row, c, k, thresholds, options, seeds.lime(explain.seed, fold, k), out
         )
-        image_id = index["shared_image_id"].iloc[row]  # what outputs meant to be shared show
-        file = f"{k:03d}_{classes[c]}.png".replace("/", "_").replace(" ", "_")
-        true_labels = list(index["labels"].iloc[row])
-        title = (
-            f"{image_id}  explains: {classes[c]} (p={probs[c]:.2f})\n"
-            f"true: {', '.join(true_labels) or 'no finding'}   predicted: {', '.join(predicted_labels) or 'no finding'}"
-        )
-        overlay(image, cam, weights, segments, title, out.overlays / file)
-        items.append(
-            {
-                "image_id": image_id,
-                "patient_id": index["shared_patient_id"].iloc[row],
-                "explained_class": classes[c],
-                "true_labels": true_labels,
-                "predicted_labels": predicted_labels,
-                "probabilities": {cls: float(p) for cls, p in zip(classes, probs)},
-                "superpixels": int(segments.max() + 1),
-                "overlay": os.path.relpath(out.overlays / file, out.record.parent),  # beside the record
-            }
-        )
+        items.append(item)
         cams.append(cam)
         limes.append(weights)
-        log.info(
-            "fold %d: explained %s for %s (p=%.3f, %d superpixels)",
-            fold,
-            image_id,
-            classes[c],
-            probs[c],
-            segments.max() + 1,
-        )
     progress.close()
-    size = tuple(cache.shape[-2:])
-    np.savez_compressed(
-        out.maps,
-        image_ids=np.array([i["image_id"] for i in items], dtype=str),
-        classes=np.array([i["explained_class"] for i in items], dtype=str),
-        gradcam=np.array(cams, np.float32).reshape(-1, *size),
-        lime=np.array(limes, np.float32).reshape(-1, *size),
-    )
+    _save_maps(out.maps, items, cams, limes, tuple(cache.shape[-2:]))
     result = {
         "fold": fold,
         "task": task,
         "classes": classes,
         "model": str(model_path),
-        "methods": {
-            "gradcam": {"layer": "last convolutional block", "relu": True, "upsampling": "bilinear"},
-            "lime": {
-                **options.raw,
-                "perturbation": "Bernoulli(0.5) per superpixel, off = 0 (the mean)",
-                "kernel": "exp(-d^2 / width^2), d = cosine distance",
-                "surrogate": "ridge, alpha 1",
-            },
-        },
+        "methods": {"gradcam": GRADCAM_METHOD, "lime": {**options.raw, **LIME_METHOD}},
         "images": items,
     }
     out.record.write_text(json.dumps(result, indent=2) + "\n")

@@ -267,82 +267,23 @@ def compress_fold(
     # the base model, evaluated and measured here, beside the variant
     base_result, base_predictions = evaluate_fold(cpu_runner, None, data, decision=s.decision)
     base_measured = measure(base, images, c.latency)
-    base_size = Path(base_path).stat().st_size
 
     # the variant is made from its own copy: pruning and QAT change the model they are given
     runner = Runner(s, data.cache, data.targets, data.task, device, load_model(base_path)[0])
-    start = time.perf_counter()
-    variant_model, history, finetune_seconds, extra = METHODS[vs.method](runner.model, runner, data, s, vs, example)
-    make_seconds = time.perf_counter() - start
-    log.info("%s (%s) made in %.1f s", name, vs.method, make_seconds)
-
-    metadata = {
-        "variant": name,
-        "method": vs.method,
-        "fold": fold,
-        "classes": data.classes,
-        "task": data.task,
-        "model": saved["model"],
-        "image_size": saved["image_size"],
-        "in_channels": saved["in_channels"],
-        "input_mean": cpu_runner.stats["mean"],
-        "input_std": cpu_runner.stats["std"],
-        "input_scale": cpu_runner.scale,
-    }
-    size = quantize.save_artifact(variant_model, example, out.model, metadata)
-    del variant_model
-    loaded, loaded_meta = quantize.load_artifact(out.model)  # evaluate what was saved, not what is in memory
-    int8 = vs.method in quantize.INT8_METHODS
-    runnable = quantize.compiled(loaded) if int8 else loaded
-    largest = max(c.latency.batch_sizes)
-    result, predictions = evaluate_fold(
-        cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable, decision=s.decision
+    made = _make_variant(
+        name, vs, runner, data, s, example, _artifact_metadata(name, vs, fold, data, saved, cpu_runner)
     )
-    log.info("saved, loaded back and evaluated in %.1f s", time.perf_counter() - start - make_seconds)
-    measured = measure(runnable, images, c.latency)
-    if int8:  # compiled int8 against compiled fp32 too, so the gain of compiling alone is visible
-        base_measured_compiled = measure(quantize.compiled(base), images, c.latency)
-    else:
-        base_measured_compiled = None
-
-    record = {
-        "variant": name,
-        "method": vs.method,
-        "fold": fold,
-        "threads": threads,
-        "cpu": hardware.cpu(),
-        "torch": torch.__version__,
-        "base": {
-            "size_bytes": base_size,
-            "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
-            **base_measured,
-            **({f"compiled_{k}": v for k, v in base_measured_compiled.items()} if base_measured_compiled else {}),
-        },
-        "variant_measured": {
-            "size_bytes": size,
-            "tensor_bytes": loaded_meta["tensor_bytes"],
-            "format": "torch.export archive (.pt2)",
-            "compiled": int8,
-            **measured,
-        },
-        "finetune": {"epochs": len(history), "seconds": finetune_seconds},
-        "make_seconds": make_seconds,
+    result, predictions, variant_stats = _saved_and_measured(made, example, out.model, cpu_runner, data, s, images, c)
+    # compiled int8 against compiled fp32 too, so the gain of compiling alone is visible
+    int8 = variant_stats["compiled"]
+    base_compiled = measure(quantize.compiled(base), images, c.latency) if int8 else None
+    compared = {
+        "deltas": metric_deltas(base_result, result),
+        "agreement": agreement(base_result, base_predictions, result, predictions, data),
     }
-    record["ratios"] = {
-        "size": size / base_size,
-        "tensor_size": loaded_meta["tensor_bytes"] / record["base"]["tensor_bytes"],
-        **_speedups(base_measured, measured, c.latency.batch_sizes, "speedup"),
-    }
-    if base_measured_compiled:
-        compiled = _speedups(base_measured_compiled, measured, c.latency.batch_sizes, "speedup_vs_compiled")
-        record["ratios"].update(compiled)
-    record["deltas"] = metric_deltas(base_result, result)
-    record["agreement"] = agreement(base_result, base_predictions, result, predictions, data)
-    if vs.method == "prune":
-        record["sparsity"] = extra["sparsity"]
-        record["compressed"] = _sparse_file(extra["state_dict"], out.model, base_size, size)
-    if "calibration_images" in extra:
-        record["calibration_images"] = extra["calibration_images"]
+    record = _record(name, vs, fold, threads, c, (base_path, saved, base_measured, base_compiled), made, variant_stats)
+    record.update(compared, **_pruned_record(made, out.model, record, variant_stats))
+    history, finetune_seconds = made.history, made.finetune_seconds
 
     result.update(
         {
@@ -366,6 +307,123 @@ def compress_fold(
         record["deltas"].get("test.auroc_macro"),
     )
     return record
+
+
+@dataclasses.dataclass
+class _Made:
+    """A variant as its method made it, before it is saved: the model, its fine-tuning history
+    and time, what the method reports besides (sparsity, calibration images), and when it was
+    done (``finished``, a perf_counter reading)."""
+
+    model: object
+    metadata: dict
+    history: list
+    finetune_seconds: float
+    extra: dict
+    seconds: float
+    finished: float
+
+
+def _make_variant(name: str, vs: VariantSettings, runner, data, s: TrainSettings, example, metadata: dict) -> _Made:
+    start = time.perf_counter()
+    model, history, finetune_seconds, extra = METHODS[vs.method](runner.model, runner, data, s, vs, example)
+    finished = time.perf_counter()
+    log.info("%s (%s) made in %.1f s", name, vs.method, finished - start)
+    return _Made(model, metadata, history, finetune_seconds, extra, finished - start, finished)
+
+
+def _record(name, vs, fold, threads, c, base, made, variant_stats) -> dict:
+    """compression.json's record, its first part: the host, the base model (``base``: its path,
+    saved file, measurements and compiled measurements) and the variant measured side by side,
+    their ratios and the fine-tuning."""
+    base_path, saved, base_measured, base_compiled = base
+    measured = {k: v for k, v in variant_stats.items() if k not in ("size_bytes", "tensor_bytes", "format", "compiled")}
+    base_stats = {
+        "size_bytes": Path(base_path).stat().st_size,
+        "tensor_bytes": quantize.tensor_bytes(saved["state_dict"].values()),
+        **base_measured,
+        **({f"compiled_{k}": v for k, v in base_compiled.items()} if base_compiled else {}),
+    }
+    record = {
+        "variant": name,
+        "method": vs.method,
+        "fold": fold,
+        "threads": threads,
+        "cpu": hardware.cpu(),
+        "torch": torch.__version__,
+        "base": base_stats,
+        "variant_measured": variant_stats,
+        "finetune": {"epochs": len(made.history), "seconds": made.finetune_seconds},
+        "make_seconds": made.seconds,
+        "ratios": _ratios(base_stats, variant_stats, base_measured, base_compiled, measured, c.latency.batch_sizes),
+    }
+    return record
+
+
+def _pruned_record(made: _Made, path, record: dict, variant_stats: dict) -> dict:
+    """What the method reports besides: a pruned variant's sparsity and compressed file, the
+    images a post-training quantisation was calibrated on."""
+    extra = {}
+    if made.metadata["method"] == "prune":
+        extra["sparsity"] = made.extra["sparsity"]
+        extra["compressed"] = _sparse_file(
+            made.extra["state_dict"], path, record["base"]["size_bytes"], variant_stats["size_bytes"]
+        )
+    if "calibration_images" in made.extra:
+        extra["calibration_images"] = made.extra["calibration_images"]
+    return extra
+
+
+def _saved_and_measured(made: _Made, example, path, cpu_runner, data, s: TrainSettings, images, c):
+    """Save the variant, load it back and evaluate and time what was saved (not what is in
+    memory); int8 variants run compiled. Returns its result, predictions and measurements."""
+    size = quantize.save_artifact(made.model, example, path, made.metadata)
+    made.model = None
+    loaded, loaded_meta = quantize.load_artifact(path)
+    int8 = made.metadata["method"] in quantize.INT8_METHODS
+    runnable = quantize.compiled(loaded) if int8 else loaded
+    largest = max(c.latency.batch_sizes)
+    result, predictions = evaluate_fold(
+        cpu_runner, None, data, FixedBatch(runnable, largest) if int8 else runnable, decision=s.decision
+    )
+    log.info("saved, loaded back and evaluated in %.1f s", time.perf_counter() - made.finished)
+    stats = {
+        "size_bytes": size,
+        "tensor_bytes": loaded_meta["tensor_bytes"],
+        "format": "torch.export archive (.pt2)",
+        "compiled": int8,
+        **measure(runnable, images, c.latency),
+    }
+    return result, predictions, stats
+
+
+def _artifact_metadata(name: str, vs: VariantSettings, fold: int, data, saved: dict, cpu_runner) -> dict:
+    """What a variant's .pt2 carries to predict as its base model did."""
+    return {
+        "variant": name,
+        "method": vs.method,
+        "fold": fold,
+        "classes": data.classes,
+        "task": data.task,
+        "model": saved["model"],
+        "image_size": saved["image_size"],
+        "in_channels": saved["in_channels"],
+        "input_mean": cpu_runner.stats["mean"],
+        "input_std": cpu_runner.stats["std"],
+        "input_scale": cpu_runner.scale,
+    }
+
+
+def _ratios(base: dict, variant: dict, base_measured, base_compiled, measured, batch_sizes) -> dict:
+    """Size and speed of the variant against the base model (and against the compiled base)."""
+    ratios = {
+        "size": variant["size_bytes"] / base["size_bytes"],
+        "tensor_size": variant["tensor_bytes"] / base["tensor_bytes"],
+        **_speedups(base_measured, measured, batch_sizes, "speedup"),
+    }
+    if base_compiled:
+        ratios.update(_speedups(base_compiled, measured, batch_sizes, "speedup_vs_compiled"))
+    return ratios
 
 
 def metric_deltas(base: dict, compressed: dict) -> dict:

@@ -280,6 +280,94 @@ def _reliability_figure(title: str, name: str, drift: dict):
     return figure
 
 
+def _check_classes(name: str, experiment: str, ext_classes, classes) -> None:
+    if list(ext_classes) != list(classes):
+        raise ConfigError(
+            f"external.{name}: its dataset's classes {ext_classes} are not experiment {experiment}'s {classes}; "
+            f"set external.{name}.dataset.labels (or label_map) so that they match"
+        )
+
+
+def _scored(task, classes, y, probs, patients, thresholds, bootstrap: int, seed: int) -> dict:
+    """The external images' metrics at the exported thresholds, with patient-bootstrap intervals."""
+    from medfold.evaluation.aggregate import bootstrap_intervals
+    from medfold.evaluation.metrics import evaluate
+
+    external = evaluate(task, classes, y, probs, thresholds)
+    external["ci95"] = bootstrap_intervals(task, classes, y, probs, patients, thresholds, bootstrap, seed)
+    external.update(images=int(len(y)), patients=int(len(set(patients))))
+    return external
+
+
+def _internal_test(exp: Path, task: str, classes: list[str]) -> tuple[dict, tuple]:
+    """The fold ensemble's own held-out test result, and its (targets, probabilities)."""
+    from medfold.data.index.labels import targets_for
+
+    internal = json.loads((exp / "cv" / "ensemble_test.json").read_text()) or {}
+    predictions = pd.read_parquet(exp / "cv" / "ensemble_test_predictions.parquet")
+    y = targets_for(predictions["labels"], classes, task)
+    return internal, (y, predictions[[f"prob:{c}" for c in classes]].to_numpy(np.float64))
+
+
+def _copies_record(copies: pd.DataFrame, on_copy: str) -> dict:
+    """external.json's count of the external images that are copies of the main dataset's."""
+    return {
+        "found": int(len(copies)),
+        "exact": int((copies["kind"] == "exact copy").sum()),
+        "near": int((copies["kind"] != "exact copy").sum()),
+        "on_copy": on_copy,
+        "excluded": int(len(copies)),
+        "of_sets": copies["copy_of_set"].value_counts().to_dict(),
+    }
+
+
+def _drift(task: str, classes: list[str], internal: tuple, external: tuple, bins: int) -> dict:
+    """Reliability per scored class on the internal test set ("before") and the external one
+    ("after"); ``internal`` and ``external``: (targets, probabilities)."""
+    from medfold.evaluation.clinical.stats import onehot, reliability, scored_classes
+
+    scored = scored_classes(task, classes)
+    (y_int, p_int), (y, probs) = internal, external
+    truth_int, truth_ext = onehot(task, classes, y_int), onehot(task, classes, y)
+    return {
+        "bins": bins,
+        "before": {classes[j]: reliability(truth_int[:, j], p_int[:, j], bins) for j in scored},
+        "after": {classes[j]: reliability(truth_ext[:, j], probs[:, j], bins) for j in scored},
+    }
+
+
+def _thresholds_record(task, classes, thresholds, decision, rule, internal: tuple, external: tuple) -> dict:
+    """The exported thresholds on the external images, beside thresholds chosen again there by the
+    same decision rule, and the internal test set at the exported ones."""
+    from medfold.evaluation.metrics import choose_thresholds
+
+    (y_int, p_int), (y, probs) = internal, external
+    rechosen = choose_thresholds(task, y, probs, decision) if thresholds is not None else None
+    return {
+        "internal": thresholds,
+        "rechosen": rechosen,
+        "rule": rule,
+        "at_internal": sensitivity_specificity(task, classes, y, probs, thresholds) if thresholds else None,
+        "at_rechosen": sensitivity_specificity(task, classes, y, probs, rechosen) if rechosen else None,
+        "internal_test_at_internal": sensitivity_specificity(task, classes, y_int, p_int, thresholds)
+        if thresholds
+        else None,
+    }
+
+
+def _predictions_frame(ext: pd.DataFrame, kept, patients, classes: list[str], probs) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "image_id": ext["shared_image_id"].to_numpy()[kept],
+            "patient_id": patients,
+            "labels": ext["labels"].iloc[kept].to_list(),
+        }
+    )
+    for j, c in enumerate(classes):
+        frame[f"prob:{c}"] = probs[:, j]
+    return frame
+
+
 def validate(
     name: str,
     site: ExternalSettings | dict,
@@ -301,9 +389,6 @@ def validate(
     from medfold.data.index.io import read_index
     from medfold.data.index.labels import targets_for
     from medfold.deploy.predict import load_predictor
-    from medfold.evaluation.aggregate import bootstrap_intervals
-    from medfold.evaluation.clinical.stats import onehot, reliability, scored_classes
-    from medfold.evaluation.metrics import choose_thresholds, evaluate
 
     site = ExternalSettings.of(site)
     out = ExternalOutputs.of(outputs)
@@ -313,12 +398,7 @@ def validate(
     task, classes = predictor.task, predictor.classes
     ext, ext_meta = read_index(ext_index_path)
     ext_report = json.loads((Path(ext_index_path).parent / "index_report.json").read_text())
-    ext_classes = ext_meta.get("classes") or ext_report.get("classes") or []
-    if list(ext_classes) != list(classes):
-        raise ConfigError(
-            f"external.{name}: its dataset's classes {ext_classes} are not experiment {exp.name}'s {classes}; "
-            f"set external.{name}.dataset.labels (or label_map) so that they match"
-        )
+    _check_classes(name, exp.name, ext_meta.get("classes") or ext_report.get("classes") or [], classes)
     ext_cache = np.load(ext_cache_path, mmap_mode="r")
     copies = _copies_of_main(
         name, site, exp, main_index_path, main_splits_path, main_cache_path, ext, ext_cache, out, threads
@@ -328,22 +408,10 @@ def validate(
     probs = predict_cache(predictor, ext_cache, kept)
     patients = ext["shared_patient_id"].to_numpy()[kept]
     thresholds = predictor.thresholds
-    external = evaluate(task, classes, y, probs, thresholds)
-    external["ci95"] = bootstrap_intervals(task, classes, y, probs, patients, thresholds, bootstrap, seed)
-    external.update(images=int(len(kept)), patients=int(len(set(patients))))
-    internal = json.loads((exp / "cv" / "ensemble_test.json").read_text()) or {}
-    internal_predictions = pd.read_parquet(exp / "cv" / "ensemble_test_predictions.parquet")
-    y_int = targets_for(internal_predictions["labels"], classes, task)
-    p_int = internal_predictions[[f"prob:{c}" for c in classes]].to_numpy(np.float64)
-    scored = scored_classes(task, classes)
-    truth_int, truth_ext = onehot(task, classes, y_int), onehot(task, classes, y)
-    drift = {
-        "bins": bins,
-        "before": {classes[j]: reliability(truth_int[:, j], p_int[:, j], bins) for j in scored},  # internal
-        "after": {classes[j]: reliability(truth_ext[:, j], probs[:, j], bins) for j in scored},  # external
-    }
+    external = _scored(task, classes, y, probs, patients, thresholds, bootstrap, seed)
+    internal, (y_int, p_int) = _internal_test(exp, task, classes)
+    drift = _drift(task, classes, (y_int, p_int), (y, probs), bins)
     decision = json.loads(next(exp.glob("fold_*/metrics.json")).read_text()).get("decision_rule")
-    rechosen = choose_thresholds(task, y, probs, decision) if thresholds is not None else None
     record = {
         "name": name,
         "experiment": exp.name,
@@ -355,44 +423,21 @@ def validate(
             "skipped": ext_report.get("images_skipped"),
             "patients": ext_report.get("patients"),
         },
-        "copies": {
-            "found": int(len(copies)),
-            "exact": int((copies["kind"] == "exact copy").sum()),
-            "near": int((copies["kind"] != "exact copy").sum()),
-            "on_copy": site.on_copy,
-            "excluded": int(len(copies)),
-            "of_sets": copies["copy_of_set"].value_counts().to_dict(),
-        },
+        "copies": _copies_record(copies, site.on_copy),
         "internal": {k: internal.get(k) for k in (*SCORED_METRICS, "auroc", "ci95", "images")},
         "external": {k: external.get(k) for k in (*SCORED_METRICS, "auroc", "ci95", "images", "patients")},
         "calibration": {
             "internal": {c: {k: v[k] for k in ("ece", "max_gap", "brier")} for c, v in drift["before"].items()},
             "external": {c: {k: v[k] for k in ("ece", "max_gap", "brier")} for c, v in drift["after"].items()},
         },
-        "thresholds": {
-            "internal": thresholds,
-            "rechosen": rechosen,
-            "rule": internal.get("decision"),
-            "at_internal": sensitivity_specificity(task, classes, y, probs, thresholds) if thresholds else None,
-            "at_rechosen": sensitivity_specificity(task, classes, y, probs, rechosen) if rechosen else None,
-            "internal_test_at_internal": sensitivity_specificity(task, classes, y_int, p_int, thresholds)
-            if thresholds
-            else None,
-        },
+        "thresholds": _thresholds_record(
+            task, classes, thresholds, decision, internal.get("decision"), (y_int, p_int), (y, probs)
+        ),
         "bootstrap": {"resamples": bootstrap, "unit": "patient", "seed": seed},
     }
     if site.recalibrate:
         record["recalibration"] = recalibration(task, classes, y, probs, patients, site.recalibrate, bins)
-    frame = pd.DataFrame(
-        {
-            "image_id": ext["shared_image_id"].to_numpy()[kept],
-            "patient_id": patients,
-            "labels": ext["labels"].iloc[kept].to_list(),
-        }
-    )
-    for j, c in enumerate(classes):
-        frame[f"prob:{c}"] = probs[:, j]
-    frame.to_parquet(out.predictions, index=False)
+    _predictions_frame(ext, kept, patients, classes, probs).to_parquet(out.predictions, index=False)
     out.record.write_text(json.dumps(record, indent=2, default=float) + "\n")
     _reliability_figure(f"{name} ({exp.name})", name, drift).savefig(out.reliability, dpi=110)
     log.info(

@@ -44,53 +44,21 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
     chained = found[found["accepted"]].reset_index(drop=True)
     largest_chained = matching.largest_cluster(len(table), chained)
     pairs, cut = matching.checked_clusters(len(table), chained, signatures, typed)
-    component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
-    sizes = np.bincount(component)
-    in_cluster = sizes[component] > 1
-    # clusters numbered by their first image in image_id order, as split groups are
-    order = np.argsort(table["image_id"].to_numpy(), kind="stable")
-    first_seen = list(dict.fromkeys(component[order][in_cluster[order]].tolist()))
-    number = {c: i for i, c in enumerate(first_seen)}
-    table.loc[in_cluster, "near_duplicate_cluster"] = [number[c] for c in component[in_cluster]]
     ids = table["image_id"].to_numpy()
     listed = [_pair_record(ids, p) for p in pairs.itertuples(index=False)]
-    # members and pairs grouped by cluster once (a scan per cluster was O(clusters x images))
-    clustered = order[in_cluster[order]]  # rows in image_id order
-    members_of = pd.Series(clustered).groupby(component[clustered]).agg(list)
-    edges_of = pd.Series(range(len(pairs))).groupby(component[pairs["a"].to_numpy()]).agg(list) if len(pairs) else {}
-    described = []
-    for c in first_seen:
-        members = members_of[c]
-        described.append(
-            {
-                "cluster": number[c],
-                "images": table["image_id"].iloc[members].tolist(),
-                "patients": sorted(set(table["patient_id"].iloc[members])),
-                "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
-                "pairs": [listed[i] for i in edges_of[c]],
-            }
-        )
+    described, in_cluster, sizes = _describe_clusters(table, pairs, listed)
     joining = [c for c in described if len(c["patients"]) > 1 or len(c["source_splits"]) > 1]
     rejected = found[~found["accepted"]].sort_values(["score", "a", "b"], ascending=[False, True, True]).head(20)
     large = [
-        {
-            "cluster": c["cluster"],
-            "images": len(c["images"]),
-            "weakest_links": sorted(c["pairs"], key=lambda p: p["score"])[:5],
-        }
+        {"cluster": c["cluster"], "images": len(c["images"]), "weakest_links": sorted(c["pairs"], key=_score)[:5]}
         for c in described
         if len(c["images"]) > matching.LARGE_CLUSTER
     ]
     log.info(
-        "near-duplicates: %d candidate pairs, %d verified, %d accepted in %d clusters (%d join patients or "
-        "source splits) among %d images, %.2f s",
-        stats["candidates"],
-        stats["verified"],
-        len(pairs),
-        len(described),
-        len(joining),
-        len(rows),
-        seconds,
+        "near-duplicates: %(candidates)d candidate pairs, %(verified)d verified, %(pairs)d accepted in %(clusters)d "
+        "clusters (%(joining)d join patients or source splits) among %(images)d images, %(seconds).2f s",
+        {**stats, "pairs": len(pairs), "clusters": len(described), "joining": len(joining), "images": len(rows)}
+        | {"seconds": seconds},
     )
     return {
         "searched": True,
@@ -108,21 +76,7 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
         "clusters_joining_patients_or_sources": len(joining),
         "largest_cluster": int(sizes.max()) if len(sizes) else 0,
         # chains checked against each cluster's core (medfold.data.matching.checked_clusters)
-        "core_check": {
-            "largest_cluster_before": largest_chained,
-            "links_cut": [
-                {
-                    "a": str(ids[r.a]),
-                    "b": str(ids[r.b]),
-                    "score": round(float(r.score), 4),
-                    "image": str(ids[r.image]),
-                    "core": str(ids[r.core]),
-                    "score_against_core": float(r.score_against_core),
-                }
-                for r in cut.itertuples(index=False)
-            ][:200],
-            "links_cut_count": int(len(cut)),
-        },
+        "core_check": _core_check(cut, ids, largest_chained),
         # clusters larger than the data make plausible for copies of one image, with their weakest links
         "large_clusters": large,
         "distances": {str(k): int(v) for k, v in pairs["distance"].value_counts().sort_index().items()},
@@ -130,6 +84,59 @@ def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: 
         "cluster_list": (joining + [c for c in described if c not in joining])[:500],
         "pair_list": listed,
         "closest_rejected": [_pair_record(ids, p) for p in rejected.itertuples(index=False)],
+    }
+
+
+def _score(pair: dict) -> float:
+    return pair["score"]
+
+
+def _describe_clusters(table: pd.DataFrame, pairs: pd.DataFrame, listed: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """Number the clusters the accepted pairs make (by their first image in image_id order, as
+    split groups are), fill ``near_duplicate_cluster`` and describe each: images, patients,
+    source splits, pairs. Returns the descriptions, which rows are in a cluster, cluster sizes."""
+    component = fp.clusters(len(table), pairs["a"].to_numpy(), pairs["b"].to_numpy())
+    sizes = np.bincount(component)
+    in_cluster = sizes[component] > 1
+    order = np.argsort(table["image_id"].to_numpy(), kind="stable")
+    first_seen = list(dict.fromkeys(component[order][in_cluster[order]].tolist()))
+    number = {c: i for i, c in enumerate(first_seen)}
+    table.loc[in_cluster, "near_duplicate_cluster"] = [number[c] for c in component[in_cluster]]
+    # members and pairs grouped by cluster once (a scan per cluster was O(clusters x images))
+    clustered = order[in_cluster[order]]  # rows in image_id order
+    members_of = pd.Series(clustered).groupby(component[clustered]).agg(list)
+    edges_of = pd.Series(range(len(pairs))).groupby(component[pairs["a"].to_numpy()]).agg(list) if len(pairs) else {}
+    described = []
+    for c in first_seen:
+        members = members_of[c]
+        described.append(
+            {
+                "cluster": number[c],
+                "images": table["image_id"].iloc[members].tolist(),
+                "patients": sorted(set(table["patient_id"].iloc[members])),
+                "source_splits": sorted({str(s) for s in table["source_split"].iloc[members] if s is not None}),
+                "pairs": [listed[i] for i in edges_of[c]],
+            }
+        )
+    return described, in_cluster, sizes
+
+
+def _core_check(cut: pd.DataFrame, ids: np.ndarray, largest_before: int) -> dict:
+    """The chained links cut by the check against each cluster's core (matching.checked_clusters)."""
+    return {
+        "largest_cluster_before": largest_before,
+        "links_cut": [
+            {
+                "a": str(ids[r.a]),
+                "b": str(ids[r.b]),
+                "score": round(float(r.score), 4),
+                "image": str(ids[r.image]),
+                "core": str(ids[r.core]),
+                "score_against_core": float(r.score_against_core),
+            }
+            for r in cut.itertuples(index=False)
+        ][:200],
+        "links_cut_count": int(len(cut)),
     }
 
 
