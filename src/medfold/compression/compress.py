@@ -414,11 +414,11 @@ def _artifact_metadata(name: str, vs: VariantSettings, fold: int, data, saved: d
     }
 
 
-def _ratios(base: dict, variant: dict, base_measured, base_compiled, measured, batch_sizes) -> dict:
+def _ratios(base: dict, stats: dict, base_measured, base_compiled, measured, batch_sizes) -> dict:
     """Size and speed of the variant against the base model (and against the compiled base)."""
     ratios = {
-        "size": variant["size_bytes"] / base["size_bytes"],
-        "tensor_size": variant["tensor_bytes"] / base["tensor_bytes"],
+        "size": stats["size_bytes"] / base["size_bytes"],
+        "tensor_size": stats["tensor_bytes"] / base["tensor_bytes"],
         **_speedups(base_measured, measured, batch_sizes, "speedup"),
     }
     if base_compiled:

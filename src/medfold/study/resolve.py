@@ -102,6 +102,14 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
         first = errors[0]
         where = ".".join(str(p) for p in first.path)
         raise ConfigError(f"experiments.{name}{'.' + where if where else ''}: {first.message}")
+    _check_training(settings, name)
+    _check_model(settings, name, config.get("networks") or {})
+    return settings
+
+
+def _check_training(settings: dict, name: str) -> None:
+    """The cross-key rules of an experiment's training settings: augmentation ranges, pruning
+    against the epochs and the weights' average, nodes against processes, QAT beside pruning."""
     for key in ("brightness_range", "contrast_range"):
         bounds = settings["augment"].get(key)
         if bounds is not None and bounds[0] > bounds[1]:
@@ -141,9 +149,13 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"experiments.{name}: qat and pruning during training do not combine (both rewrite the weights "
             f"every step); train one experiment with each, as the thesis did"
         )
+
+
+def _check_model(settings: dict, name: str, networks: dict) -> None:
+    """The experiment's model exists and takes its head (networks: shapes checked at its image
+    size on the meta device, nothing allocated); a networks: model travels in the settings."""
     from medfold.training.models import known_model  # torchvision's model list, read only for a name that is not ours
 
-    networks = config.get("networks") or {}
     if settings["model"] in networks:
         settings["network"] = networks[settings["model"]]  # travels with the settings into model.pt
         import torch
@@ -173,7 +185,6 @@ def experiment_settings(config: dict, name: str, schema_path, experiments: dict 
             f"({', '.join(sorted(networks)) or 'none defined'}), lenet, lenet_wide, vgg16_dws nor a "
             f"torchvision classification model (torchvision.models.list_models())"
         )
-    return settings
 
 
 def experiment_repeats(overrides: dict | None, name: str) -> int:
@@ -597,13 +608,20 @@ def resolve(config: dict, schema_path=None) -> Study:
         train_resources={name: train_resources(settings[name]) for name in names.experiments},
         training={name: TrainSettings.from_config(settings[name]) for name in names.experiments},
         dataset_settings=DatasetSettings.of(index_dataset),
-        split=SplitSettings.of(config["split"]),
-        evaluation=EvaluationSettings.of(config["evaluation"]),
-        explain=ExplainSettings.of(config["explain"]),
-        compression=CompressionSettings.of(compression),
         variant_settings={name: VariantSettings.of(v) for name, v in variants.items()},
         external_settings={name: ExternalSettings.of(e) for name, e in externals.items()},
         ensemble_settings={name: EnsembleSettings.of(e) for name, e in ensembles.items()},
+        **_sections(config),
+    )
+
+
+def _sections(config: dict) -> dict:
+    """The Study's settings of the sections that need no cross-key resolution."""
+    return dict(
+        split=SplitSettings.of(config["split"]),
+        evaluation=EvaluationSettings.of(config["evaluation"]),
+        explain=ExplainSettings.of(config["explain"]),
+        compression=CompressionSettings.of(config["compression"]),
         export=ExportSettings.of(config["export"]),
         predict=PredictSettings.of(config["predict"]),
         mlflow=MlflowSettings.of(config["tracking"]["mlflow"]),

@@ -66,8 +66,22 @@ def _folder_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dic
     return pd.DataFrame(rows, columns=["image_id", "path", "labels", "patient_id", "source_split"]), ignored, 0
 
 
-def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict], int]:
-    """The table's rows (those dataset.filter selects: how many it left out is returned too)."""
+class _Columns:
+    """A CSV table's columns, each checked to exist when a dataset key names it."""
+
+    def __init__(self, table: Path, frame: pd.DataFrame):
+        self.table, self.frame = table, frame
+
+    def need(self, key: str, column: str | None) -> None:
+        if column and column not in self.frame.columns:
+            raise ConfigError(
+                f"{self.table}: column {column!r} (dataset.{key}) not found; the table has columns "
+                f"{list(self.frame.columns)}"
+            )
+
+
+def _read_csv_table(dataset: DatasetSettings) -> tuple[Path, pd.DataFrame, int]:
+    """The table (its columns stripped) with the rows dataset.filter selects, and how many it left out."""
     table = Path(dataset.table or "")
     if not dataset.table or not table.is_file():
         raise ConfigError(f"dataset.table: CSV file {dataset.table!r} does not exist (format 'csv' needs it)")
@@ -77,13 +91,6 @@ def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict],
         raise ConfigError(f"{table}: cannot be read as CSV: {exc}") from exc
     frame.columns = [c.strip() for c in frame.columns]
     frame, left_out = apply_filter(frame, dataset.filter, str(table))
-
-    def need(key: str, column: str | None) -> None:
-        if column and column not in frame.columns:
-            raise ConfigError(
-                f"{table}: column {column!r} (dataset.{key}) not found; the table has columns {list(frame.columns)}"
-            )
-
     if not dataset.path_column:
         raise ConfigError(
             f"dataset.path_column: format 'csv' needs the column naming each image; {table} has columns "
@@ -94,30 +101,46 @@ def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict],
             f"dataset.label_column (or dataset.label_columns): format 'csv' needs the labels; {table} has "
             f"columns {list(frame.columns)}"
         )
-    need("path_column", dataset.path_column)
-    need("patient_column", dataset.patient_column)
-    need("source_split_column", dataset.source_split_column)
+    return table, frame, left_out
+
+
+def _csv_labels(columns: _Columns, dataset: DatasetSettings) -> list[list[str]]:
+    """Each row's labels: from one-hot columns, or one column split at dataset.label_separator."""
+    frame = columns.frame
     if dataset.label_columns:
         for column in dataset.label_columns:
-            need("label_columns", column)
+            columns.need("label_columns", column)
         onehot = frame[dataset.label_columns].apply(lambda col: col.str.strip().isin(["1", "1.0", "True", "true"]))
         names = np.array(dataset.label_columns, dtype=object)
-        labels = [list(names[row]) for row in onehot.to_numpy()]
-    else:
-        need("label_column", dataset.label_column)
-        raw = frame[dataset.label_column].str.strip()
-        sep = dataset.label_separator
-        labels = [[part.strip() for part in value.split(sep)] if sep else [value] for value in raw]
-        labels = [[part for part in parts if part] for parts in labels]
-    image_ids = frame[dataset.path_column].str.strip()
-    root = Path(dataset.root) if dataset.root else table.parent
-    source_split = frame[dataset.source_split_column].str.strip() if dataset.source_split_column else None
+        return [list(names[row]) for row in onehot.to_numpy()]
+    columns.need("label_column", dataset.label_column)
+    raw = frame[dataset.label_column].str.strip()
+    sep = dataset.label_separator
+    labels = [[part.strip() for part in value.split(sep)] if sep else [value] for value in raw]
+    return [[part for part in parts if part] for parts in labels]
+
+
+def _csv_source_split(frame: pd.DataFrame, image_ids: pd.Series, dataset: DatasetSettings):
     if dataset.source_split_lists:
         if dataset.source_split_column:
             raise ConfigError(
                 "dataset.source_split_lists and dataset.source_split_column both give the source split; keep one"
             )
-        source_split = _split_from_lists(image_ids, dataset.source_split_lists)
+        return _split_from_lists(image_ids, dataset.source_split_lists)
+    return frame[dataset.source_split_column].str.strip() if dataset.source_split_column else None
+
+
+def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict], int]:
+    """The table's rows (those dataset.filter selects: how many it left out is returned too)."""
+    table, frame, left_out = _read_csv_table(dataset)
+    columns = _Columns(table, frame)
+    columns.need("path_column", dataset.path_column)
+    columns.need("patient_column", dataset.patient_column)
+    columns.need("source_split_column", dataset.source_split_column)
+    labels = _csv_labels(columns, dataset)
+    image_ids = frame[dataset.path_column].str.strip()
+    root = Path(dataset.root) if dataset.root else table.parent
+    source_split = _csv_source_split(frame, image_ids, dataset)
     if dataset.metadata_only:
         paths = [str(root / i) for i in image_ids]
         unlisted: list[dict] = []
@@ -139,27 +162,34 @@ def _csv_candidates(dataset: DatasetSettings) -> tuple[pd.DataFrame, list[dict],
         for p, line, ok in zip(out["path"], out["_line"], inside)
         if not ok
     ]
-    out, frame = out[inside].reset_index(drop=True), frame[inside]
+    out = out[inside].reset_index(drop=True)
+    _csv_metadata(out, _Columns(table, frame[inside]), dataset)
+    return out, unlisted + refused, left_out
+
+
+def _csv_metadata(out: pd.DataFrame, columns: _Columns, dataset: DatasetSettings) -> None:
+    """The metadata columns (and, for a metadata-only table, each image's size) into ``out``;
+    a patient column must name a patient on every row."""
+    frame = columns.frame
     for column in dataset.metadata_columns or []:
         if column in (dataset.dicom_metadata or []) and column not in frame.columns:
             continue  # read from the images' DICOM headers
-        need("metadata_columns (or evaluation.subgroups)", column)
+        columns.need("metadata_columns (or evaluation.subgroups)", column)
         out[f"meta:{column}"] = frame[column].str.strip().to_numpy()
     if dataset.metadata_only:
         for key, column in (
             ("meta_width", dataset.metadata_width_column),
             ("meta_height", dataset.metadata_height_column),
         ):
-            need(key.replace("meta_", "metadata_") + "_column", column)
+            columns.need(key.replace("meta_", "metadata_") + "_column", column)
             out[key] = pd.to_numeric(frame[column], errors="coerce").astype("Int64").to_numpy() if column else None
     if dataset.patient_column:
         empty = out["patient_id"] == ""
         if empty.any():
             raise ConfigError(
-                f"{table}: column {dataset.patient_column!r} (dataset.patient_column) is empty for "
+                f"{columns.table}: column {dataset.patient_column!r} (dataset.patient_column) is empty for "
                 f"{int(empty.sum())} rows, e.g. {out.loc[empty, 'image_id'].iloc[0]!r}"
             )
-    return out, unlisted + refused, left_out
 
 
 def _inside_root(root: Path, paths: list[str], allowed: bool) -> np.ndarray:
