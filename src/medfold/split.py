@@ -123,6 +123,53 @@ def _group_counts(index: pd.DataFrame, groups: np.ndarray, classes: list[str]) -
     return counts
 
 
+def _source_test_set(index: pd.DataFrame, groups: np.ndarray, split: SplitSettings):
+    """The dataset's own test set (split.test_from_source), by group: kept whole when no patient
+    or copy crosses it; with crossings, stop (LeakageError), drop what crosses it from the other
+    side, or re-split by patient (split.on_source_leak). Returns (groups in the test set, or None
+    to re-split; images set aside, or None; how the test set was made; the crossings)."""
+    is_test = set_aside = None
+    source = index["source_split"].fillna("")
+    if (source == "").all():
+        raise ConfigError(
+            "split.test_from_source is true but the index has no source split (folder or dataset.source_split_column)"
+        )
+    image_test = source.isin(split.source_test_names).to_numpy()
+    if not image_test.any():
+        raise ConfigError(
+            "split.test_from_source: no image's source split is in split.source_test_names "
+            f"{split.source_test_names}; "
+            f"source splits are {sorted(source.unique())}"
+        )
+    per_group = pd.Series(image_test).groupby(groups).agg(["min", "max"])
+    mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
+    source_leaks = _describe_groups(index, groups, mixed, image_test)
+    if len(mixed) and split.on_source_leak == "stop":
+        raise LeakageError(
+            f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
+            f"training sets (split.on_source_leak is 'stop'): "
+            + "; ".join(
+                f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
+                + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
+                for leak in source_leaks[:5]
+            )
+        )
+    if len(mixed) and split.on_source_leak == "drop":
+        # the official test set stays whole; what crosses it from the other side is set aside
+        is_test = per_group["max"].to_numpy().astype(bool)
+        set_aside = np.isin(groups, mixed) & ~image_test
+        test_method = (
+            f"the dataset's own split {split.source_test_names}; {int(set_aside.sum())} other images of the "
+            f"{len(mixed)} patients (or copies) that cross it set aside"
+        )
+    elif len(mixed):
+        test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
+    else:
+        is_test = per_group["max"].to_numpy().astype(bool)
+        test_method = f"the dataset's own split {split.source_test_names}"
+    return is_test, set_aside, test_method, source_leaks
+
+
 def make_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | dict) -> tuple[pd.DataFrame, dict]:
     """Return (splits table, summary). ``split``: the ``split`` settings (or the section's dict)."""
     split = SplitSettings.of(split)
@@ -139,45 +186,7 @@ def make_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | 
     test_method = "stratified by patient"
     is_test = set_aside = None
     if split.test_from_source:
-        source = index["source_split"].fillna("")
-        if (source == "").all():
-            raise ConfigError(
-                "split.test_from_source is true but the index has no source split "
-                "(folder or dataset.source_split_column)"
-            )
-        image_test = source.isin(split.source_test_names).to_numpy()
-        if not image_test.any():
-            raise ConfigError(
-                "split.test_from_source: no image's source split is in split.source_test_names "
-                f"{split.source_test_names}; "
-                f"source splits are {sorted(source.unique())}"
-            )
-        per_group = pd.Series(image_test).groupby(groups).agg(["min", "max"])
-        mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
-        source_leaks = _describe_groups(index, groups, mixed, image_test)
-        if len(mixed) and split.on_source_leak == "stop":
-            raise LeakageError(
-                f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
-                f"training sets (split.on_source_leak is 'stop'): "
-                + "; ".join(
-                    f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
-                    + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
-                    for leak in source_leaks[:5]
-                )
-            )
-        if len(mixed) and split.on_source_leak == "drop":
-            # the official test set stays whole; what crosses it from the other side is set aside
-            is_test = per_group["max"].to_numpy().astype(bool)
-            set_aside = np.isin(groups, mixed) & ~image_test
-            test_method = (
-                f"the dataset's own split {split.source_test_names}; {int(set_aside.sum())} other images of the "
-                f"{len(mixed)} patients (or copies) that cross it set aside"
-            )
-        elif len(mixed):
-            test_method = f"re-split by patient: the source split leaked {len(mixed)} patients"
-        else:
-            is_test = per_group["max"].to_numpy().astype(bool)
-            test_method = f"the dataset's own split {split.source_test_names}"
+        is_test, set_aside, test_method, source_leaks = _source_test_set(index, groups, split)
     if is_test is None:
         ratios = [split.test_fraction, 1 - split.test_fraction]
         is_test = iterative_stratification(counts, ratios, seeds.split_test(split.seed)) == 0

@@ -469,15 +469,74 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
     histories = {int(fold): pd.read_csv(path) for fold, path in (files.get("histories") or {}).items()}
     per_fold = pd.read_csv(files["per_fold"])
     classes, task = summary["classes"], summary["task"]
+    shown = [c for c in per_fold.columns if c.startswith(("train.", "val.", "test.")) and ".auroc." not in c]
+    stats = summary["statistics"]
+    order = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
+    figures = {k: files[k] for k in ("forest", "reliability") if files.get(k)}
+    return ExperimentView(
+        name=name,
+        best=best,
+        headline=_headline(per_fold, ensemble),
+        per_fold=_per_fold_table(per_fold),
+        across=Table(["metric", *order], [[c, *[stats[c][s] for s in order]] for c in shown]),
+        per_class=_per_class_table(summary, ensemble, classes, task),
+        ensemble=ensemble_view(ensemble, classes, task) if ensemble else None,
+        roc=roc_figure(name, predictions, ens_pred if ens_pred is not None else predictions.iloc[:0], classes, task),
+        curves=curves_figure(name, histories) if histories else None,
+        clinical=clinical_view(name, record, figures) if record is not None else None,
+        fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
+        stages=stages_table(files.get("metrics") or {}),
+        decision=summary.get("decision", ""),
+        pruned=pruned_line(files.get("metrics") or {}),
+        variance=variance_table(summary.get("variance")),
+        models=int(summary.get("models") or len(per_fold)),
+    )
+
+
+def _headline(per_fold: pd.DataFrame, ensemble: dict | None) -> str:
+    """The validation AUROC across folds and the fold ensemble's test AUROC, in one line."""
+    val = per_fold.get("val.auroc_macro")
+    line = (
+        f"validation AUROC {val.mean():.3f} ± {val.std():.3f}"
+        if val is not None and len(val) > 1 and val.notna().all()
+        else ""
+    )
+    if ensemble and ensemble.get("auroc_macro") is not None:
+        ci = ensemble.get("ci95", {}).get("auroc_macro") or [None, None]
+        line += ("; " if line else "") + f"ensemble test AUROC {_with_ci(ensemble['auroc_macro'], *ci)}"
+    return line
+
+
+def _per_fold_table(per_fold: pd.DataFrame) -> Table:
+    """One row per fold (and seed, with repeats): the headline metrics and the training's cost."""
     headline = [f"train.{m}" for m in ("auroc_macro", "accuracy") if f"train.{m}" in per_fold.columns] + [
         f"{part}.{m}"
         for part in ("val", "test")
         for m in ("auroc_macro", "accuracy", "balanced_accuracy", "f1_macro")
         if f"{part}.{m}" in per_fold.columns
     ]
-    shown = [c for c in per_fold.columns if c.startswith(("train.", "val.", "test.")) and ".auroc." not in c]
-    stats = summary["statistics"]
-    order = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    seeded = "seed" in per_fold and per_fold["seed"].max() > 0  # repeats: each fold trained with R seeds
+    return Table(
+        ["fold", *(["seed"] if seeded else []), *headline, "best epoch", "epochs", "s/epoch", "parameters", "train s"],
+        [
+            [
+                int(r["fold"]),
+                *([int(r["seed"])] if seeded else []),
+                *[r[c] for c in headline],
+                _count(r["best_epoch"]),
+                _count(r.get("epochs_trained")),
+                r.get("seconds_per_epoch"),
+                _count(r.get("parameters")),
+                r["train_seconds"],
+            ]
+            for _, r in per_fold.iterrows()
+        ],
+    )
+
+
+def _per_class_table(summary: dict, ensemble: dict | None, classes: list[str], task: str) -> Table:
+    """AUROC per class across folds and for the fold ensemble; CheXNet's beside them for NIH's 14."""
     reference = set(classes) <= set(CHEXNET_AUROC) and len(classes) >= 10
     heads = ["class", "validation AUROC (mean ± std)", "test AUROC (mean ± std)", "ensemble test AUROC", "95% CI"]
     rows = []
@@ -492,60 +551,7 @@ def experiment_view(name: str, files: dict, best: bool) -> ExperimentView:
             f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–",
         ]
         rows.append([*row, CHEXNET_AUROC.get(c)] if reference else row)
-    val = per_fold.get("val.auroc_macro")
-    line = (
-        f"validation AUROC {val.mean():.3f} ± {val.std():.3f}"
-        if val is not None and len(val) > 1 and val.notna().all()
-        else ""
-    )
-    if ensemble and ensemble.get("auroc_macro") is not None:
-        ci = ensemble.get("ci95", {}).get("auroc_macro") or [None, None]
-        line += ("; " if line else "") + f"ensemble test AUROC {_with_ci(ensemble['auroc_macro'], *ci)}"
-    record = json.loads(Path(files["clinical"]).read_text()) if files.get("clinical") else None
-    figures = {k: files[k] for k in ("forest", "reliability") if files.get(k)}
-    seeded = "seed" in per_fold and per_fold["seed"].max() > 0  # repeats: each fold trained with R seeds
-    return ExperimentView(
-        name=name,
-        best=best,
-        headline=line,
-        per_fold=Table(
-            [
-                "fold",
-                *(["seed"] if seeded else []),
-                *headline,
-                "best epoch",
-                "epochs",
-                "s/epoch",
-                "parameters",
-                "train s",
-            ],
-            [
-                [
-                    int(r["fold"]),
-                    *([int(r["seed"])] if seeded else []),
-                    *[r[c] for c in headline],
-                    _count(r["best_epoch"]),
-                    _count(r.get("epochs_trained")),
-                    r.get("seconds_per_epoch"),
-                    _count(r.get("parameters")),
-                    r["train_seconds"],
-                ]
-                for _, r in per_fold.iterrows()
-            ],
-        ),
-        across=Table(["metric", *order], [[c, *[stats[c][s] for s in order]] for c in shown]),
-        per_class=Table([*heads, "CheXNet (Rajpurkar 2017)"] if reference else heads, rows, left=3),
-        ensemble=ensemble_view(ensemble, classes, task) if ensemble else None,
-        roc=roc_figure(name, predictions, ens_pred if ens_pred is not None else predictions.iloc[:0], classes, task),
-        curves=curves_figure(name, histories) if histories else None,
-        clinical=clinical_view(name, record, figures) if record is not None else None,
-        fold_reports=fold_reports(files.get("metrics") or {}, classes, task) if not ensemble else [],
-        stages=stages_table(files.get("metrics") or {}),
-        decision=summary.get("decision", ""),
-        pruned=pruned_line(files.get("metrics") or {}),
-        variance=variance_table(summary.get("variance")),
-        models=int(summary.get("models") or len(per_fold)),
-    )
+    return Table([*heads, "CheXNet (Rajpurkar 2017)"] if reference else heads, rows, left=3)
 
 
 def grid_view(name: str, ranked: pd.DataFrame, rank_by: str, top_k: int, folds: list[int] | None = None) -> GridView:

@@ -139,14 +139,12 @@ def label_audit_view(path, index: pd.DataFrame, cache, shown: int = 8, listed: i
     return LabelAuditView(note, table, pictures)
 
 
-def card_view(name: str, path) -> CardView:
-    """The model card's sections as tables; every text is escaped by the template."""
-    c = json.loads(Path(path).read_text())
+def _card_facts(c: dict) -> list[list[str]]:
+    """The card's text sections, one row per field: (section, field, text)."""
     d, use, m, train = c["model_details"], c["intended_use"], c["metrics"], c["training_data"]
     held = c["evaluation_data"]["held_out_test_set"]
-    q = c["quantitative_analyses"]
     export = d.get("export") or {}
-    facts = [
+    return [
         [
             "Model details",
             "model",
@@ -189,6 +187,13 @@ def card_view(name: str, path) -> CardView:
         ["Software", "versions", ", ".join(f"{k} {v}" for k, v in c["software"].items())],
         ["Software", "split digest", c["split_digest"] or "n/a"],
     ]
+
+
+def card_view(name: str, path) -> CardView:
+    """The model card's sections as tables; every text is escaped by the template."""
+    c = json.loads(Path(path).read_text())
+    q = c["quantitative_analyses"]
+    facts = _card_facts(c)
     test = [
         [k, v["value"], _ci(*(v["ci95"] or (None, None)))] for k, v in (q["test"] or {}).items() if isinstance(v, dict)
     ]
@@ -217,6 +222,47 @@ def card_view(name: str, path) -> CardView:
     )
 
 
+def _threshold_rows(r: dict) -> list[list]:
+    """Per class: the internal threshold on the internal test set and on the external data, and
+    the threshold re-chosen on the external data."""
+    t = r["thresholds"]
+    thr_rows = []
+    if t.get("at_internal"):
+        for c in t["at_internal"]:
+            k = 0 if r["task"] == "binary" else r["classes"].index(c)  # binary: one threshold, the positive class's
+            thr_rows.append(
+                [
+                    c,
+                    t["internal"][k],
+                    t["internal_test_at_internal"][c]["sensitivity"],
+                    t["internal_test_at_internal"][c]["specificity"],
+                    t["at_internal"][c]["sensitivity"],
+                    t["at_internal"][c]["specificity"],
+                    t["rechosen"][k],
+                    t["at_rechosen"][c]["sensitivity"],
+                    t["at_rechosen"][c]["specificity"],
+                ]
+            )
+    return thr_rows
+
+
+def _external_note(r: dict, external: dict, recal: dict) -> str:
+    """What was validated, the copies found and what became of them, and the recalibration."""
+    n = r["copies"]
+    note = (
+        f"{_count(external.get('images'))} images of {_count(external.get('patients'))} patients validated; "
+        f"{n['found']} copies of the training dataset's images found ({n['exact']} exact, {n['near']} near) and "
+        f"{'left out' if n['on_copy'] == 'exclude' else 'the run stopped'}."
+    )
+    if recal:
+        note += (
+            f" Recalibration: {recal['method']} fitted on {recal['fit']['patients']} patients' images "
+            f"({recal['fit']['images']}), evaluated on the other {recal['evaluated']['patients']} "
+            f"({recal['evaluated']['images']} images)."
+        )
+    return note
+
+
 def external_view(name: str, files: dict) -> ExternalView:
     """Internal test set against the external data: metrics, copies found, calibration drift,
     sensitivity and specificity at the internal and at re-chosen thresholds."""
@@ -242,36 +288,8 @@ def external_view(name: str, files: dict) -> ExternalView:
         ]
         for c in measured["internal"]
     ]
-    t = r["thresholds"]
-    thr_rows = []
-    if t.get("at_internal"):
-        for c in t["at_internal"]:
-            k = 0 if r["task"] == "binary" else r["classes"].index(c)  # binary: one threshold, the positive class's
-            thr_rows.append(
-                [
-                    c,
-                    t["internal"][k],
-                    t["internal_test_at_internal"][c]["sensitivity"],
-                    t["internal_test_at_internal"][c]["specificity"],
-                    t["at_internal"][c]["sensitivity"],
-                    t["at_internal"][c]["specificity"],
-                    t["rechosen"][k],
-                    t["at_rechosen"][c]["sensitivity"],
-                    t["at_rechosen"][c]["specificity"],
-                ]
-            )
-    n = r["copies"]
-    note = (
-        f"{_count(external.get('images'))} images of {_count(external.get('patients'))} patients validated; "
-        f"{n['found']} copies of the training dataset's images found ({n['exact']} exact, {n['near']} near) and "
-        f"{'left out' if n['on_copy'] == 'exclude' else 'the run stopped'}."
-    )
-    if recal:
-        note += (
-            f" Recalibration: {recal['method']} fitted on {recal['fit']['patients']} patients' images "
-            f"({recal['fit']['images']}), evaluated on the other {recal['evaluated']['patients']} "
-            f"({recal['evaluated']['images']} images)."
-        )
+    thr_rows = _threshold_rows(r)
+    note = _external_note(r, external, recal)
     figure = Path(files["reliability"])
     return ExternalView(
         name,
