@@ -25,6 +25,35 @@ from medfold.settings.sections import DatasetSettings
 log = logging.getLogger("medfold.data.index")
 
 
+def _filtered(cand: pd.DataFrame, dataset: DatasetSettings, header_columns: list) -> tuple[pd.DataFrame, int]:
+    """dataset.filter over a folder's or an npz's candidates: their label, image_id and source
+    split, and the DICOM fields read (by keyword, ages as numbers). Returns the rows kept and how
+    many were left out."""
+    view = cand.assign(label=[labels[0] if labels else "" for labels in cand["labels"]])
+    for column in header_columns:
+        values = cand[f"meta:{column}"]
+        view[column] = values.map(number_or_age) if column == "PatientAge" else values
+    kept, left_out = apply_filter(view, dataset.filter, str(dataset.root or dataset.npz))
+    return cand.loc[kept.index].reset_index(drop=True), left_out
+
+
+def _opened(cand: pd.DataFrame, dataset: DatasetSettings, threads: int) -> list:
+    """Every candidate opened and checked (an npz's arrays, or each file; a metadata-only table's
+    sizes from its columns, nothing opened); their sizes, hashes and fingerprints into ``cand``."""
+    if dataset.metadata_only:
+        # no files to open: sizes come from the table when it has them (NIH does)
+        checks = [ImageCheck(width=w, height=h) for w, h in zip(cand.pop("meta_width"), cand.pop("meta_height"))]
+    elif dataset.format == "npz":
+        checks = _check_npz(dataset.npz, cand["npz_index"].to_numpy(), cand["source_split"])
+    else:
+        with Progress(f"index {dataset.name}", len(cand)) as progress:
+            checks = check_images(cand["path"].tolist(), threads, progress)
+    cand["present"] = not dataset.metadata_only
+    for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
+        cand[field] = [getattr(c, field) for c in checks]
+    return checks
+
+
 def build_index(
     dataset: DatasetSettings | dict, threads: int = 1, pseudonyms: Pseudonyms | None = None
 ) -> tuple[pd.DataFrame, dict]:
@@ -47,12 +76,7 @@ def build_index(
     )
     _check_metadata_columns(cand, dataset, fmt)
     if dataset.filter and fmt != "csv":  # the table's own columns are filtered in the csv adapter
-        view = cand.assign(label=[labels[0] if labels else "" for labels in cand["labels"]])
-        for column in header_columns:  # DICOM fields by their keyword, ages as numbers
-            values = cand[f"meta:{column}"]
-            view[column] = values.map(number_or_age) if column == "PatientAge" else values
-        kept, left_out["dataset.filter"] = apply_filter(view, dataset.filter, str(dataset.root or dataset.npz))
-        cand = cand.loc[kept.index].reset_index(drop=True)
+        cand, left_out["dataset.filter"] = _filtered(cand, dataset, header_columns)
     cand, label_mapping = map_labels(cand, dataset)
     if label_mapping.get("images_left_without_a_class"):
         left_out["no class after dataset.label_map"] = label_mapping["images_left_without_a_class"]
@@ -64,11 +88,8 @@ def build_index(
         cand["npz_index"] = None
     cand, repeated = _merge_repeated_rows(cand, source, dataset)
     if repeated:
-        log.warning(
-            "%d files are listed more than once in %s; each is one image, its patients joined (index_report.json)",
-            len(repeated),
-            source,
-        )
+        joined = "each is one image, its patients joined (index_report.json)"
+        log.warning("%d files are listed more than once in %s; %s", len(repeated), source, joined)
     warnings: list[str] = []
     patient_source = _resolve_patients(cand, dataset, warnings)
     pseudonyms = pseudonyms or Pseudonyms(None)
@@ -77,17 +98,7 @@ def build_index(
         warnings.append(f"dataset.exclude_images: {unmatched} listed IDs match no image of this dataset")
     classes = _check_labels(cand, dataset, str(source))
 
-    if dataset.metadata_only:
-        # no files to open: sizes come from the table when it has them (NIH does)
-        checks = [ImageCheck(width=w, height=h) for w, h in zip(cand.pop("meta_width"), cand.pop("meta_height"))]
-    elif fmt == "npz":
-        checks = _check_npz(dataset.npz, cand["npz_index"].to_numpy(), cand["source_split"])
-    else:
-        with Progress(f"index {dataset.name}", len(cand)) as progress:
-            checks = check_images(cand["path"].tolist(), threads, progress)
-    cand["present"] = not dataset.metadata_only
-    for field in ("width", "height", "mode", "file_bytes", "content_hash", "fingerprint", "study_uid", "series_uid"):
-        cand[field] = [getattr(c, field) for c in checks]
+    checks = _opened(cand, dataset, threads)
     patient_source = _dicom_patients(cand, checks, patient_source, warnings)
     cand = pseudonyms.with_shared_ids(cand)
     scrub = index_scrubber(cand)  # every candidate's IDs, the skipped ones' too
