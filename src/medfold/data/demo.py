@@ -114,36 +114,28 @@ def _ellipse(xx, yy, cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
-def render_radiograph(
-    anatomy: Anatomy,
-    findings: set[str],
-    rng: np.random.Generator,
-    signal: np.ndarray | None = None,
-    position: Position = Position(),
-    strength: float = 1.0,
-) -> np.ndarray:
-    """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
-    boolean array of the same shape), when given, receives the pixels the findings drew: where
-    the information that an explanation should point at lies. ``strength`` below 1 draws the
-    findings fainter (their contrast against the image without them scaled by it)."""
-    width, height = anatomy.size
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    xx /= width
-    yy /= height
-    drawn = np.zeros((height, width), bool)
-    img = np.full((height, width), 0.08, np.float32)
+def _chest(anatomy: Anatomy, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The film without findings: soft tissue, ribs, lungs, spine, heart. Returns it and each
+    lung's (mask, centre x)."""
+    img = np.full(xx.shape, 0.08, np.float32)
     img[_ellipse(xx, yy, anatomy.cx, 0.55, 0.42, 0.52)] = 0.55  # soft tissue
     # ribs: faint horizontal stripes across the chest
     img += 0.04 * (np.sin(yy * 2 * np.pi * 9) > 0.6)
-    left_cx, right_cx = anatomy.cx - 0.2, anatomy.cx + 0.2
     lungs = {}
-    for side, lcx in (("left", left_cx), ("right", right_cx)):
+    for side, lcx in (("left", anatomy.cx - 0.2), ("right", anatomy.cx + 0.2)):
         mask = _ellipse(xx, yy, lcx, 0.5, anatomy.lung_w, anatomy.lung_h)
         lungs[side] = (mask, lcx)
         img[mask] = 0.18
     img[np.abs(xx - anatomy.cx) < 0.035] = 0.75  # spine
     img[_ellipse(xx, yy, anatomy.cx + 0.04, 0.66, anatomy.heart_w, 0.13)] = 0.7
-    without = img.copy()
+    return img, lungs
+
+
+def _draw_findings(img, findings: set[str], anatomy: Anatomy, lungs: dict, xx, yy, rng) -> np.ndarray:
+    """Draw ``findings`` into ``img`` (in place, drawing from ``rng`` in a fixed order); returns
+    the pixels they drew."""
+    height, width = img.shape
+    drawn = np.zeros((height, width), bool)
     heart_w = anatomy.heart_w * (1.7 if "Cardiomegaly" in findings else 1.0)
     heart = _ellipse(xx, yy, anatomy.cx + 0.04, 0.66, heart_w, 0.13)
     img[heart] = 0.7
@@ -173,6 +165,28 @@ def render_radiograph(
         region = mask & _ellipse(xx, yy, lcx, 0.45, anatomy.lung_w, anatomy.lung_h * 0.6)
         img[region] = np.maximum(img[region], 0.35 + 0.45 * cloud[region])
         drawn |= region
+    return drawn
+
+
+def render_radiograph(
+    anatomy: Anatomy,
+    findings: set[str],
+    rng: np.random.Generator,
+    signal: np.ndarray | None = None,
+    position: Position = Position(),
+    strength: float = 1.0,
+) -> np.ndarray:
+    """A float image in [0, 1] of shape (height, width) showing ``findings``. ``signal`` (a
+    boolean array of the same shape), when given, receives the pixels the findings drew: where
+    the information that an explanation should point at lies. ``strength`` below 1 draws the
+    findings fainter (their contrast against the image without them scaled by it)."""
+    width, height = anatomy.size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    xx /= width
+    yy /= height
+    img, lungs = _chest(anatomy, xx, yy)
+    without = img.copy()
+    drawn = _draw_findings(img, findings, anatomy, lungs, xx, yy, rng)
     if strength != 1.0:
         img = without + strength * (img - without)
     img = img * (1 + _anatomy_detail(anatomy, height, width))
