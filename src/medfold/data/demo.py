@@ -357,6 +357,40 @@ def _label_errors(rows: list[tuple], strengths: dict) -> list[tuple]:
     ]
 
 
+def _plant_copies(out: Path, rows: list, patients: int, rng) -> list[tuple]:
+    """Copies of PLANTED's films (their signal masks moved with them) filed under new patients;
+    their rows appended to ``rows``. Returns (copy, original, how) for the manifest."""
+    planted = []
+    for which, source in enumerate(rng.choice(len(rows), len(PLANTED), replace=False)):
+        name, labels, _, _, age, sex, view = rows[source]
+        copy = f"{patients + 1 + which:08d}_000{PLANTED[which][2]}"
+        _save_copy(out / "images" / name, out / "images" / copy, which)
+        if (out / "signal_masks" / name).exists():
+            with Image.open(out / "signal_masks" / name) as mask:
+                _transform_copy(mask.convert("L"), which, nearest=True).save(out / "signal_masks" / copy, format="PNG")
+        rows.append((copy, labels, 0, patients + 1 + which, age, sex, view))
+        planted.append((copy, name, PLANTED[which][1]))
+    return planted
+
+
+def _write_table(table: Path, rows: list) -> Path:
+    with open(table, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "Image Index",
+                "Finding Labels",
+                "Follow-up #",
+                "Patient ID",
+                "Patient Age",
+                "Patient Gender",
+                "View Position",
+            ]
+        )
+        writer.writerows(rows)
+    return table
+
+
 def generate_cxr14(out: Path, patients: int, seed: int, label_errors: bool = True) -> Path:
     """NIH-like multi-label tree. Returns the CSV path. ``planted_copies.csv`` beside it lists
     the copies filed under other patients (PLANTED transforms, then REPUBLISHED ones); the
@@ -393,38 +427,14 @@ def generate_cxr14(out: Path, patients: int, seed: int, label_errors: bool = Tru
             strengths[name] = strength
             view = "AP" if (age >= WEAK_SUBGROUP_AGE) == (followup % 3 != 2) else "PA"
             rows.append((name, labels, followup, patient, age, sex, view))
-    planted = []
-    for which, source in enumerate(rng.choice(len(rows), len(PLANTED), replace=False)):
-        name, labels, _, _, age, sex, view = rows[source]
-        copy = f"{patients + 1 + which:08d}_000{PLANTED[which][2]}"
-        _save_copy(out / "images" / name, out / "images" / copy, which)
-        if (out / "signal_masks" / name).exists():
-            with Image.open(out / "signal_masks" / name) as mask:
-                _transform_copy(mask.convert("L"), which, nearest=True).save(out / "signal_masks" / copy, format="PNG")
-        rows.append((copy, labels, 0, patients + 1 + which, age, sex, view))
-        planted.append((copy, name, PLANTED[which][1]))
+    planted = _plant_copies(out, rows, patients, rng)
     listed_twice = rows[int(rng.integers(len(rows) - len(PLANTED)))]
     planted += _republish(out, rows, patients + len(PLANTED) + 2, np.random.default_rng([seed, 23]))
     _write_manifest(out / "planted_copies.csv", planted)
     rows.append((listed_twice[0], listed_twice[1], 0, patients + len(PLANTED) + 1, *listed_twice[4:]))
     if label_errors:
         _write_manifest(out / "planted_label_errors.csv", _label_errors(rows, strengths), ("image", "finding", "how"))
-    table = out / "Data_Entry.csv"
-    with open(table, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(
-            [
-                "Image Index",
-                "Finding Labels",
-                "Follow-up #",
-                "Patient ID",
-                "Patient Age",
-                "Patient Gender",
-                "View Position",
-            ]
-        )
-        writer.writerows(rows)
-    return table
+    return _write_table(out / "Data_Entry.csv", rows)
 
 
 def generate_folders(out: Path, patients: int, seed: int, test_fraction: float = 0.25) -> Path:
