@@ -234,6 +234,26 @@ def _split_table(index: pd.DataFrame, groups, sets, folds) -> pd.DataFrame:
     )
 
 
+def _source_folds(index: pd.DataFrame, source: pd.Series, split: SplitSettings) -> np.ndarray:
+    """Each image's fold from its source split (split.source_fold_pattern's group 1), else fold 0."""
+    if not split.source_fold_pattern:
+        return np.zeros(len(index), np.int64)
+    try:
+        pattern = re.compile(split.source_fold_pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"split.source_fold_pattern: {split.source_fold_pattern!r} is not a regular expression: {exc}"
+        ) from exc
+    found = source.map(lambda s: pattern.search(s))
+    if found.isna().any():
+        bad = index.loc[found.isna()].iloc[0]
+        raise ConfigError(
+            f"split.source_fold_pattern {split.source_fold_pattern!r} does not match source split "
+            f"{bad['source_split']!r} of image {bad['image_id']!r}"
+        )
+    return found.map(lambda m: int(m.group(1))).to_numpy()
+
+
 def source_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings | dict) -> tuple[pd.DataFrame, dict]:
     """The dataset's own folds and roles, as given: each image's source split names its fold
     (``source_fold_pattern``'s group 1, else fold 0) and, in its last part, its role within that
@@ -254,23 +274,7 @@ def source_splits(index: pd.DataFrame, classes: list[str], split: SplitSettings 
             f"split.source_roles: source split {bad['source_split']!r} of image {bad['image_id']!r} names no "
             f"role; the roles are {dict(split.source_roles.items())} ({int(roles.isna().sum())} such images)"
         )
-    if split.source_fold_pattern:
-        try:
-            pattern = re.compile(split.source_fold_pattern)
-        except re.error as exc:
-            raise ConfigError(
-                f"split.source_fold_pattern: {split.source_fold_pattern!r} is not a regular expression: {exc}"
-            ) from exc
-        found = source.map(lambda s: pattern.search(s))
-        if found.isna().any():
-            bad = index.loc[found.isna()].iloc[0]
-            raise ConfigError(
-                f"split.source_fold_pattern {split.source_fold_pattern!r} does not match source split "
-                f"{bad['source_split']!r} of image {bad['image_id']!r}"
-            )
-        fold = found.map(lambda m: int(m.group(1))).to_numpy()
-    else:
-        fold = np.zeros(len(index), np.int64)
+    fold = _source_folds(index, source, split)
     present = sorted(set(fold.tolist()))
     if present != list(range(split.folds)):
         raise ConfigError(
@@ -395,14 +399,8 @@ def summarize(index: pd.DataFrame, splits: pd.DataFrame, classes: list[str]) -> 
     return out
 
 
-def check_split(index: pd.DataFrame, splits: pd.DataFrame, near_pairs: list[dict] | None = None) -> dict:
-    """Prove the split leak-free: every indexed image once, and no patient (aliases included), no
-    duplicate content hash and no near-duplicate cluster in two of {test, fold_0, ..., fold_K-1}
-    (with the dataset's own folds: two roles of one fold). Images the split set aside
-    (``excluded``) take no part. Raises LeakageError naming what crosses: for a near-duplicate
-    cluster, its pairs across sets with their kind of match and verification score when
-    ``near_pairs`` (index_report.json's near_duplicates.pair_list) is given, else the
-    fingerprints' distance."""
+def _coverage_problems(index: pd.DataFrame, splits: pd.DataFrame) -> list[str]:
+    """Every indexed image in the split once, and no image the index does not hold."""
     problems = []
     ids = splits["image_id"]
     if ids.duplicated().any():
@@ -413,6 +411,39 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame, near_pairs: list[dict
         problems.append(f"{len(missing)} indexed images are in no set, e.g. {missing[:5]}")
     if extra:
         problems.append(f"{len(extra)} images in the split are not in the index, e.g. {extra[:5]}")
+    return problems
+
+
+def _crossings(checks: list, near_pairs: list[dict] | None, problems: list[str]) -> dict:
+    """For each (key, what, rows): how many values of ``key`` lie in two sets of one scope;
+    each crossing described (up to 5 per key) in ``problems``."""
+    crossings = {}
+    for key, what, rows in checks:
+        rows = rows.dropna(subset=[key])
+        parts_per = rows.groupby(["scope", key])["part"].unique().droplevel("scope")
+        crossing = parts_per[parts_per.map(len) > 1]
+        crossings[key] = int(len(crossing))
+        if len(crossing):
+            examples = []
+            for value, parts in crossing.head(5).items():
+                members = rows.loc[rows[key] == value]
+                if key == "near_duplicate_cluster":
+                    examples.append(_near_duplicate_crossing(members, near_pairs))
+                else:
+                    examples.append(f"{value} in {sorted(parts)} ({members[['image_id', 'part']].values.tolist()[:4]})")
+            problems.append(f"{len(crossing)} {what} cross sets: " + "; ".join(examples))
+    return crossings
+
+
+def check_split(index: pd.DataFrame, splits: pd.DataFrame, near_pairs: list[dict] | None = None) -> dict:
+    """Prove the split leak-free: every indexed image once, and no patient (aliases included), no
+    duplicate content hash and no near-duplicate cluster in two of {test, fold_0, ..., fold_K-1}
+    (with the dataset's own folds: two roles of one fold). Images the split set aside
+    (``excluded``) take no part. Raises LeakageError naming what crosses: for a near-duplicate
+    cluster, its pairs across sets with their kind of match and verification score when
+    ``near_pairs`` (index_report.json's near_duplicates.pair_list) is given, else the
+    fingerprints' distance."""
+    problems = _coverage_problems(index, splits)
     used = splits[splits["set"] != EXCLUDED]
     # with the dataset's own folds, sets are compared within a fold only
     scope = used["fold"] if is_source(splits) else pd.Series(0, index=used.index)
@@ -431,21 +462,7 @@ def check_split(index: pd.DataFrame, splits: pd.DataFrame, near_pairs: list[dict
     checks = [("patient_id", "patients", patients), ("content_hash", "duplicate images (same content hash)", merged)]
     if "near_duplicate_cluster" in merged:
         checks.append(("near_duplicate_cluster", "near-duplicate clusters (the same radiograph transformed)", merged))
-    crossings = {}
-    for key, what, rows in checks:
-        rows = rows.dropna(subset=[key])
-        parts_per = rows.groupby(["scope", key])["part"].unique().droplevel("scope")
-        crossing = parts_per[parts_per.map(len) > 1]
-        crossings[key] = int(len(crossing))
-        if len(crossing):
-            examples = []
-            for value, parts in crossing.head(5).items():
-                members = rows.loc[rows[key] == value]
-                if key == "near_duplicate_cluster":
-                    examples.append(_near_duplicate_crossing(members, near_pairs))
-                else:
-                    examples.append(f"{value} in {sorted(parts)} ({members[['image_id', 'part']].values.tolist()[:4]})")
-            problems.append(f"{len(crossing)} {what} cross sets: " + "; ".join(examples))
+    crossings = _crossings(checks, near_pairs, problems)
     report = {
         "verdict": "leak-free" if not problems else "LEAKAGE",
         "images_checked": int(len(merged)),

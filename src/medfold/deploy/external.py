@@ -309,6 +309,13 @@ def _internal_test(exp: Path, task: str, classes: list[str]) -> tuple[dict, tupl
     return internal, (y, predictions[[f"prob:{c}" for c in classes]].to_numpy(np.float64))
 
 
+INDEXED = {"images": "images_indexed", "skipped": "images_skipped", "patients": "patients"}
+
+
+def _calibration(reliability: dict) -> dict:
+    return {c: {k: v[k] for k in ("ece", "max_gap", "brier")} for c, v in reliability.items()}
+
+
 def _copies_record(copies: pd.DataFrame, on_copy: str) -> dict:
     """external.json's count of the external images that are copies of the main dataset's."""
     return {
@@ -418,18 +425,11 @@ def validate(
         "dataset": ext_report.get("dataset"),
         "task": task,
         "classes": classes,
-        "indexed": {
-            "images": ext_report.get("images_indexed"),
-            "skipped": ext_report.get("images_skipped"),
-            "patients": ext_report.get("patients"),
-        },
+        "indexed": {k: ext_report.get(f) for k, f in INDEXED.items()},
         "copies": _copies_record(copies, site.on_copy),
         "internal": {k: internal.get(k) for k in (*SCORED_METRICS, "auroc", "ci95", "images")},
         "external": {k: external.get(k) for k in (*SCORED_METRICS, "auroc", "ci95", "images", "patients")},
-        "calibration": {
-            "internal": {c: {k: v[k] for k in ("ece", "max_gap", "brier")} for c, v in drift["before"].items()},
-            "external": {c: {k: v[k] for k in ("ece", "max_gap", "brier")} for c, v in drift["after"].items()},
-        },
+        "calibration": {"internal": _calibration(drift["before"]), "external": _calibration(drift["after"])},
         "thresholds": _thresholds_record(
             task, classes, thresholds, decision, internal.get("decision"), (y_int, p_int), (y, probs)
         ),
@@ -440,12 +440,12 @@ def validate(
     _predictions_frame(ext, kept, patients, classes, probs).to_parquet(out.predictions, index=False)
     out.record.write_text(json.dumps(record, indent=2, default=float) + "\n")
     _reliability_figure(f"{name} ({exp.name})", name, drift).savefig(out.reliability, dpi=110)
+    aurocs = [r.get("auroc_macro") or float("nan") for r in (external, internal)]
     log.info(
         "external %s: %d images (%d copies left out); AUROC %.3f external against %.3f internal",
         name,
         len(kept),
         len(copies),
-        external.get("auroc_macro") or float("nan"),
-        internal.get("auroc_macro") or float("nan"),
+        *aurocs,
     )
     return record
