@@ -107,10 +107,42 @@ def _base_model(path: Path, predictor) -> nn.Module | None:
     return module.eval()
 
 
+def _metadata(predictor, shape: tuple) -> dict:
+    """What the ONNX file carries (as medfold.* metadata) to be used without medfold."""
+    return {
+        "classes": predictor.classes,
+        "task": predictor.task,
+        "thresholds": predictor.thresholds,
+        "thresholds_from": predictor.description.get("thresholds_from"),
+        "model": predictor.description.get("model"),
+        "input": f"uint8 (N, {shape[0]}, {shape[1]}, {shape[2]})",
+        "image_size": predictor.image_size,
+        "channels": predictor.channels,
+        "resize": RESIZE,
+        "normalisation": {"mean": predictor.mean, "std": predictor.std, "scale": predictor.scale},
+        "tta": predictor.tta,
+        "output": "probabilities, float32 (N, classes): "
+        + ("sigmoid per class" if predictor.task == "multilabel" else "softmax over classes"),
+        "medfold_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _stamp(path: Path, metadata: dict) -> None:
+    """Write ``metadata`` into the ONNX file as its medfold.* properties (values as JSON)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    model.doc_string = "medfold: " + str(metadata["model"])
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"medfold.{key}", json.dumps(value)
+    onnx.save(model, str(path))
+
+
 def export_onnx(source, out_dir, name: str = "model.onnx", check_images: int = 8) -> dict:
     """Export ``source`` (experiment folder, model.pt or model.pt2) to ``out_dir/name``; returns
     (and writes beside it as ``export.json``) what was exported and the parity measured."""
-    import onnx
 
     source, out = Path(source), Path(out_dir)
     predictor, modules, method = _source(source)
@@ -128,29 +160,8 @@ def export_onnx(source, out_dir, name: str = "model.onnx", check_images: int = 8
         write_onnx(module, example, path)
     except Exception as exc:  # the exporter's own errors name the op it could not translate
         raise MedfoldError(f"{source}: torch.onnx could not export it: {str(exc).splitlines()[0][:300]}") from exc
-    metadata = {
-        "classes": predictor.classes,
-        "task": predictor.task,
-        "thresholds": predictor.thresholds,
-        "thresholds_from": predictor.description.get("thresholds_from"),
-        "model": predictor.description.get("model"),
-        "input": f"uint8 (N, {shape[0]}, {shape[1]}, {shape[2]})",
-        "image_size": predictor.image_size,
-        "channels": predictor.channels,
-        "resize": RESIZE,
-        "normalisation": {"mean": predictor.mean, "std": predictor.std, "scale": predictor.scale},
-        "tta": predictor.tta,
-        "output": "probabilities, float32 (N, classes): "
-        + ("sigmoid per class" if predictor.task == "multilabel" else "softmax over classes"),
-        "medfold_version": __version__,
-        "torch_version": torch.__version__,
-    }
-    model = onnx.load(str(path))
-    model.doc_string = "medfold: " + str(metadata["model"])
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = f"medfold.{key}", json.dumps(value)
-    onnx.save(model, str(path))
+    metadata = _metadata(predictor, shape)
+    _stamp(path, metadata)
     if quantized:
         checked = int8_check(path, module, _base_model(source, predictor), example.numpy(), predictor.thresholds)
         difference, tolerance = checked["parity_max_abs_difference"], INT8_PARITY
