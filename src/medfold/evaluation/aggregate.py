@@ -160,18 +160,49 @@ def weighted_balanced(y: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> n
         return np.nanmean(np.stack(recalls), axis=0)
 
 
-def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed: int) -> dict:
-    """Everything ``cv/`` holds, as frames and dicts."""
-    results = _load(metrics_paths)
-    classes, task = results[0]["classes"], results[0]["task"]
-    per_fold = per_fold_table(results)
-    summary = summary_table(per_fold)
+def _per_class_auroc(per_fold: pd.DataFrame) -> dict:
+    """Per part (val, test) and class: the AUROC's mean and standard deviation across folds."""
     per_class = {}
     for part in ("val", "test"):
         cols = [c for c in per_fold.columns if c.startswith(f"{part}.auroc.")]
         per_class[part] = {
             c.split(".", 2)[2]: {"mean": _num(per_fold[c].mean()), "std": _num(per_fold[c].std())} for c in cols
         }
+    return per_class
+
+
+def _fold_ensemble(test, results, classes, task, thresholds, decision: str, n_bootstrap: int, seed: int):
+    """The fold models' mean probabilities on the shared test set, evaluated at the pooled
+    out-of-fold thresholds with patient-bootstrap intervals. Returns the result and the
+    ensemble's predictions."""
+    # in the order of the predictions (fold 0's test rows), never the IDs' sort order
+    mean_probs = test.groupby("image_id", sort=False)[[f"prob:{c}" for c in classes]].mean()
+    first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
+    y_test = targets_for(first["labels"], classes, task)
+    probs = mean_probs.to_numpy(np.float64)
+    ensemble = evaluate(task, classes, y_test, probs, thresholds)
+    ensemble["models"] = int(len(results))
+    # the models it averages, as folders below the experiment's (what medfold predict loads)
+    ensemble["members"] = [f"fold_{r['fold']}" + (f"/seed_{r['repeat']}" if r.get("repeat") else "") for r in results]
+    ensemble["threshold_source"] = "pooled out-of-fold predictions"
+    ensemble["decision"] = decision
+    ensemble["ci95"] = bootstrap_intervals(
+        task, classes, y_test, probs, first["patient_id"].to_numpy(), thresholds, n_bootstrap, seed
+    )
+    ensemble["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
+    predictions = mean_probs.reset_index().assign(
+        patient_id=first["patient_id"].to_numpy(), labels=first["labels"].to_list()
+    )
+    return ensemble, predictions
+
+
+def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed: int) -> dict:
+    """Everything ``cv/`` holds, as frames and dicts."""
+    results = _load(metrics_paths)
+    classes, task = results[0]["classes"], results[0]["task"]
+    per_fold = per_fold_table(results)
+    summary = summary_table(per_fold)
+    per_class = _per_class_auroc(per_fold)
     # each file tagged with its model's seed (the metrics file beside it says which)
     predictions = pd.concat(
         [pd.read_parquet(p).assign(repeat=r.get("repeat", 0)) for p, r in zip(prediction_paths, results)],
@@ -207,26 +238,8 @@ def aggregate_experiment(metrics_paths, prediction_paths, n_bootstrap: int, seed
     if not shared:
         out["ensemble_test_skipped"] = "no test set shared by every fold" if len(test) else "no test set"
     else:
-        # in the order of the predictions (fold 0's test rows), never the IDs' sort order
-        mean_probs = test.groupby("image_id", sort=False)[[f"prob:{c}" for c in classes]].mean()
-        first = test.drop_duplicates("image_id").set_index("image_id").loc[mean_probs.index]
-        y_test = targets_for(first["labels"], classes, task)
-        probs = mean_probs.to_numpy(np.float64)
-        ensemble = evaluate(task, classes, y_test, probs, thresholds)
-        ensemble["models"] = int(len(results))
-        # the models it averages, as folders below the experiment's (what medfold predict loads)
-        ensemble["members"] = [
-            f"fold_{r['fold']}" + (f"/seed_{r['repeat']}" if r.get("repeat") else "") for r in results
-        ]
-        ensemble["threshold_source"] = "pooled out-of-fold predictions"
-        ensemble["decision"] = out["decision"]
-        ensemble["ci95"] = bootstrap_intervals(
-            task, classes, y_test, probs, first["patient_id"].to_numpy(), thresholds, n_bootstrap, seed
-        )
-        ensemble["bootstrap"] = {"resamples": n_bootstrap, "unit": "patient", "seed": seed}
-        out["ensemble_test"] = ensemble
-        out["ensemble_predictions"] = mean_probs.reset_index().assign(
-            patient_id=first["patient_id"].to_numpy(), labels=first["labels"].to_list()
+        out["ensemble_test"], out["ensemble_predictions"] = _fold_ensemble(
+            test, results, classes, task, thresholds, out["decision"], n_bootstrap, seed
         )
     return out
 
