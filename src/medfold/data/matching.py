@@ -639,6 +639,22 @@ class MatchSettings:
         return cls(**{k: getattr(near, k) for k in cls.__dataclass_fields__ if hasattr(near, k)})
 
 
+def _oriented_distances(pairs: pd.DataFrame, bits: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's fingerprint distance and descriptor cosine similarity, with a turned by the
+    pair's orientation."""
+    a, b, g = (pairs[c].to_numpy() for c in ("a", "b", "orientation"))
+    words = fp._words(bits)
+    distance = np.zeros(len(pairs), np.int64)
+    similarity = np.zeros(len(pairs), np.float64)
+    norms = np.maximum(np.linalg.norm(desc.astype(np.float64), axis=1), 1.0) if len(desc) else np.ones(0)
+    for h in np.unique(g):
+        rows = np.flatnonzero(g == h)
+        distance[rows] = fp.hamming(fp._words(fp.oriented(bits[a[rows]], int(h))), words[b[rows]])
+        oq = oriented_descriptors(desc[a[rows]], int(h)).astype(np.float64)
+        similarity[rows] = (oq * desc[b[rows]]).sum(1) / (norms[a[rows]] * norms[b[rows]])
+    return distance, similarity
+
+
 def find_copies(
     bits: np.ndarray,
     signatures: list[Signature],
@@ -671,16 +687,8 @@ def find_copies(
     one_group = patients[a] == patients[b]
     candidates = len(pairs)
     pairs = pairs.loc[~one_group].reset_index(drop=True)
-    a, b, g = (pairs[c].to_numpy() for c in ("a", "b", "orientation"))
-    words = fp._words(bits)
-    distance = np.zeros(len(pairs), np.int64)
-    similarity = np.zeros(len(pairs), np.float64)
-    norms = np.maximum(np.linalg.norm(desc.astype(np.float64), axis=1), 1.0) if len(desc) else np.ones(0)
-    for h in np.unique(g):
-        rows = np.flatnonzero(g == h)
-        distance[rows] = fp.hamming(fp._words(fp.oriented(bits[a[rows]], int(h))), words[b[rows]])
-        oq = oriented_descriptors(desc[a[rows]], int(h)).astype(np.float64)
-        similarity[rows] = (oq * desc[b[rows]]).sum(1) / (norms[a[rows]] * norms[b[rows]])
+    a, b = pairs["a"].to_numpy(), pairs["b"].to_numpy()
+    distance, similarity = _oriented_distances(pairs, bits, desc)
     exact = content_hashes[a] == content_hashes[b]
     pairs = pairs.assign(distance=distance, similarity=similarity.round(4))
     start = time.perf_counter()
