@@ -610,15 +610,8 @@ def explanations_view(name: str, records: list[str]) -> ExplanationsView:
     return ExplanationsView(name, folds)
 
 
-def compression_view(
-    variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], compression: CompressionSettings | dict
-) -> CompressionView:
-    """``variants``: experiment -> (per-fold table, summary) of its compressed variants;
-    ``compression``: the ``compression`` settings they were measured with."""
-    compression = CompressionSettings.of(compression)
-    latency = compression.latency
-    largest = max(latency.batch_sizes or [32])
-    headers = [
+def _compression_headers(largest: int) -> list[str]:
+    return [
         "variant",
         "method",
         "size (x base)",
@@ -636,29 +629,42 @@ def compression_view(
         "out-of-fold AUROC",
         "base out-of-fold AUROC",
     ]
+
+
+def _compression_row(r, largest: int) -> list:
+    """One variant's row: each measure's mean ± std over its folds."""
+    return [
+        r["variant"],
+        r["method"],
+        _mean_pm(r, "ratio.size", 2),
+        _mean_pm(r, "ratio.tensor_size", 2),
+        _mean_pm(r, "compressed.ratio", 2),
+        _mean_pm(r, "sparsity", 3),
+        _mean_pm(r, "variant.latency_ms_b1", 2),
+        _mean_pm(r, "base.latency_ms_b1", 2),
+        _mean_pm(r, "ratio.speedup_b1", 2),
+        _mean_pm(r, f"ratio.speedup_b{largest}", 2),
+        _mean_pm(r, "ratio.speedup_vs_compiled_b1", 2),
+        _mean_pm(r, "variant.images_per_s", 0),
+        _mean_pm(r, "delta.test.auroc_macro", 4),
+        _mean_pm(r, "agreement.label_agreement", 3),
+        r.get("oof.auroc_macro"),
+        r.get("base.oof.auroc_macro"),
+    ]
+
+
+def compression_view(
+    variants: dict[str, tuple[pd.DataFrame, pd.DataFrame]], compression: CompressionSettings | dict
+) -> CompressionView:
+    """``variants``: experiment -> (per-fold table, summary) of its compressed variants;
+    ``compression``: the ``compression`` settings they were measured with."""
+    compression = CompressionSettings.of(compression)
+    latency = compression.latency
+    largest = max(latency.batch_sizes or [32])
+    headers = _compression_headers(largest)
     experiments = []
     for name, (per_fold, summary) in variants.items():
-        rows = [
-            [
-                r["variant"],
-                r["method"],
-                _mean_pm(r, "ratio.size", 2),
-                _mean_pm(r, "ratio.tensor_size", 2),
-                _mean_pm(r, "compressed.ratio", 2),
-                _mean_pm(r, "sparsity", 3),
-                _mean_pm(r, "variant.latency_ms_b1", 2),
-                _mean_pm(r, "base.latency_ms_b1", 2),
-                _mean_pm(r, "ratio.speedup_b1", 2),
-                _mean_pm(r, "ratio.speedup_b32", 2),
-                _mean_pm(r, "ratio.speedup_vs_compiled_b1", 2),
-                _mean_pm(r, "variant.images_per_s", 0),
-                _mean_pm(r, "delta.test.auroc_macro", 4),
-                _mean_pm(r, "agreement.label_agreement", 3),
-                r.get("oof.auroc_macro"),
-                r.get("base.oof.auroc_macro"),
-            ]
-            for _, r in summary.iterrows()
-        ]
+        rows = [_compression_row(r, largest) for _, r in summary.iterrows()]
         isas = sorted({str(v) for v in per_fold.get("cpu.isa", pd.Series(dtype=str)).dropna()})
         models = sorted({str(v) for v in per_fold.get("cpu.model", pd.Series(dtype=str)).dropna()})
         experiments.append(
