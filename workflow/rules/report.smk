@@ -1,5 +1,4 @@
 # The HTML report, rendered from result files alone.
-
 REPORT_INPUTS = report_inputs()
 
 
