@@ -283,29 +283,7 @@ def compress_fold(
     }
     record = _record(name, vs, fold, threads, c, (base_path, saved, base_measured, base_compiled), made, variant_stats)
     record.update(compared, **_pruned_record(made, out.model, record, variant_stats))
-    history, finetune_seconds = made.history, made.finetune_seconds
-
-    result.update(
-        {
-            "variant": name,
-            "method": vs.method,
-            "best_epoch": len(history),
-            "epochs_trained": len(history),
-            "train_seconds": finetune_seconds,
-            "settings": s.raw,
-            "variant_settings": vs.raw,
-        }
-    )
-    write_evaluation(result, predictions, history, out)
-    out.compression.write_text(json.dumps(record, indent=2) + "\n")
-    log.info(
-        "%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s",
-        name,
-        fold,
-        record["ratios"]["size"],
-        record["ratios"].get("speedup_b1", float("nan")),
-        record["deltas"].get("test.auroc_macro"),
-    )
+    _write_variant(result, predictions, record, made, s, vs, out)
     return record
 
 
@@ -330,6 +308,33 @@ def _make_variant(name: str, vs: VariantSettings, runner, data, s: TrainSettings
     finished = time.perf_counter()
     log.info("%s (%s) made in %.1f s", name, vs.method, finished - start)
     return _Made(model, metadata, history, finetune_seconds, extra, finished - start, finished)
+
+
+def _write_variant(result: dict, predictions, record: dict, made: _Made, s: TrainSettings, vs, out) -> None:
+    """The variant's metrics.json, predictions and history (as a fold's), and compression.json."""
+    history, finetune_seconds = made.history, made.finetune_seconds
+    name, fold = record["variant"], record["fold"]
+    result.update(
+        {
+            "variant": name,
+            "method": vs.method,
+            "best_epoch": len(history),
+            "epochs_trained": len(history),
+            "train_seconds": finetune_seconds,
+            "settings": s.raw,
+            "variant_settings": vs.raw,
+        }
+    )
+    write_evaluation(result, predictions, history, out)
+    out.compression.write_text(json.dumps(record, indent=2) + "\n")
+    log.info(
+        "%s fold %d: size %.3fx, batch-1 speed-up %.2fx, test AUROC delta %s",
+        name,
+        fold,
+        record["ratios"]["size"],
+        record["ratios"].get("speedup_b1", float("nan")),
+        record["deltas"].get("test.auroc_macro"),
+    )
 
 
 def _record(name, vs, fold, threads, c, base, made, variant_stats) -> dict:

@@ -31,6 +31,9 @@ import pandas as pd
 
 from medfold.core import files
 from medfold.core.errors import ConfigError, DataError
+from medfold.data.index.io import read_index
+from medfold.data.index.labels import targets_for
+from medfold.deploy.predict import load_predictor
 from medfold.settings.sections import ExternalSettings, RecalibrationSettings
 
 log = logging.getLogger(__name__)
@@ -375,6 +378,8 @@ def _predictions_frame(ext: pd.DataFrame, kept, patients, classes: list[str], pr
     return frame
 
 
+# One piece (70 lines, 15 of them its signature): external.json's record is one literal, in the
+# order the page and the tests read it; its parts are computed by the helpers above.
 def validate(
     name: str,
     site: ExternalSettings | dict,
@@ -393,10 +398,6 @@ def validate(
     """Leaks, predictions, metrics, drift and recalibration of one external dataset; writes
     ``outputs`` (an ExternalOutputs) and returns external.json's record. ``site``: the resolved
     ``external.<name>`` block (``settings.external_settings``)."""
-    from medfold.data.index.io import read_index
-    from medfold.data.index.labels import targets_for
-    from medfold.deploy.predict import load_predictor
-
     site = ExternalSettings.of(site)
     out = ExternalOutputs.of(outputs)
     out.create()

@@ -547,6 +547,8 @@ def _check_compared(config: dict, compared: tuple[str, ...]) -> None:
             )
 
 
+# One piece (66 lines): the checks run in the order a user meets their errors (split, experiments,
+# ensembles, dataset, comparisons, externals, variants), and the Study is built from all of them.
 def resolve(config: dict, schema_path=None) -> Study:
     """The ``Study`` of a config already validated against the schema (Snakemake's ``validate``,
     which fills in the defaults). Raises ConfigError, naming the key, for anything the schema

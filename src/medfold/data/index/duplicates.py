@@ -15,6 +15,8 @@ from medfold.settings.sections import DatasetSettings
 log = logging.getLogger("medfold.data.index")
 
 
+# One piece (70 lines): index_report.json's near_duplicates record is one literal, in the order
+# the report reads it; the search, the clusters and the core check are the helpers it calls.
 def _near_duplicates(table: pd.DataFrame, dataset: DatasetSettings, signatures: list, threads: int = 1) -> dict:
     """Fill ``near_duplicate_cluster`` and describe each cluster for the report: its images,
     their patients and source splits, and its accepted pairs with kind, verification score,
