@@ -108,7 +108,7 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
     return [
         *SNAKEMAKE,
         "--snakefile",
-        str(REPO / "Snakefile"),
+        str(REPO / "workflow" / "Snakefile"),
         "--directory",
         str(workdir),
         "--configfile",

@@ -25,7 +25,7 @@ def _readme_command(work, *extra):
     )
     args = command.split()[1:]
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args, *extra],
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), *args, *extra],
         cwd=work,
         capture_output=True,
         text=True,
@@ -60,7 +60,7 @@ def test_no_config_file_still_runs_the_demo(tmp_path):
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2", "--dry-run"],
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--cores", "2", "--dry-run"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -90,7 +90,7 @@ def tracked(server, tmp_path_factory):
     )
     fold = work / DS / "base" / "fold_0"
     target = f"{DS}/base/fold_0/metrics.json"
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--cores", "2", target]
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(work), "--cores", "2", target]
     cmd += ["--configfile", str(work / "config" / "config.yaml")]
     first = subprocess.Popen(
         cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -106,7 +106,7 @@ def test_lint_is_clean_and_rules_are_snakefmt_formatted():
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     snakefmt = Path(sys.executable).with_name("snakefmt")
     fmt = subprocess.run(
-        [str(snakefmt), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True
+        [str(snakefmt), "--check", "workflow/Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
@@ -126,12 +126,12 @@ def test_jobs_import_medfold_from_the_workflows_own_src(tmp_path):
     # environment that installs the dependencies alone (envs/medfold.yaml)
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("Snakefile", "workflow", "src", "config", "envs"):
+    for name in ("workflow", "src", "config", "envs"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(
             source, copy / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {})
         )
-    demo = copy / "src" / "medfold" / "demo.py"
+    demo = copy / "src" / "medfold" / "data" / "demo.py"
     marker = tmp_path / "marker"
     demo.write_text(demo.read_text() + f"\nPath({str(marker)!r}).write_text(__file__)\n")
     proc = subprocess.run(

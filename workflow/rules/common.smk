@@ -9,7 +9,9 @@ from medfold.study.resolve import compress_gpus, repeat_settings, resolve
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+# the workflow's own files found from this file, so that it runs as a module too
+WORKFLOW_DIR = Path(workflow.current_basedir).parent
+SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
 # the whole config resolved and cross-checked once (medfold.study.resolve): a bad key stops
 # here, before any job runs; the names below are the rules' short names for its parts
 STUDY = resolve(config, SCHEMA)

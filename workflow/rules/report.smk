@@ -22,6 +22,6 @@ rule report:
     params:
         files=REPORT_INPUTS,
         config=config,
-        repo=workflow.basedir,
+        repo=str(WORKFLOW_DIR.parent),
     script:
         "../scripts/report.py"
