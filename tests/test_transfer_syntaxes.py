@@ -202,3 +202,54 @@ def test_a_syntax_without_its_decoder_is_unsupported_with_the_package_to_install
     )
     # with the decoder present (this environment), the same file decodes
     assert check_image(tmp_path / "sv1.dcm").reason is None
+
+
+def _scan_header_written_as(path, target, values: bytes) -> None:
+    """``path``'s JPEG frame with its scan header's Ss, Se and Ah/Al set to ``values``, as the
+    encoders of the DICOM committee's WG04 JPEG Extended files wrote them."""
+    ds = pydicom.dcmread(path)
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    sos = frame.index(b"\xff\xda")
+    at = sos + 5 + 2 * frame[sos + 4]
+    ds.PixelData = pydicom.encaps.encapsulate([frame[:at] + values + frame[at + 3 :]])
+    ds.save_as(target)
+
+
+@needs_dcmtk
+@pytest.mark.parametrize("values", [bytes([0, 0, 0]), bytes([1, 0, 0])], ids=["Se 0", "Ss 1 Se 0"])
+def test_jpeg_extended_with_sequential_scan_parameters_out_of_range_decodes_as_dcmtk_decodes_it(tmp_path, values):
+    original = radiograph(12)
+    write_plain(tmp_path / "plain.dcm", original, 12)
+    dcmtk("dcmcjpeg", "+ee", "+rm", str(tmp_path / "plain.dcm"), str(tmp_path / "extended.dcm"))
+    _scan_header_written_as(tmp_path / "extended.dcm", tmp_path / "wg04.dcm", values)
+    with pytest.raises(Exception, match="scan start must be zero"):  # what pydicom's plugin says of it
+        _ = pydicom.dcmread(tmp_path / "wg04.dcm").pixel_array
+    proc = subprocess.run(["dcmdjpeg", str(tmp_path / "wg04.dcm"), str(tmp_path / "dcmtk.dcm")], capture_output=True)
+    assert proc.returncode == 0 and b"Invalid SOS parameters for sequential JPEG" in proc.stderr
+    image, untouched = read_dicom(tmp_path / "wg04.dcm"), read_dicom(tmp_path / "extended.dcm")
+    assert np.array_equal(image.pixels, untouched.pixels) and "read as sequential scans" in image.note
+    assert check_image(tmp_path / "wg04.dcm").reason is None
+    # its 12-bit values against DCMTK's decode, and the original's (IJG quality 90)
+    from medfold.data.dicom import _repaired_pixels
+
+    ds = pydicom.dcmread(tmp_path / "wg04.dcm")
+    ours = _repaired_pixels(ds).astype(float)
+    theirs = pydicom.dcmread(tmp_path / "dcmtk.dcm").pixel_array.astype(float)
+    error = np.abs(apply_modality_lut(ours, ds) - original)  # DCMTK's encoder rescales: values after the LUT
+    assert np.abs(ours - theirs).max() <= 1 and error.mean() <= 0.004 * 4095
+
+
+@needs_dcmtk
+def test_a_jpeg_file_the_repair_does_not_decode_keeps_both_true_reasons(tmp_path):
+    write_plain(tmp_path / "plain.dcm", radiograph(12), 12)
+    dcmtk("dcmcjpeg", "+ee", "+rm", str(tmp_path / "plain.dcm"), str(tmp_path / "extended.dcm"))
+    _scan_header_written_as(tmp_path / "extended.dcm", tmp_path / "wg04.dcm", bytes([0, 0, 0]))
+    ds = pydicom.dcmread(tmp_path / "wg04.dcm")
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    # a quantisation table segment too short to hold one, after the scan
+    ds.PixelData = pydicom.encaps.encapsulate([frame[:-2] + b"\xff\xdb\x00\x03\xff\xd9"])
+    ds.save_as(tmp_path / "damaged.dcm")
+    reason = check_image(tmp_path / "damaged.dcm").reason
+    assert reason.startswith("corrupt image: DICOM pixel data cannot be decoded")
+    assert "scan start must be zero" in reason and "with its scan headers repaired" in reason
+    assert "DQT marker size corrupt" in reason

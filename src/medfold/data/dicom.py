@@ -264,6 +264,99 @@ def _check_decoder(syntax) -> None:
         )
 
 
+# JPEG markers (ITU-T T.81 table B.1): frames of the sequential DCT processes, the scan header,
+# and the markers without a length field
+SEQUENTIAL_FRAMES = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential (8 and 12 bits)
+OTHER_FRAMES = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+SOS = 0xDA
+NO_LENGTH = {0x01, 0xD8, 0xD9, *range(0xD0, 0xD8)}
+SEQUENTIAL_SCAN = bytes([0, 63, 0])  # Ss, Se, Ah|Al of every sequential scan (T.81 B.2.3)
+JPEG_SEQUENTIAL = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+REPAIRED_SCANS = (
+    "JPEG scan headers with spectral-selection values the sequential processes do not allow "
+    "(DCMTK: 'Invalid SOS parameters for sequential JPEG') read as sequential scans (Ss 0, Se 63)"
+)
+
+
+def _entropy_end(data: bytes, i: int) -> int:
+    """The position of the first marker after the entropy-coded data starting at ``i`` (0xFF
+    followed by neither a stuffed 0x00 nor a restart marker)."""
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0 or i + 1 >= len(data):
+            return len(data)
+        if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7 or data[i + 1] == 0xFF:
+            i += 1
+            continue
+        return i
+
+
+def sequential_scans_repaired(frame: bytes) -> bytes | None:
+    """``frame`` (one JPEG codestream of a sequential DCT process) with every scan header's
+    Ss, Se and Ah/Al set to what the sequential processes require (0, 63, 0), as DCMTK's libjpeg
+    reads such a scan after warning 'Invalid SOS parameters for sequential JPEG'. None when the
+    frame is not sequential DCT or its scan headers are already right."""
+    data, i, sequential, changed = bytearray(frame), 2, None, False
+    if data[:2] != b"\xff\xd8":
+        return None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            i += 1
+            continue
+        if marker in NO_LENGTH:
+            if marker == 0xD9:
+                break
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in SEQUENTIAL_FRAMES or marker in OTHER_FRAMES:
+            sequential = marker in SEQUENTIAL_FRAMES
+        if marker == SOS:
+            if not sequential:
+                return None
+            at = i + 5 + 2 * data[i + 4]  # after Ns and the components' selectors
+            if bytes(data[at : at + 3]) != SEQUENTIAL_SCAN:
+                data[at : at + 3] = SEQUENTIAL_SCAN
+                changed = True
+            i = _entropy_end(data, i + 2 + length)
+            continue
+        i += 2 + length
+    return bytes(data) if changed else None
+
+
+def _also(note: str | None, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _after_repair(ds, syntax, exc: Exception):
+    """(pixels, "") of a sequential JPEG file whose decoder refused its scan headers' Ss/Se
+    values, read with them repaired; (None, what the repaired file's decoding said, if it was
+    tried) when that is not its fault or it does not decode either."""
+    if str(syntax) not in JPEG_SEQUENTIAL or "scan start" not in str(exc):
+        return None, ""
+    try:
+        array = _repaired_pixels(ds)
+    except Exception as again:  # the repair was not all it needed: both reasons are the file's
+        return None, f"; with its scan headers repaired: {type(again).__name__}: {again}"
+    return array, ""
+
+
+def _repaired_pixels(ds):
+    """The pixel array of a sequential JPEG file after its scan headers are repaired
+    (``sequential_scans_repaired``); None when no frame needed it."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    repaired = [sequential_scans_repaired(f) for f in frames]
+    if not any(r is not None for r in repaired):
+        return None
+    ds.PixelData = encapsulate([r if r is not None else f for f, r in zip(frames, repaired)])
+    return ds.pixel_array
+
+
 def read_dicom(path) -> DicomImage:
     """Decode ``path``; raises ValueError (with the reason) for a file that is not a usable image."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
@@ -275,20 +368,23 @@ def read_dicom(path) -> DicomImage:
         )
     syntax = ds.file_meta.TransferSyntaxUID
     _check_decoder(syntax)
+    note = None
     try:
         array = ds.pixel_array
     except Exception as exc:  # truncated or damaged pixel data: the plugins raise many kinds
-        raise ValueError(
-            f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}; transfer syntax "
-            f"{syntax.name} ({syntax}))"
-        ) from exc
+        array, after = _after_repair(ds, syntax, exc)
+        if array is None:
+            raise ValueError(
+                f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}{after}; transfer syntax "
+                f"{syntax.name} ({syntax}))"
+            ) from exc
+        note = REPAIRED_SCANS
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    note = None
     samples = int(ds.get("SamplesPerPixel", 1))
     if frames > 1:
-        array, note = array[0], f"{frames} frames: the first is used"
+        array, note = array[0], _also(note, f"{frames} frames: the first is used")
     if samples == 3:
         if photometric.startswith("YBR"):
             array = convert_color_space(array, photometric, "RGB")
@@ -307,7 +403,10 @@ def read_dicom(path) -> DicomImage:
                 low, high, note = (
                     seen_low,
                     seen_high,
-                    "no window and values span under 1/16 of BitsStored: scaled by their own range",
+                    _also(
+                        note,
+                        "no window and values span under 1/16 of BitsStored: scaled by their own range",
+                    ),
                 )
             pixels = _to_uint8(array, low, high)
         if photometric == "MONOCHROME1":
