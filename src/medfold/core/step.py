@@ -4,11 +4,35 @@ stderr, and a user-facing error (no traceback) when the step fails for a reason 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from medfold.core.errors import MedfoldError
+
+# Third-party messages that read like faults and are not: faiss says which of its builds it
+# loaded (it tries the AVX2 build first, and reports its absence at INFO); torch's C++ extension
+# loader warns that this CPU machine has no CUDA runtime; inductor warns of a tensor copy inside
+# its own lowering. Shown again with MEDFOLD_VERBOSE=1.
+VERBOSE = "MEDFOLD_VERBOSE"
+QUIETED = {"faiss": logging.WARNING, "torch.utils.cpp_extension": logging.ERROR}
+QUIETED_WARNINGS = (r"torch\._inductor",)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def quiet_third_parties() -> None:
+    """Keep the messages above out of the console and the job logs, unless MEDFOLD_VERBOSE is set."""
+    if verbose():
+        return
+    for name, level in QUIETED.items():
+        logging.getLogger(name).setLevel(level)
+    for module in QUIETED_WARNINGS:
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 def setup_logging(log_path: str | None = None, append: bool = False, level: int = logging.INFO) -> None:
@@ -18,6 +42,7 @@ def setup_logging(log_path: str | None = None, append: bool = False, level: int 
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )
+    quiet_third_parties()
 
 
 def guarded(
