@@ -55,15 +55,25 @@ def test_folder_form_reports_the_source_leak_and_resplits(tmp_path):
     assert json.loads((work / "results" / "demo_folders" / "split_check.json").read_text())["verdict"] == "leak-free"
 
 
-def test_source_leak_with_stop_fails_the_workflow_naming_the_patient(tmp_path):
+@pytest.mark.parametrize("identifiers", ["raw", "pseudonymized"])
+def test_source_leak_with_stop_fails_the_workflow_naming_the_patient(tmp_path, identifiers):
     overrides = yaml.safe_load((REPO / "config" / "examples" / "demo_folders.yaml").read_text())
     overrides["split"]["on_source_leak"] = "stop"
+    overrides["privacy"]["identifiers"] = identifiers
     work = workflow_dir(tmp_path, overrides, base=None)
     proc = run_snakemake(work, "--cores", "2", TARGET.format(name="demo_folders"), check=False)
     assert proc.returncode != 0
     log = (work / "results" / "demo_folders" / "logs" / "split.log").read_text()
-    assert "split failed" in log and "person1" in log and "Traceback" not in log
-    assert "person1" in proc.stderr and "split.on_source_leak is 'stop'" in proc.stderr
+    assert "split failed" in log and "Traceback" not in log and "split.on_source_leak is 'stop'" in proc.stderr
+    assert ("person1" in log) == ("person1" in proc.stderr) == (identifiers == "raw")  # shared: pseudonyms
+    # the data's owner finds the real file names beside the privacy key, named in the message
+    refused = work / "results" / "split_refused_demo_folders.csv"
+    assert (work / "results" / "privacy.key").exists() == (identifiers == "pseudonymized")
+    assert str(refused) in proc.stderr or "split_refused_demo_folders.csv" in proc.stderr
+    crossing = pd.read_csv(refused)
+    person1 = crossing[crossing["patient_id"] == "person1"]
+    assert {"test/Effusion/person1_effusion_2.png", "train/Effusion/person1_effusion_1.png"} <= set(person1["image_id"])
+    assert set(crossing["side"]) == {"test", "other"} and crossing["path"].map(lambda p: (work / p).is_file()).all()
 
 
 def test_config_errors_are_caught_by_the_schema_before_any_job_runs(tmp_path):

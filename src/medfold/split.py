@@ -145,7 +145,7 @@ def _source_test_set(index: pd.DataFrame, groups: np.ndarray, split: SplitSettin
     mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
     source_leaks = _describe_groups(index, groups, mixed, image_test)
     if len(mixed) and split.on_source_leak == "stop":
-        raise LeakageError(
+        refused = LeakageError(
             f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
             f"training sets (split.on_source_leak is 'stop'): "
             + "; ".join(
@@ -154,6 +154,11 @@ def _source_test_set(index: pd.DataFrame, groups: np.ndarray, split: SplitSettin
                 for leak in source_leaks[:5]
             )
         )
+        crossing = np.isin(groups, mixed)
+        refused.rows = index.loc[crossing, ["image_id", "path", "patient_id", "source_split"]].assign(
+            crossing_group=pd.factorize(groups[crossing])[0], side=np.where(image_test[crossing], TEST, "other")
+        )
+        raise refused
     if len(mixed) and split.on_source_leak == "drop":
         # the official test set stays whole; what crosses it from the other side is set aside
         is_test = per_group["max"].to_numpy().astype(bool)
@@ -657,13 +662,27 @@ class CheckOutputs(files.Outputs):
     NAMES: ClassVar[dict[str, str]] = {"check": "split_check.json"}
 
 
-def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs) -> None:
-    """The split rule: the splits, their summary (shared identifiers only) and the manifest."""
+def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs, refused_path=None) -> None:
+    """The split rule: the splits, their summary (shared identifiers only) and the manifest. A
+    split refused for leaking writes every crossing image by its real name and path to
+    ``refused_path`` (beside the results' privacy key, never in a shared output), for the data's
+    owner: the message, like every log, names them by their pseudonyms."""
     from medfold.core.privacy import index_scrubber
     from medfold.data.index.io import read_index
 
     index, meta = read_index(index_path)
-    splits, summary = make_splits(index, meta["classes"], split)
+    try:
+        splits, summary = make_splits(index, meta["classes"], split)
+    except LeakageError as exc:
+        rows = getattr(exc, "rows", None)
+        if rows is None or refused_path is None:
+            raise
+        Path(refused_path).parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(refused_path, index=False)
+        raise LeakageError(
+            f"{exc}. Every crossing image by its own file name: {refused_path} (written beside the results' "
+            f"privacy key for the data's owner; not for sharing)"
+        ) from None
     splits.to_parquet(outputs.splits, index=False)
     write_json(index_scrubber(index).record(summary), outputs.summary)
     write_manifest(split_manifest(index, splits), outputs.manifest, meta["dataset"])

@@ -72,6 +72,9 @@ rule split:
         runtime=30,
     params:
         split=STUDY.split.raw,
+        # a refused split's crossing images by their real names: beside the privacy key
+        refused=lambda wildcards, output: Path(output.splits).parents[1]
+        / f"split_refused_{wildcards.dataset}.csv",
     script:
         "../scripts/split.py"
 

@@ -1,4 +1,9 @@
 from medfold.core import step
 from medfold.split import SplitOutputs, split_job
 
-step.run(snakemake, lambda s: split_job(s.input.index, s.params.split, SplitOutputs.from_rule(s.output)))
+
+def main(s):
+    split_job(s.input.index, s.params.split, SplitOutputs.from_rule(s.output), s.params.refused)
+
+
+step.run(snakemake, main)
