@@ -43,6 +43,14 @@ def test_a_config_that_names_no_data_says_which_keys_and_how_to_start(dataset, n
     assert "medfold init --preset" in str(raised.value)
 
 
+def test_a_config_with_no_experiment_says_how_to_name_one():
+    config = resolved_config({"experiments": {}})
+    config["experiments"] = {}  # the demo's own are merged in: take them out, as a file of one's own has none
+    with pytest.raises(ConfigError, match="names no experiment to train") as raised:
+        resolve(config, SCHEMA)
+    assert "experiments: {baseline: {}}" in str(raised.value)
+
+
 def test_folds_of_one_experiment_limit_what_it_trains_and_what_may_use_it():
     study = resolve(resolved_config({"experiments": {"sweep": {"folds": [0]}}, "compression": {"folds": [0]}}), SCHEMA)
     assert study.experiment_folds["sweep_lr~0.01"] == [0]

@@ -558,6 +558,12 @@ def resolve(config: dict, schema_path=None) -> Study:
     schema_path = schema_path or SCHEMA_PATH
     results, dataset = config["results"], config["dataset"]["name"]
     overrides, grids = expand_grids(config["experiments"], schema_path)
+    if not overrides:
+        raise ConfigError(
+            "experiments: the config names no experiment to train; give at least one, e.g. "
+            "`experiments: {baseline: {}}` (the training section's settings), or start from a preset "
+            "(`medfold init --preset <name> my.yaml`)"
+        )
     names = _Names(tuple(overrides), tuple(range(config["split"]["folds"])))
     _check_split(config["split"], names.folds)
     # every experiment's merged settings, checked now: a bad override stops before any job runs
