@@ -1,3 +1,3 @@
 """medfold: patient-level cross-validated deep learning on medical images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

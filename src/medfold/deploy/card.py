@@ -30,8 +30,11 @@ def _read(path: Path):
 def _software() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version()}
-    for name in ("medfold", *SOFTWARE):
+    from medfold import __version__
+
+    # the medfold that ran (a module's own src/ may differ from an installed one)
+    found = {"python": platform.python_version(), "medfold": __version__}
+    for name in SOFTWARE:
         try:
             found[name] = version(name)
         except PackageNotFoundError:

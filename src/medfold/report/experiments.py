@@ -689,6 +689,8 @@ def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None, reci
     import torch
     import torchvision
 
+    from medfold import __version__
+
     commit = "unknown"
     if repo is not None:
         try:
@@ -704,6 +706,7 @@ def provenance_view(config: dict, timings: pd.DataFrame, repo: Path | None, reci
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     about = [
         ["date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")],
+        ["medfold", __version__],
         ["workflow commit", commit],
         ["python", sys.version.split()[0]],
         ["torch", torch.__version__],
