@@ -14,7 +14,7 @@ SYSTEM := $(VENV)/.system-packages
 # medfold reads Parquet with 26; medfold itself needs only the client, mlflow-skinny)
 MLFLOW_SERVER := .venv-mlflow/.installed
 
-.PHONY: demo test lint clean-results horovod system-packages mlflow-server
+.PHONY: demo test lint docs clean-results horovod system-packages mlflow-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
 	$(VENV)/bin/snakefmt --check workflow/Snakefile workflow/rules
+
+docs: $(STAMP)  ## the documentation site in site/ (strict: a broken link fails it)
+	$(VENV)/bin/mkdocs build --strict
 
 clean-results:
 	rm -rf results resources .snakemake

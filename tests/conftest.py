@@ -15,6 +15,7 @@ from snakemake.utils import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SNAKEFILE = REPO / "workflow" / "Snakefile"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
@@ -108,7 +109,7 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
     return [
         *SNAKEMAKE,
         "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
+        str(SNAKEFILE),
         "--directory",
         str(workdir),
         "--configfile",

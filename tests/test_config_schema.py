@@ -14,12 +14,13 @@ def test_every_key_has_a_description_and_a_default():
     assert missing == []
 
 
-def test_config_readme_documents_the_current_schema(tmp_path):
-    readme = tmp_path / "README.md"
-    shutil.copy(REPO / "config" / "README.md", readme)
+@pytest.mark.parametrize("page", ["config/README.md", "docs/reference.md"])
+def test_config_readme_documents_the_current_schema(tmp_path, page):
+    readme = tmp_path / "page.md"
+    shutil.copy(REPO / page, readme)
     assert not update(SCHEMA, readme), (
-        "config/README.md is stale: run python -m medfold.settings.schema_doc "
-        "workflow/schemas/config.schema.yaml config/README.md"
+        f"{page} is stale: run python -m medfold.settings.schema_doc "
+        "workflow/schemas/config.schema.yaml config/README.md docs/reference.md"
     )
     text = readme.read_text()
     for key, _ in schema_keys(yaml.safe_load(SCHEMA.read_text())):

@@ -3,9 +3,10 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
-from conftest import REPO, planned
+from conftest import REPO, SNAKEFILE, planned
 
 from medfold.data.demo import generate_folders
 
@@ -25,7 +26,7 @@ def _readme_command(work, *extra):
     )
     args = command.split()[1:]
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), *args, *extra],
+        [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), *args, *extra],
         cwd=work,
         capture_output=True,
         text=True,
@@ -60,7 +61,16 @@ def test_no_config_file_still_runs_the_demo(tmp_path):
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--cores", "2", "--dry-run"],
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(SNAKEFILE),
+            "--cores",
+            "2",
+            "--dry-run",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -202,3 +212,51 @@ def test_medfold_init_writes_a_starter_config_that_plans(tmp_path):
     assert again.returncode == 1 and "mine.yaml exists" in again.stderr and "Traceback" not in again.stderr
     wrong = subprocess.run([medfold, "init", "--preset", "nih"], cwd=tmp_path, capture_output=True, text=True)
     assert wrong.returncode == 1 and "'nih_cxr14'" in wrong.stderr
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The commands of the README's code block under ``heading``, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(heading, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_ten_lines_on_ones_own_data_run_as_written(tmp_path):
+    """README's "Your own data, in ten lines": presets and init run; the snakemake lines plan (dry
+    run) the whole preset and the one fold asked for; predict and export parse as the medfold
+    command reads them (tests/test_predict.py and test_export.py run them on a trained demo)."""
+    from medfold.cli import _parser
+
+    lines = _readme_block("## Your own data, in ten lines")
+    assert lines[0] == ". .venv/bin/activate" and len(lines) <= 10
+    (tmp_path / "data" / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
+    bin_dir = Path(sys.executable).parent
+    for line in lines[1:]:
+        words = line.split()
+        if words[0] == "medfold" and words[1] in ("presets", "init"):
+            proc = subprocess.run([str(bin_dir / "medfold"), *words[1:]], cwd=tmp_path, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+            assert "kermany_pneumonia" in proc.stdout or (tmp_path / "my_dataset.yaml").exists()
+        elif words[0] == "medfold":
+            parsed = _parser().parse_args(words[1:])
+            assert parsed.command in ("predict", "export") and parsed.out
+        elif "--profile" in words:
+            assert (
+                words[words.index("--profile") + 1] == "slurm"
+                and (REPO / "slurm").resolve() == (REPO / "profiles" / "slurm").resolve()
+            )  # the profile test_slurm.py runs
+        else:
+            assert words[0] == "snakemake"
+            proc = subprocess.run(
+                [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), *words[1:], "--dry-run"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            jobs = planned(proc)
+            if any(w.endswith("metrics.json") for w in words):  # one fold asked for: its training alone
+                assert jobs["train"] == 1 and "report" not in jobs
+            else:
+                assert jobs["train"] == 10 and jobs["report"] == 1  # the preset's 2 experiments x 5 folds

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SNAKEMAKE, run_snakemake, workflow_dir
+from conftest import REPO, SNAKEFILE, SNAKEMAKE, run_snakemake, workflow_dir
 
 from medfold.training.tracking import RUN_FILE, flatten
 
@@ -90,7 +90,16 @@ def tracked(server, tmp_path_factory):
     )
     fold = work / DS / "base" / "fold_0"
     target = f"{DS}/base/fold_0/metrics.json"
-    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(work), "--cores", "2", target]
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(work),
+        "--cores",
+        "2",
+        target,
+    ]
     cmd += ["--configfile", str(work / "config" / "config.yaml")]
     first = subprocess.Popen(
         cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -1,7 +1,7 @@
 """Render the config schema as the key reference in config/README.md.
 
 Regenerate after changing the schema:
-    python -m medfold.settings.schema_doc workflow/schemas/config.schema.yaml config/README.md
+    python -m medfold.settings.schema_doc workflow/schemas/config.schema.yaml config/README.md docs/reference.md
 The test suite fails when the README's reference is out of date.
 """
 
@@ -53,5 +53,6 @@ def update(schema_path: Path, readme_path: Path) -> bool:
     return new != text
 
 
-if __name__ == "__main__":
-    update(Path(sys.argv[1]), Path(sys.argv[2]))
+if __name__ == "__main__":  # the schema, then every page holding the reference (config/README.md, docs/reference.md)
+    for page in sys.argv[2:]:
+        update(Path(sys.argv[1]), Path(page))
