@@ -1,5 +1,5 @@
-"""Every benchmark the documentation (docs/benchmarks.md) gives runs in its quick mode (tiny sizes; the full size stays a manual
-run), so a renamed key or a moved function fails here. Each must print the host's ISA, its
+"""Every benchmark docs/benchmarks.md gives runs in its quick mode (tiny sizes; the full size stays
+a manual run), so a renamed key or a moved function fails here. Each must print the host's ISA, its
 ratio against a baseline measured in the same run, and its verdict line."""
 
 import re
