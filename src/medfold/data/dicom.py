@@ -357,6 +357,21 @@ def _repaired_pixels(ds):
     return ds.pixel_array
 
 
+def _decoded(ds, syntax) -> tuple[np.ndarray, str | None]:
+    """The stored pixel values, and a note when the scan headers had to be repaired; ValueError
+    with the decoders' reasons when they do not decode."""
+    try:
+        return ds.pixel_array, None
+    except Exception as exc:  # truncated or damaged pixel data: the plugins raise many kinds
+        array, after = _after_repair(ds, syntax, exc)
+        if array is None:
+            raise ValueError(
+                f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}{after}; transfer syntax "
+                f"{syntax.name} ({syntax}))"
+            ) from exc
+        return array, REPAIRED_SCANS
+
+
 def read_dicom(path) -> DicomImage:
     """Decode ``path``; raises ValueError (with the reason) for a file that is not a usable image."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
@@ -368,17 +383,7 @@ def read_dicom(path) -> DicomImage:
         )
     syntax = ds.file_meta.TransferSyntaxUID
     _check_decoder(syntax)
-    note = None
-    try:
-        array = ds.pixel_array
-    except Exception as exc:  # truncated or damaged pixel data: the plugins raise many kinds
-        array, after = _after_repair(ds, syntax, exc)
-        if array is None:
-            raise ValueError(
-                f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}{after}; transfer syntax "
-                f"{syntax.name} ({syntax}))"
-            ) from exc
-        note = REPAIRED_SCANS
+    array, note = _decoded(ds, syntax)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
     frames = int(ds.get("NumberOfFrames", 1) or 1)

@@ -514,6 +514,15 @@ def _index_dataset(source: dict, evaluation: dict) -> dict:
 DATA_KEYS = {"csv": ("table",), "folders": ("root",), "dicom": ("root",), "npz": ("npz",)}
 
 
+def _check_experiments_named(overrides: dict) -> None:
+    if not overrides:
+        raise ConfigError(
+            "experiments: the config names no experiment to train; give at least one, e.g. "
+            "`experiments: {baseline: {}}` (the training section's settings), or start from a preset "
+            "(`medfold init --preset <name> my.yaml`)"
+        )
+
+
 def _check_data_named(source: dict) -> None:
     """A dataset block that names no data (a config file given with --configfile replaces the
     demo's, so one holding only ``training:`` has the schema's empty dataset) stops here, naming
@@ -547,7 +556,7 @@ def _check_compared(config: dict, compared: tuple[str, ...]) -> None:
             )
 
 
-# One piece (66 lines): the checks run in the order a user meets their errors (split, experiments,
+# One piece (67 lines): the checks run in the order a user meets their errors (split, experiments,
 # ensembles, dataset, comparisons, externals, variants), and the Study is built from all of them.
 def resolve(config: dict, schema_path=None) -> Study:
     """The ``Study`` of a config already validated against the schema (Snakemake's ``validate``,
@@ -558,12 +567,7 @@ def resolve(config: dict, schema_path=None) -> Study:
     schema_path = schema_path or SCHEMA_PATH
     results, dataset = config["results"], config["dataset"]["name"]
     overrides, grids = expand_grids(config["experiments"], schema_path)
-    if not overrides:
-        raise ConfigError(
-            "experiments: the config names no experiment to train; give at least one, e.g. "
-            "`experiments: {baseline: {}}` (the training section's settings), or start from a preset "
-            "(`medfold init --preset <name> my.yaml`)"
-        )
+    _check_experiments_named(overrides)
     names = _Names(tuple(overrides), tuple(range(config["split"]["folds"])))
     _check_split(config["split"], names.folds)
     # every experiment's merged settings, checked now: a bad override stops before any job runs
