@@ -3,6 +3,7 @@
     medfold predict MODEL IMAGES --out DIR [--column C] [--gradcam]
     medfold init --preset NAME [CONFIG]      (a starter config from config/examples/)
     medfold presets                          (the presets there)
+    medfold plan DATA [--out C] [--budget 30m] (a config planned from the data)
 
 Errors a user can fix print one line and exit with status 1, as the workflow's rules do.
 """
@@ -92,7 +93,33 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("config", nargs="?", type=Path, default=Path("my_dataset.yaml"))
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("presets", help="list the dataset presets")
+    pl = sub.add_parser(
+        "plan",
+        help="plan a complete config from a dataset (its fingerprint, fixed rules, a time budget)",
+        description="Read a folder tree, a CSV or a MedMNIST .npz; write a config whose every decision says its "
+        "reason, and plan.json (the fingerprint and the decisions) beside it. The rules: docs/plan.md.",
+    )
+    pl.add_argument("data", type=Path, help="a folder of class folders, a CSV table, or a .npz")
+    pl.add_argument("--out", type=Path, default=Path("config.yaml"), help="the config to write (default config.yaml)")
+    pl.add_argument("--budget", default="30m", help="the workflow's wall time on this machine: 30m, 2h, 900s")
+    pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pl.add_argument("--cores", type=int, default=2, help="the --cores snakemake will run with (default 2)")
+    pl.add_argument("--name", help="the dataset's name (default: the folder's or file's)")
+    pl.add_argument("--force", action="store_true", help="overwrite an existing config")
     return parser
+
+
+def _plan(args) -> None:
+    from medfold.study.plan import fingerprint, parse_budget, plan, summary, write_plan
+
+    if args.out.exists() and not args.force:
+        raise ConfigError(f"{args.out} exists; choose another name or pass --force")
+    budget = parse_budget(args.budget)
+    fp = fingerprint(args.data, args.name)
+    decisions = plan(fp, budget, args.device, args.cores)
+    record = write_plan(decisions, fp, args.out)
+    print(summary(decisions, fp))
+    print(f"wrote {args.out} and {record}; run: snakemake --cores {args.cores} --configfile {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"exported {record['model']}: {', '.join(str(p) for p in written)} "
                 f"(onnxruntime within {record['parity_max_abs_difference']:.1g} of PyTorch)"
             )
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "init":
             path = init(args.preset, args.config, args.force)
             print(f"wrote {path}; edit its dataset paths, then: snakemake --cores 8 --configfile {path}")

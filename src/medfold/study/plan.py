@@ -1,0 +1,579 @@
+"""A configuration planned from the data (``medfold plan``), as nnU-Net plans segmentation from a
+dataset fingerprint (Isensee et al., Nature Methods 18:203, 2021): read the collection, write a
+complete config whose every decision carries its reason, and a ``plan.json`` of the fingerprint
+and the decisions. The rules are fixed and written down in docs/plan.md; a measured training step
+of each candidate model on this machine turns the time budget into epochs.
+
+Where the plan is unsure (a patient pattern that explains few names, mixed image sizes, classes
+too small to split), it says so in ``doubts`` and in the summary rather than guessing silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfold.core.errors import ConfigError
+
+# tokens of a file name: runs between separators; the patient is the first token with a digit,
+# with the words before it (person1_bacteria_1, IM-0001-0001, NIH's 00000001_000, ODIR's 0_left).
+# A first word-with-a-number shared by too many images to be one patient (NORMAL2-IM-0007-0001's
+# NORMAL2) is a prefix: the patient is the number after it.
+_TOKEN = r"[^_\-. ]"
+_SEP = r"[_\-. ]"
+_FIRST_NUMBER = rf"(?:[^_\-.\d ]+{_SEP})*{_TOKEN}*\d{_TOKEN}*"
+COARSE = 50  # a "patient" of more images than this and than 2 % of the collection is a prefix
+
+
+def patient_pattern(prefixes: list[str] = ()) -> str:
+    """The patient regex: the first number of a name, after any of ``prefixes``."""
+    before = f"(?:(?:{'|'.join(re.escape(p) for p in prefixes)}){_SEP})?" if prefixes else ""
+    return rf"^(?P<patient>{before}{_FIRST_NUMBER})"
+
+
+ROLE_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+TEST_NAMES = ("test", "testing")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+LABEL_COLUMN_HINTS = ("finding", "label", "class", "diagnosis", "target")
+PATIENT_COLUMN_HINTS = ("patient", "subject")
+SEPARATORS = ("|", ";", ",")
+SAMPLE = 200  # images decoded for sizes, colour and modality
+
+
+@dataclass
+class Fingerprint:
+    """What the collection is, as far as its files, names and a sample of its pixels say."""
+
+    source: str
+    format: str
+    images: int
+    classes: dict[str, int]
+    task: str
+    roles: dict[str, int]
+    patients: dict
+    sizes: dict
+    colour: str
+    modality: str
+    exact_duplicates: int
+    dataset: dict  # the config's dataset block, as read
+    doubts: list[str] = field(default_factory=list)
+
+    @property
+    def imbalance(self) -> float:
+        counts = [c for c in self.classes.values() if c]
+        return max(counts) / min(counts) if counts else 1.0
+
+
+# ----------------------------------------------------------------------------- patients
+def _grouped(names: list[str], pattern: str) -> list[str | None]:
+    regex = re.compile(pattern)
+    return [m.group("patient") if (m := regex.search(Path(n).name)) else None for n in names]
+
+
+def patients_from_names(names: list[str]) -> dict:
+    """The patient pattern of ``names`` (file names): how many names it explains, how many
+    patients it finds and how many images each; ``regex`` None when every image stands alone."""
+    pattern = patient_pattern()
+    found = _grouped(names, pattern)
+    limit = max(COARSE, 0.02 * len(names))
+    # a word with a number (NORMAL2) shared by many images is a prefix; a bare number stays one patient
+    prefixes = sorted(p for p, n in Counter(x for x in found if x).items() if n > limit and re.search("[A-Za-z]", p))
+    if prefixes:
+        pattern = patient_pattern(prefixes)
+        found = _grouped(names, pattern)
+    explained = [p for p in found if p is not None]
+    per_patient = Counter(explained)
+    counts = np.array(list(per_patient.values()) or [0])
+    share = len(explained) / max(len(names), 1)
+    grouped = len(per_patient) < len(explained)
+    out = {
+        "source": "file names",
+        "regex": pattern if grouped else None,
+        "prefixes": prefixes,
+        "explained": round(share, 4),
+        "patients": len(per_patient) if grouped else len(names),
+        "images_per_patient": {"median": float(np.median(counts)), "max": int(counts.max())},
+        "examples": sorted(per_patient.items(), key=lambda kv: -kv[1])[:3] if grouped else [],
+    }
+    out["statement"] = (
+        f"patients from file names: {out['patients']} patients, {out['images_per_patient']['median']:g} images "
+        f"each (median, at most {out['images_per_patient']['max']}); the pattern explains {share:.0%} of names"
+        if grouped
+        else "no patient pattern in the file names: every image stands alone as its own patient"
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- reading the collection
+def _form(data: Path) -> str:
+    if data.is_file() and data.suffix == ".npz":
+        return "npz"
+    if data.is_file() and (data.suffix == ".csv" or data.name.endswith(".csv.gz")):
+        return "csv"
+    if data.is_dir():
+        return "folders"
+    raise ConfigError(f"{data}: expected a folder of images, a CSV table or a MedMNIST .npz")
+
+
+def _folders(data: Path) -> tuple[pd.DataFrame, dict]:
+    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{data}: no image files ({', '.join(IMAGE_SUFFIXES)}) below it")
+    rel = [p.relative_to(data) for p in files]
+    depth = Counter(len(r.parts) for r in rel).most_common(1)[0][0]
+    if depth < 2:
+        raise ConfigError(f"{data}: images lie directly in it; a folder per class is expected below it")
+    frame = pd.DataFrame(
+        {
+            "path": [str(p) for p in files],
+            "label": [r.parts[-2] for r in rel],
+            "role": ["/".join(r.parts[:-2]) or None for r in rel],
+        }
+    )
+    return frame, {"format": "folders", "root": str(data)}
+
+
+def _pick(columns, hints, frame: pd.DataFrame, exclude=()) -> str | None:
+    for column in columns:
+        if column not in exclude and any(h in column.lower() for h in hints):
+            return column
+    return None
+
+
+def _csv(data: Path) -> tuple[pd.DataFrame, dict]:
+    table = pd.read_csv(data, dtype=str, keep_default_na=False)
+    columns = list(table.columns)
+    looks_like_path = {c: table[c].str.lower().str.endswith(IMAGE_SUFFIXES).mean() for c in columns}
+    path_column = max(columns, key=looks_like_path.get)
+    if looks_like_path[path_column] < 0.5:
+        raise ConfigError(f"{data}: no column names image files (expected one whose values end in .png, .jpg, ...)")
+    label_column = _pick(columns, LABEL_COLUMN_HINTS, table, exclude=(path_column,))
+    if label_column is None:
+        raise ConfigError(f"{data}: no label column found (a column named like {', '.join(LABEL_COLUMN_HINTS)})")
+    values = table[label_column]
+    separator = next((s for s in SEPARATORS if values.str.contains(s, regex=False).mean() > 0.02), None)
+    patient_column = _pick(columns, PATIENT_COLUMN_HINTS, table, exclude=(path_column, label_column))
+    root = data.parent
+    sample = table[path_column].head(20)
+    if not all((root / p).exists() for p in sample):
+        found = next((d for d in sorted(root.rglob("*")) if d.is_dir() and (d / sample.iloc[0]).exists()), None)
+        root = found or root
+    few = [
+        c
+        for c in columns
+        if c not in (path_column, label_column, patient_column)
+        and 1 < table[c].nunique() <= 20
+        or ("age" in c.lower() and c not in (path_column, label_column, patient_column))
+    ]
+    frame = pd.DataFrame(
+        {
+            "path": [str(root / p) for p in table[path_column]],
+            "label": values,
+            "role": None,
+            "patient": table[patient_column] if patient_column else None,
+        }
+    )
+    dataset = {
+        "format": "csv",
+        "table": str(data),
+        "root": str(root),
+        "path_column": path_column,
+        "label_column": label_column,
+        **({"label_separator": separator} if separator else {}),
+        **({"patient_column": patient_column} if patient_column else {}),
+        **({"metadata_columns": few} if few else {}),
+    }
+    return frame, dataset
+
+
+def _npz(data: Path) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    with np.load(data, allow_pickle=False) as archive:
+        parts = [k[: -len("_images")] for k in archive.files if k.endswith("_images")]
+        rows, sample = [], None
+        for part in parts:
+            labels = archive[f"{part}_labels"].reshape(len(archive[f"{part}_labels"]), -1)
+            rows.append(pd.DataFrame({"label": [str(int(r[0])) for r in labels], "role": part}))
+            sample = archive[f"{part}_images"][:SAMPLE] if sample is None else sample
+    return pd.concat(rows, ignore_index=True).assign(path=str(data)), {"format": "npz", "npz": str(data)}, sample
+
+
+def _pixels_sample(frame: pd.DataFrame, npz_sample) -> list[np.ndarray]:
+    if npz_sample is not None:
+        return list(npz_sample)
+    from medfold.data.images import decode
+
+    rows = np.linspace(0, len(frame) - 1, min(SAMPLE, len(frame))).astype(int)
+    out = []
+    for path in frame["path"].iloc[rows]:
+        try:
+            out.append(decode(path).pixels)
+        except Exception:  # an unreadable file: indexing lists it with its reason
+            continue
+    return out
+
+
+def _look(pixels: list[np.ndarray], doubts: list[str]) -> tuple[dict, str, str]:
+    """Sizes, colour, and the modality the pixels suggest."""
+    from medfold.data.images import is_colour
+    from medfold.data.matching import field_of_view
+
+    if not pixels:
+        raise ConfigError("no image of the sample could be decoded")
+    shapes = np.array([p.shape[:2] for p in pixels])
+    sides = shapes.min(1)
+    aspect = shapes[:, 1] / shapes[:, 0]
+    sizes = {
+        "median_side": int(np.median(sides)),
+        "smallest_side": int(sides.min()),
+        "largest_side": int(shapes.max()),
+        "median_aspect": round(float(np.median(aspect)), 3),
+        "distinct_sizes": int(len({tuple(s) for s in shapes})),
+    }
+    if sizes["distinct_sizes"] > 1 and sides.max() > 2 * sides.min():
+        doubts.append(f"image sizes are mixed ({sides.min()} to {sides.max()} px on the short side): all are resized")
+    colour_share = np.mean([is_colour(p) for p in pixels])
+    stored_rgb = np.mean([p.ndim == 3 for p in pixels])
+    colour = "colour" if colour_share > 0.5 else "grey stored as RGB" if stored_rgb > 0.5 else "grey"
+    fields = [field_of_view(p.mean(2) if p.ndim == 3 else p, colour == "colour") is not None for p in pixels[:50]]
+    framed = float(np.mean(fields))
+    if colour == "colour" and framed > 0.5:
+        modality = "fundus photograph (a colour image in a circular field of view)"
+    elif sizes["median_side"] <= 32:
+        modality = "small grey images (MedMNIST-like: CT slices, ultrasound or radiographs)"
+    elif framed > 0.5:
+        modality = "grey images in a field of view (ultrasound sector or CT)"
+    else:
+        modality = "radiograph (a grey image filling its frame)"
+    return sizes, colour, modality
+
+
+def _duplicates(frame: pd.DataFrame, form: str) -> int:
+    """Groups of byte-identical files (npz: not read here; indexing hashes the pixels)."""
+    if form == "npz":
+        return 0
+    digests = Counter(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest() for p in frame["path"])
+    return sum(1 for n in digests.values() if n > 1)
+
+
+def fingerprint(data, name: str | None = None) -> Fingerprint:
+    """Read ``data`` (a folder tree, a CSV, a MedMNIST .npz) into its Fingerprint."""
+    data = Path(data)
+    form = _form(data)
+    npz_sample = None
+    if form == "folders":
+        frame, dataset = _folders(data)
+    elif form == "csv":
+        frame, dataset = _csv(data)
+    else:
+        frame, dataset, npz_sample = _npz(data)
+    doubts: list[str] = []
+    separator = dataset.get("label_separator")
+    labels = frame["label"].map(lambda v: [t.strip() for t in v.split(separator)] if separator else [v])
+    counts = Counter(t for ts in labels for t in ts if t)
+    no_finding = next((c for c in counts if c.lower().replace("_", " ") in ("no finding", "normal")), None)
+    task = "multilabel" if separator else ("binary" if len(counts) == 2 else "multiclass")
+    if task == "multilabel" and no_finding:
+        dataset["no_finding_label"] = no_finding
+        counts.pop(no_finding)
+    small = [c for c, n in counts.items() if n < 10]
+    if small:
+        doubts.append(f"classes with fewer than 10 images ({small}): too few to split into folds reliably")
+    roles = Counter(str(r).split("/")[0].lower() for r in frame["role"] if r)
+    patients = _patients(form, frame, dataset, doubts)
+    sizes, colour, modality = _look(_pixels_sample(frame, npz_sample), doubts)
+    return Fingerprint(
+        source=str(data),
+        format=form,
+        images=len(frame),
+        classes=dict(sorted(counts.items())),
+        task=task,
+        roles=dict(roles),
+        patients=patients,
+        sizes=sizes,
+        colour=colour,
+        modality=modality,
+        exact_duplicates=_duplicates(frame, form),
+        dataset={"name": name or data.stem.replace(".", "_"), "task": task, **dataset, "labels": sorted(counts)},
+        doubts=doubts,
+    )
+
+
+def _patients(form: str, frame: pd.DataFrame, dataset: dict, doubts: list[str]) -> dict:
+    """Where patients come from: a CSV's patient column, else a pattern in the file names (set
+    as dataset.patient_regex), else none (said in ``doubts``)."""
+    if form == "csv" and frame["patient"].notna().all():
+        patients = {
+            "source": f"column {dataset['patient_column']!r}",
+            "patients": int(frame["patient"].nunique()),
+            "statement": f"patients from column {dataset['patient_column']!r}",
+        }
+    elif form == "npz":
+        patients = {
+            "source": None,
+            "patients": len(frame),
+            "statement": "MedMNIST has no patient IDs: images stand alone",
+        }
+        doubts.append(patients["statement"])
+    else:
+        patients = patients_from_names(list(frame["path"]))
+        if patients["regex"]:
+            dataset["patient_regex"] = patients["regex"]
+            if patients["explained"] < 0.9:
+                doubts.append(f"the patient pattern explains only {patients['explained']:.0%} of the file names")
+        else:
+            doubts.append(patients["statement"])
+    return patients
+
+
+# ----------------------------------------------------------------------------- the rules
+@dataclass
+class Decision:
+    key: str  # dotted config key
+    value: object
+    reason: str
+
+
+@dataclass
+class Candidate:
+    model: str
+    image_size: int
+    batch_size: int
+    seconds_per_image: float = 0.0  # a training step's time per image, measured here
+
+
+def candidates(fp: Fingerprint, device: str) -> list[Candidate]:
+    """Models from smallest to largest, at the input sizes the images allow (never enlarged)."""
+    side = fp.sizes["median_side"]
+    sizes = [28] if side <= 32 else [64, 128] if side >= 128 else [64]
+    if device == "cuda":
+        sizes = sorted({min(side, 224), *sizes})
+    out = []
+    for size in sizes:
+        out += [Candidate("lenet", size, 64), Candidate("lenet_wide", size, 64)]
+        if size >= 64:
+            out.append(Candidate("resnet18", size, 32))
+    return out
+
+
+TIMED_BATCH = 16
+
+
+def time_step(candidate: Candidate, channels: int, classes: int, device: str = "cpu", steps: int = 2) -> float:
+    """Seconds per training image of ``candidate`` on this machine: a few forward, backward and
+    optimiser steps on random images, after one warm-up step."""
+    import torch
+
+    from medfold.training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    images = min(candidate.batch_size, TIMED_BATCH)  # per-image time: a small batch measures it well enough
+    batch = torch.rand(images, channels, candidate.image_size, candidate.image_size, device=device)
+    target = torch.randint(0, classes, (images,), device=device)
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch), target).backward()
+        optimizer.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (steps * images)
+
+
+@dataclass
+class Budget:
+    """What the budget buys: folds run side by side on the cores, each epoch is its training
+    images plus a third of that for scoring the validation fold; indexing and the other jobs are
+    a fixed share (docs/plan.md)."""
+
+    seconds: float
+    cores: int
+    threads: int = 2
+    overhead: float = 0.25  # indexing, caching, aggregation, the report: a quarter of the budget
+
+    def epochs(self, c: Candidate, train_images: int, folds: int) -> int:
+        side_by_side = max(1, self.cores // self.threads)
+        rounds = -(-folds // side_by_side)
+        per_epoch = train_images * c.seconds_per_image * (1 + 1 / 3)
+        return int(self.seconds * (1 - self.overhead) / max(rounds * per_epoch, 1e-9))
+
+
+MIN_EPOCHS, WANTED_EPOCHS, MAX_EPOCHS = 5, 15, 60
+
+
+def choose(cands: list[Candidate], budget: Budget, train_images: int, folds: int) -> tuple[Candidate, int, str]:
+    """The largest candidate that affords WANTED_EPOCHS; else the one affording most epochs above
+    MIN_EPOCHS; else the smallest (with the doubt said)."""
+    afforded = [(c, budget.epochs(c, train_images, folds)) for c in cands]
+    good = [(c, e) for c, e in afforded if e >= WANTED_EPOCHS]
+    if good:
+        c, e = good[-1]
+        return c, min(e, MAX_EPOCHS), f"the largest candidate affording {WANTED_EPOCHS}+ epochs in the budget"
+    fair = [(c, e) for c, e in afforded if e >= MIN_EPOCHS]
+    if fair:
+        c, e = max(fair, key=lambda ce: ce[1])
+        return c, e, f"no candidate affords {WANTED_EPOCHS} epochs; the one affording the most"
+    c, e = afforded[0]
+    return c, max(e, 1), f"even the smallest model affords under {MIN_EPOCHS} epochs: raise --budget"
+
+
+def augmentations(fp: Fingerprint) -> tuple[dict, str, str]:
+    """The augmentations and test-time flip the modality allows."""
+    if fp.modality.startswith("fundus"):
+        return (
+            {"hflip": 0.5, "rotation": 30, "brightness": 0.1, "contrast": 0.1},
+            "hflip",
+            "a fundus photograph has no up or left to keep (left and right eyes mirror each other): "
+            "flips, rotations and small intensity changes; flip at test time too",
+        )
+    return (
+        {"hflip": 0.0, "rotation": 10, "brightness": 0.1, "contrast": 0.1},
+        "none",
+        "no flips (a radiograph's or a slice's left and right are anatomy: the heart is on the left), "
+        "small rotations and intensity changes",
+    )
+
+
+def _split_decisions(fp: Fingerprint) -> list[Decision]:
+    own_test = [r for r in fp.roles if r in TEST_NAMES]
+    folds = 5 if fp.images <= 5000 else 3
+    out = [Decision("split.folds", folds, f"{fp.images} images: {folds} folds")]
+    if own_test:
+        keep = "a patient on both sides has its other images set aside; the test set stays whole"
+        out += [
+            Decision("split.test_from_source", True, f"the dataset's own test set ({own_test[0]}/) is kept"),
+            Decision("split.source_test_names", own_test, "its folder name"),
+            Decision("split.on_source_leak", "drop", keep),
+        ]
+    else:
+        out.append(Decision("split.test_fraction", 0.2, "no test set of its own: a fifth of the patients held out"))
+    return out
+
+
+def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: str) -> list[Decision]:
+    augment, tta, why_aug = augmentations(fp)
+    out = [
+        Decision("training.model", chosen.model, why),
+        Decision("training.image_size", chosen.image_size, f"median image side {fp.sizes['median_side']} px"),
+        Decision("training.batch_size", chosen.batch_size, "what the step was timed with"),
+        Decision("training.batch_norm", True, "faster, steadier training of the small models"),
+        Decision("training.epochs", epochs, "what the budget affords (plan.json: the arithmetic)"),
+        Decision("training.early_stopping", {"enabled": True, "patience": max(3, epochs // 4)}, "stop on a plateau"),
+        Decision("training.augment", augment, why_aug),
+        Decision("training.tta", tta, "flips are safe for this modality" if tta != "none" else "no flips (above)"),
+    ]
+    if epochs >= 10:
+        out.append(
+            Decision("training.schedule", {"name": "cosine", "warmup_epochs": 1}, "cosine after a warm-up epoch")
+        )
+    if fp.imbalance > 3:
+        out.append(Decision("training.class_weights", True, f"the largest class is {fp.imbalance:.1f} x the smallest"))
+    return out
+
+
+def plan(fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, timer=time_step) -> list[Decision]:
+    """The configuration of ``fp`` under ``budget_s`` seconds of this machine, decision by decision."""
+    channels = 3 if fp.colour == "colour" else 1
+    split = _split_decisions(fp)
+    folds = split[0].value
+    train_images = int(fp.images * 0.8 * (folds - 1) / folds)
+    cands = candidates(fp, device)
+    for c in cands:
+        c.seconds_per_image = timer(c, channels, max(len(fp.classes), 2), device)
+    budget = Budget(budget_s, cores)
+    chosen, epochs, why = choose(cands, budget, train_images, folds)
+    timed = ", ".join(f"{c.model}@{c.image_size} {1 / c.seconds_per_image:.0f} img/s" for c in cands)
+    at_once = max(1, cores // budget.threads)
+    return [
+        Decision("dataset", fp.dataset, f"read from {fp.format}: {fp.images} images; {fp.patients['statement']}"),
+        Decision("images.channels", channels, f"the images are {fp.colour}"),
+        *split,
+        *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})"),
+        Decision("training.threads", budget.threads, f"{cores} cores: {at_once} folds train at once"),
+        Decision("experiments", {"planned": {}}, "one experiment, the training section; its fold ensemble decides"),
+    ]
+
+
+# ----------------------------------------------------------------------------- writing it
+def _nest(decisions: list[Decision]) -> dict:
+    config: dict = {}
+    for dec in decisions:
+        *parents, leaf = dec.key.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = dec.value
+    return config
+
+
+def config_text(decisions: list[Decision], fp: Fingerprint) -> str:
+    """The config as YAML, each planned key under a comment giving its reason."""
+    import yaml
+
+    reasons = {d.key: d.reason for d in decisions}
+    lines = [
+        f"# Planned by `medfold plan` from {fp.source} (plan.json beside it holds the fingerprint).",
+        "# Every decision's reason is the comment above it; the rules are in docs/plan.md.",
+        *(f"# DOUBT: {doubt}" for doubt in fp.doubts),
+        "",
+    ]
+
+    def emit(node: dict, prefix: str, indent: int) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if dotted in reasons:
+                lines.append(" " * indent + f"# {reasons[dotted]}")
+            if isinstance(value, dict) and value and dotted not in ("training.early_stopping", "training.schedule"):
+                lines.append(" " * indent + f"{key}:")
+                emit(value, dotted + ".", indent + 2)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+                lines.append(" " * indent + f"{key}: {text.removesuffix('...').strip()}")
+
+    emit(_nest(decisions), "", 0)
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(decisions: list[Decision], fp: Fingerprint, out: Path) -> Path:
+    """``out`` (the config) and ``plan.json`` beside it; returns plan.json's path."""
+    out = Path(out)
+    out.write_text(config_text(decisions, fp))
+    record = {"fingerprint": asdict(fp), "decisions": [asdict(d) for d in decisions]}
+    path = out.with_name("plan.json")
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def summary(decisions: list[Decision], fp: Fingerprint) -> str:
+    picked = {d.key: d.value for d in decisions}
+    lines = [
+        f"{fp.source}: {fp.images} images, {fp.task} over {len(fp.classes)} classes {dict(fp.classes)}",
+        f"  {fp.modality}; {fp.colour}; median side {fp.sizes['median_side']} px",
+        f"  {fp.patients['statement']}",
+        f"  plan: {picked['training.model']} at {picked['training.image_size']} px, "
+        f"{picked['training.epochs']} epochs, {picked['split.folds']} folds",
+    ]
+    lines += [f"  DOUBT: {doubt}" for doubt in fp.doubts]
+    return "\n".join(lines)
+
+
+def parse_budget(text: str) -> float:
+    """``30m``, ``2h``, ``900s`` or seconds, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise ConfigError(f"--budget {text!r}: expected a time such as 30m, 2h or 900s")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]

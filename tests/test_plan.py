@@ -1,0 +1,146 @@
+"""medfold plan: a dataset's fingerprint read from its files, names and pixels, and the fixed
+rules that turn it and a time budget into a complete config (docs/plan.md)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SNAKEFILE, planned
+
+from medfold.data.demo import generate_cxr14, generate_folders, generate_fundus, generate_small_npz
+from medfold.study.plan import (
+    Budget,
+    Candidate,
+    candidates,
+    choose,
+    fingerprint,
+    patients_from_names,
+    plan,
+    time_step,
+)
+
+
+def _grouping(names, regex):
+    found = re.compile(regex)
+    return {n: found.search(n).group("patient") for n in names}
+
+
+def test_the_patient_pattern_groups_each_real_naming_scheme_as_its_hand_written_regex():
+    kermany = ["person1_bacteria_1.jpeg", "person1_virus_6.jpeg", "IM-0011-0001-0001.jpeg", "IM-0011-0001-0002.jpeg"]
+    kermany += [f"NORMAL2-IM-{k:04d}-0001.jpeg" for k in range(60)]  # NORMAL2 is in 60 names: a prefix
+    found = patients_from_names(kermany)
+    assert found["prefixes"] == ["NORMAL2"] and found["explained"] == 1.0
+    groups = _grouping(kermany, found["regex"])
+    assert groups["person1_virus_6.jpeg"] == "person1" and groups["IM-0011-0001-0002.jpeg"] == "IM-0011"
+    assert groups["NORMAL2-IM-0007-0001.jpeg"] == "NORMAL2-IM-0007"
+    # NIH: a patient with many follow-ups stays one patient (a bare number is never a prefix)
+    nih = [f"00000013_{k:03d}.png" for k in range(70)] + ["00000001_000.png"]
+    found = patients_from_names(nih)
+    assert found["prefixes"] == [] and found["patients"] == 2
+    assert set(_grouping(nih, found["regex"]).values()) == {"00000013", "00000001"}
+    odir = ["0_left.jpg", "0_right.jpg", "2_left.jpg"]
+    assert patients_from_names(odir)["patients"] == 2
+    alone = patients_from_names(["scan_a.png", "img_0001.png", "img_0002.png"])
+    assert alone["regex"] is None and "stands alone" in alone["statement"]
+
+
+def _timer(c: Candidate, channels, classes, device):
+    """Seconds per image growing with the model and the pixels (the rules, not this machine)."""
+    return 1e-3 * (c.image_size / 64) ** 2 * {"lenet": 1, "lenet_wide": 4, "resnet18": 10}[c.model]
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forms")
+    folders = generate_folders(root / "chest_xray", 40, 0)
+    cxr14 = generate_cxr14(root / "cxr14", 40, 0, label_errors=False)
+    npz = generate_small_npz(root / "small.npz", 30, 0)
+    fundus = generate_fundus(root / "fundus", 20, 0)
+    return {"folders": folders, "csv": cxr14, "npz": npz, "fundus": fundus}
+
+
+def test_each_form_is_read_into_its_dataset_block(forms):
+    folders = fingerprint(forms["folders"])
+    assert folders.format == "folders" and folders.roles.keys() == {"train", "test"}
+    assert folders.patients["explained"] == 1.0 and folders.dataset["patient_regex"]
+    assert folders.modality.startswith("radiograph") and folders.colour != "colour"
+    csv = fingerprint(forms["csv"])
+    d = csv.dataset
+    assert (d["format"], d["path_column"], d["label_column"], d["label_separator"]) == (
+        "csv",
+        "Image Index",
+        "Finding Labels",
+        "|",
+    )
+    assert d["patient_column"] == "Patient ID" and d["no_finding_label"] == "No Finding" and csv.task == "multilabel"
+    assert "Patient Gender" in d["metadata_columns"] and "No Finding" not in csv.classes
+    npz = fingerprint(forms["npz"])
+    assert npz.format == "npz" and npz.sizes["median_side"] == 28 and any("MedMNIST" in x for x in npz.doubts)
+    fundus = fingerprint(forms["fundus"])
+    assert fundus.colour == "colour" and fundus.modality.startswith("fundus")
+
+
+def test_the_rules_follow_the_modality_the_budget_and_the_dataset_s_own_test_set(forms):
+    films = {d.key: d.value for d in plan(fingerprint(forms["folders"]), 1800, timer=_timer)}
+    assert films["training.augment"]["hflip"] == 0 and films["training.tta"] == "none"  # laterality kept
+    assert films["split.test_from_source"] is True and films["split.on_source_leak"] == "drop"
+    assert films["images.channels"] == 1
+    eyes = {d.key: d.value for d in plan(fingerprint(forms["fundus"]), 1800, timer=_timer)}
+    assert eyes["training.augment"]["hflip"] == 0.5 and eyes["training.tta"] == "hflip" and eyes["images.channels"] == 3
+    small = {d.key: d.value for d in plan(fingerprint(forms["npz"]), 1800, timer=_timer)}
+    assert small["training.image_size"] == 28  # never enlarged past what the images hold
+
+
+def test_a_larger_budget_buys_more_epochs_or_a_larger_model(forms):
+    fp = fingerprint(forms["folders"])
+    cands = candidates(fp, "cpu")
+    for c in cands:
+        c.seconds_per_image = _timer(c, 1, 3, "cpu")
+    picks = [choose(cands, Budget(seconds, cores=2), 5000, 5) for seconds in (300, 1800, 36000)]
+    sizes = [(cands.index(c), epochs) for c, epochs, _ in picks]
+    assert sizes == sorted(sizes) and sizes[0] != sizes[-1]
+    assert "raise --budget" in choose(cands, Budget(5, cores=2), 5000, 5)[2]
+
+
+def test_a_training_step_is_timed_on_this_machine():
+    small, large = Candidate("lenet", 28, 16), Candidate("resnet18", 64, 16)
+    fast, slow = time_step(small, 1, 2), time_step(large, 1, 2)
+    assert 0 < fast < slow < 5
+
+
+def test_medfold_plan_writes_a_config_that_resolves_and_plans_its_folds(forms, tmp_path):
+    medfold = Path(sys.executable).with_name("medfold")
+    proc = subprocess.run(
+        [str(medfold), "plan", str(forms["folders"]), "--out", "planned.yaml", "--budget", "10m"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "patients from file names" in proc.stdout and "plan: " in proc.stdout
+    text = (tmp_path / "planned.yaml").read_text()
+    assert text.count("\n# ") + text.count("\n  # ") >= 10  # every decision under its reason
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert record["fingerprint"]["images"] > 0 and {d["key"] for d in record["decisions"]} >= {"training.epochs"}
+    config = yaml.safe_load(text)
+    dry = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--configfile", "planned.yaml", "-n"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    assert planned(dry)["train"] == config["split"]["folds"]
+    again = subprocess.run(
+        [str(medfold), "plan", str(forms["folders"]), "--out", "planned.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "exists" in again.stderr
