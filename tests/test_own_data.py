@@ -24,7 +24,7 @@ def _readme_command(work, *extra):
         for line in (REPO / "README.md").read_text().splitlines()
         if line.startswith("snakemake --cores 8 --configfile my_dataset.yaml")
     )
-    args = command.split()[1:]
+    args = command.split("  #", 1)[0].split()[1:]  # the comment after the command is not part of it
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), *args, *extra],
         cwd=work,
