@@ -174,7 +174,7 @@ def test_a_killed_fold_run_again_continues_its_run(tracked):
     fold0 = [
         r
         for r in client.search_runs(
-            [experiment.experiment_id], "tags.`medfold.training.fold` = '0' and tags.`medfold.seed` = '0'"
+            [experiment.experiment_id], "tags.`medfold.fold` = '0' and tags.`medfold.seed` = '0'"
         )
     ]
     assert [r.info.run_id for r in fold0] == [run_before]  # one run, the one the killed attempt opened
