@@ -127,6 +127,7 @@ def test_medfold_plan_writes_a_config_that_resolves_and_plans_its_folds(forms, t
     assert text.count("\n# ") + text.count("\n  # ") >= 10  # every decision under its reason
     record = json.loads((tmp_path / "plan.json").read_text())
     assert record["fingerprint"]["images"] > 0 and {d["key"] for d in record["decisions"]} >= {"training.epochs"}
+    assert "person1" not in (tmp_path / "plan.json").read_text() + text  # counts of patients, never their IDs
     config = yaml.safe_load(text)
     dry = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--configfile", "planned.yaml", "-n"],

@@ -145,20 +145,19 @@ def _source_test_set(index: pd.DataFrame, groups: np.ndarray, split: SplitSettin
     mixed = per_group.index[per_group["min"] != per_group["max"]].to_numpy()
     source_leaks = _describe_groups(index, groups, mixed, image_test)
     if len(mixed) and split.on_source_leak == "stop":
-        refused = LeakageError(
+        crossing = np.isin(groups, mixed)
+        raise LeakageError(
             f"the dataset's own split puts {len(mixed)} patients (or duplicate images) in both test and "
             f"training sets (split.on_source_leak is 'stop'): "
             + "; ".join(
                 f"patient {leak['patients']}: test {leak['test_images']}, other {leak['other_images']}"
                 + (f" (near-duplicates: {leak['near_duplicates']})" if leak.get("near_duplicates") else "")
                 for leak in source_leaks[:5]
-            )
+            ),
+            crossing=index.loc[crossing, ["image_id", "path", "patient_id", "source_split"]].assign(
+                crossing_group=pd.factorize(groups[crossing])[0], side=np.where(image_test[crossing], TEST, "other")
+            ),
         )
-        crossing = np.isin(groups, mixed)
-        refused.rows = index.loc[crossing, ["image_id", "path", "patient_id", "source_split"]].assign(
-            crossing_group=pd.factorize(groups[crossing])[0], side=np.where(image_test[crossing], TEST, "other")
-        )
-        raise refused
     if len(mixed) and split.on_source_leak == "drop":
         # the official test set stays whole; what crosses it from the other side is set aside
         is_test = per_group["max"].to_numpy().astype(bool)
@@ -674,11 +673,10 @@ def split_job(index_path, split: SplitSettings | dict, outputs: SplitOutputs, re
     try:
         splits, summary = make_splits(index, meta["classes"], split)
     except LeakageError as exc:
-        rows = getattr(exc, "rows", None)
-        if rows is None or refused_path is None:
+        if exc.crossing is None or refused_path is None:
             raise
         Path(refused_path).parent.mkdir(parents=True, exist_ok=True)
-        rows.to_csv(refused_path, index=False)
+        exc.crossing.to_csv(refused_path, index=False)
         raise LeakageError(
             f"{exc}. Every crossing image by its own file name: {refused_path} (written beside the results' "
             f"privacy key for the data's owner; not for sharing)"

@@ -14,4 +14,9 @@ class DataError(MedfoldError):
 
 
 class LeakageError(MedfoldError):
-    """A patient or a duplicate image appears in more than one set."""
+    """A patient or a duplicate image appears in more than one set. ``crossing``: the images
+    that cross, by their real IDs (for the data's owner; never for a shared output)."""
+
+    def __init__(self, message: str, crossing=None):
+        super().__init__(message)
+        self.crossing = crossing

@@ -332,10 +332,10 @@ def _also(note: str | None, more: str) -> str:
 
 
 def _after_repair(ds, syntax, exc: Exception):
-    """(pixels, "") of a sequential JPEG file whose decoder refused its scan headers' Ss/Se
-    values, read with them repaired; (None, what the repaired file's decoding said, if it was
-    tried) when that is not its fault or it does not decode either."""
-    if str(syntax) not in JPEG_SEQUENTIAL or "scan start" not in str(exc):
+    """(pixels, "") of a sequential JPEG file that did not decode, read with its scan headers'
+    Ss/Se/Ah-Al repaired; (None, "") when they needed no repair, (None, what the repaired file's
+    decoding said) when it does not decode either."""
+    if str(syntax) not in JPEG_SEQUENTIAL:
         return None, ""
     try:
         array = _repaired_pixels(ds)

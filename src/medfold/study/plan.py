@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from medfold.core.errors import ConfigError
+from medfold.data.images import IMAGE_EXTENSIONS
 
 # tokens of a file name: runs between separators; the patient is the first token with a digit,
 # with the words before it (person1_bacteria_1, IM-0001-0001, NIH's 00000001_000, ODIR's 0_left).
@@ -41,7 +42,6 @@ def patient_pattern(prefixes: list[str] = ()) -> str:
 
 ROLE_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
 TEST_NAMES = ("test", "testing")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 LABEL_COLUMN_HINTS = ("finding", "label", "class", "diagnosis", "target")
 PATIENT_COLUMN_HINTS = ("patient", "subject")
 SEPARATORS = ("|", ";", ",")
@@ -74,13 +74,16 @@ class Fingerprint:
 
 # ----------------------------------------------------------------------------- patients
 def _grouped(names: list[str], pattern: str) -> list[str | None]:
-    regex = re.compile(pattern)
-    return [m.group("patient") if (m := regex.search(Path(n).name)) else None for n in names]
+    """Each name's patient as the index will read it (``dataset.patient_regex``)."""
+    from medfold.data.index.patients import patient_from_name
+
+    return patient_from_name(pd.Series(names, dtype=object), pattern).tolist()
 
 
 def patients_from_names(names: list[str]) -> dict:
     """The patient pattern of ``names`` (file names): how many names it explains, how many
-    patients it finds and how many images each; ``regex`` None when every image stands alone."""
+    patients it finds and how many images each; ``regex`` None when every image stands alone.
+    Counts only: no patient ID goes into plan.json, which a user may share with the config."""
     pattern = patient_pattern()
     found = _grouped(names, pattern)
     limit = max(COARSE, 0.02 * len(names))
@@ -101,7 +104,6 @@ def patients_from_names(names: list[str]) -> dict:
         "explained": round(share, 4),
         "patients": len(per_patient) if grouped else len(names),
         "images_per_patient": {"median": float(np.median(counts)), "max": int(counts.max())},
-        "examples": sorted(per_patient.items(), key=lambda kv: -kv[1])[:3] if grouped else [],
     }
     out["statement"] = (
         f"patients from file names: {out['patients']} patients, {out['images_per_patient']['median']:g} images "
@@ -123,86 +125,72 @@ def _form(data: Path) -> str:
     raise ConfigError(f"{data}: expected a folder of images, a CSV table or a MedMNIST .npz")
 
 
-def _folders(data: Path) -> tuple[pd.DataFrame, dict]:
-    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"{data}: no image files ({', '.join(IMAGE_SUFFIXES)}) below it")
-    rel = [p.relative_to(data) for p in files]
-    depth = Counter(len(r.parts) for r in rel).most_common(1)[0][0]
-    if depth < 2:
-        raise ConfigError(f"{data}: images lie directly in it; a folder per class is expected below it")
-    frame = pd.DataFrame(
-        {
-            "path": [str(p) for p in files],
-            "label": [r.parts[-2] for r in rel],
-            "role": ["/".join(r.parts[:-2]) or None for r in rel],
-        }
-    )
-    return frame, {"format": "folders", "root": str(data)}
-
-
-def _pick(columns, hints, frame: pd.DataFrame, exclude=()) -> str | None:
+def _pick(columns, hints, exclude=()) -> str | None:
     for column in columns:
         if column not in exclude and any(h in column.lower() for h in hints):
             return column
     return None
 
 
-def _csv(data: Path) -> tuple[pd.DataFrame, dict]:
+def _csv_block(data: Path) -> dict:
+    """The dataset block of a CSV: its path, label and patient columns, the label separator and
+    the metadata columns, read from the table's names and values."""
     table = pd.read_csv(data, dtype=str, keep_default_na=False)
     columns = list(table.columns)
-    looks_like_path = {c: table[c].str.lower().str.endswith(IMAGE_SUFFIXES).mean() for c in columns}
+    looks_like_path = {c: table[c].str.lower().str.endswith(IMAGE_EXTENSIONS).mean() for c in columns}
     path_column = max(columns, key=looks_like_path.get)
     if looks_like_path[path_column] < 0.5:
         raise ConfigError(f"{data}: no column names image files (expected one whose values end in .png, .jpg, ...)")
-    label_column = _pick(columns, LABEL_COLUMN_HINTS, table, exclude=(path_column,))
+    label_column = _pick(columns, LABEL_COLUMN_HINTS, exclude=(path_column,))
     if label_column is None:
         raise ConfigError(f"{data}: no label column found (a column named like {', '.join(LABEL_COLUMN_HINTS)})")
     values = table[label_column]
     separator = next((s for s in SEPARATORS if values.str.contains(s, regex=False).mean() > 0.02), None)
-    patient_column = _pick(columns, PATIENT_COLUMN_HINTS, table, exclude=(path_column, label_column))
-    root = data.parent
-    sample = table[path_column].head(20)
-    if not all((root / p).exists() for p in sample):
-        found = next((d for d in sorted(root.rglob("*")) if d.is_dir() and (d / sample.iloc[0]).exists()), None)
-        root = found or root
-    few = [
-        c
-        for c in columns
-        if c not in (path_column, label_column, patient_column)
-        and 1 < table[c].nunique() <= 20
-        or ("age" in c.lower() and c not in (path_column, label_column, patient_column))
-    ]
-    frame = pd.DataFrame(
-        {
-            "path": [str(root / p) for p in table[path_column]],
-            "label": values,
-            "role": None,
-            "patient": table[patient_column] if patient_column else None,
-        }
-    )
-    dataset = {
+    patient_column = _pick(columns, PATIENT_COLUMN_HINTS, exclude=(path_column, label_column))
+    named = (path_column, label_column, patient_column)
+    few = [c for c in columns if c not in named and (1 < table[c].nunique() <= 20 or "age" in c.lower())]
+    # images elsewhere below the table's folder (NIH's images_001..012/) are found by file name
+    beside = all((data.parent / name).exists() for name in table[path_column].head(20))
+    return {
         "format": "csv",
         "table": str(data),
-        "root": str(root),
+        "root": str(data.parent),
         "path_column": path_column,
         "label_column": label_column,
         **({"label_separator": separator} if separator else {}),
         **({"patient_column": patient_column} if patient_column else {}),
         **({"metadata_columns": few} if few else {}),
+        **({} if beside else {"recursive_lookup": True}),
     }
-    return frame, dataset
 
 
-def _npz(data: Path) -> tuple[pd.DataFrame, dict, np.ndarray]:
+def _npz_block(data: Path) -> tuple[dict, np.ndarray]:
+    """The dataset block of a MedMNIST archive (multi-label when a row has several labels), and
+    the first images of its first part for the pixel sample."""
     with np.load(data, allow_pickle=False) as archive:
-        parts = [k[: -len("_images")] for k in archive.files if k.endswith("_images")]
-        rows, sample = [], None
-        for part in parts:
-            labels = archive[f"{part}_labels"].reshape(len(archive[f"{part}_labels"]), -1)
-            rows.append(pd.DataFrame({"label": [str(int(r[0])) for r in labels], "role": part}))
-            sample = archive[f"{part}_images"][:SAMPLE] if sample is None else sample
-    return pd.concat(rows, ignore_index=True).assign(path=str(data)), {"format": "npz", "npz": str(data)}, sample
+        first = next(k.removesuffix("_images") for k in archive.files if k.endswith("_images"))
+        width = archive[f"{first}_labels"].reshape(len(archive[f"{first}_labels"]), -1).shape[1]
+        sample = archive[f"{first}_images"][:SAMPLE]
+    return {"format": "npz", "npz": str(data), "task": "multilabel" if width > 1 else "multiclass"}, sample
+
+
+def _candidates(data: Path, form: str, name: str) -> tuple[pd.DataFrame, dict, np.ndarray | None]:
+    """The candidate table indexing will build: the index's own adapter on the dataset block read
+    from ``data``; the block; an npz's pixel sample."""
+    from medfold.data.index.adapters import ADAPTERS
+    from medfold.settings.sections import DatasetSettings
+
+    sample = None
+    if form == "folders":
+        dataset = {"format": "folders", "root": str(data)}
+    elif form == "csv":
+        dataset = _csv_block(data)
+    else:
+        dataset, sample = _npz_block(data)
+    cand, _, _ = ADAPTERS[form](DatasetSettings.of({"name": name, **dataset}))
+    if cand.empty:
+        raise ConfigError(f"{data}: no images found ({form})")
+    return cand, dataset, sample
 
 
 def _pixels_sample(frame: pd.DataFrame, npz_sample) -> list[np.ndarray]:
@@ -222,6 +210,7 @@ def _pixels_sample(frame: pd.DataFrame, npz_sample) -> list[np.ndarray]:
 
 def _look(pixels: list[np.ndarray], doubts: list[str]) -> tuple[dict, str, str]:
     """Sizes, colour, and the modality the pixels suggest."""
+    from medfold.data.fingerprint import trimmed_grey
     from medfold.data.images import is_colour
     from medfold.data.matching import field_of_view
 
@@ -242,7 +231,8 @@ def _look(pixels: list[np.ndarray], doubts: list[str]) -> tuple[dict, str, str]:
     colour_share = np.mean([is_colour(p) for p in pixels])
     stored_rgb = np.mean([p.ndim == 3 for p in pixels])
     colour = "colour" if colour_share > 0.5 else "grey stored as RGB" if stored_rgb > 0.5 else "grey"
-    fields = [field_of_view(p.mean(2) if p.ndim == 3 else p, colour == "colour") is not None for p in pixels[:50]]
+    # the field of view as the near-duplicate search finds it, on the same grey image
+    fields = [field_of_view(trimmed_grey(p), colour == "colour") is not None for p in pixels[:50]]
     framed = float(np.mean(fields))
     if colour == "colour" and framed > 0.5:
         modality = "fundus photograph (a colour image in a circular field of view)"
@@ -256,10 +246,13 @@ def _look(pixels: list[np.ndarray], doubts: list[str]) -> tuple[dict, str, str]:
 
 
 def _duplicates(frame: pd.DataFrame, form: str) -> int:
-    """Groups of byte-identical files (npz: not read here; indexing hashes the pixels)."""
+    """Groups of byte-identical files, hashing only files that share a size with another (npz:
+    not read here; indexing hashes every image's pixels)."""
     if form == "npz":
         return 0
-    digests = Counter(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest() for p in frame["path"])
+    sizes = pd.Series([Path(p).stat().st_size for p in frame["path"]], index=frame["path"])
+    shared = sizes[sizes.duplicated(keep=False)].index
+    digests = Counter(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest() for p in shared)
     return sum(1 for n in digests.values() if n > 1)
 
 
@@ -267,26 +260,20 @@ def fingerprint(data, name: str | None = None) -> Fingerprint:
     """Read ``data`` (a folder tree, a CSV, a MedMNIST .npz) into its Fingerprint."""
     data = Path(data)
     form = _form(data)
-    npz_sample = None
-    if form == "folders":
-        frame, dataset = _folders(data)
-    elif form == "csv":
-        frame, dataset = _csv(data)
-    else:
-        frame, dataset, npz_sample = _npz(data)
+    name = name or data.stem.replace(".", "_")
+    frame, dataset, npz_sample = _candidates(data, form, name)
     doubts: list[str] = []
-    separator = dataset.get("label_separator")
-    labels = frame["label"].map(lambda v: [t.strip() for t in v.split(separator)] if separator else [v])
-    counts = Counter(t for ts in labels for t in ts if t)
+    counts = Counter(label for labels in frame["labels"] for label in labels if label)
     no_finding = next((c for c in counts if c.lower().replace("_", " ") in ("no finding", "normal")), None)
-    task = "multilabel" if separator else ("binary" if len(counts) == 2 else "multiclass")
+    multilabel = "label_separator" in dataset or dataset.get("task") == "multilabel"
+    task = "multilabel" if multilabel else ("binary" if len(counts) == 2 else "multiclass")
     if task == "multilabel" and no_finding:
         dataset["no_finding_label"] = no_finding
         counts.pop(no_finding)
     small = [c for c, n in counts.items() if n < 10]
     if small:
         doubts.append(f"classes with fewer than 10 images ({small}): too few to split into folds reliably")
-    roles = Counter(str(r).split("/")[0].lower() for r in frame["role"] if r)
+    roles = Counter(str(r).split("/")[0].lower() for r in frame["source_split"] if r)
     patients = _patients(form, frame, dataset, doubts)
     sizes, colour, modality = _look(_pixels_sample(frame, npz_sample), doubts)
     return Fingerprint(
@@ -301,7 +288,7 @@ def fingerprint(data, name: str | None = None) -> Fingerprint:
         colour=colour,
         modality=modality,
         exact_duplicates=_duplicates(frame, form),
-        dataset={"name": name or data.stem.replace(".", "_"), "task": task, **dataset, "labels": sorted(counts)},
+        dataset={"name": name, **dataset, "task": task, "labels": sorted(counts)},
         doubts=doubts,
     )
 
@@ -309,10 +296,10 @@ def fingerprint(data, name: str | None = None) -> Fingerprint:
 def _patients(form: str, frame: pd.DataFrame, dataset: dict, doubts: list[str]) -> dict:
     """Where patients come from: a CSV's patient column, else a pattern in the file names (set
     as dataset.patient_regex), else none (said in ``doubts``)."""
-    if form == "csv" and frame["patient"].notna().all():
+    if "patient_column" in dataset and frame["patient_id"].notna().all():
         patients = {
             "source": f"column {dataset['patient_column']!r}",
-            "patients": int(frame["patient"].nunique()),
+            "patients": int(frame["patient_id"].nunique()),
             "statement": f"patients from column {dataset['patient_column']!r}",
         }
     elif form == "npz":
@@ -323,7 +310,7 @@ def _patients(form: str, frame: pd.DataFrame, dataset: dict, doubts: list[str]) 
         }
         doubts.append(patients["statement"])
     else:
-        patients = patients_from_names(list(frame["path"]))
+        patients = patients_from_names(list(frame["image_id"]))
         if patients["regex"]:
             dataset["patient_regex"] = patients["regex"]
             if patients["explained"] < 0.9:
@@ -537,7 +524,9 @@ def config_text(decisions: list[Decision], fp: Fingerprint) -> str:
             dotted = f"{prefix}{key}"
             if dotted in reasons:
                 lines.append(" " * indent + f"# {reasons[dotted]}")
-            if isinstance(value, dict) and value and dotted not in ("training.early_stopping", "training.schedule"):
+            # a block for a section; one line for a small setting of scalars ({enabled: true, patience: 3})
+            small = isinstance(value, dict) and len(value) <= 3 and not any(isinstance(v, dict) for v in value.values())
+            if isinstance(value, dict) and value and not small:
                 lines.append(" " * indent + f"{key}:")
                 emit(value, dotted + ".", indent + 2)
             else:
