@@ -241,7 +241,7 @@ def test_one_variant_of_one_fold_builds_only_what_it_needs(tmp_path):
     work = workflow_dir(tmp_path, QUICK)
     proc = run_snakemake(work, "--cores", "2", "--dry-run", f"{DS}/batchnorm/variants/int8/fold_1/metrics.json")
     assert planned(proc) == {
-        "demo_data": 1,
+        "demo_cxr14": 1,
         "index": 1,
         "split": 1,
         "check_split": 1,

@@ -153,14 +153,22 @@ def same_key(reference: Path, work: Path) -> Path:
     return work
 
 
-def test_killing_snakemake_at_every_stage_loses_nothing(reference, tmp_path):
-    """kill -9 of the Snakemake process while a job of each stage runs (the job is orphaned and
-    may finish or not). The next plain run refuses the incomplete outputs, naming them;
-    --rerun-incomplete completes, and the results equal the undisturbed run's."""
+def test_killing_a_job_and_then_snakemake_at_every_stage_loses_nothing(reference, tmp_path):
+    """At each stage, two kills in one pass (one workflow run serving both): kill -9 of the job
+    itself, which Snakemake reports as the rule's error, removing its outputs; then, once that
+    stage's job runs again under --rerun-incomplete, kill -9 of Snakemake (the job is orphaned and
+    may finish or not): the next plain run refuses the incomplete outputs, naming them, or plans
+    the job again. The run after the last kill completes, and the results equal the undisturbed
+    run's (training resumed from its last checkpoint each time)."""
     work = same_key(reference, workflow_dir(tmp_path, TINY))
     killed, outcomes = [], []
     proc = _start(work)
     for stage in STAGES:
+        job = _wait_for_job(proc, work, stage)
+        os.kill(job, signal.SIGKILL)
+        out = proc.communicate(timeout=1200)[0]
+        assert proc.returncode != 0 and f"Error in rule {stage}" in out, (stage, out[-3000:])
+        proc = _start(work, "--rerun-incomplete")
         job = _wait_for_job(proc, work, stage)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -176,22 +184,7 @@ def test_killing_snakemake_at_every_stage_loses_nothing(reference, tmp_path):
         proc = _start(work, "--rerun-incomplete")
     assert proc.wait(timeout=1200) == 0, proc.stdout.read()[-4000:]
     assert killed == STAGES
-    print("after each kill:", dict(zip(STAGES, outcomes)))
-    assert compare_results(reference, work) > 20
-
-
-def test_killing_a_job_at_every_stage_loses_nothing(reference, tmp_path):
-    """kill -9 of the job itself: Snakemake reports the failure and removes its outputs; the next
-    run does the job again (training from its last checkpoint)."""
-    work = same_key(reference, workflow_dir(tmp_path, TINY))
-    proc = _start(work)
-    for stage in STAGES:
-        job = _wait_for_job(proc, work, stage)
-        os.kill(job, signal.SIGKILL)
-        out = proc.communicate(timeout=1200)[0]
-        assert proc.returncode != 0 and f"Error in rule {stage}" in out, (stage, out[-3000:])
-        proc = _start(work, "--rerun-incomplete")
-    assert proc.wait(timeout=1200) == 0, proc.stdout.read()[-4000:]
+    print("after each kill of Snakemake:", dict(zip(STAGES, outcomes)))
     assert compare_results(reference, work) > 20
 
 

@@ -18,6 +18,7 @@ from medfold.study.plan import (
     candidates,
     choose,
     fingerprint,
+    fit_batch,
     patients_from_names,
     plan,
     time_step,
@@ -104,6 +105,45 @@ def test_a_larger_budget_buys_more_epochs_or_a_larger_model(forms):
     sizes = [(cands.index(c), epochs) for c, epochs, _ in picks]
     assert sizes == sorted(sizes) and sizes[0] != sizes[-1]
     assert "raise --budget" in choose(cands, Budget(5, cores=2), 5000, 5)[2]
+
+
+def test_a_pretrained_backbone_is_a_candidate_only_when_its_weights_are_cached(forms, monkeypatch, tmp_path):
+    fp = fingerprint(forms["folders"])
+    assert not any(c.pretrained for c in candidates(fp, "cpu", cached=lambda model: False))
+    cands = candidates(fp, "cpu", cached=lambda model: True)
+    assert [c.pretrained for c in cands if c.model == "resnet18"] == [None, "imagenet"] * 2  # at 64 and 128 px
+    for c in cands:
+        c.seconds_per_image = _timer(c, 1, 3, "cpu")
+    chosen, _, _ = choose(cands, Budget(36000, cores=2), 500, 5)
+    assert chosen.pretrained == "imagenet"  # the last, preferred, when the budget affords it
+    # the real cache: torchvision's file name under $TORCH_HOME/hub/checkpoints
+    from medfold.study.plan import weights_cached
+    from medfold.training.models import torchvision_weights, weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert not weights_cached("resnet18") and not weights_cached("lenet")
+    path = weights_path(torchvision_weights("resnet18", "imagenet"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert weights_cached("resnet18") and path.is_relative_to(tmp_path)
+
+
+def test_the_gpu_batch_is_the_largest_power_of_two_that_fits_half_the_free_memory():
+    gib = 2**30
+    assert fit_batch(per_image_bytes=50e6, fixed_bytes=1 * gib, free_bytes=80 * gib) == 256  # capped
+    assert fit_batch(per_image_bytes=400e6, fixed_bytes=1 * gib, free_bytes=80 * gib) == 64  # 39 GiB / 0.4 GB
+    assert fit_batch(per_image_bytes=400e6, fixed_bytes=1 * gib, free_bytes=16 * gib) == 16
+    assert fit_batch(per_image_bytes=10 * gib, fixed_bytes=1 * gib, free_bytes=8 * gib) == 1  # never below one
+
+
+def test_a_plan_that_is_not_there_stops_before_any_job(tmp_path):
+    from conftest import resolved_config
+
+    from medfold.core.errors import ConfigError
+    from medfold.study.resolve import resolve
+
+    with pytest.raises(ConfigError, match="plan: .*missing.json is not a file"):
+        resolve(resolved_config({"plan": str(tmp_path / "missing.json")}))
 
 
 def test_a_training_step_is_timed_on_this_machine():

@@ -76,7 +76,7 @@ wildcard_constraints:
 
 def dataset_inputs(wildcards, dataset=None):
     """The source files the index reads (of ``dataset``, default the main dataset); the
-    demo_data rule makes them when they point into it."""
+    demo_<form> rules make them when they point into it."""
     ds = dataset or STUDY.dataset_settings
     listed = {"exclude": ds.exclude_images} if ds.exclude_images else {}
     if ds.format == "csv":

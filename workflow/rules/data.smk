@@ -1,16 +1,21 @@
 # Demo data, indexing, patient-level splitting and the leakage check.
 
 
-rule demo_data:
+# The demo's forms, one rule each, so a config makes only the forms its datasets read.
+DEMO_SIZES = dict(
+    seed=STUDY.demo.seed,
+    cxr14_patients=STUDY.demo.cxr14_patients,
+    folder_patients=STUDY.demo.folder_patients,
+    dicom_patients=STUDY.demo.dicom_patients,
+)
+
+
+rule demo_cxr14:
     output:
         table=f"{STUDY.demo.output}/cxr14/Data_Entry.csv",
         images=directory(f"{STUDY.demo.output}/cxr14/images"),
-        folders=directory(f"{STUDY.demo.output}/chest_xray"),
-        dicom=directory(f"{STUDY.demo.output}/dicom"),
-        site_b=f"{STUDY.demo.output}/site_b/Data_Entry.csv",
-        site_b_images=directory(f"{STUDY.demo.output}/site_b/images"),
     log:
-        f"{STUDY.demo.output}/demo_data.log",
+        f"{STUDY.demo.output}/logs/demo_cxr14.log",
     conda:
         "../../envs/medfold.yaml"
     resources:
@@ -18,13 +23,48 @@ rule demo_data:
         mem_mb=1000,
         runtime=10,
     params:
+        **DEMO_SIZES,
         out=lambda wildcards, output: Path(output.table).parent.parent,
-        seed=STUDY.demo.seed,
-        cxr14_patients=STUDY.demo.cxr14_patients,
-        folder_patients=STUDY.demo.folder_patients,
-        dicom_patients=STUDY.demo.dicom_patients,
+        form="cxr14",
     script:
         "../scripts/demo_data.py"
+
+
+use rule demo_cxr14 as demo_folders with:
+    output:
+        directory(f"{STUDY.demo.output}/chest_xray"),
+    log:
+        f"{STUDY.demo.output}/logs/demo_folders.log",
+    params:
+        **DEMO_SIZES,
+        out=lambda wildcards, output: Path(output[0]).parent,
+        form="chest_xray",
+
+
+use rule demo_cxr14 as demo_dicom with:
+    output:
+        directory(f"{STUDY.demo.output}/dicom"),
+    log:
+        f"{STUDY.demo.output}/logs/demo_dicom.log",
+    params:
+        **DEMO_SIZES,
+        out=lambda wildcards, output: Path(output[0]).parent,
+        form="dicom",
+
+
+# a second site: copies of cxr14's films are planted in it
+use rule demo_cxr14 as demo_site_b with:
+    input:
+        rules.demo_cxr14.output.table,
+    output:
+        table=f"{STUDY.demo.output}/site_b/Data_Entry.csv",
+        images=directory(f"{STUDY.demo.output}/site_b/images"),
+    log:
+        f"{STUDY.demo.output}/logs/demo_site_b.log",
+    params:
+        **DEMO_SIZES,
+        out=lambda wildcards, output: Path(output.table).parent.parent,
+        form="site_b",
 
 
 rule index:

@@ -130,4 +130,5 @@ def report_inputs():
             )
             for name in EXTERNALS
         },
+        plan=STUDY.config["plan"],
     )

@@ -12,9 +12,10 @@ a uint8 picture as a radiologist would first see it, and the header fields the i
 * Every transfer syntax hospitals export decodes through pydicom's pixel-data plugins, installed
   with medfold: JPEG baseline, extended (12-bit) and lossless (process 14, SV1) and JPEG-LS with
   pylibjpeg-libjpeg (the ISO reference codec; pydicom's GDCM plugin refuses 12-bit extended),
-  JPEG-LS also with pyjpegls (CharLS), JPEG 2000 and HTJ2K with pylibjpeg-openjpeg, RLE and
-  deflate with pydicom itself. A syntax no installed plugin decodes is skipped as "unsupported
-  transfer syntax <name> (<uid>): install <package>", never as a corrupt file.
+  JPEG-LS also with pyjpegls (CharLS), JPEG 2000 and HTJ2K with pylibjpeg-openjpeg, RLE with
+  pylibjpeg-rle (or pydicom itself), deflate with pydicom itself. A syntax no installed plugin
+  decodes is skipped as "unsupported transfer syntax <name> (<uid>): install <package>", never
+  as a corrupt file.
 * Legacy ACR-NEMA files (no preamble, no file meta, the encoding guessed from the first element)
   are read as what they are: their transfer syntax is the one pydicom found them in.
 """

@@ -1,6 +1,10 @@
-"""The dataset and split sections of the report: the index, near-duplicates, examples, the split."""
+"""The dataset and split sections of the report: the plan read from the data, the index,
+near-duplicates, examples, the split."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import matplotlib
 
@@ -9,7 +13,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from medfold.report.helpers import _pixels, png_data_url  # noqa: E402
-from medfold.report.views import DatasetView, NearDuplicateCluster, NearDuplicates, Picture, SplitView, Table  # noqa: E402
+from medfold.report.views import (  # noqa: E402
+    DatasetView,
+    NearDuplicateCluster,
+    NearDuplicates,
+    Picture,
+    PlanView,
+    SplitView,
+    Table,
+)
 
 
 # ----------------------------------------------------------------------------- dataset and split
@@ -231,4 +243,31 @@ def split_view(split_summary: dict, check: dict, index_report: dict | None = Non
         if dropped.get("count")
         else None,
         grouping=grouping_note(index_report or {}),
+    )
+
+
+def plan_view(path) -> PlanView:
+    """plan.json (medfold.study.plan.write_plan) as the page shows it: the fingerprint in rows,
+    each decision with its reason. Every string (class names, the source path) is escaped by the
+    template."""
+    record = json.loads(Path(path).read_text())
+    fp, sizes = record["fingerprint"], record["fingerprint"]["sizes"]
+    value = lambda v: v if isinstance(v, str | int | float) else json.dumps(v, sort_keys=False)  # noqa: E731
+    rows = [
+        ["source", f"{fp['source']} ({fp['format']})"],
+        ["images", fp["images"]],
+        ["task and classes", f"{fp['task']}: " + ", ".join(f"{c} {n}" for c, n in fp["classes"].items())],
+        ["the dataset's own roles", ", ".join(f"{r} {n}" for r, n in fp["roles"].items()) or "none"],
+        ["patients", fp["patients"]["statement"]],
+        ["image sides", ", ".join(f"{k} {v}" for k, v in sizes.items())],
+        ["colour", fp["colour"]],
+        ["modality", fp["modality"]],
+        ["byte-identical files", fp["exact_duplicates"]],
+    ]
+    decisions = [[d["key"], value(d["value"]), d["reason"]] for d in record["decisions"] if d["key"] != "dataset"]
+    return PlanView(
+        statement=f"{fp['images']} images read from {fp['source']}",
+        fingerprint=Table(["found", "value"], rows, left=2),
+        decisions=Table(["setting", "planned", "why"], decisions, left=3),
+        doubts=list(fp.get("doubts", [])),
     )

@@ -101,6 +101,7 @@ class ReportInputs(_ByKey):
     grids: dict = field(default_factory=dict)  # grid -> its ranked table
     benchmarks: list = field(default_factory=list)  # Snakemake benchmark files: job timings
     externals: dict = field(default_factory=dict)  # name -> ExternalFiles
+    plan: str | None = None  # plan.json of medfold plan, when the config says so (plan:)
 
     def __post_init__(self):
         for name in ("experiments", "ensembles"):

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 
 from medfold.core.files import Outputs  # noqa: E402
 from medfold.report._constants import TEMPLATES  # noqa: E402
-from medfold.report.dataset import dataset_view, split_view  # noqa: E402
+from medfold.report.dataset import dataset_view, plan_view, split_view  # noqa: E402
 from medfold.report.experiments import (
     comparisons_table,
     compression_view,
@@ -98,6 +98,7 @@ def gather(inputs: ReportInputs | dict, config: ReportSettings | dict, repo: Pat
         reference=reference_view(config.reference, every),
         externals=[external_view(name, files) for name, files in inputs.externals.items()],
         cards=[card_view(name, files.model_card) for name, files in inputs.experiments.items() if files.model_card],
+        plan=plan_view(inputs.plan) if inputs.plan else None,
     )
 
 

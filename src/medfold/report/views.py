@@ -239,6 +239,16 @@ class ExternalView:
 
 
 @dataclass
+class PlanView:
+    """What ``medfold plan`` read from the data and decided (its plan.json), beside the results."""
+
+    statement: str
+    fingerprint: Table  # what, found
+    decisions: Table  # key, value, reason
+    doubts: list[str]
+
+
+@dataclass
 class Report:
     title: str
     experiments: Table | None
@@ -254,3 +264,4 @@ class Report:
     cards: list[CardView] = field(default_factory=list)
     externals: list[ExternalView] = field(default_factory=list)
     cv_tests: Table | None = None  # the corrected repeated k-fold t-tests of the same pairs
+    plan: PlanView | None = None  # medfold plan's fingerprint and decisions, when the config came from it

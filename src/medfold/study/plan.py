@@ -334,10 +334,23 @@ class Candidate:
     image_size: int
     batch_size: int
     seconds_per_image: float = 0.0  # a training step's time per image, measured here
+    pretrained: str | None = None  # "imagenet" when torchvision's weights are in the hub cache
 
 
-def candidates(fp: Fingerprint, device: str) -> list[Candidate]:
-    """Models from smallest to largest, at the input sizes the images allow (never enlarged)."""
+def weights_cached(model: str) -> bool:
+    """Whether torchvision's ImageNet weights of ``model`` are in this machine's hub cache (the
+    plan never downloads: it proposes what runs here as planned)."""
+    from medfold.training.models import is_torchvision, torchvision_weights, weights_path
+
+    if not is_torchvision(model):
+        return False
+    weights = torchvision_weights(model, "imagenet")
+    return weights is not None and weights_path(weights).is_file()
+
+
+def candidates(fp: Fingerprint, device: str, cached=weights_cached) -> list[Candidate]:
+    """Models from smallest to largest, at the input sizes the images allow (never enlarged);
+    an ImageNet-pretrained ResNet18 last (preferred when affordable) when its weights are cached."""
     side = fp.sizes["median_side"]
     sizes = [28] if side <= 32 else [64, 128] if side >= 128 else [64]
     if device == "cuda":
@@ -347,7 +360,45 @@ def candidates(fp: Fingerprint, device: str) -> list[Candidate]:
         out += [Candidate("lenet", size, 64), Candidate("lenet_wide", size, 64)]
         if size >= 64:
             out.append(Candidate("resnet18", size, 32))
+            if cached("resnet18"):
+                out.append(Candidate("resnet18", size, 32, pretrained="imagenet"))
     return out
+
+
+def fit_batch(per_image_bytes: float, fixed_bytes: float, free_bytes: float, share: float = 0.5, cap: int = 256) -> int:
+    """The largest power-of-two batch whose training step, as measured (``fixed_bytes`` for the
+    model, its gradients and optimiser state, ``per_image_bytes`` for each image's activations),
+    fits in ``share`` of the device's free memory (the rest for the data loader's pinned batches,
+    the allocator's fragmentation and evaluation); at most ``cap``, at least 1."""
+    room = free_bytes * share - fixed_bytes
+    batch = 1
+    while batch * 2 <= cap and (batch * 2) * per_image_bytes <= room:
+        batch *= 2
+    return batch
+
+
+def cuda_memory(candidate: Candidate, channels: int, classes: int) -> tuple[float, float, float]:
+    """(bytes per image, fixed bytes, free bytes) of ``candidate``'s training step on the GPU:
+    the peak memory of a step at 8 and at 16 images."""
+    import torch
+
+    from medfold.training.models import build_model
+
+    model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    peaks = []
+    for images in (8, 16):
+        torch.cuda.reset_peak_memory_stats()
+        batch = torch.rand(images, channels, candidate.image_size, candidate.image_size, device="cuda")
+        target = torch.randint(0, classes, (images,), device="cuda")
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch), target).backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    per_image = max((peaks[1] - peaks[0]) / 8, 1.0)
+    free, _ = torch.cuda.mem_get_info()
+    return per_image, peaks[0] - 8 * per_image, free + torch.cuda.memory_allocated()
 
 
 TIMED_BATCH = 16
@@ -363,7 +414,9 @@ def time_step(candidate: Candidate, channels: int, classes: int, device: str = "
     torch.manual_seed(0)
     model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).to(device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    images = min(candidate.batch_size, TIMED_BATCH)  # per-image time: a small batch measures it well enough
+    # per-image time: on a CPU a small batch measures it well enough; a GPU is timed at the batch
+    # its memory holds (a small one leaves it idle, and the epochs afforded would be too few)
+    images = candidate.batch_size if device == "cuda" else min(candidate.batch_size, TIMED_BATCH)
     batch = torch.rand(images, channels, candidate.image_size, candidate.image_size, device=device)
     target = torch.randint(0, classes, (images,), device=device)
 
@@ -456,6 +509,11 @@ def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: st
     out = [
         Decision("training.model", chosen.model, why),
         Decision("training.image_size", chosen.image_size, f"median image side {fp.sizes['median_side']} px"),
+        *(
+            [Decision("training.pretrained", chosen.pretrained, "torchvision's ImageNet weights are in the hub cache")]
+            if chosen.pretrained
+            else []
+        ),
         Decision("training.batch_size", chosen.batch_size, "what the step was timed with"),
         Decision("training.batch_norm", True, "faster, steadier training of the small models"),
         Decision("training.epochs", epochs, "what the budget affords (plan.json: the arithmetic)"),
@@ -480,6 +538,8 @@ def plan(fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, 
     train_images = int(fp.images * 0.8 * (folds - 1) / folds)
     cands = candidates(fp, device)
     for c in cands:
+        if device == "cuda":  # the batch the GPU's memory holds; the step is timed at it
+            c.batch_size = fit_batch(*cuda_memory(c, channels, max(len(fp.classes), 2)))
         c.seconds_per_image = timer(c, channels, max(len(fp.classes), 2), device)
     budget = Budget(budget_s, cores)
     chosen, epochs, why = choose(cands, budget, train_images, folds)
@@ -507,8 +567,9 @@ def _nest(decisions: list[Decision]) -> dict:
     return config
 
 
-def config_text(decisions: list[Decision], fp: Fingerprint) -> str:
-    """The config as YAML, each planned key under a comment giving its reason."""
+def config_text(decisions: list[Decision], fp: Fingerprint, plan_path: str | None = None) -> str:
+    """The config as YAML, each planned key under a comment giving its reason; ``plan_path``: the
+    plan.json the report shows beside the results."""
     import yaml
 
     reasons = {d.key: d.reason for d in decisions}
@@ -534,15 +595,18 @@ def config_text(decisions: list[Decision], fp: Fingerprint) -> str:
                 lines.append(" " * indent + f"{key}: {text.removesuffix('...').strip()}")
 
     emit(_nest(decisions), "", 0)
+    if plan_path:
+        lines += ["# the fingerprint and these decisions: the report shows them beside the results"]
+        lines.append(f"plan: {plan_path}")
     return "\n".join(lines) + "\n"
 
 
 def write_plan(decisions: list[Decision], fp: Fingerprint, out: Path) -> Path:
     """``out`` (the config) and ``plan.json`` beside it; returns plan.json's path."""
     out = Path(out)
-    out.write_text(config_text(decisions, fp))
-    record = {"fingerprint": asdict(fp), "decisions": [asdict(d) for d in decisions]}
     path = out.with_name("plan.json")
+    out.write_text(config_text(decisions, fp, str(path)))
+    record = {"fingerprint": asdict(fp), "decisions": [asdict(d) for d in decisions]}
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 

@@ -514,6 +514,16 @@ def _index_dataset(source: dict, evaluation: dict) -> dict:
 DATA_KEYS = {"csv": ("table",), "folders": ("root",), "dicom": ("root",), "npz": ("npz",)}
 
 
+def _check_plan(plan: str | None) -> None:
+    from pathlib import Path
+
+    if plan and not Path(plan).is_file():
+        raise ConfigError(
+            f"plan: {plan} is not a file (the plan.json that medfold plan wrote beside this config, as a "
+            "path from the working directory); remove the key from a config written by hand"
+        )
+
+
 def _check_experiments_named(overrides: dict) -> None:
     if not overrides:
         raise ConfigError(
@@ -568,6 +578,7 @@ def resolve(config: dict, schema_path=None) -> Study:
     results, dataset = config["results"], config["dataset"]["name"]
     overrides, grids = expand_grids(config["experiments"], schema_path)
     _check_experiments_named(overrides)
+    _check_plan(config.get("plan"))
     names = _Names(tuple(overrides), tuple(range(config["split"]["folds"])))
     _check_split(config["split"], names.folds)
     # every experiment's merged settings, checked now: a bad override stops before any job runs
