@@ -57,6 +57,15 @@ def test_readme_lists_every_benchmark():
             ],
         ),
         (
+            "bench/plan.py",
+            [
+                r"^demo_folders: plan \w+ at \d+ px, \d+ epochs, 2 folds$",
+                r"^demo_folders +plan +\d+s +[\d.]+x +0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]",
+                r"^demo_folders +lenet_bn_3 +\d+s",
+                r"RATIO demo_folders: plan - best hand-written test AUROC [+-][\d.]+; plan wall / budget [\d.]+",
+            ],
+        ),
+        (
             "bench/recipe.py",
             [r"^plain +[\d.]+ +\+0\.000", r"^all of them +[\d.]+", r"RATIO all/plain test AUROC: [\d.]+"],
         ),

@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", default="30m", help="the workflow's wall time on this machine: 30m, 2h, 900s")
     pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pl.add_argument("--cores", type=int, default=2, help="the --cores snakemake will run with (default 2)")
+    pl.add_argument("--folds", type=int, help="cross-validation folds (default: 5 up to 5,000 images, else 3)")
     pl.add_argument("--name", help="the dataset's name (default: the folder's or file's)")
     pl.add_argument("--force", action="store_true", help="overwrite an existing config")
     return parser
@@ -116,7 +117,7 @@ def _plan(args) -> None:
         raise ConfigError(f"{args.out} exists; choose another name or pass --force")
     budget = parse_budget(args.budget)
     fp = fingerprint(args.data, args.name)
-    decisions = plan(fp, budget, args.device, args.cores)
+    decisions = plan(fp, budget, args.device, args.cores, folds=args.folds)
     record = write_plan(decisions, fp, args.out)
     print(summary(decisions, fp))
     print(f"wrote {args.out} and {record}; run: snakemake --cores {args.cores} --configfile {args.out}")

@@ -436,20 +436,35 @@ def time_step(candidate: Candidate, channels: int, classes: int, device: str = "
 
 @dataclass
 class Budget:
-    """What the budget buys: folds run side by side on the cores, each epoch is its training
-    images plus a third of that for scoring the validation fold; indexing and the other jobs are
-    a fixed share (docs/plan.md)."""
+    """What the budget buys (docs/plan.md): the workflow's fixed jobs (indexing, caching, the
+    split and its check, aggregation, the comparison table, the report) and each training job's
+    start cost come first; the rest goes to epochs, the folds running side by side on the cores,
+    each epoch its training images plus a third of that for scoring the validation fold, and a
+    margin for what a step on random images does not see (loading, augmentation, metrics)."""
 
     seconds: float
     cores: int
     threads: int = 2
-    overhead: float = 0.25  # indexing, caching, aggregation, the report: a quarter of the budget
+    images: int = 0  # the collection's: indexing and caching decode each once
+    job_seconds: float = 12.0  # a job's start: Python, torch, medfold, Snakemake's bookkeeping
+    fixed_jobs: int = 7
+    decode_seconds: float = 0.004  # per image, indexing and caching
+    margin: float = 0.3  # an epoch's time beyond the timed steps (loading, augmentation, metrics)
+
+    def fixed(self, folds: int) -> float:
+        """Seconds spent whatever the model: the fixed jobs, each training job's start, decoding."""
+        return (self.fixed_jobs + self.rounds(folds)) * self.job_seconds + self.images * self.decode_seconds
+
+    def rounds(self, folds: int) -> int:
+        side_by_side = max(1, self.cores // self.threads)
+        return -(-folds // side_by_side)
+
+    def epoch_seconds(self, c: Candidate, train_images: int) -> float:
+        return train_images * c.seconds_per_image * (1 + 1 / 3) * (1 + self.margin)
 
     def epochs(self, c: Candidate, train_images: int, folds: int) -> int:
-        side_by_side = max(1, self.cores // self.threads)
-        rounds = -(-folds // side_by_side)
-        per_epoch = train_images * c.seconds_per_image * (1 + 1 / 3)
-        return int(self.seconds * (1 - self.overhead) / max(rounds * per_epoch, 1e-9))
+        per_epoch = self.epoch_seconds(c, train_images)
+        return int(max(self.seconds - self.fixed(folds), 0) / max(self.rounds(folds) * per_epoch, 1e-9))
 
 
 MIN_EPOCHS, WANTED_EPOCHS, MAX_EPOCHS = 5, 15, 60
@@ -488,10 +503,13 @@ def augmentations(fp: Fingerprint) -> tuple[dict, str, str]:
     )
 
 
-def _split_decisions(fp: Fingerprint) -> list[Decision]:
+def _split_decisions(fp: Fingerprint, folds: int | None = None) -> list[Decision]:
     own_test = [r for r in fp.roles if r in TEST_NAMES]
-    folds = 5 if fp.images <= 5000 else 3
-    out = [Decision("split.folds", folds, f"{fp.images} images: {folds} folds")]
+    if folds:
+        out = [Decision("split.folds", folds, "asked for (--folds)")]
+    else:
+        folds = 5 if fp.images <= 5000 else 3
+        out = [Decision("split.folds", folds, f"{fp.images} images: {folds} folds")]
     if own_test:
         keep = "a patient on both sides has its other images set aside; the test set stays whole"
         out += [
@@ -504,7 +522,7 @@ def _split_decisions(fp: Fingerprint) -> list[Decision]:
     return out
 
 
-def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: str) -> list[Decision]:
+def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: str, arithmetic: str) -> list[Decision]:
     augment, tta, why_aug = augmentations(fp)
     out = [
         Decision("training.model", chosen.model, why),
@@ -516,7 +534,7 @@ def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: st
         ),
         Decision("training.batch_size", chosen.batch_size, "what the step was timed with"),
         Decision("training.batch_norm", True, "faster, steadier training of the small models"),
-        Decision("training.epochs", epochs, "what the budget affords (plan.json: the arithmetic)"),
+        Decision("training.epochs", epochs, f"what the budget affords: {arithmetic}"),
         Decision("training.early_stopping", {"enabled": True, "patience": max(3, epochs // 4)}, "stop on a plateau"),
         Decision("training.augment", augment, why_aug),
         Decision("training.tta", tta, "flips are safe for this modality" if tta != "none" else "no flips (above)"),
@@ -530,10 +548,12 @@ def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: st
     return out
 
 
-def plan(fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, timer=time_step) -> list[Decision]:
+def plan(
+    fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, timer=time_step, folds: int | None = None
+) -> list[Decision]:
     """The configuration of ``fp`` under ``budget_s`` seconds of this machine, decision by decision."""
     channels = 3 if fp.colour == "colour" else 1
-    split = _split_decisions(fp)
+    split = _split_decisions(fp, folds)
     folds = split[0].value
     train_images = int(fp.images * 0.8 * (folds - 1) / folds)
     cands = candidates(fp, device)
@@ -541,15 +561,20 @@ def plan(fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, 
         if device == "cuda":  # the batch the GPU's memory holds; the step is timed at it
             c.batch_size = fit_batch(*cuda_memory(c, channels, max(len(fp.classes), 2)))
         c.seconds_per_image = timer(c, channels, max(len(fp.classes), 2), device)
-    budget = Budget(budget_s, cores)
+    budget = Budget(budget_s, cores, images=fp.images)
     chosen, epochs, why = choose(cands, budget, train_images, folds)
     timed = ", ".join(f"{c.model}@{c.image_size} {1 / c.seconds_per_image:.0f} img/s" for c in cands)
     at_once = max(1, cores // budget.threads)
+    per_epoch = budget.epoch_seconds(chosen, train_images)
+    arithmetic = (
+        f"{budget_s:.0f} s less {budget.fixed(folds):.0f} s of fixed jobs and job starts, over "
+        f"{budget.rounds(folds)} round(s) of folds at {per_epoch:.1f} s an epoch"
+    )
     return [
         Decision("dataset", fp.dataset, f"read from {fp.format}: {fp.images} images; {fp.patients['statement']}"),
         Decision("images.channels", channels, f"the images are {fp.colour}"),
         *split,
-        *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})"),
+        *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})", arithmetic),
         Decision("training.threads", budget.threads, f"{cores} cores: {at_once} folds train at once"),
         Decision("experiments", {"planned": {}}, "one experiment, the training section; its fold ensemble decides"),
     ]
