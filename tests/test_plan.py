@@ -85,6 +85,38 @@ def test_each_form_is_read_into_its_dataset_block(forms):
     assert fundus.colour == "colour" and fundus.modality.startswith("fundus")
 
 
+def test_a_dicom_export_is_grouped_by_patientid_and_named_by_its_modality_header(tmp_path):
+    from medfold.data.demo import generate_dicom
+
+    export = generate_dicom(tmp_path / "export", 20, 0)  # files named by record number, headers hold the rest
+    fp = fingerprint(export)
+    assert fp.patients["source"] == "DICOM PatientID" and fp.patients["patients"] == 20
+    assert fp.dataset["patient_regex"] is None  # the index reads each file's PatientID
+    assert fp.modality == "radiograph (DICOM Modality CR)" and fp.colour == "grey"
+    chosen = {d.key: d.value for d in plan(fp, 1800, timer=_timer)}
+    assert chosen["training.augment"]["hflip"] == 0 and chosen["images.channels"] == 1
+
+
+def test_a_tables_own_split_lists_are_its_roles_and_its_test_set_is_kept(forms, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(forms["csv"].parent, tmp_path, dirs_exist_ok=True)
+    table = tmp_path / forms["csv"].name
+    names = pd.read_csv(table)["Image Index"].drop_duplicates().tolist()
+    (tmp_path / "test_list.txt").write_text("\n".join(names[:30]) + "\n")  # NIH's two lists
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[30:]) + "\n")
+    fp = fingerprint(table)
+    assert fp.dataset["source_split_lists"] == {
+        "test": str(tmp_path / "test_list.txt"),
+        "train": str(tmp_path / "train_val_list.txt"),
+    }
+    assert fp.roles["test"] >= 30 and fp.roles["train"] > fp.roles["test"]
+    chosen = {d.key: d.value for d in plan(fp, 1800, timer=_timer)}
+    assert chosen["split.test_from_source"] is True and chosen["split.on_source_leak"] == "drop"
+
+
 def test_the_rules_follow_the_modality_the_budget_and_the_dataset_s_own_test_set(forms):
     films = {d.key: d.value for d in plan(fingerprint(forms["folders"]), 1800, timer=_timer)}
     assert films["training.augment"]["hflip"] == 0 and films["training.tta"] == "none"  # laterality kept

@@ -151,6 +151,7 @@ def _csv_block(data: Path) -> dict:
     few = [c for c in columns if c not in named and (1 < table[c].nunique() <= 20 or "age" in c.lower())]
     # images elsewhere below the table's folder (NIH's images_001..012/) are found by file name
     beside = all((data.parent / name).exists() for name in table[path_column].head(20))
+    lists = _split_lists(data.parent)
     return {
         "format": "csv",
         "table": str(data),
@@ -161,7 +162,20 @@ def _csv_block(data: Path) -> dict:
         **({"patient_column": patient_column} if patient_column else {}),
         **({"metadata_columns": few} if few else {}),
         **({} if beside else {"recursive_lookup": True}),
+        **({"source_split_lists": lists} if lists else {}),
     }
+
+
+def _split_lists(folder: Path) -> dict[str, str]:
+    """The dataset's own split as list files beside its table (NIH's ``train_val_list.txt`` and
+    ``test_list.txt``): role -> file, when a test list is among them."""
+    found: dict[str, str] = {}
+    for path in sorted(folder.glob("*list*.txt")):
+        stem = path.stem.lower()
+        role = "test" if "test" in stem else "train" if "train" in stem else "val" if "val" in stem else None
+        if role and role not in found:
+            found[role] = str(path)
+    return found if "test" in found else {}
 
 
 def _npz_block(data: Path) -> tuple[dict, np.ndarray]:
@@ -274,8 +288,15 @@ def fingerprint(data, name: str | None = None) -> Fingerprint:
     if small:
         doubts.append(f"classes with fewer than 10 images ({small}): too few to split into folds reliably")
     roles = Counter(str(r).split("/")[0].lower() for r in frame["source_split"] if r)
-    patients = _patients(form, frame, dataset, doubts)
+    headers = _dicom_headers(frame) if form == "folders" else None
+    patients = _patients(form, frame, dataset, doubts, headers)
     sizes, colour, modality = _look(_pixels_sample(frame, npz_sample), doubts)
+    stated = headers["Modality"].dropna().value_counts() if headers is not None else pd.Series(dtype=int)
+    if len(stated):  # the header's word over the pixels' guess
+        code = stated.index[0]
+        modality = f"{DICOM_MODALITIES.get(code, code)} (DICOM Modality {code})"
+        if len(stated) > 1:
+            doubts.append(f"the DICOM files hold several modalities: {dict(stated)}")
     return Fingerprint(
         source=str(data),
         format=form,
@@ -293,9 +314,47 @@ def fingerprint(data, name: str | None = None) -> Fingerprint:
     )
 
 
-def _patients(form: str, frame: pd.DataFrame, dataset: dict, doubts: list[str]) -> dict:
-    """Where patients come from: a CSV's patient column, else a pattern in the file names (set
-    as dataset.patient_regex), else none (said in ``doubts``)."""
+# DICOM Modality codes (PS3.3 C.7.3.1.1.1) to what the rules call them
+DICOM_MODALITIES = {
+    "CR": "radiograph",
+    "DX": "radiograph",
+    "MG": "radiograph (mammogram)",
+    "US": "ultrasound",
+    "CT": "CT",
+    "MR": "MR",
+    "OP": "fundus photograph",
+    "XC": "photograph",
+}
+
+
+def _dicom_headers(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """PatientID and Modality of every DICOM file of a folder tree (headers only, no pixels);
+    None when the files are not DICOM."""
+    from medfold.data.dicom import looks_like_dicom, read_header_fields
+
+    if not frame["path"].head(20).map(looks_like_dicom).all():
+        return None
+    fields = [read_header_fields(path, ("PatientID", "Modality")) or {} for path in frame["path"]]
+    return pd.DataFrame(fields, index=frame.index, columns=["PatientID", "Modality"])
+
+
+def _patients(form: str, frame: pd.DataFrame, dataset: dict, doubts: list[str], headers=None) -> dict:
+    """Where patients come from: a CSV's patient column, DICOM PatientID, else a pattern in the
+    file names (set as dataset.patient_regex), else none (said in ``doubts``)."""
+    if headers is not None and headers["PatientID"].notna().mean() > 0.9:
+        counts = headers["PatientID"].dropna().value_counts()
+        dataset["patient_regex"] = None  # the index reads each file's PatientID
+        patients = {
+            "source": "DICOM PatientID",
+            "patients": int(len(counts)),
+            "images_per_patient": {"median": float(counts.median()), "max": int(counts.max())},
+            "statement": f"patients from DICOM PatientID: {len(counts)} patients, "
+            f"{counts.median():g} images each (median, at most {counts.max()})",
+        }
+        missing = int(headers["PatientID"].isna().sum())
+        if missing:
+            doubts.append(f"{missing} DICOM files have no PatientID: each stands alone")
+        return patients
     if "patient_column" in dataset and frame["patient_id"].notna().all():
         patients = {
             "source": f"column {dataset['patient_column']!r}",
