@@ -168,6 +168,33 @@ def test_the_gpu_batch_is_the_largest_power_of_two_that_fits_half_the_free_memor
     assert fit_batch(per_image_bytes=10 * gib, fixed_bytes=1 * gib, free_bytes=8 * gib) == 1  # never below one
 
 
+def test_on_gpus_the_batch_follows_the_memory_and_a_fold_runs_on_each_gpu(forms):
+    """The GPU rules on the rule functions (no GPU here): the memory a step of each candidate
+    needs sets its batch; the folds run side by side, one per GPU, and so afford more epochs."""
+    gib = 2**30
+
+    def memory(c, channels, classes):  # bytes per image grow with the pixels and the model
+        per_image = 2e5 * (c.image_size / 64) ** 2 * {"lenet": 1, "lenet_wide": 4, "resnet18": 40}[c.model]
+        return per_image, 0.5 * gib, 80 * gib
+
+    fp = fingerprint(forms["folders"])
+    planned = {gpus: plan(fp, 600, "cuda", cores=16, timer=_timer, gpus=gpus, memory=memory) for gpus in (1, 4)}
+    one, four = ({d.key: d.value for d in decisions} for decisions in planned.values())
+    assert one["training.device"] == "cuda" and one["training.gpus"] == 1 and four["training.threads"] == 4
+    per_image = memory(Candidate(one["training.model"], one["training.image_size"], 0), 1, 2)[0]
+    assert one["training.batch_size"] == fit_batch(per_image, 0.5 * gib, 80 * gib) > 32
+    reasons = {gpus: next(d.reason for d in ds if d.key == "training.epochs") for gpus, ds in planned.items()}
+    assert "over 5 round(s)" in reasons[1] and "over 2 round(s)" in reasons[4]  # 5 folds on 1 and on 4 GPUs
+    order = [(c.model, c.image_size, c.pretrained) for c in candidates(fp, "cuda")]
+
+    def rank(d):
+        return order.index((d["training.model"], d["training.image_size"], d.get("training.pretrained"))), d[
+            "training.epochs"
+        ]
+
+    assert rank(four) >= rank(one)  # more GPUs buy a larger model or more epochs, never less
+
+
 def test_a_plan_that_is_not_there_stops_before_any_job(tmp_path):
     from conftest import resolved_config
 

@@ -608,33 +608,51 @@ def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: st
 
 
 def plan(
-    fp: Fingerprint, budget_s: float, device: str = "cpu", cores: int = 2, timer=time_step, folds: int | None = None
+    fp: Fingerprint,
+    budget_s: float,
+    device: str = "cpu",
+    cores: int = 2,
+    timer=time_step,
+    folds: int | None = None,
+    gpus: int = 1,
+    memory=cuda_memory,
 ) -> list[Decision]:
-    """The configuration of ``fp`` under ``budget_s`` seconds of this machine, decision by decision."""
+    """The configuration of ``fp`` under ``budget_s`` seconds of this machine, decision by decision
+    (``timer`` and ``memory`` measure a candidate's step: its time per image, and on a GPU its memory)."""
     channels = 3 if fp.colour == "colour" else 1
+    classes = max(len(fp.classes), 2)
     split = _split_decisions(fp, folds)
     folds = split[0].value
     train_images = int(fp.images * 0.8 * (folds - 1) / folds)
     cands = candidates(fp, device)
     for c in cands:
         if device == "cuda":  # the batch the GPU's memory holds; the step is timed at it
-            c.batch_size = fit_batch(*cuda_memory(c, channels, max(len(fp.classes), 2)))
-        c.seconds_per_image = timer(c, channels, max(len(fp.classes), 2), device)
-    budget = Budget(budget_s, cores, images=fp.images)
+            c.batch_size = fit_batch(*memory(c, channels, classes))
+        c.seconds_per_image = timer(c, channels, classes, device)
+    if device == "cuda":  # a fold job per GPU: as many folds side by side as GPUs
+        budget = Budget(budget_s, cores=gpus, threads=1, images=fp.images)
+        threads = max(1, cores // gpus)
+        placement = [
+            Decision("training.device", "cuda", "planned for a GPU (--device cuda)"),
+            Decision("training.gpus", 1, f"a GPU per fold job: {min(gpus, folds)} folds train at once"),
+            Decision("training.threads", threads, f"{cores} cores over {gpus} GPU jobs: data loading and metrics"),
+        ]
+    else:
+        budget = Budget(budget_s, cores, images=fp.images)
+        at_once = max(1, cores // budget.threads)
+        placement = [Decision("training.threads", budget.threads, f"{cores} cores: {at_once} folds train at once")]
     chosen, epochs, why = choose(cands, budget, train_images, folds)
     timed = ", ".join(f"{c.model}@{c.image_size} {1 / c.seconds_per_image:.0f} img/s" for c in cands)
-    at_once = max(1, cores // budget.threads)
-    per_epoch = budget.epoch_seconds(chosen, train_images)
     arithmetic = (
         f"{budget_s:.0f} s less {budget.fixed(folds):.0f} s of fixed jobs and job starts, over "
-        f"{budget.rounds(folds)} round(s) of folds at {per_epoch:.1f} s an epoch"
+        f"{budget.rounds(folds)} round(s) of folds at {budget.epoch_seconds(chosen, train_images):.1f} s an epoch"
     )
     return [
         Decision("dataset", fp.dataset, f"read from {fp.format}: {fp.images} images; {fp.patients['statement']}"),
         Decision("images.channels", channels, f"the images are {fp.colour}"),
         *split,
         *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})", arithmetic),
-        Decision("training.threads", budget.threads, f"{cores} cores: {at_once} folds train at once"),
+        *placement,
         Decision("experiments", {"planned": {}}, "one experiment, the training section; its fold ensemble decides"),
     ]
 
