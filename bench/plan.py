@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["kermany28", "nih1000", "odir", "demo_folders", "demo_csv"])
     parser.add_argument("--budget", default="15m", help="each plan's budget (each hand-written run is unbounded)")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="the demo's folder form at a 3-minute budget")
+    parser.add_argument("--quick", action="store_true", help="the demo's folder form, 2 folds, a 1-minute budget")
+    parser.add_argument("--work", type=Path, help="keep every run's folder here (default: a temporary folder)")
     args = parser.parse_args()
     if args.quick:
         args.sets, args.budget = ["demo_folders"], "1m"
@@ -156,7 +157,7 @@ def main() -> None:
     budget = parse_budget(args.budget)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         for name, (path, kind) in sets(args.sets, args.data, work, args.quick).items():
             folder = work / name
             config, record = planned(path, args.budget, args.cores, folder, 2 if args.quick else None)
