@@ -166,10 +166,13 @@ def main() -> None:
                 f"\n{name}: plan {chosen['training.model']} at {chosen['training.image_size']} px, "
                 f"{chosen['training.epochs']} epochs, {chosen['split.folds']} folds"
             )
-            seconds = run(config, folder, args.cores)  # the plan alone: its wall time against the budget
-            rows.append((name, "plan", seconds, test_figures(folder, config, "planned")))
             both = with_hand_written(config, kind)
-            hand_seconds = run(both, folder, args.cores)  # the hand-written trainings (and the report)
+            if args.quick:  # the paths only, in one workflow run (its wall time says nothing of the budget)
+                seconds = hand_seconds = run(both, folder, args.cores)
+            else:
+                seconds = run(config, folder, args.cores)  # the plan alone: its wall time against the budget
+                hand_seconds = run(both, folder, args.cores)  # the hand-written trainings (and the report)
+            rows.append((name, "plan", seconds, test_figures(folder, config, "planned")))
             for hand in HAND[kind]:
                 rows.append((name, hand, hand_seconds / len(HAND[kind]), test_figures(folder, both, hand)))
     print(f"\n{'set':<13} {'config':<17} {'wall':>7} {'/budget':>8}  {'test AUROC [95% CI]':<24} accuracy [95% CI]")

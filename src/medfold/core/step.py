@@ -15,9 +15,17 @@ from medfold.core.errors import MedfoldError
 # Third-party messages that read like faults and are not: faiss says which of its builds it
 # loaded (it tries the AVX2 build first, and reports its absence at INFO); torch's C++ extension
 # loader warns that this CPU machine has no CUDA runtime; inductor warns of a tensor copy inside
-# its own lowering. Shown again with MEDFOLD_VERBOSE=1.
+# its own lowering; torch's pytree registry warns of torchao's enum registration in every int8
+# job; the ONNX exporter's rewriter (onnxscript, onnx_ir) narrates its passes at INFO. Shown again
+# with MEDFOLD_VERBOSE=1.
 VERBOSE = "MEDFOLD_VERBOSE"
-QUIETED = {"faiss": logging.WARNING, "torch.utils.cpp_extension": logging.ERROR}
+QUIETED = {
+    "faiss": logging.WARNING,
+    "torch.utils.cpp_extension": logging.ERROR,
+    "torch.utils._pytree": logging.ERROR,
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+}
 QUIETED_WARNINGS = (r"torch\._inductor",)
 
 
