@@ -505,10 +505,12 @@ class Budget:
     cores: int
     threads: int = 2
     images: int = 0  # the collection's: indexing and caching decode each once
-    job_seconds: float = 12.0  # a job's start: Python, torch, medfold, Snakemake's bookkeeping
+    # calibrated on one measured run (NIH1000, 5 min on 2 AMD EPYC cores, docs/plan.md): its 7
+    # fixed jobs took 51 s in all, a training job's start about 10 s, an epoch 0.7 of the model's
+    job_seconds: float = 8.0  # a job's start: Python, torch, medfold, Snakemake's bookkeeping
     fixed_jobs: int = 7
     decode_seconds: float = 0.004  # per image, indexing and caching
-    margin: float = 0.3  # an epoch's time beyond the timed steps (loading, augmentation, metrics)
+    margin: float = 0.1  # an epoch's time beyond the timed steps (loading, augmentation, metrics)
 
     def fixed(self, folds: int) -> float:
         """Seconds spent whatever the model: the fixed jobs, each training job's start, decoding."""
