@@ -463,9 +463,12 @@ def cuda_memory(candidate: Candidate, channels: int, classes: int) -> tuple[floa
 TIMED_BATCH = 16
 
 
-def time_step(candidate: Candidate, channels: int, classes: int, device: str = "cpu", steps: int = 2) -> float:
-    """Seconds per training image of ``candidate`` on this machine: a few forward, backward and
-    optimiser steps on random images, after one warm-up step."""
+def time_step(
+    candidate: Candidate, channels: int, classes: int, device: str = "cpu", steps: int = 2, rounds: int = 3
+) -> float:
+    """Seconds per training image of ``candidate`` on this machine: the median of ``rounds``
+    timings of a few forward, backward and optimiser steps on random images, after one warm-up
+    step (one timing alone moved a 5-minute plan between 8 and 12 epochs on a shared machine)."""
     import torch
 
     from medfold.training.models import build_model
@@ -485,12 +488,15 @@ def time_step(candidate: Candidate, channels: int, classes: int, device: str = "
         optimizer.step()
 
     step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps * images)
+    timings = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - start) / (steps * images))
+    return float(np.median(timings))
 
 
 @dataclass
