@@ -81,8 +81,8 @@ def sets(names: list[str], data: Path | None, work: Path, quick: bool = False) -
         "demo_csv": lambda: (generate_cxr14(work / "demo_csv", 150, 0), "films"),
         "demo_npz": lambda: (generate_small_npz(work / "demo_npz.npz", 400, 0), "small"),
     }
-    # absolute: each workflow runs in its own folder
-    return {name: (path.resolve(), kind) for name, (path, kind) in ((n, makers[n]()) for n in names)}
+    found = {name: makers[name]() for name in names}
+    return {name: (path.resolve(), kind) for name, (path, kind) in found.items()}  # each workflow runs elsewhere
 
 
 def run(config: dict, work: Path, cores: int) -> float:

@@ -436,24 +436,44 @@ def fit_batch(per_image_bytes: float, fixed_bytes: float, free_bytes: float, sha
     return batch
 
 
+def _trainer(candidate: Candidate, channels: int, classes: int, device: str):
+    """A function running one training step (forward, backward, Adam) of ``candidate`` on a batch
+    of ``images`` random images: what the plan measures, in time and in memory."""
+    import torch
+
+    from medfold.training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    batches = {}
+
+    def step(images: int) -> None:
+        if images not in batches:
+            batches[images] = (
+                torch.rand(images, channels, candidate.image_size, candidate.image_size, device=device),
+                torch.randint(0, classes, (images,), device=device),
+            )
+        batch, target = batches[images]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch), target).backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
 def cuda_memory(candidate: Candidate, channels: int, classes: int) -> tuple[float, float, float]:
     """(bytes per image, fixed bytes, free bytes) of ``candidate``'s training step on the GPU:
     the peak memory of a step at 8 and at 16 images."""
     import torch
 
-    from medfold.training.models import build_model
-
-    model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).cuda()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    step = _trainer(candidate, channels, classes, "cuda")
     peaks = []
     for images in (8, 16):
         torch.cuda.reset_peak_memory_stats()
-        batch = torch.rand(images, channels, candidate.image_size, candidate.image_size, device="cuda")
-        target = torch.randint(0, classes, (images,), device="cuda")
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(batch), target).backward()
-        optimizer.step()
-        torch.cuda.synchronize()
+        step(images)
         peaks.append(torch.cuda.max_memory_allocated())
     per_image = max((peaks[1] - peaks[0]) / 8, 1.0)
     free, _ = torch.cuda.mem_get_info()
@@ -469,32 +489,16 @@ def time_step(
     """Seconds per training image of ``candidate`` on this machine: the median of ``rounds``
     timings of a few forward, backward and optimiser steps on random images, after one warm-up
     step (one timing alone moved a 5-minute plan between 8 and 12 epochs on a shared machine)."""
-    import torch
-
-    from medfold.training.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(candidate.model, channels, classes, 0, None, True, 0.0).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    step = _trainer(candidate, channels, classes, device)
     # per-image time: on a CPU a small batch measures it well enough; a GPU is timed at the batch
     # its memory holds (a small one leaves it idle, and the epochs afforded would be too few)
     images = candidate.batch_size if device == "cuda" else min(candidate.batch_size, TIMED_BATCH)
-    batch = torch.rand(images, channels, candidate.image_size, candidate.image_size, device=device)
-    target = torch.randint(0, classes, (images,), device=device)
-
-    def step():
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(batch), target).backward()
-        optimizer.step()
-
-    step()
+    step(images)
     timings = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(steps):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+            step(images)
         timings.append((time.perf_counter() - start) / (steps * images))
     return float(np.median(timings))
 
