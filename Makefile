@@ -7,6 +7,9 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
+# the suite runs in this many pytest-xdist workers (tests/conftest.py groups what must share one);
+# PYTEST_WORKERS=0 runs it in one process
+PYTEST_WORKERS ?= 2
 
 HOROVOD := $(VENV)/.horovod
 SYSTEM := $(VENV)/.system-packages
@@ -44,7 +47,7 @@ system-packages: $(SYSTEM)
 mlflow-server: $(MLFLOW_SERVER)  ## optional: an MLflow server and UI (mlflow ui on results/mlruns)
 
 test: $(STAMP) $(SYSTEM) $(HOROVOD) $(MLFLOW_SERVER)  ## the test suite
-	$(VENV)/bin/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder -q -ra --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from snakemake.utils import validate
+
+# `make test` runs the suite in two pytest-xdist workers, so two workflows often share the 2 cores:
+# OpenMP threads that spin while they wait (libgomp's default) then take cores from the other
+# worker's jobs. Sleeping waits (set before torch is imported, here and in every job) made a pair of
+# workflow tests 1.13 x faster in parallel (238 -> 211 s, measured); results do not depend on it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -36,13 +43,52 @@ def merge(into: dict, extra: dict) -> dict:
     return into
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test session, shared by the xdist workers: the
+    first to ask builds it under a lock, the others wait for it and then read it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / f"shared-{name}"
+    with FileLock(str(shared / f"shared-{name}.lock")):
+        if not (shared / f"shared-{name}.done").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (shared / f"shared-{name}.done").touch()
+    return folder
+
+
+# The xdist groups: the tests of one module run in one worker (their module fixtures are built once);
+# the Slurm tests share one group (each starts a real cluster on the default ports and
+# /etc/slurm); the modules that read the trained workflow share another (test_report edits and
+# restores its files while the others read them). The heaviest groups are handed out first (their
+# cost in seconds, measured in a sequential run), so the two workers end together.
+SLURM_MODULES = {"test_slurm", "test_two_nodes"}
+HEAVY_FIRST = ["trained_workflow", "test_faults", "slurm", "test_bench", "test_presets", "test_tracking"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = item.module.__name__
+        if module in SLURM_MODULES:
+            return "slurm"
+        if module in trained_modules:
+            return "trained_workflow"
+        return module
+
+    trained_modules = {item.module.__name__ for item in items if "trained_workflow" in item.fixturenames}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within a rank
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     from medfold.data.demo import generate_demo
 
-    out = tmp_path_factory.mktemp("demo")
-    generate_demo(out, cxr14_patients=150, folder_patients=90, seed=0)
-    return out
+    return built_once(
+        tmp_path_factory, "demo", lambda out: generate_demo(out, cxr14_patients=150, folder_patients=90, seed=0)
+    )
 
 
 def csv_dataset(demo_dir: Path, **overrides) -> dict:
@@ -250,9 +296,13 @@ def trained_workflow(tmp_path_factory) -> Path:
     """The whole workflow, report included, run once with QUICK training. While developing,
     MEDFOLD_TRAINED_WORKFLOW=<a finished run's folder> reuses that run (brought up to date first)."""
     reuse = os.environ.get("MEDFOLD_TRAINED_WORKFLOW")
-    work = Path(reuse) if reuse else workflow_dir(tmp_path_factory.mktemp("trained_workflow"), QUICK)
-    run_snakemake(work, "--cores", "2")
-    return work
+    if reuse:
+        run_snakemake(Path(reuse), "--cores", "2")
+        return Path(reuse)
+    # the Slurm group seeds its runs from it too, in the other worker: built once, under a lock
+    return built_once(
+        tmp_path_factory, "trained_workflow", lambda work: run_snakemake(workflow_dir(work, QUICK), "--cores", "2")
+    )
 
 
 def planted_label_errors(demo_dir: Path) -> set[str]:
