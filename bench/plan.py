@@ -126,7 +126,7 @@ def with_hand_written(plan_config: dict, kind: str) -> dict:
     """The plan's config with the hand-written experiments of ``kind`` beside its own: the same
     index, split and cache (run in the plan's folder, only their training runs), and the report's
     paired comparisons on the same test images."""
-    experiments = {"planned": {}}
+    experiments = {"planned": plan_config["experiments"]["planned"]}  # its seeds per fold, if any
     for name, training in HAND[kind].items():
         experiments[name] = {**training, "early_stopping": {"enabled": True, "patience": 6}}
         # a hand-written recipe is its own: none of the plan's augmentation, schedule or weighting

@@ -61,25 +61,38 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 # the Slurm tests share one group (each starts a real cluster on the default ports and
 # /etc/slurm); the modules that read the trained workflow share another (test_report edits and
 # restores its files while the others read them). The heaviest groups are handed out first (their
-# cost in seconds, measured in a sequential run), so the two workers end together.
+# cost measured in a sequential run), so that the two workers end together. (A scheduler of our own:
+# xdist 3.8's `loadgroup` writes the group into an attribute that pytest 9 no longer reads.)
 SLURM_MODULES = {"test_slurm", "test_two_nodes"}
 HEAVY_FIRST = ["trained_workflow", "test_faults", "slurm", "test_bench", "test_presets", "test_tracking"]
 
 
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        module = item.module.__name__
-        if module in SLURM_MODULES:
-            return "slurm"
-        if module in trained_modules:
-            return "trained_workflow"
-        return module
+def xdist_group(path: str) -> str:
+    """The group of a test module (its path, as a test id begins)."""
+    module = Path(path).stem
+    if module in SLURM_MODULES:
+        return "slurm"
+    if "trained_workflow" in (REPO / path).read_text():
+        return "trained_workflow"
+    return module
 
-    trained_modules = {item.module.__name__ for item in items if "trained_workflow" in item.fixturenames}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid.split("::")[0])
+
+    return ByGroup(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within a rank
+    groups = {path: xdist_group(path) for path in {item.nodeid.split("::")[0] for item in items}}
+    # stable: file order within a rank
+    items.sort(key=lambda item: rank.get(groups[item.nodeid.split("::")[0]], len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +177,11 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
     ]
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+def run_snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 1500, env: dict | None = None
+) -> subprocess.CompletedProcess:
     cmd = snakemake_command(workdir, *args)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -291,6 +306,9 @@ QUICK = {
 }
 
 
+PROGRESS_EVERY_TWENTIETH = {"MEDFOLD_PROGRESS_SECONDS": "0.05"}
+
+
 @pytest.fixture(scope="session")
 def trained_workflow(tmp_path_factory) -> Path:
     """The whole workflow, report included, run once with QUICK training. While developing,
@@ -299,9 +317,12 @@ def trained_workflow(tmp_path_factory) -> Path:
     if reuse:
         run_snakemake(Path(reuse), "--cores", "2")
         return Path(reuse)
-    # the Slurm group seeds its runs from it too, in the other worker: built once, under a lock
+    # the Slurm group seeds its runs from it too, in the other worker: built once, under a lock;
+    # its jobs print progress lines every 0.05 s (test_progress reads them in its logs)
     return built_once(
-        tmp_path_factory, "trained_workflow", lambda work: run_snakemake(workflow_dir(work, QUICK), "--cores", "2")
+        tmp_path_factory,
+        "trained_workflow",
+        lambda work: run_snakemake(workflow_dir(work, QUICK), "--cores", "2", env=PROGRESS_EVERY_TWENTIETH),
     )
 
 

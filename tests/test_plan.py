@@ -21,6 +21,7 @@ from medfold.study.plan import (
     fit_batch,
     patients_from_names,
     plan,
+    steps_batch,
     time_step,
 )
 
@@ -168,6 +169,14 @@ def test_the_gpu_batch_is_the_largest_power_of_two_that_fits_half_the_free_memor
     assert fit_batch(per_image_bytes=10 * gib, fixed_bytes=1 * gib, free_bytes=8 * gib) == 1  # never below one
 
 
+def test_a_small_collection_gets_a_batch_with_enough_updates_an_epoch():
+    assert steps_batch(5000, 64) == 64
+    assert steps_batch(640, 64) == 32  # NIH1000's training folds: 20 updates an epoch
+    assert steps_batch(366, 64) == 16
+    assert steps_batch(100, 64) == 16  # never below 16
+    assert steps_batch(100_000, 256) == 256
+
+
 def test_on_gpus_the_batch_follows_the_memory_and_a_fold_runs_on_each_gpu(forms):
     """The GPU rules on the rule functions (no GPU here): the memory a step of each candidate
     needs sets its batch; the folds run side by side, one per GPU, and so afford more epochs."""
@@ -182,7 +191,11 @@ def test_on_gpus_the_batch_follows_the_memory_and_a_fold_runs_on_each_gpu(forms)
     one, four = ({d.key: d.value for d in decisions} for decisions in planned.values())
     assert one["training.device"] == "cuda" and one["training.gpus"] == 1 and four["training.threads"] == 4
     per_image = memory(Candidate(one["training.model"], one["training.image_size"], 0), 1, 2)[0]
-    assert one["training.batch_size"] == fit_batch(per_image, 0.5 * gib, 80 * gib) > 32
+    batch = next(d for d in planned[1] if d.key == "training.batch_size")
+    train_images = int(re.search(r"on (\d+) training images", batch.reason).group(1))
+    # what the memory holds, halved while an epoch would have under 20 updates (a small demo)
+    assert fit_batch(per_image, 0.5 * gib, 80 * gib) > 32
+    assert batch.value == steps_batch(train_images, fit_batch(per_image, 0.5 * gib, 80 * gib)) >= 16
     reasons = {gpus: next(d.reason for d in ds if d.key == "training.epochs") for gpus, ds in planned.items()}
     assert "over 5 round(s)" in reasons[1] and "over 2 round(s)" in reasons[4]  # 5 folds on 1 and on 4 GPUs
     order = [(c.model, c.image_size, c.pretrained) for c in candidates(fp, "cuda")]

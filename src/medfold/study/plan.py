@@ -436,6 +436,20 @@ def fit_batch(per_image_bytes: float, fixed_bytes: float, free_bytes: float, sha
     return batch
 
 
+MIN_STEPS, MIN_BATCH = 20, 16
+
+
+def steps_batch(train_images: int, largest: int) -> int:
+    """The largest power-of-two batch, up to ``largest`` (what the model's default or the GPU's
+    memory allows), that still gives MIN_STEPS updates an epoch; at least MIN_BATCH. On a small
+    collection a large batch leaves few updates for the budget's epochs (NIH1000 at a 5-minute budget:
+    batch 64, 10 updates an epoch, 0.013 AUROC under the same model at batch 32 with more epochs)."""
+    batch = largest
+    while batch > MIN_BATCH and train_images / batch < MIN_STEPS:
+        batch //= 2
+    return batch
+
+
 def _trainer(candidate: Candidate, channels: int, classes: int, device: str):
     """A function running one training step (forward, backward, Adam) of ``candidate`` on a batch
     of ``images`` random images: what the plan measures, in time and in memory."""
@@ -522,23 +536,36 @@ class Budget:
     decode_seconds: float = 0.004  # per image, indexing and caching
     margin: float = 0.1  # an epoch's time beyond the timed steps (loading, augmentation, metrics)
 
-    def fixed(self, folds: int) -> float:
+    def fixed(self, folds: int, repeats: int = 1) -> float:
         """Seconds spent whatever the model: the fixed jobs, each training job's start, decoding."""
-        return (self.fixed_jobs + self.rounds(folds)) * self.job_seconds + self.images * self.decode_seconds
+        return (self.fixed_jobs + self.rounds(folds, repeats)) * self.job_seconds + self.images * self.decode_seconds
 
-    def rounds(self, folds: int) -> int:
+    def rounds(self, folds: int, repeats: int = 1) -> int:
+        """How many times the training jobs (a fold and a seed each) fill the cores."""
         side_by_side = max(1, self.cores // self.threads)
-        return -(-folds // side_by_side)
+        return -(-(folds * repeats) // side_by_side)
 
     def epoch_seconds(self, c: Candidate, train_images: int) -> float:
         return train_images * c.seconds_per_image * (1 + 1 / 3) * (1 + self.margin)
 
-    def epochs(self, c: Candidate, train_images: int, folds: int) -> int:
+    def epochs(self, c: Candidate, train_images: int, folds: int, repeats: int = 1) -> int:
         per_epoch = self.epoch_seconds(c, train_images)
-        return int(max(self.seconds - self.fixed(folds), 0) / max(self.rounds(folds) * per_epoch, 1e-9))
+        left = max(self.seconds - self.fixed(folds, repeats), 0)
+        return int(left / max(self.rounds(folds, repeats) * per_epoch, 1e-9))
 
 
 MIN_EPOCHS, WANTED_EPOCHS, MAX_EPOCHS = 5, 15, 60
+MAX_REPEATS = 5
+
+
+def repeats_afforded(chosen: Candidate, budget: Budget, train_images: int, folds: int) -> int:
+    """Seeds of each fold that the budget affords at MAX_EPOCHS each (at most MAX_REPEATS): where
+    even the largest candidate leaves time over at MAX_EPOCHS, more models in the fold ensemble
+    rather than a budget left unspent (a small collection, small images)."""
+    repeats = 1
+    while repeats < MAX_REPEATS and budget.epochs(chosen, train_images, folds, repeats + 1) >= MAX_EPOCHS:
+        repeats += 1
+    return repeats
 
 
 def choose(cands: list[Candidate], budget: Budget, train_images: int, folds: int) -> tuple[Candidate, int, str]:
@@ -593,8 +620,11 @@ def _split_decisions(fp: Fingerprint, folds: int | None = None) -> list[Decision
     return out
 
 
-def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: str, arithmetic: str) -> list[Decision]:
+def _training_decisions(
+    fp: Fingerprint, chosen: Candidate, epochs: int, why: str, arithmetic: str, train_images: int
+) -> list[Decision]:
     augment, tta, why_aug = augmentations(fp)
+    steps = train_images // chosen.batch_size
     out = [
         Decision("training.model", chosen.model, why),
         Decision("training.image_size", chosen.image_size, f"median image side {fp.sizes['median_side']} px"),
@@ -603,10 +633,26 @@ def _training_decisions(fp: Fingerprint, chosen: Candidate, epochs: int, why: st
             if chosen.pretrained
             else []
         ),
-        Decision("training.batch_size", chosen.batch_size, "what the step was timed with"),
+        Decision(
+            "training.batch_size",
+            chosen.batch_size,
+            f"{steps} updates an epoch on {train_images} training images (at least {MIN_STEPS} wanted); "
+            f"what the step was timed with",
+        ),
         Decision("training.batch_norm", True, "faster, steadier training of the small models"),
         Decision("training.epochs", epochs, f"what the budget affords: {arithmetic}"),
-        Decision("training.early_stopping", {"enabled": True, "patience": max(3, epochs // 4)}, "stop on a plateau"),
+        (
+            Decision(
+                "training.early_stopping",
+                {"enabled": True, "patience": epochs},
+                "the cosine schedule sets the run's length (and so the budget holds); the best validation "
+                "epoch's weights are kept",
+            )
+            if epochs >= 10
+            else Decision(
+                "training.early_stopping", {"enabled": True, "patience": max(3, epochs // 4)}, "stop on a plateau"
+            )
+        ),
         Decision("training.augment", augment, why_aug),
         Decision("training.tta", tta, "flips are safe for this modality" if tta != "none" else "no flips (above)"),
     ]
@@ -640,6 +686,7 @@ def plan(
     for c in cands:
         if device == "cuda":  # the batch the GPU's memory holds; the step is timed at it
             c.batch_size = fit_batch(*memory(c, channels, classes))
+        c.batch_size = steps_batch(train_images, c.batch_size)
         c.seconds_per_image = timer(c, channels, classes, device)
     if device == "cuda":  # a fold job per GPU: as many folds side by side as GPUs
         budget = Budget(budget_s, cores=gpus, threads=1, images=fp.images)
@@ -654,18 +701,30 @@ def plan(
         at_once = max(1, cores // budget.threads)
         placement = [Decision("training.threads", budget.threads, f"{cores} cores: {at_once} folds train at once")]
     chosen, epochs, why = choose(cands, budget, train_images, folds)
+    repeats = repeats_afforded(chosen, budget, train_images, folds) if epochs >= MAX_EPOCHS else 1
     timed = ", ".join(f"{c.model}@{c.image_size} {1 / c.seconds_per_image:.0f} img/s" for c in cands)
     arithmetic = (
-        f"{budget_s:.0f} s less {budget.fixed(folds):.0f} s of fixed jobs and job starts, over "
-        f"{budget.rounds(folds)} round(s) of folds at {budget.epoch_seconds(chosen, train_images):.1f} s an epoch"
+        f"{budget_s:.0f} s less {budget.fixed(folds, repeats):.0f} s of fixed jobs and job starts, over "
+        f"{budget.rounds(folds, repeats)} round(s) of folds at {budget.epoch_seconds(chosen, train_images):.1f} s "
+        f"an epoch"
+    )
+    experiment = (
+        Decision(
+            "experiments",
+            {"planned": {"repeats": repeats}},
+            f"{repeats} seeds of each fold: the budget affords them at {MAX_EPOCHS} epochs each; the fold "
+            f"ensemble averages all {repeats * folds} models and decides",
+        )
+        if repeats > 1
+        else Decision("experiments", {"planned": {}}, "one experiment, the training section; its fold ensemble decides")
     )
     return [
         Decision("dataset", fp.dataset, f"read from {fp.format}: {fp.images} images; {fp.patients['statement']}"),
         Decision("images.channels", channels, f"the images are {fp.colour}"),
         *split,
-        *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})", arithmetic),
+        *_training_decisions(fp, chosen, epochs, f"{why} (measured here: {timed})", arithmetic, train_images),
         *placement,
-        Decision("experiments", {"planned": {}}, "one experiment, the training section; its fold ensemble decides"),
+        experiment,
     ]
 
 
