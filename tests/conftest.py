@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import subprocess
@@ -67,6 +68,7 @@ SLURM_MODULES = {"test_slurm", "test_two_nodes"}
 HEAVY_FIRST = ["trained_workflow", "test_faults", "slurm", "test_bench", "test_presets", "test_tracking"]
 
 
+@functools.cache  # the scheduler asks once per test id; a module's file is read once
 def xdist_group(path: str) -> str:
     """The group of a test module (its path, as a test id begins)."""
     module = Path(path).stem
@@ -90,9 +92,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    groups = {path: xdist_group(path) for path in {item.nodeid.split("::")[0] for item in items}}
     # stable: file order within a rank
-    items.sort(key=lambda item: rank.get(groups[item.nodeid.split("::")[0]], len(rank)))
+    items.sort(key=lambda item: rank.get(xdist_group(item.nodeid.split("::")[0]), len(rank)))
 
 
 @pytest.fixture(scope="session")

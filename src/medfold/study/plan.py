@@ -555,6 +555,7 @@ class Budget:
 
 
 MIN_EPOCHS, WANTED_EPOCHS, MAX_EPOCHS = 5, 15, 60
+COSINE_FROM = 10  # epochs from which the schedule is cosine, run to its end
 MAX_REPEATS = 5
 
 
@@ -625,6 +626,16 @@ def _training_decisions(
 ) -> list[Decision]:
     augment, tta, why_aug = augmentations(fp)
     steps = train_images // chosen.batch_size
+    cosine = epochs >= COSINE_FROM
+    patience, why_patience = (
+        (
+            epochs,
+            "the cosine schedule sets the run's length (and so the budget holds); the best validation "
+            "epoch's weights are kept",
+        )
+        if cosine
+        else (max(3, epochs // 4), "stop on a plateau")
+    )
     out = [
         Decision("training.model", chosen.model, why),
         Decision("training.image_size", chosen.image_size, f"median image side {fp.sizes['median_side']} px"),
@@ -641,22 +652,11 @@ def _training_decisions(
         ),
         Decision("training.batch_norm", True, "faster, steadier training of the small models"),
         Decision("training.epochs", epochs, f"what the budget affords: {arithmetic}"),
-        (
-            Decision(
-                "training.early_stopping",
-                {"enabled": True, "patience": epochs},
-                "the cosine schedule sets the run's length (and so the budget holds); the best validation "
-                "epoch's weights are kept",
-            )
-            if epochs >= 10
-            else Decision(
-                "training.early_stopping", {"enabled": True, "patience": max(3, epochs // 4)}, "stop on a plateau"
-            )
-        ),
+        Decision("training.early_stopping", {"enabled": True, "patience": patience}, why_patience),
         Decision("training.augment", augment, why_aug),
         Decision("training.tta", tta, "flips are safe for this modality" if tta != "none" else "no flips (above)"),
     ]
-    if epochs >= 10:
+    if cosine:
         out.append(
             Decision("training.schedule", {"name": "cosine", "warmup_epochs": 1}, "cosine after a warm-up epoch")
         )
