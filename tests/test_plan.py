@@ -257,3 +257,17 @@ def test_medfold_plan_writes_a_config_that_resolves_and_plans_its_folds(forms, t
         text=True,
     )
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_budget_beyond_sixty_epochs_buys_seeds_and_a_cosine_run_is_not_cut_short(forms):
+    fp = fingerprint(forms["folders"])
+    roomy = {d.key: d.value for d in plan(fp, 3600, timer=lambda *a: 1e-5)}  # every model affords 60+
+    assert roomy["training.epochs"] == 60 and 1 < roomy["experiments"]["planned"]["repeats"] <= 5
+    assert roomy["training.schedule"]["name"] == "cosine" and roomy["training.early_stopping"]["patience"] == 60
+    cosine = {d.key: d.value for d in plan(fp, 150, timer=_timer)}  # 10-59 epochs: cosine, one seed
+    assert 10 <= cosine["training.epochs"] < 60 and cosine["experiments"] == {"planned": {}}
+    assert cosine["training.schedule"]["name"] == "cosine"
+    assert cosine["training.early_stopping"]["patience"] == cosine["training.epochs"]
+    short = {d.key: d.value for d in plan(fp, 100, timer=_timer)}  # under 10: plateau, early stopping
+    assert short["training.epochs"] < 10 and "training.schedule" not in short
+    assert short["training.early_stopping"]["patience"] == max(3, short["training.epochs"] // 4)
